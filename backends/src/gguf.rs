@@ -1,0 +1,506 @@
+//! A small, safe reader of GGUF headers: metadata, tensor types and sizes.
+//!
+//! It runs before llama.cpp sees a file, so a truncated download, a file that is not GGUF or
+//! an architecture llama.cpp does not know gives a one-line error instead of an abort inside
+//! C++, and it tells users what a file really holds (a "Q4_K_M" GGUF is a mix of types).
+
+use crate::usage;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::Path;
+
+/// A metadata value. Arrays keep their length and, for small ones, their values.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Value {
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Array { len: u64, items: Vec<Value> },
+}
+
+impl Value {
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::UInt(v) => Some(v),
+            Value::Int(v) if v >= 0 => Some(v as u64),
+            _ => None,
+        }
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor's header entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ggml_type: u32,
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// What a GGUF file's header says.
+#[derive(Debug, Clone)]
+pub struct GgufHeader {
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    pub data_offset: u64,
+    pub file_size: u64,
+}
+
+/// A ggml tensor type: name, elements per block, bytes per block.
+pub fn ggml_type(t: u32) -> Option<(&'static str, u64, u64)> {
+    Some(match t {
+        0 => ("F32", 1, 4),
+        1 => ("F16", 1, 2),
+        2 => ("Q4_0", 32, 18),
+        3 => ("Q4_1", 32, 20),
+        6 => ("Q5_0", 32, 22),
+        7 => ("Q5_1", 32, 24),
+        8 => ("Q8_0", 32, 34),
+        9 => ("Q8_1", 32, 36),
+        10 => ("Q2_K", 256, 84),
+        11 => ("Q3_K", 256, 110),
+        12 => ("Q4_K", 256, 144),
+        13 => ("Q5_K", 256, 176),
+        14 => ("Q6_K", 256, 210),
+        15 => ("Q8_K", 256, 292),
+        16 => ("IQ2_XXS", 256, 66),
+        17 => ("IQ2_XS", 256, 74),
+        18 => ("IQ3_XXS", 256, 98),
+        19 => ("IQ1_S", 256, 50),
+        20 => ("IQ4_NL", 32, 18),
+        21 => ("IQ3_S", 256, 110),
+        22 => ("IQ2_S", 256, 82),
+        23 => ("IQ4_XS", 256, 136),
+        24 => ("I8", 1, 1),
+        25 => ("I16", 1, 2),
+        26 => ("I32", 1, 4),
+        27 => ("I64", 1, 8),
+        28 => ("F64", 1, 8),
+        29 => ("IQ1_M", 256, 56),
+        30 => ("BF16", 1, 2),
+        34 => ("TQ1_0", 256, 54),
+        35 => ("TQ2_0", 256, 66),
+        39 => ("MXFP4", 32, 17),
+        40 => ("NVFP4", 64, 36),
+        41 => ("Q1_0", 128, 18),
+        42 => ("Q2_0", 64, 18),
+        _ => return None,
+    })
+}
+
+/// Architectures the vendored llama.cpp (llama-cpp-sys-2 0.1.161, `llama-arch.cpp`) loads.
+pub const LLAMA_CPP_ARCHS: &[&str] = &[
+    "llama",
+    "llama4",
+    "deci",
+    "falcon",
+    "grok",
+    "gpt2",
+    "gptj",
+    "gptneox",
+    "mpt",
+    "baichuan",
+    "starcoder",
+    "refact",
+    "bert",
+    "modern-bert",
+    "nomic-bert",
+    "nomic-bert-moe",
+    "neo-bert",
+    "jina-bert-v2",
+    "jina-bert-v3",
+    "eurobert",
+    "bloom",
+    "stablelm",
+    "qwen",
+    "qwen2",
+    "qwen2moe",
+    "qwen2vl",
+    "qwen3",
+    "qwen3moe",
+    "qwen3next",
+    "qwen3vl",
+    "qwen3vlmoe",
+    "qwen35",
+    "qwen35moe",
+    "clef",
+    "qwen4exp",
+    "phi2",
+    "phi3",
+    "phimoe",
+    "plamo",
+    "plamo2",
+    "plamo3",
+    "codeshell",
+    "orion",
+    "internlm2",
+    "minicpm",
+    "minicpm3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gemma3n",
+    "gemma4",
+    "gemma4-assistant",
+    "gemma-embedding",
+    "starcoder2",
+    "mamba",
+    "mamba2",
+    "maple",
+    "jamba",
+    "falcon-h1",
+    "xverse",
+    "command-r",
+    "cohere2",
+    "cohere2moe",
+    "dbrx",
+    "olmo",
+    "olmo2",
+    "olmoe",
+    "muse-glimmer",
+    "openelm",
+    "arctic",
+    "deepseek",
+    "deepseek2",
+    "deepseek2-ocr",
+    "deepseek32",
+    "deepseek4",
+    "chatglm",
+    "glm4",
+    "glm4moe",
+    "glm-dsa",
+    "bitnet",
+    "t5",
+    "t5encoder",
+    "jais",
+    "jais2",
+    "nemotron",
+    "nemotron_h",
+    "nemotron_h_moe",
+    "exaone",
+    "exaone4",
+    "exaone-moe",
+    "rwkv6",
+    "rwkv6qwen2",
+    "rwkv7",
+    "arwkv7",
+    "granite",
+    "granitemoe",
+    "granitehybrid",
+    "graniteswitch",
+    "granite_swa",
+    "chameleon",
+    "wavtokenizer-dec",
+    "plm",
+    "bailingmoe",
+    "bailingmoe2",
+    "bailingmoe3",
+    "dots1",
+    "dots3note",
+    "arcee",
+    "afmoe",
+    "laguna",
+    "ernie4_5",
+    "ernie4_5-moe",
+    "hunyuan-moe",
+    "hunyuan-dense",
+    "hunyuan_vl",
+    "hy_v3",
+    "hy_v4",
+    "smollm3",
+    "gpt-oss",
+    "lfm2",
+    "lfm2moe",
+    "dream",
+    "smallthinker",
+    "llada",
+    "llada-moe",
+    "seed_oss",
+    "grovemoe",
+    "apertus",
+    "minimax-01",
+    "hrm_text",
+    "minimax-m2",
+    "minimax-m3",
+    "cogvlm",
+    "rnd1",
+    "pangu-embedded",
+    "mistral3",
+    "eagle3",
+    "dflash",
+    "mistral4",
+    "paddleocr",
+    "mimo2",
+    "step35",
+    "spark2_5",
+    "llama-embed",
+    "maincoder",
+    "kimi-linear",
+    "kimi-k3",
+    "glm5-next",
+    "talkie",
+    "mellum",
+    "nanbeige",
+];
+
+/// Arrays longer than this keep only their length (token lists run to 150k entries).
+const KEEP_ARRAY: u64 = 64;
+
+struct Reader<R: Read> {
+    r: R,
+    pos: u64,
+    file_size: u64,
+}
+
+impl<R: Read> Reader<R> {
+    fn bytes(&mut self, n: u64) -> anyhow::Result<Vec<u8>> {
+        if self.pos + n > self.file_size {
+            anyhow::bail!("truncated header");
+        }
+        let mut buf = vec![0u8; n as usize];
+        self.r.read_exact(&mut buf)?;
+        self.pos += n;
+        Ok(buf)
+    }
+    fn skip(&mut self, n: u64) -> anyhow::Result<()> {
+        if self.pos + n > self.file_size {
+            anyhow::bail!("truncated header");
+        }
+        std::io::copy(&mut (&mut self.r).take(n), &mut std::io::sink())?;
+        self.pos += n;
+        Ok(())
+    }
+    fn u32(&mut self) -> anyhow::Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.bytes(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> anyhow::Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.bytes(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn string(&mut self) -> anyhow::Result<String> {
+        let n = self.u64()?;
+        anyhow::ensure!(n < (1 << 30), "string of {n} bytes");
+        Ok(String::from_utf8_lossy(&self.bytes(n)?).into_owned())
+    }
+    fn value(&mut self, ty: u32, keep: bool) -> anyhow::Result<Value> {
+        Ok(match ty {
+            0 => Value::UInt(u64::from(self.bytes(1)?[0])),
+            1 => Value::Int(i64::from(self.bytes(1)?[0] as i8)),
+            2 => Value::UInt(u64::from(u16::from_le_bytes(
+                self.bytes(2)?.try_into().expect("2"),
+            ))),
+            3 => Value::Int(i64::from(i16::from_le_bytes(
+                self.bytes(2)?.try_into().expect("2"),
+            ))),
+            4 => Value::UInt(u64::from(self.u32()?)),
+            5 => Value::Int(i64::from(self.u32()? as i32)),
+            6 => Value::Float(f64::from(f32::from_bits(self.u32()?))),
+            7 => Value::Bool(self.bytes(1)?[0] != 0),
+            8 => Value::Str(self.string()?),
+            9 => {
+                let et = self.u32()?;
+                let n = self.u64()?;
+                let keep_items = keep && n <= KEEP_ARRAY;
+                let fixed = match et {
+                    0 | 1 | 7 => Some(1),
+                    2 | 3 => Some(2),
+                    4..=6 => Some(4),
+                    10..=12 => Some(8),
+                    _ => None,
+                };
+                let mut items = Vec::new();
+                match (fixed, keep_items) {
+                    (Some(size), false) => self.skip(size * n)?,
+                    _ => {
+                        for _ in 0..n {
+                            let v = self.value(et, keep_items)?;
+                            if keep_items {
+                                items.push(v);
+                            }
+                        }
+                    }
+                }
+                Value::Array { len: n, items }
+            }
+            10 => Value::UInt(self.u64()?),
+            11 => Value::Int(self.u64()? as i64),
+            12 => Value::Float(f64::from_bits(self.u64()?)),
+            t => anyhow::bail!("unknown metadata value type {t}"),
+        })
+    }
+}
+
+impl GgufHeader {
+    /// Reads and checks the header of `path`: magic, version, every metadata entry and tensor
+    /// entry, known tensor types, and that the tensor data fits in the file.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let shown = path.display();
+        let file = File::open(path)
+            .map_err(|e| usage!("cannot open model {shown}: {e}; check the --model path"))?;
+        let file_size = file.metadata()?.len();
+        let mut r = Reader {
+            r: BufReader::with_capacity(1 << 20, file),
+            pos: 0,
+            file_size,
+        };
+        let not_gguf = || {
+            usage!("{shown} is not a GGUF file (no GGUF magic); pass a .gguf model or use --backend onnx for ONNX")
+        };
+        let magic = r.bytes(4).map_err(|_| not_gguf())?;
+        if magic != b"GGUF" {
+            return Err(not_gguf());
+        }
+        let truncated = |what: &str, e: anyhow::Error| {
+            usage!("{shown} is truncated or corrupt ({what}: {e}); download it again")
+        };
+        let version = r.u32().map_err(|e| truncated("version", e))?;
+        if !(2..=3).contains(&version) {
+            return Err(usage!(
+                "{shown} is GGUF version {version}; llama.cpp reads versions 2 and 3"
+            ));
+        }
+        let n_tensors = r.u64().map_err(|e| truncated("tensor count", e))?;
+        let n_kv = r.u64().map_err(|e| truncated("metadata count", e))?;
+        if n_tensors > 1 << 24 || n_kv > 1 << 24 {
+            return Err(truncated(
+                "counts",
+                anyhow::anyhow!("{n_tensors} tensors, {n_kv} keys"),
+            ));
+        }
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = r.string().map_err(|e| truncated("metadata", e))?;
+            let ty = r.u32().map_err(|e| truncated("metadata", e))?;
+            let v = r
+                .value(ty, true)
+                .map_err(|e| truncated(&format!("metadata {key}"), e))?;
+            metadata.insert(key, v);
+        }
+        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        for _ in 0..n_tensors {
+            let name = r.string().map_err(|e| truncated("tensor info", e))?;
+            let nd = r.u32().map_err(|e| truncated("tensor info", e))?;
+            if nd > 8 {
+                return Err(truncated(
+                    "tensor info",
+                    anyhow::anyhow!("{name} has {nd} dimensions"),
+                ));
+            }
+            let dims = (0..nd)
+                .map(|_| r.u64())
+                .collect::<anyhow::Result<Vec<_>>>()
+                .map_err(|e| truncated("tensor info", e))?;
+            let ggml_type = r.u32().map_err(|e| truncated("tensor info", e))?;
+            let offset = r.u64().map_err(|e| truncated("tensor info", e))?;
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+            });
+        }
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32)
+            .max(1);
+        let data_offset = r.pos.div_ceil(alignment) * alignment;
+        let header = GgufHeader {
+            version,
+            metadata,
+            tensors,
+            data_offset,
+            file_size,
+        };
+        let mut end = data_offset;
+        for t in &header.tensors {
+            let (_, blck, size) = ggml_type(t.ggml_type).ok_or_else(|| {
+                usage!(
+                    "{shown}: tensor {} has ggml type {} that this logitprobe does not know; update logitprobe or requantize the model",
+                    t.name,
+                    t.ggml_type
+                )
+            })?;
+            end = end.max(data_offset + t.offset + t.n_elements().div_ceil(blck) * size);
+        }
+        if end > file_size {
+            return Err(usage!(
+                "{shown} is truncated: its tensors need {end} bytes but the file has {file_size}; download it again"
+            ));
+        }
+        Ok(header)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    pub fn architecture(&self) -> Option<&str> {
+        self.get("general.architecture").and_then(Value::as_str)
+    }
+
+    /// Parameter count per tensor type, and the weighted bits per weight.
+    pub fn tensor_types(&self) -> TensorTypes {
+        let mut by_type: BTreeMap<String, TypeCount> = BTreeMap::new();
+        let (mut bits, mut params) = (0f64, 0u64);
+        for t in &self.tensors {
+            let (name, blck, size) = ggml_type(t.ggml_type).unwrap_or(("?", 1, 0));
+            let n = t.n_elements();
+            let e = by_type.entry(name.to_string()).or_default();
+            e.tensors += 1;
+            e.params += n;
+            bits += (n.div_ceil(blck) * size * 8) as f64;
+            params += n;
+        }
+        TensorTypes {
+            by_type,
+            params,
+            bits_per_weight: if params > 0 {
+                bits / params as f64
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TypeCount {
+    pub tensors: usize,
+    pub params: u64,
+}
+
+/// What a model's weights are stored as.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorTypes {
+    pub by_type: BTreeMap<String, TypeCount>,
+    pub params: u64,
+    pub bits_per_weight: f64,
+}

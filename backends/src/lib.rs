@@ -1,0 +1,296 @@
+//! The [`LogitSource`] trait and the inference engines behind it.
+//!
+//! A source owns a model, its tokenizer and its KV cache. It hands out `[batch, vocab]` f32
+//! logits and nothing else: sampling and probing live in the `logitprobe` crate, so the same
+//! seed and the same logits give the same tokens whatever the engine.
+//!
+//! Engines, each behind a cargo feature:
+//! - `llama`: GGUF models through llama.cpp ([`llama::LlamaSource`]).
+//! - `onnx`: ONNX exports through ONNX Runtime ([`onnx::OnnxSource`]).
+//!
+//! [`test_source::TestSource`] is always built: a deterministic in-memory source that lets the
+//! generation loop, the writers and the reports be tested without any engine.
+//!
+//! ```
+//! use logitprobe_backends::{LogitSource, test_source::TestSource};
+//!
+//! let mut src = TestSource::new(300, 7);
+//! let prompt = src.tokenize("Hello", false, false).unwrap();
+//! src.begin(1).unwrap();
+//! let logits = src.decode(&[(0, prompt.as_slice())]).unwrap();
+//! assert_eq!(logits.shape(), &[1, 300]);
+//! ```
+
+use ndarray::Array2;
+use serde::Serialize;
+
+pub mod gguf;
+pub mod test_source;
+
+#[cfg(feature = "llama")]
+pub mod llama;
+
+/// A token id as the model's vocabulary numbers it.
+pub type TokenId = u32;
+
+/// What a source tells about the model it runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// A short name: the file or folder name, or the repo id.
+    pub name: String,
+    /// Engine name, e.g. `llama.cpp`, `onnxruntime`, `test`.
+    pub engine: String,
+    /// Version of the engine as it reports itself.
+    pub engine_version: String,
+    /// Where the forward pass runs: `cpu`, `cuda`, `metal`, ...
+    pub device: String,
+    /// Width of a logits row. Can exceed `tokenizer_vocab` (padded embedding matrices).
+    pub n_vocab: usize,
+    /// Number of ids the tokenizer defines; ids at or beyond it have no piece.
+    pub tokenizer_vocab: usize,
+    /// Maximum sequence length (prompt + generated) the source will accept.
+    pub n_ctx: usize,
+    pub bos: Option<TokenId>,
+    pub eos: Option<TokenId>,
+    /// Every id that ends a generation (eos, `<|im_end|>`, `<|eot_id|>`, ...).
+    pub eog: Vec<TokenId>,
+    /// Whether the model's own tokenizer rules add BOS to a plain prompt.
+    pub add_bos: bool,
+    /// dtype of the logits the engine produces before we widen them to f32.
+    pub logits_dtype: String,
+    /// Engine settings and model facts that belong in `run.json` (flash attention, KV cache
+    /// type, tensor types, execution provider ...).
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One inference engine with a model loaded.
+///
+/// Sequences are numbered `0..n` by [`LogitSource::begin`]; each one has its own KV cache
+/// inside the source. [`LogitSource::decode`] takes the new tokens of some of them (the whole
+/// prompt on the first call, one token a step after that) and returns the logits of each
+/// one's last position, in the order given.
+pub trait LogitSource {
+    fn info(&self) -> &ModelInfo;
+
+    /// Token ids of `text`. `add_bos` adds BOS when the model has one; `parse_special` turns
+    /// special-token text such as `<|im_start|>` into its id instead of plain text.
+    fn tokenize(
+        &self,
+        text: &str,
+        add_bos: bool,
+        parse_special: bool,
+    ) -> anyhow::Result<Vec<TokenId>>;
+
+    /// The bytes of one token (byte-level BPE pieces can be partial UTF-8), or `None` for an id
+    /// the tokenizer does not define (padding columns of the logits).
+    fn token_bytes(&self, id: TokenId) -> Option<Vec<u8>>;
+
+    /// Whether `id` is a control / special token (skipped in generated text).
+    fn is_special(&self, id: TokenId) -> bool;
+
+    /// The model's own chat template (Jinja source), if it ships one.
+    fn chat_template(&self) -> Option<String>;
+
+    /// Clears the KV cache and starts `n_seqs` empty sequences.
+    fn begin(&mut self, n_seqs: usize) -> anyhow::Result<()>;
+
+    /// Feeds new tokens to some sequences and returns `[batch.len(), n_vocab]` logits of each
+    /// sequence's last position. Every entry must have at least one token.
+    fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>>;
+
+    /// Teacher-forced scoring: `[tokens.len(), n_vocab]` logits where row `i` predicts
+    /// `tokens[i + 1]`. Uses its own KV cache state: call [`LogitSource::begin`] again before
+    /// decoding.
+    fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>>;
+
+    /// Decoded text of `ids`; special tokens are skipped when `skip_special`.
+    fn detokenize(&self, ids: &[TokenId], skip_special: bool) -> String {
+        let mut bytes = Vec::new();
+        for &id in ids {
+            if skip_special && self.is_special(id) {
+                continue;
+            }
+            if let Some(b) = self.token_bytes(id) {
+                bytes.extend_from_slice(&b);
+            }
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl<T: LogitSource + ?Sized> LogitSource for Box<T> {
+    fn info(&self) -> &ModelInfo {
+        (**self).info()
+    }
+    fn tokenize(
+        &self,
+        text: &str,
+        add_bos: bool,
+        parse_special: bool,
+    ) -> anyhow::Result<Vec<TokenId>> {
+        (**self).tokenize(text, add_bos, parse_special)
+    }
+    fn token_bytes(&self, id: TokenId) -> Option<Vec<u8>> {
+        (**self).token_bytes(id)
+    }
+    fn is_special(&self, id: TokenId) -> bool {
+        (**self).is_special(id)
+    }
+    fn chat_template(&self) -> Option<String> {
+        (**self).chat_template()
+    }
+    fn begin(&mut self, n_seqs: usize) -> anyhow::Result<()> {
+        (**self).begin(n_seqs)
+    }
+    fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>> {
+        (**self).decode(batch)
+    }
+    fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
+        (**self).score(tokens)
+    }
+    fn detokenize(&self, ids: &[TokenId], skip_special: bool) -> String {
+        (**self).detokenize(ids, skip_special)
+    }
+}
+
+/// An error the user caused (bad path, bad flag, unusable model): the CLI prints it on one
+/// line and exits with code 2, where engine failures exit with 1.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Shorthand for returning a [`UsageError`].
+#[macro_export]
+macro_rules! usage {
+    ($($arg:tt)*) => {
+        ::anyhow::Error::new($crate::UsageError(format!($($arg)*)))
+    };
+}
+
+/// Which engine runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// GGUF models through llama.cpp.
+    Llama,
+    /// ONNX exports through ONNX Runtime.
+    Onnx,
+    /// The deterministic in-memory test source (no model file).
+    Test,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Llama => "llama",
+            Backend::Onnx => "onnx",
+            Backend::Test => "test",
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "llama" | "llama.cpp" | "gguf" => Ok(Backend::Llama),
+            "onnx" | "ort" | "onnxruntime" => Ok(Backend::Onnx),
+            "test" => Ok(Backend::Test),
+            _ => Err(format!("unknown backend '{s}': use llama, onnx or test")),
+        }
+    }
+}
+
+/// Flash attention setting of llama.cpp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FlashAttn {
+    On,
+    Off,
+    #[default]
+    Auto,
+}
+
+/// Engine settings shared by every engine (each reads what applies to it).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct EngineOptions {
+    /// CPU threads for the forward pass; `None` picks the engine's default.
+    pub threads: Option<usize>,
+    /// Context length; `None` uses the model's own (capped to keep memory sane).
+    pub ctx_size: Option<usize>,
+    /// llama.cpp logical batch size for prompt evaluation and scoring.
+    pub batch_size: Option<usize>,
+    /// llama.cpp layers to offload to a GPU.
+    pub n_gpu_layers: u32,
+    pub flash_attn: FlashAttn,
+    /// llama.cpp KV cache types (`f16` default, `f32` for exact comparisons, `q8_0` ...).
+    pub cache_type_k: Option<String>,
+    pub cache_type_v: Option<String>,
+    /// ONNX Runtime device: `cpu`, `cuda` or `auto`.
+    pub device: Option<String>,
+    /// ONNX Runtime shared library to load.
+    pub ort_lib: Option<std::path::PathBuf>,
+    /// Show the engine's own log lines (through `tracing`).
+    pub verbose: bool,
+}
+
+/// Spec of the test backend's "model": `VOCAB[:SEED]`, e.g. `300:0` (the default).
+pub fn open_test_source(spec: &str) -> anyhow::Result<test_source::TestSource> {
+    let spec = spec.trim();
+    let spec = if spec.is_empty() || spec == "test" {
+        "300"
+    } else {
+        spec
+    };
+    let (v, s) = spec.split_once(':').unwrap_or((spec, "0"));
+    let parse = |x: &str| x.parse::<u64>().ok();
+    match (parse(v), parse(s)) {
+        (Some(v), Some(s)) if v as usize >= test_source::TOKENIZER_VOCAB => {
+            Ok(test_source::TestSource::new(v as usize, s))
+        }
+        _ => Err(usage!(
+            "test backend model '{spec}' is invalid: use VOCAB[:SEED] with VOCAB >= {}, e.g. --model 300:0",
+            test_source::TOKENIZER_VOCAB
+        )),
+    }
+}
+
+/// Opens `model` with `backend`.
+pub fn open(
+    backend: Backend,
+    model: &str,
+    opts: &EngineOptions,
+) -> anyhow::Result<Box<dyn LogitSource>> {
+    match backend {
+        Backend::Test => {
+            let mut src = open_test_source(model)?;
+            if let Some(n) = opts.ctx_size {
+                src = src.with_n_ctx(n);
+            }
+            Ok(Box::new(src))
+        }
+        #[cfg(feature = "llama")]
+        Backend::Llama => Ok(Box::new(llama::LlamaSource::open(
+            std::path::Path::new(model),
+            opts,
+        )?)),
+        #[cfg(feature = "onnx")]
+        Backend::Onnx => Ok(Box::new(onnx::OnnxSource::open(
+            std::path::Path::new(model),
+            opts,
+        )?)),
+        #[allow(unreachable_patterns)]
+        other => Err(usage!(
+            "this logitprobe was built without the {} engine; rebuild with `--features {}`",
+            other.name(),
+            other.name()
+        )),
+    }
+}

@@ -1,0 +1,473 @@
+//! GGUF models through llama.cpp (`llama-cpp-2`).
+//!
+//! The model is memory-mapped once; the context (and so the KV cache) is sized for the number
+//! of sequences of a batch, all of them in one unified KV cache so each gets the full
+//! `--ctx-size`. Every decode call feeds all sequences of a step in one `llama_decode` batch
+//! with distinct sequence ids, asking logits only for each sequence's last token.
+
+use crate::gguf::{GgufHeader, LLAMA_CPP_ARCHS};
+use crate::{usage, EngineOptions, FlashAttn, LogitSource, ModelInfo, TokenId};
+use anyhow::Context as _;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use ndarray::Array2;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// llama.cpp's backend may be initialized once per process.
+static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+
+fn backend(verbose: bool) -> anyhow::Result<&'static LlamaBackend> {
+    BACKEND
+        .get_or_init(|| {
+            let mut b = LlamaBackend::init().map_err(|e| e.to_string())?;
+            if verbose {
+                llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            } else {
+                b.void_logs();
+            }
+            Ok(b)
+        })
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("llama.cpp backend failed to start: {e}"))
+}
+
+type Ctx<'a> = LlamaContext<'a>;
+
+self_cell::self_cell!(
+    /// The model and a context that borrows it.
+    struct ModelCtx {
+        owner: LlamaModel,
+        #[not_covariant]
+        dependent: Ctx,
+    }
+);
+
+/// A GGUF model in llama.cpp.
+pub struct LlamaSource {
+    state: State,
+    info: ModelInfo,
+    opts: EngineOptions,
+    /// Context length of each sequence.
+    n_ctx: usize,
+    n_batch: usize,
+    /// Sequences the current context was made for.
+    n_seqs: usize,
+    /// Next position of each sequence.
+    pos: Vec<i32>,
+    chat_template: Option<String>,
+    special: Vec<bool>,
+}
+
+fn cache_type(name: &str) -> anyhow::Result<KvCacheType> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "f32" => KvCacheType::F32,
+        "f16" => KvCacheType::F16,
+        "bf16" => KvCacheType::BF16,
+        "q8_0" => KvCacheType::Q8_0,
+        "q4_0" => KvCacheType::Q4_0,
+        "q4_1" => KvCacheType::Q4_1,
+        "q5_0" => KvCacheType::Q5_0,
+        "q5_1" => KvCacheType::Q5_1,
+        "iq4_nl" => KvCacheType::IQ4_NL,
+        other => {
+            return Err(usage!(
+                "KV cache type '{other}' is not supported: use f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 or iq4_nl"
+            ))
+        }
+    })
+}
+
+impl LlamaSource {
+    /// Loads a GGUF file. The header is checked first (magic, truncation, architecture,
+    /// tensor types), so bad files fail with a one-line error before llama.cpp sees them.
+    pub fn open(path: &Path, opts: &EngineOptions) -> anyhow::Result<Self> {
+        if !path.is_file() {
+            return Err(usage!(
+                "model {} not found: give the path of a .gguf file",
+                path.display()
+            ));
+        }
+        let header = GgufHeader::read(path)?;
+        let arch = header
+            .architecture()
+            .ok_or_else(|| {
+                usage!(
+                    "{} has no general.architecture: not a model GGUF",
+                    path.display()
+                )
+            })?
+            .to_string();
+        if !LLAMA_CPP_ARCHS.contains(&arch.as_str()) {
+            return Err(usage!(
+                "{}: architecture '{arch}' is unknown to the llama.cpp built into this logitprobe; update logitprobe or convert the model",
+                path.display()
+            ));
+        }
+        if header.get(&format!("{arch}.block_count")).is_none() {
+            return Err(usage!(
+                "{}: architecture '{arch}' metadata is incomplete (no {arch}.block_count)",
+                path.display()
+            ));
+        }
+        let backend = backend(opts.verbose)?;
+        if opts.n_gpu_layers > 0 && !backend.supports_gpu_offload() {
+            return Err(usage!(
+                "--n-gpu-layers {} needs a GPU build: rebuild logitprobe with --features llama-cuda, llama-metal or llama-vulkan, or drop the flag",
+                opts.n_gpu_layers
+            ));
+        }
+        let cache_k = opts.cache_type_k.as_deref().unwrap_or("f16");
+        let cache_v = opts.cache_type_v.as_deref().unwrap_or("f16");
+        cache_type(cache_k)?;
+        let v_type = cache_type(cache_v)?;
+        if !matches!(
+            v_type,
+            KvCacheType::F32 | KvCacheType::F16 | KvCacheType::BF16
+        ) && opts.flash_attn == FlashAttn::Off
+        {
+            return Err(usage!("a quantized V cache (--cache-type-v {cache_v}) needs flash attention: drop --flash-attn off"));
+        }
+
+        let params = LlamaModelParams::default()
+            .with_n_gpu_layers(opts.n_gpu_layers)
+            .with_use_mmap(true);
+        let model = LlamaModel::load_from_file(backend, path, &params).map_err(|e| {
+            usage!(
+                "llama.cpp could not load {}: {e} (run with -v for its log)",
+                path.display()
+            )
+        })?;
+
+        let n_ctx_train = model.n_ctx_train() as usize;
+        let n_ctx = opts.ctx_size.unwrap_or(n_ctx_train.min(4096)).max(8);
+        if n_ctx > n_ctx_train && n_ctx_train > 0 {
+            return Err(usage!(
+                "--ctx-size {n_ctx} is beyond the model's trained context {n_ctx_train}; use --ctx-size {n_ctx_train} or less"
+            ));
+        }
+        let n_batch = opts.batch_size.unwrap_or(512).clamp(1, n_ctx);
+
+        let vocab = model.vocab();
+        let n_vocab = model.n_vocab() as usize;
+        let to_id = |t: LlamaToken| (t.0 >= 0).then_some(t.0 as TokenId);
+        let bos = to_id(vocab.bos());
+        let eos = to_id(vocab.eos());
+        let mut eog = Vec::new();
+        let mut special = Vec::with_capacity(n_vocab);
+        for id in 0..n_vocab as i32 {
+            let t = LlamaToken(id);
+            if vocab.is_eog(t) {
+                eog.push(id as TokenId);
+            }
+            special.push(vocab.is_control(t));
+        }
+        let add_bos = vocab.should_add_bos();
+        let chat_template = model
+            .chat_template(None)
+            .ok()
+            .and_then(|t| t.to_string().ok());
+
+        let types = header.tensor_types();
+        let flash = match (opts.flash_attn, opts.n_gpu_layers) {
+            (FlashAttn::On, _) => "on".to_string(),
+            (FlashAttn::Off, _) => "off".to_string(),
+            // On the CPU backend every layer supports the fused op, so llama.cpp's auto
+            // resolves to on; with offload it decides per device at context creation.
+            (FlashAttn::Auto, 0) => "on (auto)".to_string(),
+            (FlashAttn::Auto, _) => "auto (decided by llama.cpp per device; see -v)".to_string(),
+        };
+        let mut details = serde_json::Map::new();
+        details.insert("architecture".into(), arch.clone().into());
+        details.insert("n_layer".into(), model.n_layer().into());
+        details.insert("n_head".into(), model.n_head().into());
+        details.insert("n_head_kv".into(), model.n_head_kv().into());
+        details.insert("n_embd".into(), model.n_embd().into());
+        details.insert("n_ctx_train".into(), n_ctx_train.into());
+        details.insert("n_ctx".into(), n_ctx.into());
+        details.insert("n_batch".into(), n_batch.into());
+        details.insert(
+            "threads".into(),
+            opts.threads.unwrap_or_else(default_threads).into(),
+        );
+        details.insert("n_gpu_layers".into(), opts.n_gpu_layers.into());
+        details.insert("flash_attn".into(), flash.into());
+        details.insert("cache_type_k".into(), cache_k.into());
+        details.insert("cache_type_v".into(), cache_v.into());
+        details.insert(
+            "file_type".into(),
+            header
+                .get("general.file_type")
+                .and_then(|v| v.as_u64())
+                .into(),
+        );
+        details.insert("tensor_types".into(), serde_json::to_value(&types.by_type)?);
+        details.insert("bits_per_weight".into(), types.bits_per_weight.into());
+        details.insert("params".into(), types.params.into());
+
+        let info = ModelInfo {
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            engine: "llama.cpp".into(),
+            engine_version: "llama-cpp-2 0.1.160 (llama.cpp from llama-cpp-sys-2 0.1.161)".into(),
+            device: if opts.n_gpu_layers > 0 {
+                "gpu".into()
+            } else {
+                "cpu".into()
+            },
+            n_vocab,
+            tokenizer_vocab: vocab.n_tokens() as usize,
+            n_ctx,
+            bos,
+            eos,
+            eog,
+            add_bos,
+            logits_dtype: "float32".into(),
+            details,
+        };
+        let mut src = LlamaSource {
+            state: State::Model(model),
+            info,
+            opts: opts.clone(),
+            n_ctx,
+            n_batch,
+            n_seqs: 0,
+            pos: Vec::new(),
+            chat_template,
+            special,
+        };
+        src.make_context(1)?;
+        Ok(src)
+    }
+
+    fn model(&self) -> &LlamaModel {
+        match &self.state {
+            State::Model(m) => m,
+            State::Ready(c) => c.borrow_owner(),
+            State::Empty => unreachable!("the state is only empty inside make_context"),
+        }
+    }
+
+    /// (Re)creates the context for `n_seqs` sequences of `n_ctx` tokens each, in one unified
+    /// KV cache (without it llama.cpp gives each sequence only n_ctx / n_seq_max).
+    fn make_context(&mut self, n_seqs: usize) -> anyhow::Result<()> {
+        let model = match std::mem::replace(&mut self.state, State::Empty) {
+            State::Model(m) => m,
+            State::Ready(c) => c.into_owner(),
+            State::Empty => unreachable!("the state is only empty inside make_context"),
+        };
+        let backend = backend(self.opts.verbose)?;
+        let threads = self.opts.threads.unwrap_or_else(default_threads) as i32;
+        let total = (self.n_ctx * n_seqs) as u32;
+        let flash = match self.opts.flash_attn {
+            FlashAttn::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            FlashAttn::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            FlashAttn::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+        };
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(total))
+            .with_n_batch(self.n_batch as u32)
+            .with_n_ubatch(self.n_batch as u32)
+            .with_n_seq_max(n_seqs as u32)
+            .with_kv_unified(true)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads)
+            .with_type_k(cache_type(
+                self.opts.cache_type_k.as_deref().unwrap_or("f16"),
+            )?)
+            .with_type_v(cache_type(
+                self.opts.cache_type_v.as_deref().unwrap_or("f16"),
+            )?)
+            .with_flash_attention_policy(flash);
+        match ModelCtx::try_new_or_recover(model, |m| m.new_context(backend, params)) {
+            Ok(cell) => {
+                self.state = State::Ready(cell);
+                self.n_seqs = n_seqs;
+                Ok(())
+            }
+            Err((model, e)) => {
+                self.state = State::Model(model);
+                Err(anyhow::anyhow!(
+                    "llama.cpp could not create a context of {total} tokens for {n_seqs} sequences: {e}; lower --ctx-size or the number of prompts"
+                ))
+            }
+        }
+    }
+
+    /// Runs `items` (sequence, position, token, logits wanted) through llama.cpp in chunks of
+    /// at most `n_batch` tokens, copying each wanted row into `out` as soon as it exists
+    /// (the next chunk overwrites llama.cpp's logits buffer).
+    fn run(
+        &mut self,
+        items: &[(i32, i32, TokenId, Option<usize>)],
+        out: &mut Array2<f32>,
+    ) -> anyhow::Result<()> {
+        let n_vocab = self.info.n_vocab;
+        let n_batch = self.n_batch;
+        let n_seqs = self.n_seqs.max(1) as i32;
+        let State::Ready(cell) = &mut self.state else {
+            anyhow::bail!("llama.cpp context missing");
+        };
+        cell.with_dependent_mut(|_, ctx| -> anyhow::Result<()> {
+            let mut batch = LlamaBatch::new(n_batch, n_seqs);
+            for chunk in items.chunks(n_batch) {
+                batch.clear();
+                for &(seq, pos, tok, row) in chunk {
+                    batch.add(LlamaToken(tok as i32), pos, &[seq], row.is_some())?;
+                }
+                ctx.decode(&mut batch)
+                    .map_err(|e| anyhow::anyhow!("llama_decode failed: {e}"))?;
+                for (i, &(_, _, _, row)) in chunk.iter().enumerate() {
+                    if let Some(r) = row {
+                        let logits = ctx.get_logits_ith(i as i32);
+                        out.row_mut(r)
+                            .as_slice_mut()
+                            .expect("standard layout")
+                            .copy_from_slice(&logits[..n_vocab]);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn clear_kv(&mut self) {
+        if let State::Ready(cell) = &mut self.state {
+            cell.with_dependent_mut(|_, ctx| ctx.clear_kv_cache());
+        }
+    }
+}
+
+enum State {
+    Model(LlamaModel),
+    Ready(ModelCtx),
+    Empty,
+}
+
+impl LogitSource for LlamaSource {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn tokenize(
+        &self,
+        text: &str,
+        add_bos: bool,
+        parse_special: bool,
+    ) -> anyhow::Result<Vec<TokenId>> {
+        let vocab = self.model().vocab();
+        let mut ids: Vec<TokenId> = vocab
+            .tokenize(text.as_bytes(), false, parse_special)
+            .into_iter()
+            .map(|t| t.0 as TokenId)
+            .collect();
+        if add_bos {
+            if let Some(b) = self.info.bos {
+                ids.insert(0, b);
+            }
+        }
+        Ok(ids)
+    }
+
+    fn token_bytes(&self, id: TokenId) -> Option<Vec<u8>> {
+        if id as usize >= self.info.tokenizer_vocab {
+            return None;
+        }
+        Some(
+            self.model()
+                .vocab()
+                .token_to_piece(LlamaToken(id as i32), true, None),
+        )
+    }
+
+    fn is_special(&self, id: TokenId) -> bool {
+        self.special.get(id as usize).copied().unwrap_or(false)
+    }
+
+    fn chat_template(&self) -> Option<String> {
+        self.chat_template.clone()
+    }
+
+    fn begin(&mut self, n_seqs: usize) -> anyhow::Result<()> {
+        if n_seqs != self.n_seqs {
+            self.make_context(n_seqs.max(1))?;
+        } else {
+            self.clear_kv();
+        }
+        self.pos = vec![0; n_seqs];
+        Ok(())
+    }
+
+    fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>> {
+        let mut items = Vec::new();
+        for (row, &(seq, tokens)) in batch.iter().enumerate() {
+            anyhow::ensure!(!tokens.is_empty(), "decode: sequence {seq} got no tokens");
+            let start = *self
+                .pos
+                .get(seq)
+                .context("decode: sequence was not started with begin()")?;
+            if start as usize + tokens.len() > self.n_ctx {
+                return Err(usage!(
+                    "sequence {seq} needs {} tokens but --ctx-size is {}; raise --ctx-size or shorten the prompt",
+                    start as usize + tokens.len(),
+                    self.n_ctx
+                ));
+            }
+            let last = tokens.len() - 1;
+            for (i, &t) in tokens.iter().enumerate() {
+                anyhow::ensure!(
+                    (t as usize) < self.info.n_vocab,
+                    "token id {t} is outside the vocabulary"
+                );
+                items.push((seq as i32, start + i as i32, t, (i == last).then_some(row)));
+            }
+            self.pos[seq] = start + tokens.len() as i32;
+        }
+        let mut out = Array2::zeros((batch.len(), self.info.n_vocab));
+        self.run(&items, &mut out)?;
+        Ok(out)
+    }
+
+    fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
+        if tokens.len() > self.n_ctx {
+            return Err(usage!(
+                "scoring {} tokens needs --ctx-size {} or more (it is {})",
+                tokens.len(),
+                tokens.len(),
+                self.n_ctx
+            ));
+        }
+        if self.n_seqs == 0 {
+            self.make_context(1)?;
+        }
+        self.clear_kv();
+        for p in &mut self.pos {
+            *p = 0;
+        }
+        let items: Vec<_> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| (0, i as i32, t, Some(i)))
+            .collect();
+        let mut out = Array2::zeros((tokens.len(), self.info.n_vocab));
+        self.run(&items, &mut out)?;
+        // The KV cache now holds this sequence: the next decode must begin() again.
+        self.clear_kv();
+        Ok(out)
+    }
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8)
+}

@@ -1,0 +1,86 @@
+//! Chat templates: the model's own Jinja template, rendered by one renderer (minijinja) for
+//! every engine, so the same messages give the same prompt text and ids whatever the engine.
+
+use logitprobe_backends::{usage, LogitSource};
+use minijinja::{context, Environment, Error, ErrorKind};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// The messages of one prompt: an optional system message, then the user's.
+pub fn messages(prompt: &str, system_prompt: Option<&str>) -> Vec<Message> {
+    let mut m = Vec::new();
+    if let Some(s) = system_prompt {
+        m.push(Message {
+            role: "system".into(),
+            content: s.into(),
+        });
+    }
+    m.push(Message {
+        role: "user".into(),
+        content: prompt.into(),
+    });
+    m
+}
+
+/// Renders `messages` with `template` (Hugging Face conventions: `messages`,
+/// `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`, Python string methods).
+///
+/// ```
+/// let tpl = "{% for m in messages %}<{{ m.role }}>{{ m.content.strip() }}{% endfor %}";
+/// let text = logitprobe::chat::render(tpl, &logitprobe::chat::messages(" hi ", None), "", "").unwrap();
+/// assert_eq!(text, "<user>hi");
+/// ```
+pub fn render(
+    template: &str,
+    messages: &[Message],
+    bos_token: &str,
+    eos_token: &str,
+) -> anyhow::Result<String> {
+    let mut env = Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    minijinja_contrib::add_to_environment(&mut env);
+    env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
+        Err(Error::new(ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", template)
+        .map_err(|e| usage!("the model's chat template does not parse: {e}"))?;
+    let tpl = env.get_template("chat").expect("just added");
+    tpl.render(context! {
+        messages => messages,
+        add_generation_prompt => true,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    })
+    .map_err(|e| usage!("the model's chat template failed to render: {e}"))
+}
+
+/// Renders one prompt with the source's own template.
+pub fn render_for(
+    source: &dyn LogitSource,
+    prompt: &str,
+    system_prompt: Option<&str>,
+) -> anyhow::Result<String> {
+    let info = source.info();
+    let template = source.chat_template().ok_or_else(|| {
+        usage!(
+            "model {} has no chat template; drop --use-chat-template (and --system-prompt) or use an instruct model",
+            info.name
+        )
+    })?;
+    let piece = |id: Option<u32>| {
+        id.and_then(|i| source.token_bytes(i))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    render(
+        &template,
+        &messages(prompt, system_prompt),
+        &piece(info.bos),
+        &piece(info.eos),
+    )
+}

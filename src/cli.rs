@@ -1,0 +1,312 @@
+//! Command-line definitions. Every flag is documented here once and shown by `--help`.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use logitprobe_backends::{usage, Backend, EngineOptions, FlashAttn};
+use serde_json::Value;
+use std::path::PathBuf;
+
+const SAMPLING_HELP: &str = "\
+SAMPLING CHAIN (in this order):
+  1. penalties over the whole sequence so far, prompt included:
+     --repeat-penalty (l/r for l>0, l*r for l<0), --presence-penalty, --frequency-penalty
+  2. temperature (0 = greedy)   3. top-k   4. top-p   5. min-p (relative to the top token)
+  The raw distribution is softmax(logits / T) before penalties and filters; processed is the
+  output of the whole chain. Greedy probes raw at T = 1 and processed is the argmax alone.
+  Each prompt draws from its own ChaCha20 stream (seed, prompt index).";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "logitprobe",
+    version,
+    about = "See how a language model picks each next token",
+    long_about = "See how a language model picks each next token.\n\nLogits come from llama.cpp (GGUF) or ONNX Runtime (ONNX); one sampler and one probe \
+                  turn them into a Token Heatmap trace: the top candidates with an adaptive k, their mass, the entropy, and the \
+                  sampled token's probability, log-probability and rank, for the raw and the processed distribution."
+)]
+pub struct Cli {
+    /// Show logs (and the engine's own log lines) on stderr; -vv for more.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate from one or more prompts and trace every step.
+    #[command(after_long_help = SAMPLING_HELP)]
+    Trace(Box<TraceArgs>),
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub enum BackendArg {
+    /// GGUF models through llama.cpp
+    Llama,
+    /// ONNX exports through ONNX Runtime
+    Onnx,
+    /// deterministic in-memory test source; --model VOCAB[:SEED]
+    Test,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Llama => Backend::Llama,
+            BackendArg::Onnx => Backend::Onnx,
+            BackendArg::Test => Backend::Test,
+        }
+    }
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+pub enum FlashAttnArg {
+    On,
+    Off,
+    Auto,
+}
+
+/// Engine flags, shared by every command that loads a model.
+#[derive(Args, Debug, Clone, Default)]
+pub struct EngineArgs {
+    /// CPU threads for the forward pass [default: the engine's]
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Context length in tokens [default: the model's, at most 4096]
+    #[arg(long, value_name = "N")]
+    pub ctx_size: Option<usize>,
+    /// llama.cpp: batch size for prompt evaluation and scoring [default: 512]
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// llama.cpp: layers to offload to the GPU (needs a build with llama-cuda, -metal or -vulkan)
+    #[arg(long, value_name = "N")]
+    pub n_gpu_layers: Option<u32>,
+    /// llama.cpp: flash attention; it changes the distributions slightly [default: auto]
+    #[arg(long, value_enum, value_name = "WHEN")]
+    pub flash_attn: Option<FlashAttnArg>,
+    /// llama.cpp: K cache type (f16, f32, bf16, q8_0, q4_0 ...) [default: f16; f32 for exact comparisons]
+    #[arg(long, value_name = "TYPE")]
+    pub cache_type_k: Option<String>,
+    /// llama.cpp: V cache type [default: f16]
+    #[arg(long, value_name = "TYPE")]
+    pub cache_type_v: Option<String>,
+    /// ONNX Runtime: cpu, cuda or auto [default: cpu]
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
+    /// ONNX Runtime shared library (libonnxruntime.so) [env: ORT_DYLIB_PATH]
+    #[arg(long, value_name = "PATH")]
+    pub ort_lib: Option<PathBuf>,
+}
+
+impl EngineArgs {
+    pub fn options(&self, verbose: bool) -> EngineOptions {
+        EngineOptions {
+            threads: self.threads,
+            ctx_size: self.ctx_size,
+            batch_size: self.batch_size,
+            n_gpu_layers: self.n_gpu_layers.unwrap_or(0),
+            flash_attn: match self.flash_attn {
+                Some(FlashAttnArg::On) => FlashAttn::On,
+                Some(FlashAttnArg::Off) => FlashAttn::Off,
+                Some(FlashAttnArg::Auto) | None => FlashAttn::Auto,
+            },
+            cache_type_k: self.cache_type_k.clone(),
+            cache_type_v: self.cache_type_v.clone(),
+            device: self.device.clone(),
+            ort_lib: self.ort_lib.clone(),
+            verbose,
+        }
+    }
+}
+
+/// `logitprobe trace`. Options without a value here take it from `--config`, then from the
+/// defaults shown in `--help` (Token Heatmap's).
+#[derive(Args, Debug, Default)]
+pub struct TraceArgs {
+    /// Engine that runs the model [default: llama]
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendArg>,
+    /// Model: a GGUF file, an ONNX folder (or a file in it), a Hugging Face repo id, or a catalogue alias
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+    /// File inside a Hugging Face repo (e.g. onnx/model.onnx, qwen2.5-0.5b-instruct-q4_k_m.gguf)
+    #[arg(long)]
+    pub model_file: Option<String>,
+    /// Prompt to generate from; repeat for a batch
+    #[arg(long, short = 'p')]
+    pub prompt: Vec<String>,
+    /// Prompts, one per line, or JSONL lines with "prompt" and optional "system_prompt"
+    #[arg(long, value_name = "FILE")]
+    pub prompts_file: Option<PathBuf>,
+    /// System message (with --use-chat-template)
+    #[arg(long)]
+    pub system_prompt: Option<String>,
+    /// Wrap each prompt in the model's own chat template
+    #[arg(long)]
+    pub use_chat_template: bool,
+    /// Tokens to generate per prompt [default: 64]
+    #[arg(long, value_name = "N")]
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature; 0 = greedy [default: 0.8]
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f64>,
+    /// Top-p (nucleus) mass; 1 = off [default: 0.95]
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f64>,
+    /// Top-k; 0 = off [default: 0]
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Min-p, relative to the top token's probability; 0 = off [default: 0]
+    #[arg(long, value_name = "P")]
+    pub min_p: Option<f64>,
+    /// Repetition penalty; 1 = off [default: 1]
+    #[arg(long, value_name = "R")]
+    pub repeat_penalty: Option<f32>,
+    /// Presence penalty; 0 = off [default: 0]
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
+    pub presence_penalty: Option<f32>,
+    /// Frequency penalty; 0 = off [default: 0]
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
+    pub frequency_penalty: Option<f32>,
+    /// Fewest candidates the probe keeps per step [default: 8]
+    #[arg(long, value_name = "K")]
+    pub min_k: Option<usize>,
+    /// Most candidates the probe keeps per step [default: 64]
+    #[arg(long, value_name = "K")]
+    pub max_k: Option<usize>,
+    /// Keep the smallest k whose probability mass reaches this [default: 0.95]
+    #[arg(long, value_name = "M", allow_negative_numbers = true)]
+    pub mass_threshold: Option<f64>,
+    /// Random seed [default: a fresh one, recorded in run.json]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Output folder [default: outputs]
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// YAML file of options (our long flag names with underscores); flags override it
+    #[arg(long, value_name = "FILE.yaml")]
+    pub config: Option<PathBuf>,
+    /// Sample without probing (for benchmarks: the trace then holds no distributions)
+    #[arg(long, hide = true)]
+    pub no_probe: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+fn from_value<T: serde::de::DeserializeOwned>(key: &str, v: &Value) -> anyhow::Result<T> {
+    serde_json::from_value(v.clone())
+        .map_err(|e| usage!("config key '{key}' has a bad value {v}: {e}"))
+}
+
+macro_rules! fill {
+    ($slot:expr, $key:expr, $v:expr) => {
+        if $slot.is_none() {
+            $slot = Some(from_value($key, $v)?);
+        }
+    };
+}
+
+impl TraceArgs {
+    /// Fills every option the command line left unset from a `--config` YAML file.
+    pub fn apply_config(&mut self) -> anyhow::Result<()> {
+        let Some(path) = self.config.clone() else {
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            usage!(
+                "cannot read config {}: {e}; check the --config path",
+                path.display()
+            )
+        })?;
+        let value: Value = serde_yaml_ng::from_str(&text)
+            .map_err(|e| usage!("config {} is not valid YAML: {e}", path.display()))?;
+        let map = match value {
+            Value::Object(m) => m,
+            Value::Null => return Ok(()),
+            _ => {
+                return Err(usage!(
+                    "config {} must be a mapping of option: value",
+                    path.display()
+                ))
+            }
+        };
+        for (key, v) in &map {
+            let k = key.as_str();
+            if let Some(what) = k.strip_prefix("capture_") {
+                match v {
+                    Value::Bool(false) | Value::Null => continue,
+                    _ => {
+                        return Err(usage!(
+                            "config key '{k}': capturing {what} is not available on these engines yet; set it to false or remove it"
+                        ))
+                    }
+                }
+            }
+            let e = &mut self.engine;
+            match k {
+                "backend" => {
+                    if self.backend.is_none() {
+                        let s: String = from_value(k, v)?;
+                        self.backend = Some(
+                            BackendArg::from_str(&s, true)
+                                .map_err(|_| usage!("config key 'backend': unknown backend '{s}'; use llama, onnx or test"))?,
+                        );
+                    }
+                }
+                "model" => fill!(self.model, k, v),
+                "model_file" => fill!(self.model_file, k, v),
+                "prompt" => {
+                    if self.prompt.is_empty() {
+                        self.prompt = match v {
+                            Value::Array(_) => from_value(k, v)?,
+                            _ => vec![from_value(k, v)?],
+                        };
+                    }
+                }
+                "prompts_file" => fill!(self.prompts_file, k, v),
+                "system_prompt" => fill!(self.system_prompt, k, v),
+                "use_chat_template" => self.use_chat_template |= from_value::<bool>(k, v)?,
+                "max_new_tokens" => fill!(self.max_new_tokens, k, v),
+                "temperature" => fill!(self.temperature, k, v),
+                "top_p" => fill!(self.top_p, k, v),
+                "top_k" | "sample_top_k" => fill!(self.top_k, k, v),
+                "min_p" => fill!(self.min_p, k, v),
+                "repeat_penalty" => fill!(self.repeat_penalty, k, v),
+                "presence_penalty" => fill!(self.presence_penalty, k, v),
+                "frequency_penalty" => fill!(self.frequency_penalty, k, v),
+                "min_k" => fill!(self.min_k, k, v),
+                "max_k" => fill!(self.max_k, k, v),
+                "mass_threshold" => fill!(self.mass_threshold, k, v),
+                "seed" => fill!(self.seed, k, v),
+                "out" | "output_dir" => fill!(self.out, k, v),
+                "threads" => fill!(e.threads, k, v),
+                "ctx_size" => fill!(e.ctx_size, k, v),
+                "batch_size" => fill!(e.batch_size, k, v),
+                "n_gpu_layers" => fill!(e.n_gpu_layers, k, v),
+                "flash_attn" => {
+                    if e.flash_attn.is_none() {
+                        let s: String = match v {
+                            Value::Bool(true) => "on".into(),
+                            Value::Bool(false) => "off".into(),
+                            _ => from_value(k, v)?,
+                        };
+                        e.flash_attn = Some(
+                            FlashAttnArg::from_str(&s, true)
+                                .map_err(|_| usage!("config key 'flash_attn': use on, off or auto, not '{s}'"))?,
+                        );
+                    }
+                }
+                "cache_type_k" => fill!(e.cache_type_k, k, v),
+                "cache_type_v" => fill!(e.cache_type_v, k, v),
+                "device" => fill!(e.device, k, v),
+                "ort_lib" => fill!(e.ort_lib, k, v),
+                _ => {
+                    return Err(usage!(
+                        "config {} has an unknown key '{k}'; keys are the long flag names with underscores (see logitprobe trace --help)",
+                        path.display()
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
