@@ -147,19 +147,19 @@ pub struct TraceArgs {
     #[arg(long, value_name = "N")]
     pub max_new_tokens: Option<usize>,
     /// Sampling temperature; 0 = greedy [default: 0.8]
-    #[arg(long, value_name = "T")]
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
     pub temperature: Option<f64>,
     /// Top-p (nucleus) mass; 1 = off [default: 0.95]
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub top_p: Option<f64>,
     /// Top-k; 0 = off [default: 0]
     #[arg(long, value_name = "K")]
     pub top_k: Option<usize>,
     /// Min-p, relative to the top token's probability; 0 = off [default: 0]
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub min_p: Option<f64>,
     /// Repetition penalty; 1 = off [default: 1]
-    #[arg(long, value_name = "R")]
+    #[arg(long, value_name = "R", allow_negative_numbers = true)]
     pub repeat_penalty: Option<f32>,
     /// Presence penalty; 0 = off [default: 0]
     #[arg(long, value_name = "X", allow_negative_numbers = true)]

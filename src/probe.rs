@@ -6,7 +6,7 @@
 //! - candidates by descending probability, ties toward the lower token id;
 //! - `k_used` = the smallest k whose cumulative probability reaches `mass_threshold`, clamped
 //!   to `[min_k, max_k]` and never above the number of tokens with non-zero probability
-//!   (tokens whose logit is not −∞; `mass_threshold = 1` gives `min(max_k, that number)`);
+//!   (in f64; `mass_threshold = 1` gives `min(max_k, that number)`);
 //! - `entropy` = −Σ p ln p over the full vocabulary, in nats;
 //! - `selected_logprob` = ln(p + eps); `selected_rank` = 1 + the number of tokens with a
 //!   strictly larger probability.
@@ -147,6 +147,8 @@ struct RowSums<'a> {
     logits: &'a [f32],
     max: f32,
     inv_t: f32,
+    /// 1/T in f64, for reported probabilities (an f32 z is off by ~1e-6 at |z| ≈ 10).
+    inv_t64: f64,
     s: f64,
     sz: f64,
 }
@@ -155,6 +157,10 @@ impl RowSums<'_> {
     #[inline]
     fn z(&self, l: f32) -> f32 {
         (l - self.max) * self.inv_t
+    }
+    #[inline]
+    fn z64(&self, l: f32) -> f64 {
+        (f64::from(l) - f64::from(self.max)) * self.inv_t64
     }
     /// Sampling weight: the deterministic f32 exponential, identical on every platform.
     #[inline]
@@ -167,7 +173,7 @@ impl RowSums<'_> {
         if l == f32::NEG_INFINITY {
             0.0
         } else {
-            f64::from(self.z(l)).exp() / s
+            self.z64(l).exp() / s
         }
     }
 }
@@ -207,11 +213,12 @@ impl Probe {
     ) -> Result<StepProbe, NanLogits> {
         assert!(!logits.is_empty(), "a logits row needs at least one entry");
         let greedy = sampling.is_greedy();
-        let inv_t = if greedy {
+        let inv_t64 = if greedy {
             1.0
         } else {
-            (1.0 / sampling.temperature) as f32
+            1.0 / sampling.temperature
         };
+        let inv_t = inv_t64 as f32;
         let max = kernels::block_max(logits, &mut self.blocks);
         if !max.is_finite() {
             return self.degenerate(logits, probe);
@@ -224,6 +231,7 @@ impl Probe {
             logits,
             max,
             inv_t,
+            inv_t64,
             s,
             sz,
         };
@@ -290,11 +298,12 @@ impl Probe {
         temperature: f64,
         selected: TokenId,
     ) -> Result<Distribution, NanLogits> {
-        let inv_t = if temperature > 0.0 {
-            (1.0 / temperature) as f32
+        let inv_t64 = if temperature > 0.0 {
+            1.0 / temperature
         } else {
             1.0
         };
+        let inv_t = inv_t64 as f32;
         let max = kernels::block_max(logits, &mut self.blocks);
         if !max.is_finite() {
             if logits.iter().any(|v| v.is_nan()) {
@@ -311,6 +320,7 @@ impl Probe {
             logits,
             max,
             inv_t,
+            inv_t64,
             s,
             sz,
         };
@@ -393,7 +403,7 @@ impl Probe {
         for &(t, lp) in &self.penalized {
             let l = row.logits[t as usize];
             if l != f32::NEG_INFINITY {
-                let (z, zp) = (f64::from(row.z(l)), f64::from(row.z(lp)));
+                let (z, zp) = (row.z64(l), row.z64(lp));
                 removed += z.exp();
                 removed_z += z * z.exp();
                 added += zp.exp();
@@ -625,7 +635,7 @@ impl Probe {
                 let order = &self.order_proc[..n];
                 let (mut s, mut sz) = (0f64, 0f64);
                 for &i in order {
-                    let z = f64::from(row.z(lp(i)));
+                    let z = row.z64(lp(i));
                     s += z.exp();
                     sz += z * z.exp();
                 }
@@ -676,11 +686,11 @@ impl Probe {
         let mut cum = 0f64;
         let mut k_mass = None;
         for &id in order.iter().take(cfg.max_k) {
-            let l = logit(id);
-            if l == f32::NEG_INFINITY {
+            let p = row.p(logit(id), s);
+            // Sorted order: the first zero ends the tokens with non-zero probability.
+            if p == 0.0 {
                 break;
             }
-            let p = row.p(l, s);
             cum += p;
             candidates.push(Candidate {
                 token_id: id,

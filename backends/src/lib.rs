@@ -241,7 +241,8 @@ pub struct EngineOptions {
     pub verbose: bool,
 }
 
-/// Spec of the test backend's "model": `VOCAB[:SEED]`, e.g. `300:0` (the default).
+/// Spec of the test backend's "model": `VOCAB[:SEED[:EOS_BIAS]]`, e.g. `300:0` (the default);
+/// an EOS bias of -100 makes runs go on until `--max-new-tokens`.
 pub fn open_test_source(spec: &str) -> anyhow::Result<test_source::TestSource> {
     let spec = spec.trim();
     let spec = if spec.is_empty() || spec == "test" {
@@ -249,14 +250,16 @@ pub fn open_test_source(spec: &str) -> anyhow::Result<test_source::TestSource> {
     } else {
         spec
     };
-    let (v, s) = spec.split_once(':').unwrap_or((spec, "0"));
-    let parse = |x: &str| x.parse::<u64>().ok();
-    match (parse(v), parse(s)) {
-        (Some(v), Some(s)) if v as usize >= test_source::TOKENIZER_VOCAB => {
-            Ok(test_source::TestSource::new(v as usize, s))
+    let mut parts = spec.split(':');
+    let vocab = parts.next().and_then(|v| v.parse::<usize>().ok());
+    let seed = parts.next().map_or(Some(0), |s| s.parse::<u64>().ok());
+    let bias = parts.next().map_or(Some(-1.0), |b| b.parse::<f32>().ok());
+    match (vocab, seed, bias, parts.next()) {
+        (Some(v), Some(s), Some(b), None) if v >= test_source::TOKENIZER_VOCAB && b.is_finite() => {
+            Ok(test_source::TestSource::new(v, s).with_eos_bias(b))
         }
         _ => Err(usage!(
-            "test backend model '{spec}' is invalid: use VOCAB[:SEED] with VOCAB >= {}, e.g. --model 300:0",
+            "test backend model '{spec}' is invalid: use VOCAB[:SEED[:EOS_BIAS]] with VOCAB >= {}, e.g. --model 300:0",
             test_source::TOKENIZER_VOCAB
         )),
     }

@@ -1,0 +1,495 @@
+//! `logitprobe trace` end to end on the test source: outputs, determinism, batches, the
+//! Token Heatmap schema, config files, Ctrl-C, and one test per kind of bad input.
+
+mod common;
+
+use common::{assert_usage_error, bin, run, shared};
+use serde_json::Value;
+use std::fs;
+use std::path::Path;
+
+const FILES: [&str; 5] = [
+    "generated.txt",
+    "adaptive_token_trace.csv",
+    "adaptive_token_trace.json",
+    "run.json",
+    "steps.jsonl",
+];
+
+fn trace(out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["trace", "--backend", "test", "--out", out.to_str().unwrap()];
+    if !extra.contains(&"--seed") {
+        args.extend(["--seed", "7"]);
+    }
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    assert!(o.status.success(), "trace failed: {}", common::stderr(&o));
+    o
+}
+
+/// The trace JSON without its timestamp.
+fn trace_json(dir: &Path) -> Value {
+    let mut v: Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("adaptive_token_trace.json")).unwrap())
+            .unwrap();
+    v["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("generated_at");
+    v
+}
+
+#[test]
+fn writes_every_output_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    trace(
+        tmp.path(),
+        &["--prompt", "Hello there", "--max-new-tokens", "12"],
+    );
+    for f in FILES {
+        assert!(tmp.path().join(f).is_file(), "{f} missing");
+    }
+    let csv = fs::read_to_string(tmp.path().join("adaptive_token_trace.csv")).unwrap();
+    assert_eq!(
+        csv.lines().next().unwrap(),
+        "step,source,rank,token_id,token,prob,logprob,selected_token_id,selected_token,selected_prob,selected_logprob,selected_rank,entropy,k_used"
+    );
+    let t = trace_json(tmp.path());
+    assert_eq!(t["schema_version"], "2.0.0");
+    let steps = t["steps"].as_array().unwrap();
+    assert!(!steps.is_empty());
+    for (i, s) in steps.iter().enumerate() {
+        assert_eq!(s["step"], i);
+        for src in ["raw", "processed"] {
+            assert_eq!(
+                s[src]["candidates"].as_array().unwrap().len() as u64,
+                s[src]["k_used"].as_u64().unwrap()
+            );
+        }
+    }
+    let jsonl = fs::read_to_string(tmp.path().join("steps.jsonl")).unwrap();
+    assert_eq!(jsonl.lines().count(), steps.len());
+    let run: Value =
+        serde_json::from_str(&fs::read_to_string(tmp.path().join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["seed"], 7);
+    assert_eq!(run["backend"], "test");
+    assert_eq!(run["interrupted"], false);
+    assert!(run["timings"]["decode_tokens_per_s"].as_f64().is_some());
+    // No temporary file is left behind.
+    for e in fs::read_dir(tmp.path()).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!name.ends_with(".partial"), "{name} left behind");
+    }
+}
+
+#[test]
+fn same_seed_gives_identical_outputs() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let args = [
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "40",
+        "--model",
+        "5000:3",
+    ];
+    trace(a.path(), &args);
+    trace(b.path(), &args);
+    assert_eq!(trace_json(a.path()), trace_json(b.path()));
+    for f in ["generated.txt", "adaptive_token_trace.csv", "steps.jsonl"] {
+        assert_eq!(
+            fs::read(a.path().join(f)).unwrap(),
+            fs::read(b.path().join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    let c = tempfile::tempdir().unwrap();
+    trace(
+        c.path(),
+        &[
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "40",
+            "--model",
+            "5000:3",
+            "--seed",
+            "8",
+        ],
+    );
+    assert_ne!(
+        trace_json(a.path())["steps"],
+        trace_json(c.path())["steps"],
+        "another seed, other tokens"
+    );
+}
+
+#[test]
+fn a_batch_gives_the_same_traces_as_single_runs() {
+    let prompts = ["The cat", "A much longer prompt about dogs", "x"];
+    let batch = tempfile::tempdir().unwrap();
+    let mut args = vec!["--max-new-tokens", "30", "--model", "1000:5"];
+    for p in &prompts {
+        args.extend(["--prompt", p]);
+    }
+    trace(batch.path(), &args);
+    for (i, p) in prompts.iter().enumerate() {
+        let single = tempfile::tempdir().unwrap();
+        // Each prompt's stream is keyed by its index in the list, so a single run of prompt i
+        // uses a prompts file with it at index i.
+        let file = single.path().join("prompts.txt");
+        let mut lines = vec!["placeholder"; i];
+        lines.push(p);
+        fs::write(&file, lines.join("\n")).unwrap();
+        let out = single.path().join("out");
+        trace(
+            &out,
+            &[
+                "--max-new-tokens",
+                "30",
+                "--model",
+                "1000:5",
+                "--prompts-file",
+                file.to_str().unwrap(),
+            ],
+        );
+        let got = trace_json(&batch.path().join(format!("prompt-{i:03}")));
+        let dir = if i == 0 {
+            out.clone()
+        } else {
+            out.join(format!("prompt-{i:03}"))
+        };
+        assert_eq!(got, trace_json(&dir), "prompt {i}");
+    }
+    assert!(
+        batch.path().join("run.json").is_file(),
+        "a batch writes a summary run.json at the top"
+    );
+
+    // Greedy needs no stream: each prompt run alone equals its place in the batch.
+    let batch = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "--max-new-tokens",
+        "30",
+        "--model",
+        "1000:5",
+        "--temperature",
+        "0",
+    ];
+    for p in &prompts {
+        args.extend(["--prompt", p]);
+    }
+    trace(batch.path(), &args);
+    for (i, p) in prompts.iter().enumerate() {
+        let single = tempfile::tempdir().unwrap();
+        trace(
+            single.path(),
+            &[
+                "--max-new-tokens",
+                "30",
+                "--model",
+                "1000:5",
+                "--temperature",
+                "0",
+                "--prompt",
+                p,
+            ],
+        );
+        assert_eq!(
+            trace_json(&batch.path().join(format!("prompt-{i:03}"))),
+            trace_json(single.path()),
+            "greedy prompt {i}"
+        );
+    }
+}
+
+#[test]
+fn greedy_is_written_as_the_schema_allows() {
+    let tmp = tempfile::tempdir().unwrap();
+    trace(
+        tmp.path(),
+        &[
+            "--prompt",
+            "hi",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "5",
+        ],
+    );
+    let t = trace_json(tmp.path());
+    assert_eq!(t["metadata"]["generation_params"]["temperature"], 1.0);
+    assert_eq!(t["metadata"]["generation_params"]["sample_top_k"], 1);
+    for s in t["steps"].as_array().unwrap() {
+        assert_eq!(s["processed"]["selected_prob"], 1.0);
+        assert_eq!(s["raw"]["selected_rank"], 1);
+    }
+}
+
+#[test]
+fn output_validates_against_the_token_heatmap_schema() {
+    let Some(shared) = shared() else {
+        panic!("../shared is missing: this test validates against ../shared/interop/tokenheat-trace.schema.json");
+    };
+    let schema: Value = serde_json::from_str(
+        &fs::read_to_string(shared.join("interop/tokenheat-trace.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+    let tmp = tempfile::tempdir().unwrap();
+    trace(
+        tmp.path(),
+        &[
+            "--prompt",
+            "Hello <|im_start|>",
+            "--max-new-tokens",
+            "20",
+            "--model",
+            "300:1",
+        ],
+    );
+    let ours: Value = serde_json::from_str(
+        &fs::read_to_string(tmp.path().join("adaptive_token_trace.json")).unwrap(),
+    )
+    .unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(&ours)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "our trace violates the schema: {errors:?}"
+    );
+    // The check can fail: the sample is valid, a broken copy is not.
+    let sample: Value = serde_json::from_str(
+        &fs::read_to_string(shared.join("interop/tokenheat-sample-trace.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(validator.is_valid(&sample));
+    let mut broken = sample.clone();
+    broken["steps"][0]["raw"]["k_used"] = Value::from(0);
+    assert!(!validator.is_valid(&broken));
+    let mut broken = sample;
+    broken["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("probe_config");
+    assert!(!validator.is_valid(&broken));
+}
+
+#[test]
+fn chat_template_and_system_prompt() {
+    let tmp = tempfile::tempdir().unwrap();
+    trace(
+        tmp.path(),
+        &[
+            "--prompt",
+            "hi",
+            "--use-chat-template",
+            "--system-prompt",
+            "Be brief.",
+            "--max-new-tokens",
+            "3",
+        ],
+    );
+    let t = trace_json(tmp.path());
+    let ids: Vec<u64> = t["tokens"]["prompt_token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ids[0], 258,
+        "special tokens in the rendered template are parsed"
+    );
+    let run: Value =
+        serde_json::from_str(&fs::read_to_string(tmp.path().join("run.json")).unwrap()).unwrap();
+    assert_eq!(
+        run["prompts"][0]["rendered_prompt"],
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+}
+
+#[test]
+fn config_file_fills_what_flags_leave_unset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("c.yaml");
+    fs::write(
+        &cfg,
+        "backend: test\nmodel: \"400:2\"\nprompt: From the config\nmax_new_tokens: 4\ntemperature: 0.5\nsample_top_k: 5\nseed: 99\ncapture_attention: false\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("o");
+    let o = run(&[
+        "trace",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--seed",
+        "100",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let run: Value =
+        serde_json::from_str(&fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["seed"], 100, "flags override the file");
+    assert_eq!(run["sampling"]["top_k"], 5, "sample_top_k is read as top_k");
+    assert_eq!(run["sampling"]["temperature"], 0.5);
+    assert_eq!(run["model"], "400:2");
+}
+
+#[test]
+fn ctrl_c_keeps_the_finished_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = bin()
+        .args([
+            "trace",
+            "--backend",
+            "test",
+            "--model",
+            "151936:1:-100",
+            "--prompt",
+            "go",
+            "--max-new-tokens",
+            "1000000",
+        ])
+        .args(["--seed", "1", "--out", tmp.path().to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let jsonl = tmp.path().join("steps.jsonl");
+    let start = std::time::Instant::now();
+    while fs::read_to_string(&jsonl)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 5
+    {
+        assert!(start.elapsed().as_secs() < 60, "no steps written");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let run: Value =
+        serde_json::from_str(&fs::read_to_string(tmp.path().join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["interrupted"], true);
+    let t = trace_json(tmp.path());
+    let steps = t["steps"].as_array().unwrap().len();
+    assert!(steps >= 5);
+    assert_eq!(
+        fs::read_to_string(&jsonl).unwrap().lines().count(),
+        steps,
+        "the final files cover the finished steps"
+    );
+}
+
+fn bad(extra: &[&str], needle: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let mut args = vec![
+        "trace",
+        "--backend",
+        "test",
+        "--prompt",
+        "hi",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    assert_usage_error(&o, needle);
+    assert!(
+        !out.join("adaptive_token_trace.json").exists(),
+        "nothing that looks complete"
+    );
+}
+
+#[test]
+fn bad_min_k_above_max_k() {
+    bad(
+        &["--min-k", "10", "--max-k", "5"],
+        "--min-k 10 is larger than --max-k 5",
+    );
+}
+
+#[test]
+fn bad_min_k_zero() {
+    bad(&["--min-k", "0"], "--min-k 0");
+}
+
+#[test]
+fn bad_mass_threshold() {
+    bad(
+        &["--mass-threshold", "1.5"],
+        "--mass-threshold 1.5 is outside (0, 1]",
+    );
+    bad(
+        &["--mass-threshold", "0"],
+        "--mass-threshold 0 is outside (0, 1]",
+    );
+}
+
+#[test]
+fn bad_temperature() {
+    bad(&["--temperature", "-1"], "--temperature -1");
+}
+
+#[test]
+fn bad_top_p() {
+    bad(&["--top-p", "0"], "--top-p 0 is outside (0, 1]");
+    bad(&["--top-p", "1.2"], "--top-p 1.2 is outside (0, 1]");
+}
+
+#[test]
+fn bad_empty_prompt() {
+    let o = run(&["trace", "--backend", "test", "--prompt", ""]);
+    assert_usage_error(&o, "prompt 1 is empty");
+}
+
+#[test]
+fn bad_backend() {
+    let o = run(&["trace", "--backend", "tensorflow", "--prompt", "hi"]);
+    assert_usage_error(&o, "invalid value 'tensorflow'");
+}
+
+#[test]
+fn bad_config_unreadable_or_unknown_key() {
+    bad(&["--config", "/nonexistent/c.yaml"], "cannot read config");
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("c.yaml");
+    fs::write(&cfg, "temperature: 0.5\ntempreature: 0.7\n").unwrap();
+    bad(
+        &["--config", cfg.to_str().unwrap()],
+        "unknown key 'tempreature'",
+    );
+    fs::write(&cfg, "capture_attention: true\n").unwrap();
+    bad(
+        &["--config", cfg.to_str().unwrap()],
+        "not available on these engines yet",
+    );
+    fs::write(&cfg, "temperature: [1, 2\n").unwrap();
+    bad(&["--config", cfg.to_str().unwrap()], "not valid YAML");
+}
+
+#[test]
+fn bad_output_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("a-file");
+    fs::write(&file, "x").unwrap();
+    let o = run(&[
+        "trace",
+        "--backend",
+        "test",
+        "--prompt",
+        "hi",
+        "--out",
+        file.join("sub").to_str().unwrap(),
+    ]);
+    assert_usage_error(&o, "cannot write to output folder");
+}

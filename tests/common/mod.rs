@@ -1,0 +1,61 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `logitprobe` binary built for these tests.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_logitprobe"))
+}
+
+pub fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("run logitprobe")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `../shared` beside the project, where the Token Heatmap schema and sample live.
+pub fn shared() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    p.is_dir().then_some(p)
+}
+
+/// The models/fetch cache.
+pub fn cache_dir() -> PathBuf {
+    if let Ok(c) = std::env::var("LOGITPROBE_CACHE") {
+        return c.into();
+    }
+    let base = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache"));
+    base.join("logitprobe")
+}
+
+/// SmolLM2-135M-Instruct Q4_1, fetched by `models/fetch` (the test command runs it first).
+pub fn smollm2() -> PathBuf {
+    let p = cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} is missing: run models/fetch first (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// Asserts a one-line error with exit code 2 that mentions `needle`.
+pub fn assert_usage_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "exit code for {needle:?}; stderr: {err}"
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

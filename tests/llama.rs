@@ -1,0 +1,311 @@
+//! The llama.cpp engine on the real default model, SmolLM2-135M-Instruct Q4_1.
+#![cfg(feature = "llama")]
+
+mod common;
+
+use common::{assert_usage_error, run, smollm2};
+use logitprobe::backends::llama::LlamaSource;
+use logitprobe::backends::{EngineOptions, LogitSource};
+use serde_json::Value;
+use std::fs;
+use std::path::Path;
+
+fn opts() -> EngineOptions {
+    EngineOptions {
+        threads: Some(1),
+        ctx_size: Some(512),
+        ..Default::default()
+    }
+}
+
+fn trace_json(dir: &Path) -> Value {
+    let mut v: Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("adaptive_token_trace.json")).unwrap())
+            .unwrap();
+    v["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("generated_at");
+    v
+}
+
+fn trace(out: &Path, extra: &[&str]) {
+    let model = smollm2();
+    let mut args = vec![
+        "trace",
+        "--backend",
+        "llama",
+        "--model",
+        model.to_str().unwrap(),
+        "--threads",
+        "1",
+    ];
+    args.extend(["--ctx-size", "512", "--out", out.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+}
+
+#[test]
+fn capital_of_france() {
+    let mut src = LlamaSource::open(&smollm2(), &opts()).unwrap();
+    let ids = src
+        .tokenize("The capital of France is", src.info().add_bos, false)
+        .unwrap();
+    assert_eq!(ids, [504, 3575, 282, 4649, 314]);
+    src.begin(1).unwrap();
+    let logits = src.decode(&[(0, &ids)]).unwrap();
+    let row = logits.row(0);
+    let top = (0..row.len())
+        .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+        .unwrap();
+    assert_eq!(top, 7042);
+    assert_eq!(src.token_bytes(7042).unwrap(), b" Paris");
+    assert_eq!(src.info().n_vocab, 49152);
+    assert_eq!(src.info().eos, Some(2));
+    assert!(src.chat_template().unwrap().contains("im_start"));
+}
+
+#[test]
+fn batched_decode_equals_one_by_one_and_scoring() {
+    let mut src = LlamaSource::open(&smollm2(), &opts()).unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "The capital of France is",
+        "Once upon a time, in a small village",
+        "2 + 2 =",
+    ]
+    .iter()
+    .map(|p| src.tokenize(p, false, false).unwrap())
+    .collect();
+    src.begin(3).unwrap();
+    let batch: Vec<(usize, &[u32])> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i, p.as_slice()))
+        .collect();
+    let together = src.decode(&batch).unwrap();
+    let next = [(0, &[7042u32][..]), (1, &[11][..]), (2, &[216][..])];
+    let together2 = src.decode(&next).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        src.begin(1).unwrap();
+        let alone = src.decode(&[(0, p)]).unwrap();
+        let max = together
+            .row(i)
+            .iter()
+            .zip(alone.row(0))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert_eq!(
+            max, 0.0,
+            "prompt {i}: batched logits differ from one-by-one by {max}"
+        );
+        let alone2 = src.decode(&[(0, next[i].1)]).unwrap();
+        let max = together2
+            .row(i)
+            .iter()
+            .zip(alone2.row(0))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert_eq!(max, 0.0, "prompt {i}, step 2 (KV cache): differs by {max}");
+    }
+    // Teacher-forced scoring gives the same last-position logits, within float noise of a
+    // different batch shape.
+    let scored = src.score(&prompts[0]).unwrap();
+    assert_eq!(scored.nrows(), prompts[0].len());
+    let last = scored.row(prompts[0].len() - 1);
+    let max = last
+        .iter()
+        .zip(together.row(0))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max < 1e-3, "scoring differs by {max}");
+}
+
+#[test]
+fn trace_writes_outputs_and_is_repeatable() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let args = [
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "16",
+        "--seed",
+        "3",
+    ];
+    trace(a.path(), &args);
+    trace(b.path(), &args);
+    for f in [
+        "generated.txt",
+        "adaptive_token_trace.csv",
+        "adaptive_token_trace.json",
+        "run.json",
+        "steps.jsonl",
+    ] {
+        assert!(a.path().join(f).is_file(), "{f}");
+    }
+    assert_eq!(trace_json(a.path()), trace_json(b.path()));
+    let t = trace_json(a.path());
+    assert_eq!(
+        t["tokens"]["prompt_token_ids"],
+        serde_json::json!([504, 3575, 282, 4649, 314])
+    );
+    assert_eq!(t["steps"][0]["raw"]["candidates"][0]["token"], " Paris");
+    let run: Value =
+        serde_json::from_str(&fs::read_to_string(a.path().join("run.json")).unwrap()).unwrap();
+    let d = &run["engine_details"];
+    assert_eq!(d["flash_attn"], "on (auto)");
+    assert_eq!(d["cache_type_k"], "f16");
+    assert!(d["tensor_types"]["Q4_1"]["tensors"].as_u64().unwrap() > 100);
+    assert!(d["bits_per_weight"].as_f64().unwrap() > 4.0);
+    assert!(run["timings"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        run["model_sha256"],
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    );
+}
+
+#[test]
+fn batch_of_three_equals_single_runs() {
+    let prompts = [
+        "The capital of France is",
+        "My favourite colour is",
+        "def add(a, b):",
+    ];
+    for sampled in [false, true] {
+        let batch = tempfile::tempdir().unwrap();
+        let mut args = vec!["--max-new-tokens", "12", "--seed", "11"];
+        if !sampled {
+            args.extend(["--temperature", "0"]);
+        }
+        for p in &prompts {
+            args.extend(["--prompt", p]);
+        }
+        trace(batch.path(), &args);
+        for (i, p) in prompts.iter().enumerate() {
+            let single = tempfile::tempdir().unwrap();
+            let mut args = vec!["--max-new-tokens", "12", "--seed", "11"];
+            if !sampled {
+                args.extend(["--temperature", "0"]);
+            }
+            // The sampled stream is keyed by the prompt's index: run prompt i at index i with
+            // other text before it.
+            let file = single.path().join("p.txt");
+            let mut lines = vec!["Hello"; i];
+            lines.push(p);
+            fs::write(&file, lines.join("\n")).unwrap();
+            let out = single.path().join("o");
+            if sampled {
+                args.extend(["--prompts-file", file.to_str().unwrap()]);
+            } else {
+                args.extend(["--prompt", p]);
+            }
+            trace(&out, &args);
+            let dir = if sampled && i > 0 {
+                out.join(format!("prompt-{i:03}"))
+            } else {
+                out.clone()
+            };
+            assert_eq!(
+                trace_json(&batch.path().join(format!("prompt-{i:03}"))),
+                trace_json(&dir),
+                "prompt {i} (sampled: {sampled})"
+            );
+        }
+    }
+}
+
+fn bad(model: &Path, extra: &[&str], needle: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let mut args = vec![
+        "trace",
+        "--backend",
+        "llama",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ];
+    args.extend(["--out", out.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    assert_usage_error(&o, needle);
+    assert!(!out.join("adaptive_token_trace.json").exists());
+}
+
+/// A copy of SmolLM2 with `from` replaced by `to` (same length) in the header.
+fn patched(dir: &Path, from: &[u8], to: &[u8]) -> std::path::PathBuf {
+    assert_eq!(from.len(), to.len());
+    let mut bytes = fs::read(smollm2()).unwrap();
+    let header = &mut bytes[..4 << 20];
+    let at = header
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("key in header");
+    header[at..at + to.len()].copy_from_slice(to);
+    let p = dir.join("patched.gguf");
+    fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn bad_missing_file() {
+    bad(Path::new("/nonexistent/model.gguf"), &[], "not found");
+}
+
+#[test]
+fn bad_truncated_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("t.gguf");
+    let bytes = fs::read(smollm2()).unwrap();
+    fs::write(&p, &bytes[..bytes.len() / 3]).unwrap();
+    bad(&p, &[], "is truncated");
+    fs::write(&p, &bytes[..1000]).unwrap();
+    bad(&p, &[], "truncated");
+}
+
+#[test]
+fn bad_not_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("x.gguf");
+    fs::write(&p, "this is not a model at all").unwrap();
+    bad(&p, &[], "is not a GGUF file");
+}
+
+#[test]
+fn bad_unknown_architecture() {
+    let tmp = tempfile::tempdir().unwrap();
+    // general.architecture = "llama" → "lolma": keys and offsets keep their lengths.
+    let p = patched(
+        tmp.path(),
+        b"\x05\x00\x00\x00\x00\x00\x00\x00llama",
+        b"\x05\x00\x00\x00\x00\x00\x00\x00lolma",
+    );
+    bad(&p, &[], "architecture 'lolma' is unknown");
+}
+
+#[test]
+fn bad_prompt_longer_than_context() {
+    let long = "word ".repeat(400);
+    bad(
+        &smollm2(),
+        &["--ctx-size", "64", "--prompt", &long],
+        "raise --ctx-size",
+    );
+}
+
+#[test]
+fn bad_gpu_layers_without_gpu_build() {
+    bad(&smollm2(), &["--n-gpu-layers", "10"], "needs a GPU build");
+}
+
+#[test]
+fn bad_chat_template_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = patched(
+        tmp.path(),
+        b"tokenizer.chat_template",
+        b"tokenizer.chat_templatX",
+    );
+    bad(&p, &["--use-chat-template"], "has no chat template");
+}
