@@ -29,6 +29,8 @@ pub mod test_source;
 
 #[cfg(feature = "llama")]
 pub mod llama;
+#[cfg(feature = "onnx")]
+pub mod onnx;
 
 /// A token id as the model's vocabulary numbers it.
 pub type TokenId = u32;
