@@ -93,7 +93,7 @@ fn environment(
         }
         let builder = ort::init_from(&lib).map_err(|e| {
             format!(
-                "cannot load ONNX Runtime from {}: {e}; logitprobe needs ONNX Runtime {}.x or newer (pip install onnxruntime)",
+                "cannot load ONNX Runtime from {}: {e}; logitprobe needs ONNX Runtime 1.{}.x or newer (pip install onnxruntime)",
                 lib.display(),
                 ort::MINOR_VERSION
             )

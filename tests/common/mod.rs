@@ -59,3 +59,21 @@ pub fn assert_usage_error(o: &Output, needle: &str) {
     assert!(err.contains(needle), "expected {needle:?} in: {err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// SmolLM2's ONNX twin, made by `models/export-onnx` (the test command runs it first).
+pub fn smollm2_onnx() -> PathBuf {
+    let p = cache_dir().join("SmolLM2-135M-Instruct-onnx");
+    assert!(
+        p.join("model.onnx").is_file(),
+        "{} is missing: run models/export-onnx first (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// Broken ONNX model folders made by models/tools/make_bad_onnx.py.
+pub fn bad_onnx(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/onnx-bad")
+        .join(name)
+}

@@ -1,0 +1,54 @@
+"""Writes the small, deliberately broken ONNX model folders the ONNX engine's tests load
+(tests/data/onnx-bad/*). Run: models/python models/tools/make_bad_onnx.py"""
+
+import os
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "data", "onnx-bad")
+
+
+def tokenizer(n):
+    vocab = {f"t{i}": i for i in range(n)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tk
+
+
+def model(vocab, logits_name="logits", present_ok=True):
+    """input_ids -> logits via an embedding, with one KV pair that passes through."""
+    emb = numpy_helper.from_array(np.eye(vocab, dtype=np.float32), "emb")
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], [logits_name], axis=0)]
+    ins = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+           helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "t"]),
+           helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["b", 1, "p", 2]),
+           helper.make_tensor_value_info("past_key_values.0.value", TensorProto.FLOAT, ["b", 1, "p", 2])]
+    outs = [helper.make_tensor_value_info(logits_name, TensorProto.FLOAT, ["b", "s", vocab])]
+    nodes.append(helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"]))
+    outs.append(helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, ["b", 1, "p", 2]))
+    if present_ok:
+        nodes.append(helper.make_node("Identity", ["past_key_values.0.value"], ["present.0.value"]))
+        outs.append(helper.make_tensor_value_info("present.0.value", TensorProto.FLOAT, ["b", 1, "p", 2]))
+    g = helper.make_graph(nodes, "bad", ins, outs, [emb])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="logitprobe-tests")
+    m.ir_version = 9
+    return m
+
+
+def write(name, m, tk):
+    d = os.path.join(OUT, name)
+    os.makedirs(d, exist_ok=True)
+    onnx.save(m, os.path.join(d, "model.onnx"))
+    tk.save(os.path.join(d, "tokenizer.json"))
+
+
+write("no-logits", model(8, logits_name="scores"), tokenizer(8))
+write("unpaired-kv", model(8, present_ok=False), tokenizer(8))
+write("small-logits", model(4), tokenizer(10))
+write("ok", model(8), tokenizer(8))
+os.makedirs(os.path.join(OUT, "no-model"), exist_ok=True)
+tokenizer(8).save(os.path.join(OUT, "no-model", "tokenizer.json"))
+print(os.path.abspath(OUT))

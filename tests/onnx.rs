@@ -1,0 +1,290 @@
+//! The ONNX Runtime engine on SmolLM2's ONNX twin (models/export-onnx) and on broken models.
+#![cfg(feature = "onnx")]
+
+mod common;
+
+use common::{assert_usage_error, bad_onnx, cache_dir, run, smollm2_onnx};
+use logitprobe::backends::onnx::OnnxSource;
+use logitprobe::backends::{EngineOptions, LogitSource};
+use serde_json::Value;
+use std::fs;
+use std::path::Path;
+
+fn opts() -> EngineOptions {
+    EngineOptions {
+        threads: Some(1),
+        ..Default::default()
+    }
+}
+
+fn argmax(row: ndarray::ArrayView1<f32>) -> usize {
+    (0..row.len())
+        .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+        .unwrap()
+}
+
+#[test]
+fn capital_of_france() {
+    let mut src = OnnxSource::open(&smollm2_onnx(), &opts()).unwrap();
+    assert!(
+        !src.info().add_bos,
+        "SmolLM2's GGUF adds no BOS, nor does its twin"
+    );
+    let ids = src
+        .tokenize("The capital of France is", src.info().add_bos, false)
+        .unwrap();
+    assert_eq!(ids, [504, 3575, 282, 4649, 314]);
+    src.begin(1).unwrap();
+    let logits = src.decode(&[(0, &ids)]).unwrap();
+    assert_eq!(argmax(logits.row(0)), 7042);
+    assert_eq!(src.token_bytes(7042).unwrap(), b" Paris");
+    assert_eq!(src.info().eos, Some(2));
+    assert!(src.info().eog.contains(&2));
+    assert!(src.chat_template().unwrap().contains("im_start"));
+    // Special tokens are parsed only when asked.
+    assert_eq!(src.tokenize("<|im_start|>", false, true).unwrap(), [1]);
+    assert!(src.tokenize("<|im_start|>", false, false).unwrap().len() > 1);
+}
+
+#[test]
+fn a_padded_batch_equals_single_runs_and_kv_cache_equals_scoring() {
+    let mut src = OnnxSource::open(&smollm2_onnx(), &opts()).unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "The capital of France is",
+        "Once upon a time, in a small village far away,",
+        "2 + 2 =",
+    ]
+    .iter()
+    .map(|p| src.tokenize(p, false, false).unwrap())
+    .collect();
+    assert!(prompts[0].len() != prompts[1].len(), "different lengths");
+    src.begin(3).unwrap();
+    let batch: Vec<(usize, &[u32])> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i, p.as_slice()))
+        .collect();
+    let first = src.decode(&batch).unwrap();
+    let step: Vec<u32> = (0..3).map(|i| argmax(first.row(i)) as u32).collect();
+    let second = src
+        .decode(&[(0, &step[0..1]), (1, &step[1..2]), (2, &step[2..3])])
+        .unwrap();
+    // A finished sequence leaves the batch: the others go on.
+    let third_ids = [argmax(second.row(0)) as u32, argmax(second.row(2)) as u32];
+    let third = src
+        .decode(&[(0, &third_ids[0..1]), (2, &third_ids[1..2])])
+        .unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let mut full = p.clone();
+        full.push(step[i]);
+        let scored = src.score(&full).unwrap();
+        let d1 = first
+            .row(i)
+            .iter()
+            .zip(scored.row(p.len() - 1))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let d2 = second
+            .row(i)
+            .iter()
+            .zip(scored.row(p.len()))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            d1 < 1e-4,
+            "prompt {i}: batched prefill vs single differs by {d1}"
+        );
+        assert!(
+            d2 < 1e-4,
+            "prompt {i}: batched decode step vs single differs by {d2}"
+        );
+    }
+    for (r, i) in [0usize, 2].iter().enumerate() {
+        let mut full = prompts[*i].clone();
+        full.extend([step[*i], third_ids[r]]);
+        let scored = src.score(&full).unwrap();
+        let d = third
+            .row(r)
+            .iter()
+            .zip(scored.row(full.len() - 1))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-4, "prompt {i} after compaction differs by {d}");
+    }
+}
+
+#[test]
+fn trace_writes_the_same_output_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = smollm2_onnx();
+    let o = run(&[
+        "trace",
+        "--backend",
+        "onnx",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--threads",
+        "1",
+        "--out",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    for f in [
+        "generated.txt",
+        "adaptive_token_trace.csv",
+        "adaptive_token_trace.json",
+        "run.json",
+        "steps.jsonl",
+    ] {
+        assert!(tmp.path().join(f).is_file(), "{f}");
+    }
+    let t: Value = serde_json::from_str(
+        &fs::read_to_string(tmp.path().join("adaptive_token_trace.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(t["steps"][0]["selected"]["token"], " Paris");
+    let run: Value =
+        serde_json::from_str(&fs::read_to_string(tmp.path().join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["engine"], "onnxruntime");
+    assert_eq!(run["device"], "cpu");
+    assert_eq!(
+        run["engine_details"]["execution_provider"],
+        "CPUExecutionProvider"
+    );
+    assert!(run["timings"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+fn bad(model: &Path, extra: &[&str], needle: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let mut args = vec![
+        "trace",
+        "--backend",
+        "onnx",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "t1 t2",
+    ];
+    args.extend(["--out", out.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    assert_usage_error(&o, needle);
+    assert!(!out.join("adaptive_token_trace.json").exists());
+}
+
+#[test]
+fn the_tiny_ok_model_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = bad_onnx("ok");
+    let o = run(&[
+        "trace",
+        "--backend",
+        "onnx",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "t1 t2",
+        "--max-new-tokens",
+        "3",
+        "--out",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success(),
+        "the control model must load: {}",
+        common::stderr(&o)
+    );
+}
+
+#[test]
+fn bad_no_model_onnx() {
+    bad(&bad_onnx("no-model"), &[], "no model.onnx");
+}
+
+#[test]
+fn bad_no_logits_output() {
+    bad(&bad_onnx("no-logits"), &[], "has no 'logits' output");
+}
+
+#[test]
+fn bad_unpaired_kv() {
+    bad(&bad_onnx("unpaired-kv"), &[], "do not pair");
+}
+
+#[test]
+fn bad_tokenizer_larger_than_logits() {
+    bad(
+        &bad_onnx("small-logits"),
+        &[],
+        "the tokenizer defines 10 tokens but the model's logits have 4",
+    );
+}
+
+#[test]
+fn bad_no_onnx_runtime_library() {
+    bad(
+        &bad_onnx("ok"),
+        &["--ort-lib", "/nonexistent/libonnxruntime.so"],
+        "does not exist",
+    );
+}
+
+#[test]
+fn bad_onnx_runtime_too_old() {
+    let old = cache_dir().join("onnxruntime-old/libonnxruntime.so.1.20.1");
+    assert!(
+        old.is_file(),
+        "run models/fetch onnxruntime-old first (scripts/test does)"
+    );
+    bad(
+        &bad_onnx("ok"),
+        &["--ort-lib", old.to_str().unwrap()],
+        "expected version >= '1.31.x', but got '1.20.1'",
+    );
+}
+
+#[test]
+fn bad_cuda_that_cannot_register() {
+    bad(
+        &bad_onnx("ok"),
+        &["--device", "cuda"],
+        "the CUDA execution provider cannot register",
+    );
+}
+
+#[test]
+fn auto_device_picks_cpu_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = bad_onnx("ok");
+    let o = run(&[
+        "trace",
+        "--backend",
+        "onnx",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "t1",
+        "--device",
+        "auto",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    assert!(
+        common::stderr(&o).contains("device auto: CUDA unavailable"),
+        "{}",
+        common::stderr(&o)
+    );
+    let run: Value =
+        serde_json::from_str(&fs::read_to_string(tmp.path().join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["device"], "cpu");
+}
