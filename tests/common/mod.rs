@@ -77,3 +77,10 @@ pub fn bad_onnx(name: &str) -> PathBuf {
         .join("tests/data/onnx-bad")
         .join(name)
 }
+
+/// The committed tiny twins (models/tiny).
+pub fn tiny(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/tiny")
+        .join(name)
+}

@@ -1,0 +1,185 @@
+//! Decode throughput of the real engines on SmolLM2-135M-Instruct, printed as ratios measured
+//! side by side in one run (alternating runs, medians), never as timed tests:
+//!
+//! - llama.cpp, Q4_1 GGUF: probing on vs off (goal: on ≥ 0.97 × off at 1 thread);
+//! - ONNX Runtime, the ONNX twin: probing on vs off, and decoding with the KV cache vs
+//!   re-running the whole prefix every step (goal ≥ 3×), 128 new tokens.
+//!
+//! Run: `cargo bench --bench engines` (after models/fetch and models/export-onnx). Set
+//! `BENCH_RUNS` (default 5) for more alternations, `BENCH_THREADS` (default "1,2").
+
+use logitprobe::backends::{EngineOptions, LogitSource, ModelInfo, TokenId};
+use logitprobe::generate::{generate, GenerateConfig, PromptInput};
+use logitprobe::probe::ProbeConfig;
+use logitprobe::sampler::SamplingConfig;
+use ndarray::Array2;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+const PROMPT: &str =
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.";
+
+fn cache() -> PathBuf {
+    std::env::var_os("LOGITPROBE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"))
+                .join("logitprobe")
+        })
+}
+
+/// Decode tokens/s of one generation (the same loop as `trace`).
+fn decode_tps(src: &mut dyn LogitSource, new_tokens: usize, probe: bool) -> f64 {
+    let ids = src.tokenize(PROMPT, src.info().add_bos, false).unwrap();
+    let prompts = [PromptInput {
+        prompt: PROMPT.into(),
+        system_prompt: None,
+        rendered: PROMPT.into(),
+        ids,
+    }];
+    // A fixed seed: probing on and off decode the same tokens.
+    let cfg = GenerateConfig {
+        sampling: SamplingConfig {
+            temperature: 0.8,
+            ..Default::default()
+        },
+        probe: ProbeConfig::default(),
+        max_new_tokens: new_tokens,
+        seed: 1,
+        probe_enabled: probe,
+    };
+    let (_, t) = generate(src, &prompts, &cfg, &mut [], &AtomicBool::new(false), &()).unwrap();
+    t.decode_tokens_per_s
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Alternates `a` and `b` `runs` times each; returns (median a, median b).
+fn alternate(runs: usize, mut a: impl FnMut() -> f64, mut b: impl FnMut() -> f64) -> (f64, f64) {
+    let (mut va, mut vb) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        va.push(a());
+        vb.push(b());
+    }
+    (median(va), median(vb))
+}
+
+/// A source that forgets its KV cache: every step re-runs the whole prefix through `score`.
+struct RerunPrefix<S> {
+    inner: S,
+    history: Vec<Vec<TokenId>>,
+}
+
+impl<S: LogitSource> LogitSource for RerunPrefix<S> {
+    fn info(&self) -> &ModelInfo {
+        self.inner.info()
+    }
+    fn tokenize(&self, t: &str, b: bool, s: bool) -> anyhow::Result<Vec<TokenId>> {
+        self.inner.tokenize(t, b, s)
+    }
+    fn token_bytes(&self, id: TokenId) -> Option<Vec<u8>> {
+        self.inner.token_bytes(id)
+    }
+    fn is_special(&self, id: TokenId) -> bool {
+        self.inner.is_special(id)
+    }
+    fn chat_template(&self) -> Option<String> {
+        None
+    }
+    fn begin(&mut self, n: usize) -> anyhow::Result<()> {
+        self.history = vec![Vec::new(); n];
+        Ok(())
+    }
+    fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>> {
+        let mut out = Array2::zeros((batch.len(), self.info().n_vocab));
+        for (r, &(seq, toks)) in batch.iter().enumerate() {
+            self.history[seq].extend_from_slice(toks);
+            let all = self.inner.score(&self.history[seq])?;
+            out.row_mut(r).assign(&all.row(all.nrows() - 1));
+        }
+        Ok(out)
+    }
+    fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
+        self.inner.score(tokens)
+    }
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("engines bench: run with `cargo bench --bench engines`");
+        return;
+    }
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5);
+    let threads: Vec<usize> = std::env::var("BENCH_THREADS")
+        .unwrap_or_else(|_| "1,2".into())
+        .split(',')
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let gguf = cache().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let onnx = cache().join("SmolLM2-135M-Instruct-onnx");
+    println!(
+        "SmolLM2-135M-Instruct, prompt of {} chars; medians of {runs} alternating runs each",
+        PROMPT.len()
+    );
+    for &t in &threads {
+        let opts = EngineOptions {
+            threads: Some(t),
+            ctx_size: Some(1024),
+            ..Default::default()
+        };
+        #[cfg(feature = "llama")]
+        {
+            let mut src = logitprobe::backends::llama::LlamaSource::open(&gguf, &opts)
+                .expect("run models/fetch first");
+            decode_tps(&mut src, 16, true); // warm-up
+            let cell = std::cell::RefCell::new(src);
+            let (on, off) = alternate(
+                runs,
+                || decode_tps(&mut *cell.borrow_mut(), 128, true),
+                || decode_tps(&mut *cell.borrow_mut(), 128, false),
+            );
+            println!("llama.cpp Q4_1, {t} thread(s), 128 tokens: probing on {on:.1} tok/s, off {off:.1} tok/s, on/off = {:.3}", on / off);
+        }
+        #[cfg(feature = "onnx")]
+        {
+            let src = logitprobe::backends::onnx::OnnxSource::open(&onnx, &opts)
+                .expect("run models/export-onnx first");
+            let cell = std::cell::RefCell::new(src);
+            decode_tps(&mut *cell.borrow_mut(), 16, true);
+            let (on, off) = alternate(
+                runs,
+                || decode_tps(&mut *cell.borrow_mut(), 128, true),
+                || decode_tps(&mut *cell.borrow_mut(), 128, false),
+            );
+            println!("ONNX Runtime fp32, {t} thread(s), 128 tokens: probing on {on:.1} tok/s, off {off:.1} tok/s, on/off = {:.3}", on / off);
+            let src = cell.into_inner();
+            let rerun = std::cell::RefCell::new(RerunPrefix {
+                inner: src,
+                history: Vec::new(),
+            });
+            let kv_runs = runs.min(3);
+            let (kv, re) = alternate(
+                kv_runs,
+                || decode_tps(&mut rerun.borrow_mut().inner, 128, false),
+                || decode_tps(&mut *rerun.borrow_mut(), 128, false),
+            );
+            println!(
+                "ONNX Runtime fp32, {t} thread(s), 128 tokens: KV cache {kv:.1} tok/s, re-running the prefix {re:.1} tok/s, ratio = {:.2}× (medians of {kv_runs})",
+                kv / re
+            );
+        }
+    }
+}
