@@ -192,6 +192,8 @@ def main():
     try:
         reader = GGUFReader(a.gguf)
     except Exception as e:  # the gguf package raises plain exceptions on damaged files
+        if "GGMLQuantizationType" in str(e):
+            die(f"{a.gguf} holds a tensor type the gguf package does not know ({e}); requantize the model")
         die(f"{a.gguf} is truncated or corrupt: {e}")
     tk, tokens = build_tokenizer(reader)
     weights, cfg, n_layer = load_weights(reader)
