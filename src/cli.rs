@@ -36,6 +36,50 @@ pub enum Command {
     /// Generate from one or more prompts and trace every step.
     #[command(after_long_help = SAMPLING_HELP)]
     Trace(Box<TraceArgs>),
+    /// List the recommended models (aliases for --model) and which are cached.
+    Models,
+    /// Show what a model holds: architecture, sizes, tensor types, tokenizer, chat template.
+    Inspect(InspectArgs),
+    /// Show the token ids and pieces of a text; with two --model, where they differ.
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// GGUF file, ONNX folder, Hugging Face repo id or catalogue alias
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// File inside a repo or folder
+    #[arg(long)]
+    pub model_file: Option<String>,
+    /// Engine [default: llama for .gguf, onnx for folders and .onnx]
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendArg>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenizeArgs {
+    /// Text to tokenize
+    pub text: String,
+    /// Model (give it twice to compare two tokenizers)
+    #[arg(long, short = 'm', required = true)]
+    pub model: Vec<String>,
+    /// File inside a repo or folder
+    #[arg(long)]
+    pub model_file: Option<String>,
+    /// Engine [default: llama for .gguf, onnx for folders and .onnx]
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendArg>,
+    /// Parse special-token text such as <|im_start|> into its id
+    #[arg(long)]
+    pub special: bool,
+    /// Add BOS [default: the model's own rule]
+    #[arg(long)]
+    pub add_bos: Option<bool>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]

@@ -10,17 +10,22 @@ fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     let command: Vec<String> = std::env::args().collect();
+    let verbose = cli.verbose > 0;
     let result = match cli.command {
-        Command::Trace(mut args) => {
-            logitprobe::commands::trace::run(&mut args, cli.verbose > 0, command).map(
-                |interrupted| {
-                    if interrupted {
-                        ExitCode::from(130)
-                    } else {
-                        ExitCode::SUCCESS
-                    }
-                },
-            )
+        Command::Trace(mut args) => logitprobe::commands::trace::run(&mut args, verbose, command)
+            .map(|interrupted| {
+                if interrupted {
+                    ExitCode::from(130)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }),
+        Command::Models => logitprobe::commands::models::run().map(|_| ExitCode::SUCCESS),
+        Command::Inspect(args) => {
+            logitprobe::commands::inspect::run(&args, verbose).map(|_| ExitCode::SUCCESS)
+        }
+        Command::Tokenize(args) => {
+            logitprobe::commands::tokenize::run(&args, verbose).map(|_| ExitCode::SUCCESS)
         }
     };
     match result {

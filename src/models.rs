@@ -1,7 +1,16 @@
-//! Turning `--model` into something an engine can open.
+//! Turning `--model` into files an engine can open: a path, a catalogue alias, or a Hugging
+//! Face repo id (downloaded through `hf-hub` into the standard cache, which Python tools
+//! share).
+//!
+//! Environment, as Hugging Face's own tools read it: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
+//! `~/.cache/huggingface/hub`; `HF_TOKEN` or `HUGGINGFACE_HUB_TOKEN` (else the token file in
+//! `HF_HOME`); `HF_HUB_OFFLINE=1` uses the cache only; `HF_ENDPOINT` points at a mirror.
 
+use hf_hub::api::sync::ApiBuilder;
+use hf_hub::{Cache, Repo, RepoType};
 use logitprobe_backends::{usage, Backend};
-use std::path::Path;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
 
 /// A model ready to open.
 #[derive(Debug, Clone)]
@@ -10,7 +19,190 @@ pub struct Resolved {
     pub path: String,
 }
 
-/// Resolves `model` (a path; for the test backend its `VOCAB[:SEED]` spec).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HubFile {
+    pub repo: String,
+    pub file: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CatalogEntry {
+    pub alias: String,
+    pub name: String,
+    /// The original repo when it is gated (its license must be accepted).
+    #[serde(default)]
+    pub gated: Option<String>,
+    pub gguf: Option<HubFile>,
+    pub onnx: Option<HubFile>,
+}
+
+#[derive(Deserialize)]
+struct Catalog {
+    models: Vec<CatalogEntry>,
+}
+
+/// The recommended models (`models/catalog.json`, built in).
+pub fn catalog() -> Vec<CatalogEntry> {
+    let c: Catalog = serde_json::from_str(include_str!("../models/catalog.json"))
+        .expect("models/catalog.json is valid");
+    c.models
+}
+
+/// The Hugging Face hub cache folder.
+pub fn hub_cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return p.into();
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return PathBuf::from(p).join("hub");
+    }
+    Cache::default().path().clone()
+}
+
+fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+}
+
+fn token() -> Option<String> {
+    for var in ["HF_TOKEN", "HUGGINGFACE_HUB_TOKEN"] {
+        if let Ok(t) = std::env::var(var) {
+            if !t.trim().is_empty() {
+                return Some(t.trim().to_string());
+            }
+        }
+    }
+    let home = std::env::var_os("HF_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            hub_cache_dir()
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default()
+        });
+    std::fs::read_to_string(home.join("token"))
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+/// One file of a repo: from the cache when present, else downloaded (with a progress bar on a
+/// terminal). `Ok(None)` for an optional file the repo does not have.
+pub fn hub_file(repo: &str, file: &str, required: bool) -> anyhow::Result<Option<PathBuf>> {
+    let cache = Cache::new(hub_cache_dir());
+    if let Some(p) = cache
+        .repo(Repo::new(repo.to_string(), RepoType::Model))
+        .get(file)
+    {
+        return Ok(Some(p));
+    }
+    if offline() {
+        return if required {
+            Err(usage!(
+                "{file} of {repo} is not in the Hugging Face cache ({}) and HF_HUB_OFFLINE=1 forbids downloading it; unset HF_HUB_OFFLINE or download it first",
+                hub_cache_dir().display()
+            ))
+        } else {
+            Ok(None)
+        };
+    }
+    let mut builder = ApiBuilder::from_cache(cache)
+        .with_token(token())
+        .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_retries(1);
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+        builder = builder.with_endpoint(endpoint);
+    }
+    let api = builder
+        .build()
+        .map_err(|e| anyhow::anyhow!("Hugging Face client: {e}"))?;
+    match api.model(repo.to_string()).get(file) {
+        Ok(p) => Ok(Some(p)),
+        Err(e) => {
+            let msg = e.to_string();
+            let status = status_of(&e);
+            match status {
+                Some(401) | Some(403) => Err(usage!(
+                    "{repo} is gated or private: accept its license on huggingface.co/{repo} and set HF_TOKEN{}",
+                    if token().is_some() { " (the token you set has no access)" } else { "" }
+                )),
+                Some(404) if !required => Ok(None),
+                Some(404) => Err(usage!("{file} not found in {repo}: check --model-file (the repo's file list is on huggingface.co/{repo})")),
+                Some(code) => Err(usage!("the Hugging Face Hub answered HTTP {code} for {repo}/{file}: {msg}")),
+                None => Err(usage!(
+                    "cannot reach the Hugging Face Hub for {repo}/{file} ({msg}); check the network, or set HF_HUB_OFFLINE=1 to use the cache, or pass a local path"
+                )),
+            }
+        }
+    }
+}
+
+/// The HTTP status inside a hub error, if the server answered at all.
+fn status_of(e: &hf_hub::api::sync::ApiError) -> Option<u16> {
+    use hf_hub::api::sync::ApiError;
+    match e {
+        ApiError::RequestError(inner) => match inner.as_ref() {
+            ureq::Error::StatusCode(code) => Some(*code),
+            _ => None,
+        },
+        ApiError::TooManyRetries(inner) => status_of(inner),
+        _ => None,
+    }
+}
+
+/// `name-00001-of-00003.gguf` → every part's file name.
+fn split_parts(file: &str) -> Option<Vec<String>> {
+    let stem = file.strip_suffix(".gguf")?;
+    let (head, total) = stem.rsplit_once("-of-")?;
+    let (base, first) = head.rsplit_once('-')?;
+    let n: usize = total.parse().ok()?;
+    if first.parse::<usize>().ok()? != 1 || first.len() != total.len() {
+        return None;
+    }
+    Some(
+        (1..=n)
+            .map(|i| format!("{base}-{i:0w$}-of-{total}.gguf", w = total.len()))
+            .collect(),
+    )
+}
+
+/// Downloads (or finds) what one engine needs from a repo; returns the path to open.
+pub fn fetch_repo(backend: Backend, repo: &str, file: Option<&str>) -> anyhow::Result<PathBuf> {
+    match backend {
+        Backend::Llama => {
+            let file = file.ok_or_else(|| usage!("--model {repo} is a repo: name the GGUF file with --model-file, e.g. --model-file model-q4_k_m.gguf"))?;
+            let first = hub_file(repo, file, true)?.expect("required");
+            if let Some(parts) = split_parts(file) {
+                // llama.cpp finds the other parts beside the first by their names.
+                for part in parts.iter().skip(1) {
+                    hub_file(repo, part, true)?;
+                }
+            }
+            Ok(first)
+        }
+        Backend::Onnx => {
+            let file = file.unwrap_or("onnx/model.onnx");
+            let model = hub_file(repo, file, true)?.expect("required");
+            for data in [format!("{file}_data"), format!("{file}.data")] {
+                hub_file(repo, &data, false)?;
+            }
+            hub_file(repo, "tokenizer.json", true)?;
+            for f in [
+                "tokenizer_config.json",
+                "config.json",
+                "generation_config.json",
+                "genai_config.json",
+                "chat_template.jinja",
+            ] {
+                hub_file(repo, f, false)?;
+            }
+            Ok(model)
+        }
+        Backend::Test => Ok(PathBuf::from(repo)),
+    }
+}
+
+/// Resolves `--model`: a local path, a catalogue alias, or a Hugging Face repo id.
 pub fn resolve(
     backend: Backend,
     model: &str,
@@ -22,17 +214,87 @@ pub fn resolve(
         });
     }
     let p = Path::new(model);
-    let p = match model_file {
-        Some(f) if p.is_dir() => p.join(f),
-        _ => p.to_path_buf(),
-    };
     if p.exists() {
+        let p = match model_file {
+            Some(f) if p.is_dir() => p.join(f),
+            _ => p.to_path_buf(),
+        };
         return Ok(Resolved {
             path: p.display().to_string(),
         });
     }
+    if let Some(entry) = catalog()
+        .into_iter()
+        .find(|e| e.alias.eq_ignore_ascii_case(model))
+    {
+        let hub = match backend {
+            Backend::Llama => entry.gguf.as_ref(),
+            Backend::Onnx => entry.onnx.as_ref(),
+            Backend::Test => None,
+        }
+        .ok_or_else(|| {
+            usage!(
+                "{} has no {} build in the catalogue; use --backend {} or export one (models/README.md)",
+                entry.alias,
+                backend.name(),
+                if backend == Backend::Llama { "onnx" } else { "llama" }
+            )
+        })?;
+        let path = fetch_repo(backend, &hub.repo, Some(model_file.unwrap_or(&hub.file)))?;
+        return Ok(Resolved {
+            path: path.display().to_string(),
+        });
+    }
+    let looks_like_repo = model.split('/').count() == 2
+        && !model.starts_with('.')
+        && !model.starts_with('/')
+        && !model.ends_with(".gguf")
+        && !model.ends_with(".onnx");
+    if looks_like_repo {
+        let path = fetch_repo(backend, model, model_file)?;
+        return Ok(Resolved {
+            path: path.display().to_string(),
+        });
+    }
     Err(usage!(
-        "model {} not found: give the path of a GGUF file or an ONNX folder (models/fetch downloads the default SmolLM2 GGUF)",
-        p.display()
+        "model {model} not found: give a GGUF file, an ONNX folder, a Hugging Face repo id (org/name) or an alias from `logitprobe models`"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_gguf_names() {
+        assert_eq!(
+            split_parts("qwen2.5-7b-instruct-q4_k_m-00001-of-00002.gguf").unwrap(),
+            [
+                "qwen2.5-7b-instruct-q4_k_m-00001-of-00002.gguf",
+                "qwen2.5-7b-instruct-q4_k_m-00002-of-00002.gguf"
+            ]
+        );
+        assert!(split_parts("model-q4_k_m.gguf").is_none());
+        assert!(split_parts("x-00002-of-00002.gguf").is_none());
+    }
+
+    #[test]
+    fn catalogue_is_complete() {
+        let c = catalog();
+        for alias in [
+            "qwen2.5-0.5b",
+            "qwen2.5-1.5b",
+            "qwen2.5-3b",
+            "qwen2.5-7b",
+            "tinyllama",
+            "phi-2",
+            "llama-3.1-8b",
+        ] {
+            let e = c
+                .iter()
+                .find(|e| e.alias == alias)
+                .unwrap_or_else(|| panic!("{alias}"));
+            assert!(e.gguf.is_some());
+        }
+    }
 }

@@ -1,3 +1,6 @@
 //! One module per subcommand.
 
+pub mod inspect;
+pub mod models;
+pub mod tokenize;
 pub mod trace;

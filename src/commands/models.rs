@@ -1,0 +1,56 @@
+//! `logitprobe models`: the catalogue, and what of it is already in the cache.
+
+use crate::models::{catalog, hub_cache_dir, HubFile};
+use hf_hub::{Cache, Repo, RepoType};
+
+fn cached(h: &HubFile) -> bool {
+    Cache::new(hub_cache_dir())
+        .repo(Repo::new(h.repo.clone(), RepoType::Model))
+        .get(&h.file)
+        .is_some()
+}
+
+fn show(h: Option<&HubFile>) -> String {
+    match h {
+        Some(h) => format!(
+            "{}/{}{}",
+            h.repo,
+            h.file,
+            if cached(h) { "  [cached]" } else { "" }
+        ),
+        None => "-".into(),
+    }
+}
+
+pub fn run() -> anyhow::Result<()> {
+    println!(
+        "{:<14} {:<26} {:<11} files (--model ALIAS; cache: {})",
+        "alias",
+        "model",
+        "backends",
+        hub_cache_dir().display()
+    );
+    for e in catalog() {
+        let backends = match (&e.gguf, &e.onnx) {
+            (Some(_), Some(_)) => "llama,onnx",
+            (Some(_), None) => "llama",
+            (None, Some(_)) => "onnx",
+            (None, None) => "-",
+        };
+        println!(
+            "{:<14} {:<26} {:<11} gguf: {}",
+            e.alias,
+            e.name,
+            backends,
+            show(e.gguf.as_ref())
+        );
+        println!("{:<53} onnx: {}", "", show(e.onnx.as_ref()));
+        if let Some(g) = &e.gated {
+            println!(
+                "{:<53} original weights are gated: {g} (accept its license, set HF_TOKEN)",
+                ""
+            );
+        }
+    }
+    Ok(())
+}
