@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_usage_error, bin, run, shared};
+use common::{assert_usage_error, bin, run, shared, trace_json};
 use serde_json::Value;
 use std::fs;
 use std::path::Path;
@@ -25,18 +25,6 @@ fn trace(out: &Path, extra: &[&str]) -> std::process::Output {
     let o = run(&args);
     assert!(o.status.success(), "trace failed: {}", common::stderr(&o));
     o
-}
-
-/// The trace JSON without its timestamp.
-fn trace_json(dir: &Path) -> Value {
-    let mut v: Value =
-        serde_json::from_str(&fs::read_to_string(dir.join("adaptive_token_trace.json")).unwrap())
-            .unwrap();
-    v["metadata"]
-        .as_object_mut()
-        .unwrap()
-        .remove("generated_at");
-    v
 }
 
 #[test]

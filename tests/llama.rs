@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_usage_error, run, smollm2};
+use common::{assert_usage_error, run, smollm2, trace_json};
 use logitprobe::backends::llama::LlamaSource;
 use logitprobe::backends::{EngineOptions, LogitSource};
 use serde_json::Value;
@@ -16,17 +16,6 @@ fn opts() -> EngineOptions {
         ctx_size: Some(512),
         ..Default::default()
     }
-}
-
-fn trace_json(dir: &Path) -> Value {
-    let mut v: Value =
-        serde_json::from_str(&fs::read_to_string(dir.join("adaptive_token_trace.json")).unwrap())
-            .unwrap();
-    v["metadata"]
-        .as_object_mut()
-        .unwrap()
-        .remove("generated_at");
-    v
 }
 
 fn trace(out: &Path, extra: &[&str]) {

@@ -5,13 +5,11 @@
 
 mod common;
 
-use common::{run, smollm2, smollm2_onnx, tiny};
+use common::{run, smollm2, smollm2_onnx, tiny, trace_json};
 use logitprobe::backends::llama::LlamaSource;
 use logitprobe::backends::onnx::OnnxSource;
 use logitprobe::backends::{EngineOptions, FlashAttn, LogitSource};
 use ndarray::{Array2, ArrayView1};
-use serde_json::Value;
-use std::fs;
 
 fn exact_llama() -> EngineOptions {
     EngineOptions {
@@ -222,11 +220,6 @@ fn onnx_layouts_agree_and_fp16_stays_close() {
         greedy(&mut genai, &prompts, 24)
     );
     let _ = greedy(&mut fp16, &prompts, 8);
-}
-
-fn trace_json(dir: &std::path::Path) -> Value {
-    serde_json::from_str(&fs::read_to_string(dir.join("adaptive_token_trace.json")).unwrap())
-        .unwrap()
 }
 
 #[test]

@@ -84,3 +84,15 @@ pub fn tiny(name: &str) -> PathBuf {
         .join("models/tiny")
         .join(name)
 }
+
+/// A trace's JSON without its timestamp (`generated_at`), for comparing runs.
+pub fn trace_json(dir: &Path) -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(dir.join("adaptive_token_trace.json")).expect("trace written");
+    let mut v: serde_json::Value = serde_json::from_str(&text).expect("trace is JSON");
+    v["metadata"]
+        .as_object_mut()
+        .expect("metadata")
+        .remove("generated_at");
+    v
+}
