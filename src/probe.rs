@@ -140,6 +140,7 @@ pub struct Probe {
     counts: Vec<(TokenId, u32)>,
     order_raw: Vec<TokenId>,
     order_proc: Vec<TokenId>,
+    keys: Vec<u64>,
 }
 
 /// The numbers that describe one row under one temperature.
@@ -244,8 +245,14 @@ impl Probe {
         loop {
             let t = self.gather(logits, need);
             let everything = t == f32::NEG_INFINITY;
-            let valid_proc = self.order_processed(logits, t);
             let valid_raw = self.order_raw(logits, t);
+            // Without penalties both orders are the same sort of the same candidates.
+            let valid_proc = if self.penalized.is_empty() {
+                self.order_proc.clone_from(&self.order_raw);
+                valid_raw
+            } else {
+                self.order_processed(logits, t)
+            };
             let kept = if greedy {
                 Some(Kept::Prefix(1))
             } else {
@@ -461,37 +468,33 @@ impl Probe {
     /// Sorts the candidates by raw logit (desc, id asc); returns how many lead the order
     /// exactly (logit ≥ threshold).
     fn order_raw(&mut self, logits: &[f32], t: f32) -> usize {
-        self.order_raw.clear();
-        self.order_raw.extend(
+        self.keys.clear();
+        self.keys.extend(
             self.cand
                 .iter()
-                .copied()
-                .filter(|&i| logits[i as usize] >= t),
+                .filter(|&&i| logits[i as usize] >= t)
+                .map(|&i| sort_key(logits[i as usize], i)),
         );
-        self.order_raw.sort_unstable_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
+        self.keys.sort_unstable();
+        self.order_raw.clear();
+        self.order_raw
+            .extend(self.keys.iter().map(|&k| k as TokenId));
         self.order_raw.len()
     }
 
     /// Sorts the candidates by penalized logit; returns the exact-prefix length.
     fn order_processed(&mut self, logits: &[f32], t: f32) -> usize {
-        let mut order = std::mem::take(&mut self.order_proc);
-        order.clear();
-        order.extend_from_slice(&self.cand);
-        order.sort_unstable_by(|&a, &b| {
-            self.lp(logits, b)
-                .total_cmp(&self.lp(logits, a))
-                .then(a.cmp(&b))
-        });
-        let valid = order
+        let mut keys = std::mem::take(&mut self.keys);
+        keys.clear();
+        keys.extend(self.cand.iter().map(|&i| sort_key(self.lp(logits, i), i)));
+        keys.sort_unstable();
+        self.order_proc.clear();
+        self.order_proc.extend(keys.iter().map(|&k| k as TokenId));
+        self.keys = keys;
+        self.order_proc
             .iter()
             .take_while(|&&i| self.lp(logits, i) >= t)
-            .count();
-        self.order_proc = order;
-        valid
+            .count()
     }
 
     /// Applies top-k, top-p and min-p to the processed order. `None`: the answer lies past
@@ -721,6 +724,20 @@ impl Probe {
             candidates,
         }
     }
+}
+
+/// A u64 whose ascending order is (logit descending, id ascending): sorting plain integers is
+/// several times faster than sorting ids through a comparator that reads the logits.
+#[inline]
+fn sort_key(logit: f32, id: TokenId) -> u64 {
+    let b = logit.to_bits();
+    // IEEE-754 bits → an unsigned integer in ascending float order, then inverted.
+    let ascending = if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    };
+    (u64::from(!ascending) << 32) | u64::from(id)
 }
 
 fn point_mass(id: TokenId, eps: f64) -> Distribution {
