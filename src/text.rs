@@ -50,6 +50,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ids_without_a_piece() {
+        let src = logitprobe_backends::test_source::TestSource::new(300, 0);
+        let mut pieces = Pieces::default();
+        assert_eq!(pieces.get(&src, 299), "<id:299>");
+        assert_eq!(pieces.get(&src, 65), "A");
+        assert_eq!(pieces.get(&src, 0xE2), "<0xE2>");
+    }
+
+    #[test]
     fn escapes_only_invalid_bytes() {
         assert_eq!(show_bytes("é".as_bytes()), "é");
         assert_eq!(show_bytes(&[b'a', 0xff, b'b']), "a<0xFF>b");
