@@ -88,7 +88,7 @@ pub enum BackendArg {
     Llama,
     /// ONNX exports through ONNX Runtime
     Onnx,
-    /// deterministic in-memory test source; --model VOCAB[:SEED]
+    /// deterministic in-memory test source; --model VOCAB[:SEED[:EOS_BIAS]]
     Test,
 }
 
