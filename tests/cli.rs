@@ -378,24 +378,7 @@ fn ctrl_c_keeps_the_finished_steps() {
 }
 
 fn bad(extra: &[&str], needle: &str) {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("out");
-    let mut args = vec![
-        "trace",
-        "--backend",
-        "test",
-        "--prompt",
-        "hi",
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let o = run(&args);
-    assert_usage_error(&o, needle);
-    assert!(
-        !out.join("adaptive_token_trace.json").exists(),
-        "nothing that looks complete"
-    );
+    common::assert_trace_fails("test", "300:0", "hi", extra, needle);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_usage_error, run, smollm2, trace_json};
+use common::{run, smollm2, trace_json};
 use logitprobe::backends::llama::LlamaSource;
 use logitprobe::backends::{EngineOptions, LogitSource};
 use serde_json::Value;
@@ -204,22 +204,7 @@ fn batch_of_three_equals_single_runs() {
 }
 
 fn bad(model: &Path, extra: &[&str], needle: &str) {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("o");
-    let mut args = vec![
-        "trace",
-        "--backend",
-        "llama",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "hi",
-    ];
-    args.extend(["--out", out.to_str().unwrap()]);
-    args.extend_from_slice(extra);
-    let o = run(&args);
-    assert_usage_error(&o, needle);
-    assert!(!out.join("adaptive_token_trace.json").exists());
+    common::assert_trace_fails("llama", model.to_str().unwrap(), "hi", extra, needle);
 }
 
 /// A copy of SmolLM2 with `from` replaced by `to` (same length) in the header.

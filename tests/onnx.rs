@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_usage_error, bad_onnx, cache_dir, run, smollm2_onnx};
+use common::{bad_onnx, cache_dir, run, smollm2_onnx};
 use logitprobe::backends::onnx::OnnxSource;
 use logitprobe::backends::{EngineOptions, LogitSource};
 use serde_json::Value;
@@ -161,22 +161,7 @@ fn trace_writes_the_same_output_set() {
 }
 
 fn bad(model: &Path, extra: &[&str], needle: &str) {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("o");
-    let mut args = vec![
-        "trace",
-        "--backend",
-        "onnx",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "t1 t2",
-    ];
-    args.extend(["--out", out.to_str().unwrap()]);
-    args.extend_from_slice(extra);
-    let o = run(&args);
-    assert_usage_error(&o, needle);
-    assert!(!out.join("adaptive_token_trace.json").exists());
+    common::assert_trace_fails("onnx", model.to_str().unwrap(), "t1 t2", extra, needle);
 }
 
 #[test]

@@ -96,3 +96,26 @@ pub fn trace_json(dir: &Path) -> serde_json::Value {
         .remove("generated_at");
     v
 }
+
+/// Runs `trace` with a bad input and checks the failure: one line naming `needle`, exit 2,
+/// and no trace file left looking complete.
+pub fn assert_trace_fails(backend: &str, model: &str, prompt: &str, extra: &[&str], needle: &str) {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let out = tmp.path().join("out");
+    let mut args = vec![
+        "trace",
+        "--backend",
+        backend,
+        "--model",
+        model,
+        "--prompt",
+        prompt,
+    ];
+    args.extend(["--out", out.to_str().expect("utf-8 path")]);
+    args.extend_from_slice(extra);
+    assert_usage_error(&run(&args), needle);
+    assert!(
+        !out.join("adaptive_token_trace.json").exists(),
+        "nothing that looks complete"
+    );
+}
