@@ -163,12 +163,6 @@ pub fn count_greater(x: &[f32], v: f32) -> usize {
     total + chunks.remainder().iter().filter(|&&x| x > v).count()
 }
 
-/// Number of entries that are not −∞ (tokens with non-zero probability).
-#[multiversion(targets("x86_64+avx2+fma", "x86_64+avx", "x86_64+sse4.1", "aarch64+neon"))]
-pub fn count_finite(x: &[f32]) -> usize {
-    x.len() - x.iter().filter(|&&v| v == f32::NEG_INFINITY).count()
-}
-
 /// Σx: the cost of reading the row once, the floor the probe's benchmark compares with.
 #[multiversion(targets("x86_64+avx2+fma", "x86_64+avx", "x86_64+sse4.1", "aarch64+neon"))]
 pub fn sum(x: &[f32]) -> f32 {

@@ -1,4 +1,4 @@
-//! The trace: Token Heatmap's JSON schema (we write 2.0.0, read majors 1 and 2) and
+//! The trace: Token Heatmap's JSON schema (we write 2.0.0) and
 //! `run.json`, which holds what that schema has no room for.
 //!
 //! Mapping where the schema is narrower than we are:
@@ -15,8 +15,6 @@ use serde::{Deserialize, Serialize};
 
 /// The schema version we write.
 pub const SCHEMA_VERSION: &str = "2.0.0";
-/// Schema major versions we can read.
-pub const KNOWN_MAJORS: [u64; 2] = [1, 2];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Trace {
@@ -201,29 +199,6 @@ pub fn rfc3339(secs: i64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-/// Reads a trace from JSON text, checking the schema's major version first.
-pub fn parse_trace(text: &str) -> anyhow::Result<Trace> {
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| logitprobe_backends::usage!("not JSON: {e}"))?;
-    let version = value
-        .get("schema_version")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| {
-            logitprobe_backends::usage!("not a Token Heatmap trace: it has no \"schema_version\"")
-        })?;
-    let major: u64 = version
-        .split('.')
-        .next()
-        .and_then(|m| m.parse().ok())
-        .unwrap_or(0);
-    if !KNOWN_MAJORS.contains(&major) {
-        return Err(logitprobe_backends::usage!(
-            "trace schema version {version} is unknown (known majors: 1, 2); upgrade logitprobe or re-export the trace"
-        ));
-    }
-    serde_json::from_value(value).map_err(|e| logitprobe_backends::usage!("not a valid trace: {e}"))
 }
 
 #[cfg(test)]

@@ -198,18 +198,6 @@ impl Backend {
     }
 }
 
-impl std::str::FromStr for Backend {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "llama" | "llama.cpp" | "gguf" => Ok(Backend::Llama),
-            "onnx" | "ort" | "onnxruntime" => Ok(Backend::Onnx),
-            "test" => Ok(Backend::Test),
-            _ => Err(format!("unknown backend '{s}': use llama, onnx or test")),
-        }
-    }
-}
-
 /// Flash attention setting of llama.cpp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
