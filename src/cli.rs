@@ -42,6 +42,183 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Show the token ids and pieces of a text; with two --model, where they differ.
     Tokenize(TokenizeArgs),
+    /// Compare two engines or quantizations position by position (KL divergence, Δp, top-1).
+    #[command(after_long_help = COMPARE_HELP)]
+    Compare(Box<CompareArgs>),
+    /// Draw the plots and report.html again from a trace JSON or a compare.json.
+    Report(ReportArgs),
+}
+
+const COMPARE_HELP: &str = "\
+SIDES: --a and --b take BACKEND:MODEL, BACKEND one of llama, onnx, test, e.g.
+  --a llama:models/tiny/tiny-f32.gguf --b onnx:models/tiny/optimum
+  --b can be repeated: A is scored once and each B is compared with it.
+ENGINE FLAGS: each engine flag has an --a- and a --b- form (--a-flash-attn off,
+  --b-cache-type-k f32); the plain form sets both sides. --ctx-size is the corpus chunk
+  length (default 512) and each side's context is at least that.
+INPUTS (one of):
+  --text-file FILE   cut into --ctx-size chunks as llama-perplexity does; the second half
+                     of each chunk is scored (--score-all: every position)
+  --prompt TEXT      A generates --max-new-tokens with the sampling flags, then both score it
+  --trace FILE       re-score the tokens of an adaptive_token_trace.json
+STATISTICS use llama-perplexity --kl-divergence's names: PPL, Cor(ln PPL), Mean KLD ± err,
+  percentiles, Δp (p_B − p_A of the actual next token), RMS Δp, Same top p.";
+
+/// Generates a struct of engine flags for one side of `compare`, each named with the side's
+/// prefix; clap needs the literal names.
+macro_rules! side_engine_args {
+    ($name:ident, $side:literal, $heading:literal, $threads:tt, $ctx:tt, $batch:tt, $ngl:tt,
+     $fa:tt, $ctk:tt, $ctv:tt, $dev:tt, $ort:tt) => {
+        // Each flag gets its long name as its id too: flattened structs that share field
+        // names would otherwise share one clap id, and one flag would set every side.
+        #[derive(Args, Debug, Clone, Default)]
+        #[command(next_help_heading = $heading)]
+        pub struct $name {
+            #[arg(id = $threads, long = $threads, value_name = "N", help = concat!("--threads for side ", $side, " only"))]
+            pub threads: Option<usize>,
+            #[arg(id = $ctx, long = $ctx, value_name = "N", help = concat!("Context of side ", $side, " (at least --ctx-size)"))]
+            pub ctx_size: Option<usize>,
+            #[arg(id = $batch, long = $batch, value_name = "N", help = concat!("--batch-size for side ", $side, " only"))]
+            pub batch_size: Option<usize>,
+            #[arg(id = $ngl, long = $ngl, value_name = "N", help = concat!("--n-gpu-layers for side ", $side, " only"))]
+            pub n_gpu_layers: Option<u32>,
+            #[arg(id = $fa, long = $fa, value_enum, value_name = "WHEN", help = concat!("--flash-attn for side ", $side, " only"))]
+            pub flash_attn: Option<FlashAttnArg>,
+            #[arg(id = $ctk, long = $ctk, value_name = "TYPE", help = concat!("--cache-type-k for side ", $side, " only"))]
+            pub cache_type_k: Option<String>,
+            #[arg(id = $ctv, long = $ctv, value_name = "TYPE", help = concat!("--cache-type-v for side ", $side, " only"))]
+            pub cache_type_v: Option<String>,
+            #[arg(id = $dev, long = $dev, value_name = "DEVICE", help = concat!("--device for side ", $side, " only"))]
+            pub device: Option<String>,
+            #[arg(id = $ort, long = $ort, value_name = "PATH", help = concat!("--ort-lib for side ", $side, " only"))]
+            pub ort_lib: Option<PathBuf>,
+        }
+
+        impl $name {
+            /// The side's own flags over the shared ones.
+            pub fn over(&self, base: &EngineArgs) -> EngineArgs {
+                EngineArgs {
+                    threads: self.threads.or(base.threads),
+                    ctx_size: self.ctx_size.or(base.ctx_size),
+                    batch_size: self.batch_size.or(base.batch_size),
+                    n_gpu_layers: self.n_gpu_layers.or(base.n_gpu_layers),
+                    flash_attn: self.flash_attn.or(base.flash_attn),
+                    cache_type_k: self.cache_type_k.clone().or(base.cache_type_k.clone()),
+                    cache_type_v: self.cache_type_v.clone().or(base.cache_type_v.clone()),
+                    device: self.device.clone().or(base.device.clone()),
+                    ort_lib: self.ort_lib.clone().or(base.ort_lib.clone()),
+                }
+            }
+        }
+    };
+}
+
+side_engine_args!(
+    AEngineArgs,
+    "A",
+    "Engine flags of side A",
+    "a-threads",
+    "a-ctx-size",
+    "a-batch-size",
+    "a-n-gpu-layers",
+    "a-flash-attn",
+    "a-cache-type-k",
+    "a-cache-type-v",
+    "a-device",
+    "a-ort-lib"
+);
+side_engine_args!(
+    BEngineArgs,
+    "B",
+    "Engine flags of side B (every --b)",
+    "b-threads",
+    "b-ctx-size",
+    "b-batch-size",
+    "b-n-gpu-layers",
+    "b-flash-attn",
+    "b-cache-type-k",
+    "b-cache-type-v",
+    "b-device",
+    "b-ort-lib"
+);
+
+/// `logitprobe compare`.
+#[derive(Args, Debug, Default)]
+pub struct CompareArgs {
+    /// Side A, the base: BACKEND:MODEL (e.g. llama:model-f16.gguf)
+    #[arg(long, value_name = "BACKEND:MODEL")]
+    pub a: String,
+    /// Side B, compared with A: BACKEND:MODEL; repeat for a quantization ladder
+    #[arg(long, value_name = "BACKEND:MODEL", required = true)]
+    pub b: Vec<String>,
+    /// Corpus to score, cut into --ctx-size chunks
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "trace"], required_unless_present_any = ["prompt", "trace"])]
+    pub text_file: Option<PathBuf>,
+    /// Prompt that A continues (--max-new-tokens, sampling flags); both sides then score it
+    #[arg(long, short = 'p', conflicts_with = "trace")]
+    pub prompt: Option<String>,
+    /// Re-score the tokens of an existing adaptive_token_trace.json
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    /// Score every position of a chunk, not only its second half
+    #[arg(long)]
+    pub score_all: bool,
+    /// Score at most this many chunks of the corpus [default: all]
+    #[arg(long, value_name = "N")]
+    pub chunks: Option<usize>,
+    /// Wrap --prompt in A's chat template
+    #[arg(long)]
+    pub use_chat_template: bool,
+    /// System message (with --use-chat-template)
+    #[arg(long)]
+    pub system_prompt: Option<String>,
+    /// Tokens A generates from --prompt [default: 64]
+    #[arg(long, value_name = "N")]
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature for --prompt; 0 = greedy [default: 0.8]
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
+    pub temperature: Option<f64>,
+    /// Top-p for --prompt [default: 0.95]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub top_p: Option<f64>,
+    /// Top-k for --prompt; 0 = off [default: 0]
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Min-p for --prompt; 0 = off [default: 0]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub min_p: Option<f64>,
+    /// Random seed for --prompt [default: a fresh one, recorded in compare.json]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Fewest candidates kept per position and side [default: 8]
+    #[arg(long, value_name = "K")]
+    pub min_k: Option<usize>,
+    /// Most candidates kept per position and side [default: 64]
+    #[arg(long, value_name = "K")]
+    pub max_k: Option<usize>,
+    /// Adaptive k: smallest k whose mass reaches this [default: 0.95]
+    #[arg(long, value_name = "M", allow_negative_numbers = true)]
+    pub mass_threshold: Option<f64>,
+    /// Output folder [default: outputs/compare]
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Engine flags for both sides; --ctx-size is also the corpus chunk length [default: 512]
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub a_engine: AEngineArgs,
+    #[command(flatten)]
+    pub b_engine: BEngineArgs,
+}
+
+/// `logitprobe report`.
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// adaptive_token_trace.json (ours or Token Heatmap's, schema 1.x or 2.x) or compare.json
+    pub input: PathBuf,
+    /// Output folder [default: report]
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

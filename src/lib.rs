@@ -8,11 +8,14 @@
 pub mod chat;
 pub mod cli;
 pub mod commands;
+pub mod compare;
 pub mod generate;
 pub mod kernels;
 pub mod models;
 pub mod output;
+pub mod plot;
 pub mod probe;
+pub mod report;
 pub mod sampler;
 pub mod text;
 pub mod trace;

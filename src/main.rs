@@ -24,6 +24,12 @@ fn main() -> ExitCode {
         Command::Inspect(args) => {
             logitprobe::commands::inspect::run(&args, verbose).map(|_| ExitCode::SUCCESS)
         }
+        Command::Compare(args) => {
+            logitprobe::commands::compare::run(&args, verbose, command).map(|_| ExitCode::SUCCESS)
+        }
+        Command::Report(args) => {
+            logitprobe::commands::report::run(&args).map(|_| ExitCode::SUCCESS)
+        }
         Command::Tokenize(args) => {
             logitprobe::commands::tokenize::run(&args, verbose).map(|_| ExitCode::SUCCESS)
         }

@@ -391,6 +391,8 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         let dir = output::prompt_dir(&plan.out, i, n);
         output::write_prompt_files(&dir, &t, &record)
             .with_context(|| format!("writing the outputs of prompt {}", i + 1))?;
+        crate::report::write_trace_report(&dir, &t)
+            .with_context(|| format!("drawing the plots of prompt {}", i + 1))?;
         print_summary(i, n, input, g, &source.detokenize(&g.generated_ids, true));
     }
     if n > 1 {

@@ -1,0 +1,529 @@
+//! `logitprobe compare`: load A and every B once, score the same ids on all of them, write the
+//! statistics, `compare.json`, `compare.csv`, the plots and `report.html`.
+
+use crate::cli::{CompareArgs, EngineArgs, TraceArgs};
+use crate::commands::trace::{prepare_prompts, sha256_file, TracePlan};
+use crate::compare::{self, Chunk, CompareReport, InputInfo, SideInfo, Timing};
+use crate::generate;
+use crate::output;
+use crate::probe::ProbeConfig;
+use crate::report::{self, ReportInput};
+use crate::trace;
+use anyhow::Context;
+use logitprobe_backends::{usage, Backend, LogitSource, TokenId};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+/// Chunk length when `--ctx-size` is not given (llama-perplexity's default is the model's
+/// context; 512 keeps a laptop run short and is what its published KLD tables use).
+pub const DEFAULT_CHUNK: usize = 512;
+
+pub const COMPARE_JSON: &str = "compare.json";
+pub const COMPARE_CSV: &str = "compare.csv";
+
+/// `BACKEND:MODEL` of one side.
+#[derive(Debug, Clone)]
+pub struct SideSpec {
+    pub label: String,
+    pub backend: Backend,
+    pub model: String,
+}
+
+/// Parses `llama:path`, `onnx:folder`, `test:VOCAB[:SEED]`.
+pub fn parse_side(flag: &str, spec: &str) -> anyhow::Result<SideSpec> {
+    let bad = || {
+        usage!("{flag} {spec:?} is not BACKEND:MODEL; use e.g. {flag} llama:model.gguf, {flag} onnx:model-folder or {flag} test:384")
+    };
+    let (backend, model) = spec.split_once(':').ok_or_else(bad)?;
+    let backend = match backend {
+        "llama" => Backend::Llama,
+        "onnx" => Backend::Onnx,
+        "test" => Backend::Test,
+        _ => return Err(bad()),
+    };
+    if model.is_empty() {
+        return Err(bad());
+    }
+    Ok(SideSpec {
+        label: spec.to_string(),
+        backend,
+        model: model.to_string(),
+    })
+}
+
+enum Input {
+    TextFile {
+        path: PathBuf,
+        text: String,
+    },
+    Prompt(Box<TracePlan>),
+    Trace {
+        path: PathBuf,
+        trace: Box<trace::Trace>,
+    },
+}
+
+/// How B's own tokenizer splits the input text.
+type BTokenize = Box<dyn Fn(&dyn LogitSource) -> anyhow::Result<Vec<TokenId>>>;
+
+struct Loaded {
+    info: SideInfo,
+    source: Box<dyn LogitSource>,
+    load_s: f64,
+}
+
+fn load(side: &SideSpec, name: &str, engine: &EngineArgs, verbose: bool) -> anyhow::Result<Loaded> {
+    let t = Instant::now();
+    let fail = |e: anyhow::Error| {
+        let msg = e
+            .chain()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(": ");
+        usage!("side {name} ({}) failed to load: {msg}", side.label)
+    };
+    let resolved = crate::models::resolve(side.backend, &side.model, None).map_err(fail)?;
+    let source = logitprobe_backends::open(side.backend, &resolved.path, &engine.options(verbose))
+        .map_err(fail)?;
+    let sha = if side.backend == Backend::Test {
+        None
+    } else {
+        sha256_file(Path::new(&resolved.path))
+    };
+    let info = SideInfo::new(
+        &side.label,
+        side.backend.name(),
+        &side.model,
+        &resolved.path,
+        sha,
+        &*source,
+    );
+    Ok(Loaded {
+        info,
+        source,
+        load_s: t.elapsed().as_secs_f64(),
+    })
+}
+
+fn probe_config(args: &CompareArgs) -> anyhow::Result<ProbeConfig> {
+    let probe = ProbeConfig {
+        min_k: args.min_k.unwrap_or(8),
+        max_k: args.max_k.unwrap_or(64),
+        mass_threshold: args.mass_threshold.unwrap_or(0.95),
+        eps: 1e-12,
+    };
+    probe.validate().map_err(|e| usage!("{e}"))?;
+    Ok(probe)
+}
+
+/// Every check that needs no model, so a typo fails in milliseconds.
+fn read_input(args: &CompareArgs) -> anyhow::Result<Input> {
+    if let Some(path) = &args.text_file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            usage!(
+                "cannot read --text-file {}: {e}; give a UTF-8 text file",
+                path.display()
+            )
+        })?;
+        if text.trim().is_empty() {
+            return Err(usage!(
+                "--text-file {} is empty: give a corpus of at least one --ctx-size chunk of text",
+                path.display()
+            ));
+        }
+        return Ok(Input::TextFile {
+            path: path.clone(),
+            text,
+        });
+    }
+    if let Some(path) = &args.trace {
+        return match report::read(path)? {
+            ReportInput::Trace(t) => {
+                if t.steps.is_empty() {
+                    return Err(usage!("--trace {} has no steps to score", path.display()));
+                }
+                Ok(Input::Trace {
+                    path: path.clone(),
+                    trace: t,
+                })
+            }
+            ReportInput::Compare(_) => Err(usage!(
+                "--trace {} is a compare.json; give an adaptive_token_trace.json",
+                path.display()
+            )),
+        };
+    }
+    let prompt = args
+        .prompt
+        .clone()
+        .ok_or_else(|| usage!("no input: pass --text-file, --prompt or --trace"))?;
+    // The trace command's own checks and defaults for the sampling flags.
+    let mut t = TraceArgs {
+        model: Some("A".into()),
+        prompt: vec![prompt],
+        system_prompt: args.system_prompt.clone(),
+        use_chat_template: args.use_chat_template,
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        min_p: args.min_p,
+        seed: args.seed,
+        min_k: args.min_k,
+        max_k: args.max_k,
+        mass_threshold: args.mass_threshold,
+        ..Default::default()
+    };
+    Ok(Input::Prompt(Box::new(TracePlan::from_args(&mut t)?)))
+}
+
+/// Runs `compare` end to end.
+pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::Result<()> {
+    let t_wall = Instant::now();
+    let a_spec = parse_side("--a", &args.a)?;
+    let b_specs = args
+        .b
+        .iter()
+        .map(|b| parse_side("--b", b))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let probe = probe_config(args)?;
+    let input = read_input(args)?;
+    let chunk_len = args.engine.ctx_size.unwrap_or(DEFAULT_CHUNK);
+    if chunk_len < 4 {
+        return Err(usage!(
+            "--ctx-size {chunk_len} is too short to score anything: use 64 or more"
+        ));
+    }
+    let corpus = matches!(input, Input::TextFile { .. });
+    let mut engines = [
+        args.a_engine.over(&args.engine),
+        args.b_engine.over(&args.engine),
+    ];
+    for (side, e) in ["--a-ctx-size", "--b-ctx-size"]
+        .iter()
+        .zip(engines.iter_mut())
+    {
+        if corpus {
+            if let Some(c) = e.ctx_size.filter(|&c| c < chunk_len) {
+                return Err(usage!(
+                    "{side} {c} is shorter than the chunk length --ctx-size {chunk_len}: each side's context must hold a chunk"
+                ));
+            }
+            e.ctx_size = Some(e.ctx_size.unwrap_or(chunk_len).max(chunk_len));
+        }
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("outputs/compare"));
+    output::prepare_dir(&out)?;
+
+    let mut timing = Timing::default();
+    let mut a = load(&a_spec, "A", &engines[0], verbose)?;
+    timing.load_a_s = a.load_s;
+    let mut bs = Vec::new();
+    for (i, spec) in b_specs.iter().enumerate() {
+        let name = if b_specs.len() > 1 {
+            format!("B{}", i + 1)
+        } else {
+            "B".into()
+        };
+        let b = load(spec, &name, &engines[1], verbose)?;
+        compare::check_vocab(
+            &*a.source,
+            &*b.source,
+            &format!("side {name} ({})", spec.label),
+        )?;
+        timing.load_b_s.push(b.load_s);
+        bs.push(b);
+    }
+
+    // The ids both sides score, and what B's own tokenizer makes of the same text.
+    let (chunks, input_info, b_text) = match input {
+        Input::TextFile { path, text } => {
+            let ids = a.source.tokenize(&text, false, false)?;
+            if ids.is_empty() {
+                return Err(usage!("--text-file {} holds no tokens", path.display()));
+            }
+            let info = a.source.info();
+            let bos = if info.add_bos { info.bos } else { None };
+            let chunks = compare::corpus_chunks(&ids, chunk_len, bos, args.score_all, args.chunks);
+            if chunks.is_empty() {
+                return Err(usage!(
+                    "--text-file {} has {} tokens, fewer than one --ctx-size {chunk_len} chunk: use --ctx-size {} or a longer text",
+                    path.display(),
+                    ids.len(),
+                    (ids.len() / 2).max(4)
+                ));
+            }
+            let scored: usize = chunks.iter().map(Chunk::scored).sum();
+            let info = InputInfo {
+                kind: "text-file".into(),
+                source: path.display().to_string(),
+                ctx_size: Some(chunk_len),
+                chunks: chunks.len(),
+                score_all: args.score_all,
+                tokens: ids.len(),
+                description: format!(
+                    "{} · {} tokens · {} chunks of {chunk_len} · {} positions scored ({})",
+                    path.display(),
+                    ids.len(),
+                    chunks.len(),
+                    scored,
+                    if args.score_all {
+                        "every position"
+                    } else {
+                        "second half of each chunk"
+                    }
+                ),
+            };
+            let text = text.clone();
+            let b_tok: BTokenize =
+                Box::new(move |b: &dyn LogitSource| b.tokenize(&text, false, false));
+            (chunks, info, Some((b_tok, ids)))
+        }
+        Input::Prompt(plan) => {
+            let inputs = prepare_prompts(&*a.source, &plan.prompts, plan.use_chat_template)?;
+            let t = Instant::now();
+            let stop = AtomicBool::new(false);
+            let (gens, _) =
+                generate::generate(&mut *a.source, &inputs, &plan.gen, &mut [], &stop, &())?;
+            timing.generate_s = t.elapsed().as_secs_f64();
+            let input = &inputs[0];
+            let mut ids = input.ids.clone();
+            ids.extend_from_slice(&gens[0].generated_ids);
+            let info = InputInfo {
+                kind: "prompt".into(),
+                source: input.prompt.clone(),
+                ctx_size: None,
+                chunks: 1,
+                score_all: false,
+                tokens: ids.len(),
+                description: format!(
+                    "prompt {:?} · {} prompt tokens + {} generated by A (seed {}, temperature {})",
+                    input.prompt,
+                    input.ids.len(),
+                    gens[0].generated_ids.len(),
+                    plan.gen.seed,
+                    plan.gen.sampling.temperature
+                ),
+            };
+            let first = input.ids.len() - 1;
+            let generated = a.source.detokenize(&gens[0].generated_ids, false);
+            let b_tok: BTokenize = Box::new(move |b: &dyn LogitSource| {
+                let mut ids_b = prepare_prompts(b, &plan.prompts, plan.use_chat_template)?
+                    .remove(0)
+                    .ids;
+                ids_b.extend(b.tokenize(&generated, false, false)?);
+                Ok(ids_b)
+            });
+            (
+                vec![Chunk {
+                    ids: ids.clone(),
+                    first,
+                }],
+                info,
+                Some((b_tok, ids)),
+            )
+        }
+        Input::Trace { path, trace } => {
+            let mut ids: Vec<TokenId> = trace.tokens.prompt_token_ids.clone();
+            ids.extend(trace.steps.iter().map(|s| s.selected.token_id));
+            let n_vocab = a.source.info().n_vocab;
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= n_vocab) {
+                return Err(usage!(
+                    "--trace {} holds token id {bad}, beyond A's vocabulary of {n_vocab}: re-score it with the model that wrote it",
+                    path.display()
+                ));
+            }
+            let prompt_len = trace.tokens.prompt_token_ids.len();
+            let info = InputInfo {
+                kind: "trace".into(),
+                source: path.display().to_string(),
+                ctx_size: None,
+                chunks: 1,
+                score_all: false,
+                tokens: ids.len(),
+                description: format!(
+                    "trace {} · {prompt_len} prompt tokens + {} generated (model {})",
+                    path.display(),
+                    trace.steps.len(),
+                    trace.metadata.model
+                ),
+            };
+            (
+                vec![Chunk {
+                    ids,
+                    first: prompt_len.saturating_sub(1),
+                }],
+                info,
+                None,
+            )
+        }
+    };
+    for (name, side) in std::iter::once(("A", &a)).chain(bs.iter().map(|b| ("B", b))) {
+        let n_ctx = side.source.info().n_ctx;
+        if let Some(c) = chunks.iter().find(|c| c.ids.len() > n_ctx) {
+            return Err(usage!(
+                "side {name} ({}) holds {n_ctx} tokens of context but the input needs {}: raise --ctx-size (or --{}-ctx-size)",
+                side.info.label,
+                c.ids.len(),
+                name.to_lowercase()
+            ));
+        }
+    }
+
+    let total: u64 = chunks.iter().map(|c| c.scored() as u64).sum();
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {bar:40} {pos}/{len} positions {per_sec} eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        b
+    });
+    let t_score = Instant::now();
+    let mut b_sources: Vec<Box<dyn LogitSource>> = Vec::new();
+    let mut b_infos = Vec::new();
+    for b in bs {
+        b_sources.push(b.source);
+        b_infos.push(b.info);
+    }
+    let positions = compare::compare_chunks(
+        &mut *a.source,
+        &mut b_sources,
+        &chunks,
+        &probe,
+        &mut timing,
+        &|n| {
+            if let Some(b) = &bar {
+                b.inc(n);
+            }
+        },
+    )?;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let score_s = t_score.elapsed().as_secs_f64();
+    timing.positions_per_s = positions.len() as f64 / score_s.max(1e-9);
+
+    let mut summaries = Vec::new();
+    for (bi, b) in b_sources.iter().enumerate() {
+        let mut s = compare::summarize(&positions, bi, &b_infos[bi].label);
+        if let Some((b_tokenize, ids_a)) = &b_text {
+            let ids_b = b_tokenize(&**b)?;
+            s.b_tokens = Some(ids_b.len());
+            s.tokenizer_positions_differ = Some(compare::tokenization_difference(ids_a, &ids_b));
+        }
+        summaries.push(s);
+    }
+    timing.wall_s = t_wall.elapsed().as_secs_f64();
+    let report = CompareReport {
+        kind: compare::KIND.into(),
+        format_version: compare::FORMAT_VERSION,
+        logitprobe_version: env!("CARGO_PKG_VERSION").into(),
+        created_at: trace::now_rfc3339(),
+        command,
+        a: a.info,
+        b: b_infos,
+        input: input_info,
+        probe,
+        summaries,
+        timing,
+        positions,
+    };
+    // Compact: a corpus run holds tens of thousands of candidates.
+    output::write_atomic(&out.join(COMPARE_JSON), |w| {
+        serde_json::to_writer(&mut *w, &report)?;
+        w.write_all(b"\n")?;
+        Ok(())
+    })?;
+    write_csv(&out.join(COMPARE_CSV), &report)?;
+    report::write_compare_report(&out, &report).context("drawing the compare plots")?;
+
+    print!("{}", compare::summary_table(&report));
+    let t = &report.timing;
+    println!();
+    println!(
+        "scored {} positions ({} tokens through each engine) in {:.2} s: {:.1} positions/s; A {:.1} tok/s, {}; load A {:.2} s; wall {:.2} s",
+        t.positions_scored,
+        t.tokens_evaluated,
+        score_s,
+        t.positions_per_s,
+        t.tokens_evaluated as f64 / t.score_a_s.max(1e-9),
+        t.score_b_s
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!(
+                "{} {:.1} tok/s",
+                if t.score_b_s.len() > 1 { format!("B{}", i + 1) } else { "B".into() },
+                t.tokens_evaluated as f64 / s.max(1e-9)
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        t.load_a_s,
+        t.wall_s
+    );
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// Per-position CSV: one row per position and B.
+fn write_csv(path: &Path, report: &CompareReport) -> anyhow::Result<()> {
+    output::write_atomic(path, |w| {
+        let mut csv = csv::Writer::from_writer(w);
+        csv.write_record([
+            "b",
+            "index",
+            "chunk",
+            "pos",
+            "token_id",
+            "token",
+            "kld",
+            "top1_same",
+            "p_a",
+            "p_b",
+            "delta_p",
+            "logprob_a",
+            "logprob_b",
+            "b_rank_of_a_top1",
+            "entropy_a",
+            "entropy_b",
+            "delta_entropy",
+            "k_used_a",
+            "k_used_b",
+            "jaccard",
+        ])?;
+        for p in &report.positions {
+            for (bi, b) in p.b.iter().enumerate() {
+                csv.write_record([
+                    (bi + 1).to_string(),
+                    p.index.to_string(),
+                    p.chunk.to_string(),
+                    p.pos.to_string(),
+                    p.token_id.to_string(),
+                    p.token.clone(),
+                    format!("{:e}", b.kld),
+                    b.top1_same.to_string(),
+                    p.a.prob.to_string(),
+                    b.prob.to_string(),
+                    b.delta_p.to_string(),
+                    p.a.logprob.to_string(),
+                    b.logprob.to_string(),
+                    b.b_rank_of_a_top1.to_string(),
+                    p.a.entropy.to_string(),
+                    b.entropy.to_string(),
+                    b.delta_entropy.to_string(),
+                    p.a.k_used.to_string(),
+                    b.k_used.to_string(),
+                    b.jaccard.to_string(),
+                ])?;
+            }
+        }
+        csv.flush()?;
+        Ok(())
+    })
+}

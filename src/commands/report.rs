@@ -1,0 +1,20 @@
+//! `logitprobe report`: draw the plots and `report.html` again from a file on disk.
+
+use crate::cli::ReportArgs;
+use crate::output;
+use crate::report::{self, ReportInput};
+use std::path::PathBuf;
+
+pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
+    let input = report::read(&args.input)?;
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("report"));
+    output::prepare_dir(&out)?;
+    let files = match &input {
+        ReportInput::Trace(t) => report::write_trace_report(&out, t)?,
+        ReportInput::Compare(c) => report::write_compare_report(&out, c)?,
+    };
+    for f in &files {
+        println!("{}", f.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,643 @@
+//! `compare`: how quantization, or the engine, changes the next-token distributions.
+//!
+//! Both sides score the same token ids, teacher-forced, through [`LogitSource::score`]; for
+//! every scored position we compute KL(A‖B) over the full vocabulary in f64 and a few
+//! per-token views, then llama-perplexity's summary (`llama-perplexity --kl-divergence`) with
+//! its names, so the two tools read side by side. Unlike llama-perplexity nothing is stored in
+//! 16 bits: A and every B are loaded at once and each chunk is scored by A once, then by each
+//! B, and compared row by row.
+
+pub mod stats;
+
+use crate::probe::{Distribution, Probe, ProbeConfig};
+use crate::text::Pieces;
+use logitprobe_backends::{usage, LogitSource, TokenId};
+use ndarray::Array2;
+use serde::{Deserialize, Serialize};
+use stats::Spread;
+use std::time::Instant;
+
+/// The `kind` of a `compare.json`, which tells it apart from a trace.
+pub const KIND: &str = "logitprobe-compare";
+/// Version of the `compare.json` layout.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// One side of a comparison, described fully enough to reproduce it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SideInfo {
+    /// `backend:model` as given.
+    pub label: String,
+    pub backend: String,
+    pub model: String,
+    pub model_path: String,
+    pub model_sha256: Option<String>,
+    pub engine: String,
+    pub engine_version: String,
+    pub device: String,
+    pub n_vocab: usize,
+    pub tokenizer_vocab: usize,
+    pub n_ctx: usize,
+    pub logits_dtype: String,
+    /// Tensor types and bits per weight, KV cache type, flash attention, execution provider
+    /// ... as the engine reports them.
+    pub details: serde_json::Map<String, serde_json::Value>,
+    /// One line for headers.
+    pub description: String,
+}
+
+impl SideInfo {
+    pub fn new(
+        label: &str,
+        backend: &str,
+        model: &str,
+        model_path: &str,
+        model_sha256: Option<String>,
+        source: &dyn LogitSource,
+    ) -> SideInfo {
+        let info = source.info();
+        let d = &info.details;
+        let get = |k: &str| {
+            d.get(k).map(|v| match v {
+                serde_json::Value::String(s) => s.clone(),
+                v => v.to_string(),
+            })
+        };
+        let mut parts = vec![format!("{} {}", info.engine, info.engine_version)];
+        parts.push(model_path.to_string());
+        if let Some(sha) = &model_sha256 {
+            parts.push(format!("sha256 {}", &sha[..sha.len().min(12)]));
+        }
+        if let Some(types) = d.get("tensor_types").and_then(|v| v.as_object()) {
+            // Most parameters first: "Q4_1+Q6_K+F32".
+            let mut t: Vec<(&String, u64)> = types
+                .iter()
+                .map(|(k, v)| (k, v.get("params").and_then(|p| p.as_u64()).unwrap_or(0)))
+                .collect();
+            t.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(y.0)));
+            parts.push(t.iter().map(|x| x.0.as_str()).collect::<Vec<_>>().join("+"));
+        } else if let Some(t) = get("weights_dtype") {
+            parts.push(format!("weights {t}"));
+        }
+        if let Some(bpw) = d.get("bits_per_weight").and_then(|v| v.as_f64()) {
+            parts.push(format!("{bpw:.2} bpw"));
+        }
+        match (get("cache_type_k"), get("cache_type_v")) {
+            (Some(k), Some(v)) => parts.push(format!("KV {k}/{v}")),
+            _ => {
+                if let Some(kv) = get("kv_dtype") {
+                    parts.push(format!("KV {kv}"));
+                }
+            }
+        }
+        if let Some(fa) = get("flash_attn") {
+            parts.push(format!("flash-attn {fa}"));
+        }
+        if let Some(ep) = get("execution_provider") {
+            parts.push(format!("EP {ep}"));
+        }
+        parts.push(format!("device {}", info.device));
+        SideInfo {
+            label: label.to_string(),
+            backend: backend.to_string(),
+            model: model.to_string(),
+            model_path: model_path.to_string(),
+            model_sha256,
+            engine: info.engine.clone(),
+            engine_version: info.engine_version.clone(),
+            device: info.device.clone(),
+            n_vocab: info.n_vocab,
+            tokenizer_vocab: info.tokenizer_vocab,
+            n_ctx: info.n_ctx,
+            logits_dtype: info.logits_dtype.clone(),
+            details: d.clone(),
+            description: format!("{label} · {}", parts.join(" · ")),
+        }
+    }
+}
+
+/// What was scored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InputInfo {
+    /// `prompt`, `text-file` or `trace`.
+    pub kind: String,
+    /// The prompt, or the file's path.
+    pub source: String,
+    /// Chunk length (corpus input).
+    pub ctx_size: Option<usize>,
+    pub chunks: usize,
+    pub score_all: bool,
+    /// Tokens of the input in A's tokenization.
+    pub tokens: usize,
+    pub description: String,
+}
+
+/// A candidate as `compare.json` stores it (the trace's field names). Probabilities are written
+/// with f32 precision, 9 significant digits: plenty to read and plot, and a corpus run holds
+/// hundreds of thousands of them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cand {
+    pub rank: usize,
+    pub token_id: TokenId,
+    pub token: String,
+    #[serde(serialize_with = "as_f32")]
+    pub prob: f64,
+    #[serde(serialize_with = "as_f32")]
+    pub logprob: f64,
+}
+
+fn as_f32<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f32(*v as f32)
+}
+
+/// One side's view of one position.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SideAt {
+    /// Probability and log-probability of the actual next token (f64 log-softmax).
+    pub prob: f64,
+    pub logprob: f64,
+    /// Entropy in nats of the full distribution.
+    pub entropy: f64,
+    /// The probe's adaptive k (its rule and settings, temperature 1).
+    pub k_used: usize,
+    pub candidates: Vec<Cand>,
+}
+
+/// B's view of one position, and how it differs from A's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BAt {
+    pub prob: f64,
+    pub logprob: f64,
+    pub entropy: f64,
+    pub k_used: usize,
+    pub candidates: Vec<Cand>,
+    /// KL(A‖B) in nats over the full vocabulary.
+    pub kld: f64,
+    /// p_B − p_A of the actual next token.
+    pub delta_p: f64,
+    pub top1_same: bool,
+    /// 1 + the number of tokens B gives a strictly larger logit than A's top-1.
+    pub b_rank_of_a_top1: usize,
+    /// H(B) − H(A), nats.
+    pub delta_entropy: f64,
+    /// |top-k_A ∩ top-k_B| / |top-k_A ∪ top-k_B| of the adaptive sets.
+    pub jaccard: f64,
+}
+
+/// One scored position: the logits at `pos` of chunk `chunk` predicting `token_id`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Position {
+    /// Running index over all scored positions.
+    pub index: usize,
+    pub chunk: usize,
+    pub pos: usize,
+    /// The actual next token.
+    pub token_id: TokenId,
+    pub token: String,
+    pub a: SideAt,
+    /// One entry per B, in the order given.
+    pub b: Vec<BAt>,
+}
+
+/// llama-perplexity's summary of one B against A.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub label: String,
+    pub positions: usize,
+    pub ppl_a: f64,
+    pub ppl_a_err: f64,
+    pub ppl_b: f64,
+    pub ppl_b_err: f64,
+    /// Cor(ln PPL(A), ln PPL(B)): correlation of the per-token log-probabilities.
+    pub cor_ln_ppl: f64,
+    /// ln(PPL(B) / PPL(A)).
+    pub ln_ppl_ratio: f64,
+    pub ln_ppl_ratio_err: f64,
+    pub ppl_ratio: f64,
+    pub ppl_ratio_err: f64,
+    pub kld: Spread,
+    pub delta_p: Spread,
+    pub rms_delta_p: f64,
+    pub rms_delta_p_err: f64,
+    /// Fraction of positions where both top-1 tokens are the same.
+    pub same_top_p: f64,
+    pub same_top_p_err: f64,
+    /// Tokens in B's own tokenization of the input (`None` when the input is ids).
+    pub b_tokens: Option<usize>,
+    /// Positions where B's own tokenization differs from A's ids.
+    pub tokenizer_positions_differ: Option<usize>,
+}
+
+/// Where the time went.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Timing {
+    pub load_a_s: f64,
+    pub load_b_s: Vec<f64>,
+    pub generate_s: f64,
+    pub score_a_s: f64,
+    pub score_b_s: Vec<f64>,
+    pub metrics_s: f64,
+    pub wall_s: f64,
+    /// Tokens that went through A's forward pass (each B sees as many).
+    pub tokens_evaluated: usize,
+    pub positions_scored: usize,
+    /// Scored positions per second of the whole comparison (load time excluded).
+    pub positions_per_s: f64,
+}
+
+/// What `compare.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompareReport {
+    pub kind: String,
+    pub format_version: u32,
+    pub logitprobe_version: String,
+    pub created_at: String,
+    pub command: Vec<String>,
+    pub a: SideInfo,
+    pub b: Vec<SideInfo>,
+    pub input: InputInfo,
+    pub probe: ProbeConfig,
+    pub summaries: Vec<Summary>,
+    pub timing: Timing,
+    pub positions: Vec<Position>,
+}
+
+/// A token sequence to score: rows `first..ids.len() - 1` are scored, row `j` predicting
+/// `ids[j + 1]`.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub ids: Vec<TokenId>,
+    pub first: usize,
+}
+
+impl Chunk {
+    pub fn scored(&self) -> usize {
+        self.ids.len().saturating_sub(1).saturating_sub(self.first)
+    }
+}
+
+/// Cuts `ids` into `floor(len / ctx)` chunks of `ctx` tokens as llama-perplexity does: with
+/// BOS, each chunk starts with it (in place of the chunk's first text token); the first half
+/// of each chunk is context and only the second half is scored, unless `score_all`.
+pub fn corpus_chunks(
+    ids: &[TokenId],
+    ctx: usize,
+    bos: Option<TokenId>,
+    score_all: bool,
+    max_chunks: Option<usize>,
+) -> Vec<Chunk> {
+    let n = ids.len() / ctx;
+    let n = max_chunks.map_or(n, |m| n.min(m));
+    (0..n)
+        .map(|c| {
+            let mut chunk = ids[c * ctx..(c + 1) * ctx].to_vec();
+            if let Some(b) = bos {
+                chunk[0] = b;
+            }
+            Chunk {
+                ids: chunk,
+                first: if score_all { 0 } else { ctx / 2 },
+            }
+        })
+        .collect()
+}
+
+/// Refuses a B whose vocabulary is not A's: another logits width, or another byte string for
+/// an id both tokenizers define. The error names the first differing id.
+pub fn check_vocab(a: &dyn LogitSource, b: &dyn LogitSource, b_label: &str) -> anyhow::Result<()> {
+    let (ia, ib) = (a.info(), b.info());
+    if ia.n_vocab != ib.n_vocab {
+        return Err(usage!(
+            "vocabulary mismatch: {b_label} produces logits {} wide but A's are {} wide; compare two builds of one model family",
+            ib.n_vocab,
+            ia.n_vocab
+        ));
+    }
+    let shared = ia.tokenizer_vocab.min(ib.tokenizer_vocab);
+    for id in 0..shared as TokenId {
+        let (x, y) = (a.token_bytes(id), b.token_bytes(id));
+        if x != y {
+            let show = |v: Option<Vec<u8>>| match v {
+                Some(v) => format!("{:?}", String::from_utf8_lossy(&v)),
+                None => "no piece".to_string(),
+            };
+            return Err(usage!(
+                "vocabulary mismatch at token id {id}: A has {}, {b_label} has {}; both sides must use the same tokenizer",
+                show(x),
+                show(y)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Positions where two tokenizations of one text differ (over the longer of the two).
+pub fn tokenization_difference(a: &[TokenId], b: &[TokenId]) -> usize {
+    let n = a.len().max(b.len());
+    (0..n).filter(|&i| a.get(i) != b.get(i)).count()
+}
+
+/// Per-row numbers of one side that the comparison reuses for every B.
+struct RowA {
+    lse: f64,
+    top1: TokenId,
+    dist: Distribution,
+}
+
+fn candidates_out(d: &Distribution, source: &dyn LogitSource, pieces: &mut Pieces) -> Vec<Cand> {
+    d.candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Cand {
+            rank: i + 1,
+            token_id: c.token_id,
+            token: pieces.get(source, c.token_id),
+            prob: c.prob,
+            logprob: c.logprob,
+        })
+        .collect()
+}
+
+fn check_shape(
+    side: &str,
+    logits: &Array2<f32>,
+    chunk: &Chunk,
+    n_vocab: usize,
+) -> anyhow::Result<()> {
+    if logits.nrows() != chunk.ids.len() || logits.ncols() != n_vocab {
+        anyhow::bail!(
+            "{side} returned logits of shape {:?} for {} tokens (expected [{}, {n_vocab}])",
+            logits.shape(),
+            chunk.ids.len(),
+            chunk.ids.len()
+        );
+    }
+    Ok(())
+}
+
+/// Scores every chunk with A once and with each B, and compares them position by position.
+///
+/// `progress` is called with the number of positions finished after each chunk.
+pub fn compare_chunks(
+    a: &mut dyn LogitSource,
+    bs: &mut [Box<dyn LogitSource>],
+    chunks: &[Chunk],
+    probe: &ProbeConfig,
+    timing: &mut Timing,
+    progress: &dyn Fn(u64),
+) -> anyhow::Result<Vec<Position>> {
+    let n_vocab = a.info().n_vocab;
+    let mut prober = Probe::new(probe.clone());
+    let mut pieces_a = Pieces::default();
+    let mut pieces_b: Vec<Pieces> = bs.iter().map(|_| Pieces::default()).collect();
+    timing.score_b_s = vec![0.0; bs.len()];
+    let mut positions = Vec::with_capacity(chunks.iter().map(Chunk::scored).sum());
+    for (c, chunk) in chunks.iter().enumerate() {
+        if chunk.scored() == 0 {
+            continue;
+        }
+        let t = Instant::now();
+        let la = a.score(&chunk.ids)?;
+        timing.score_a_s += t.elapsed().as_secs_f64();
+        timing.tokens_evaluated += chunk.ids.len();
+        check_shape("A", &la, chunk, n_vocab)?;
+
+        let t = Instant::now();
+        let rows = chunk.first..chunk.ids.len() - 1;
+        let mut row_a = Vec::with_capacity(rows.len());
+        for j in rows.clone() {
+            let row = la.row(j);
+            let row = row.as_slice().expect("standard layout");
+            let next = chunk.ids[j + 1];
+            let dist = prober
+                .describe(row, 1.0, next)
+                .map_err(|e| anyhow::anyhow!("A at chunk {c} position {j}: {e}"))?;
+            let lse = stats::log_sum_exp(row);
+            let top1 = dist.candidates.first().map_or(0, |c| c.token_id);
+            let lp = f64::from(row[next as usize]) - lse;
+            positions.push(Position {
+                index: positions.len(),
+                chunk: c,
+                pos: j,
+                token_id: next,
+                token: pieces_a.get(&*a, next),
+                a: SideAt {
+                    prob: lp.exp(),
+                    logprob: lp,
+                    entropy: dist.entropy,
+                    k_used: dist.k_used,
+                    candidates: candidates_out(&dist, &*a, &mut pieces_a),
+                },
+                b: Vec::with_capacity(bs.len()),
+            });
+            row_a.push(RowA { lse, top1, dist });
+        }
+        timing.metrics_s += t.elapsed().as_secs_f64();
+        let start = positions.len() - row_a.len();
+
+        for (bi, b) in bs.iter_mut().enumerate() {
+            let t = Instant::now();
+            let lb = b.score(&chunk.ids)?;
+            timing.score_b_s[bi] += t.elapsed().as_secs_f64();
+            check_shape("B", &lb, chunk, n_vocab)?;
+            let t = Instant::now();
+            for (r, j) in rows.clone().enumerate() {
+                let ra = la.row(j);
+                let ra = ra.as_slice().expect("standard layout");
+                let rb = lb.row(j);
+                let rb = rb.as_slice().expect("standard layout");
+                let next = chunk.ids[j + 1];
+                let dist = prober
+                    .describe(rb, 1.0, next)
+                    .map_err(|e| anyhow::anyhow!("B{} at chunk {c} position {j}: {e}", bi + 1))?;
+                let a_row = &row_a[r];
+                let lse_b = stats::log_sum_exp(rb);
+                let kld = stats::kl_divergence(ra, rb, a_row.lse, lse_b);
+                let lp = f64::from(rb[next as usize]) - lse_b;
+                let pos = &mut positions[start + r];
+                let top1_b = dist.candidates.first().map_or(0, |c| c.token_id);
+                let a_top1_logit = rb[a_row.top1 as usize];
+                let b_rank_of_a_top1 = 1 + crate::kernels::count_greater(rb, a_top1_logit);
+                let set_a = a_row.dist.candidates.iter().map(|c| c.token_id);
+                let inter = set_a
+                    .clone()
+                    .filter(|id| dist.candidates.iter().any(|c| c.token_id == *id))
+                    .count();
+                let union = a_row.dist.candidates.len() + dist.candidates.len() - inter;
+                pos.b.push(BAt {
+                    prob: lp.exp(),
+                    logprob: lp,
+                    entropy: dist.entropy,
+                    k_used: dist.k_used,
+                    candidates: candidates_out(&dist, &**b, &mut pieces_b[bi]),
+                    kld,
+                    delta_p: lp.exp() - pos.a.prob,
+                    top1_same: top1_b == a_row.top1,
+                    b_rank_of_a_top1,
+                    delta_entropy: dist.entropy - pos.a.entropy,
+                    jaccard: if union == 0 {
+                        1.0
+                    } else {
+                        inter as f64 / union as f64
+                    },
+                });
+            }
+            timing.metrics_s += t.elapsed().as_secs_f64();
+        }
+        progress(row_a.len() as u64);
+    }
+    timing.positions_scored = positions.len();
+    Ok(positions)
+}
+
+/// llama-perplexity's statistics of B number `bi` against A.
+pub fn summarize(positions: &[Position], bi: usize, label: &str) -> Summary {
+    let n = positions.len();
+    let lp_a: Vec<f64> = positions.iter().map(|p| p.a.logprob).collect();
+    let lp_b: Vec<f64> = positions.iter().map(|p| p.b[bi].logprob).collect();
+    let nll_a: Vec<f64> = lp_a.iter().map(|v| -v).collect();
+    let nll_b: Vec<f64> = lp_b.iter().map(|v| -v).collect();
+    let (mean_a, err_a) = stats::mean_stderr(&nll_a);
+    let (mean_b, err_b) = stats::mean_stderr(&nll_b);
+    let diff: Vec<f64> = lp_a.iter().zip(&lp_b).map(|(a, b)| a - b).collect();
+    let (ln_ratio, ln_ratio_err) = stats::mean_stderr(&diff);
+    let kld: Vec<f64> = positions.iter().map(|p| p.b[bi].kld).collect();
+    let dp: Vec<f64> = positions.iter().map(|p| p.b[bi].delta_p).collect();
+    let dp2: Vec<f64> = dp.iter().map(|v| v * v).collect();
+    let (ms, ms_err) = stats::mean_stderr(&dp2);
+    let rms = ms.sqrt();
+    let same = positions.iter().filter(|p| p.b[bi].top1_same).count() as f64 / n.max(1) as f64;
+    let ppl_a = mean_a.exp();
+    let ppl_b = mean_b.exp();
+    let ratio = ln_ratio.exp();
+    Summary {
+        label: label.to_string(),
+        positions: n,
+        ppl_a,
+        ppl_a_err: ppl_a * err_a,
+        ppl_b,
+        ppl_b_err: ppl_b * err_b,
+        cor_ln_ppl: stats::correlation(&lp_a, &lp_b),
+        ln_ppl_ratio: ln_ratio,
+        ln_ppl_ratio_err: ln_ratio_err,
+        ppl_ratio: ratio,
+        ppl_ratio_err: ratio * ln_ratio_err,
+        kld: Spread::of(&kld),
+        delta_p: Spread::of(&dp),
+        rms_delta_p: rms,
+        // d√x = dx / (2√x)
+        rms_delta_p_err: if rms > 0.0 { ms_err / (2.0 * rms) } else { 0.0 },
+        same_top_p: same,
+        same_top_p_err: if n > 1 {
+            (same * (1.0 - same) / (n - 1) as f64).sqrt()
+        } else {
+            f64::NAN
+        },
+        b_tokens: None,
+        tokenizer_positions_differ: None,
+    }
+}
+
+/// Six decimals as llama-perplexity prints them, or three significant digits for values that
+/// would print as 0.000000 (the tiny differences between two engines on one model).
+fn num(v: f64) -> String {
+    if v != 0.0 && v.abs() < 5e-6 {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.6}")
+    }
+}
+
+/// The summary as llama-perplexity prints it, one column per B.
+pub fn summary_table(report: &CompareReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "A:  {}", report.a.description);
+    for (i, b) in report.b.iter().enumerate() {
+        let name = if report.b.len() > 1 {
+            format!("B{}", i + 1)
+        } else {
+            "B".into()
+        };
+        let _ = writeln!(out, "{name}: {}", b.description);
+    }
+    let _ = writeln!(out, "input: {}", report.input.description);
+    let _ = writeln!(out);
+    let s = &report.summaries;
+    let w = 28;
+    let _ = write!(out, "{:<26}", "");
+    for i in 0..s.len() {
+        let name = if s.len() > 1 {
+            format!("B{}", i + 1)
+        } else {
+            "B".into()
+        };
+        let _ = write!(out, "{name:>w$}");
+    }
+    let _ = writeln!(out);
+    let mut row = |name: &str, f: &dyn Fn(&Summary) -> String| {
+        let _ = write!(out, "{name:<26}");
+        for x in s {
+            let _ = write!(out, "{:>w$}", f(x));
+        }
+        let _ = writeln!(out);
+    };
+    row("positions", &|x| x.positions.to_string());
+    row("PPL(A)", &|x| {
+        format!("{:.4} ± {:.4}", x.ppl_a, x.ppl_a_err)
+    });
+    row("PPL(B)", &|x| {
+        format!("{:.4} ± {:.4}", x.ppl_b, x.ppl_b_err)
+    });
+    row("Cor(ln PPL(B), ln PPL(A))", &|x| {
+        format!("{:.2}%", 100.0 * x.cor_ln_ppl)
+    });
+    row("ln(PPL(B)/PPL(A))", &|x| {
+        format!("{:.6} ± {:.6}", x.ln_ppl_ratio, x.ln_ppl_ratio_err)
+    });
+    row("PPL(B)/PPL(A)", &|x| {
+        format!("{:.6} ± {:.6}", x.ppl_ratio, x.ppl_ratio_err)
+    });
+    row("Mean KLD", &|x| {
+        format!("{} ± {}", num(x.kld.mean), num(x.kld.stderr))
+    });
+    for i in 0..11 {
+        let name = format!("{} KLD", s[0].kld.rows()[i].0);
+        row(&name, &|x| num(x.kld.rows()[i].1));
+    }
+    row("Mean Δp", &|x| {
+        format!(
+            "{:.3} ± {:.3} %",
+            100.0 * x.delta_p.mean,
+            100.0 * x.delta_p.stderr
+        )
+    });
+    // Δp is printed in percent as llama-perplexity does.
+    for i in 0..11 {
+        let name = format!("{} Δp", s[0].delta_p.rows()[i].0);
+        row(&name, &|x| format!("{:.3}%", 100.0 * x.delta_p.rows()[i].1));
+    }
+    row("RMS Δp", &|x| {
+        format!(
+            "{:.3} ± {:.3} %",
+            100.0 * x.rms_delta_p,
+            100.0 * x.rms_delta_p_err
+        )
+    });
+    row("Same top p", &|x| {
+        format!(
+            "{:.3} ± {:.3} %",
+            100.0 * x.same_top_p,
+            100.0 * x.same_top_p_err
+        )
+    });
+    if s.iter().any(|x| x.tokenizer_positions_differ.is_some()) {
+        row(
+            "B's own tokens differ at",
+            &|x| match (x.tokenizer_positions_differ, x.b_tokens) {
+                (Some(d), Some(n)) => format!("{d} of {n}"),
+                _ => "–".into(),
+            },
+        );
+    }
+    out
+}

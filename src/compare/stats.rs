@@ -1,0 +1,233 @@
+//! The numbers of `compare`: log-softmax statistics and KL divergence of two logits rows in
+//! f64, and llama-perplexity's summary statistics over positions.
+
+use multiversion::multiversion;
+use serde::{Deserialize, Serialize};
+
+const LANES: usize = 8;
+
+/// e^x for x ≤ 0 in f64 (x < −708 gives 0): Cody–Waite reduction to |r| ≤ ln2/2 and a
+/// degree-12 Taylor polynomial, relative error ≈ 2e-16. Written lane-wise so the row passes
+/// below vectorize; the standard library's `exp` is a scalar call per element.
+#[inline(always)]
+fn exp_nonpos(x: f64) -> f64 {
+    const LOG2E: f64 = std::f64::consts::LOG2_E;
+    // fdlibm's split of ln 2: the high part has trailing zero bits, so n·LN2_HI is exact.
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 · 2^52: adding it rounds to an integer
+    let x = if x < -708.0 { -708.0 } else { x };
+    let k = x * LOG2E + MAGIC;
+    let n = k - MAGIC;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    // Horner form of Σ r^i / i!, i = 0..12.
+    let mut p = 1.0 / 479_001_600.0;
+    p = p * r + 1.0 / 39_916_800.0;
+    p = p * r + 1.0 / 3_628_800.0;
+    p = p * r + 1.0 / 362_880.0;
+    p = p * r + 1.0 / 40_320.0;
+    p = p * r + 1.0 / 5_040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let bits = (k.to_bits() as i64).wrapping_sub(MAGIC.to_bits() as i64);
+    p * f64::from_bits(((bits + 1023) as u64) << 52)
+}
+
+/// ln Σ e^x over a row, in f64. Infinite entries: −∞ adds nothing; a row of all −∞ gives −∞.
+pub fn log_sum_exp(x: &[f32]) -> f64 {
+    let max = x
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    if !max.is_finite() {
+        return f64::from(max);
+    }
+    f64::from(max) + sum_exp(x, f64::from(max)).ln()
+}
+
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+avx", "x86_64+sse4.1", "aarch64+neon"))]
+fn sum_exp(x: &[f32], max: f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for j in 0..LANES {
+            acc[j] += exp_nonpos(f64::from(c[j]) - max);
+        }
+    }
+    let mut s: f64 = acc.iter().sum();
+    for &v in chunks.remainder() {
+        s += exp_nonpos(f64::from(v) - max);
+    }
+    s
+}
+
+/// KL(A‖B) = Σ p_A (ln p_A − ln p_B) in nats, with p = softmax(logits), all in f64.
+///
+/// `lse_a`, `lse_b` are [`log_sum_exp`] of each row. Tokens with p_A = 0 add nothing; a token
+/// B gives −∞ where A does not makes the divergence +∞ (as it is).
+pub fn kl_divergence(a: &[f32], b: &[f32], lse_a: f64, lse_b: f64) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
+    let kl = kl_sum(a, b, lse_a, lse_b);
+    // Rounding can leave −1e-17 for equal rows; KL is never negative.
+    kl.max(0.0)
+}
+
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+avx", "x86_64+sse4.1", "aarch64+neon"))]
+fn kl_sum(a: &[f32], b: &[f32], lse_a: f64, lse_b: f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let term = |x: f32, y: f32| -> f64 {
+        let la = f64::from(x) - lse_a;
+        if la == f64::NEG_INFINITY {
+            return 0.0;
+        }
+        let lb = f64::from(y) - lse_b;
+        exp_nonpos(la.min(0.0)) * (la - lb)
+    };
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for j in 0..LANES {
+            acc[j] += term(x[j], y[j]);
+        }
+    }
+    let mut s: f64 = acc.iter().sum();
+    for (&x, &y) in ca.remainder().iter().zip(cb.remainder()) {
+        s += term(x, y);
+    }
+    s
+}
+
+/// Mean and its standard error (sample standard deviation / √n).
+pub fn mean_stderr(v: &[f64]) -> (f64, f64) {
+    let n = v.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = v.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, f64::NAN);
+    }
+    let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
+    (mean, (var / n as f64).sqrt())
+}
+
+/// Pearson correlation of two equally long series (NaN when either is constant).
+pub fn correlation(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len().min(y.len());
+    if n < 2 {
+        return f64::NAN;
+    }
+    let mx = x[..n].iter().sum::<f64>() / n as f64;
+    let my = y[..n].iter().sum::<f64>() / n as f64;
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for i in 0..n {
+        let (dx, dy) = (x[i] - mx, y[i] - my);
+        sxy += dx * dy;
+        sxx += dx * dx;
+        syy += dy * dy;
+    }
+    sxy / (sxx * syy).sqrt()
+}
+
+/// The `q`-th quantile (0 ≤ q ≤ 1) of sorted values, interpolating linearly between the two
+/// nearest ranks (numpy's default).
+pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let pos = q.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = pos.ceil() as usize;
+    let frac = pos - lo as f64;
+    sorted[lo] + (sorted[hi] - sorted[lo]) * frac
+}
+
+/// llama-perplexity's distribution summary of a per-position value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    pub mean: f64,
+    pub stderr: f64,
+    pub max: f64,
+    pub p99_9: f64,
+    pub p99: f64,
+    pub p95: f64,
+    pub p90: f64,
+    pub median: f64,
+    pub p10: f64,
+    pub p5: f64,
+    pub p1: f64,
+    pub p0_1: f64,
+    pub min: f64,
+}
+
+impl Spread {
+    pub fn of(values: &[f64]) -> Spread {
+        let (mean, stderr) = mean_stderr(values);
+        let mut s = values.to_vec();
+        s.sort_by(f64::total_cmp);
+        let q = |p: f64| quantile_sorted(&s, p);
+        Spread {
+            mean,
+            stderr,
+            max: s.last().copied().unwrap_or(f64::NAN),
+            p99_9: q(0.999),
+            p99: q(0.99),
+            p95: q(0.95),
+            p90: q(0.90),
+            median: q(0.5),
+            p10: q(0.10),
+            p5: q(0.05),
+            p1: q(0.01),
+            p0_1: q(0.001),
+            min: s.first().copied().unwrap_or(f64::NAN),
+        }
+    }
+
+    /// (name, value) rows in llama-perplexity's order.
+    pub fn rows(&self) -> [(&'static str, f64); 11] {
+        [
+            ("Maximum", self.max),
+            ("99.9%", self.p99_9),
+            ("99.0%", self.p99),
+            ("95.0%", self.p95),
+            ("90.0%", self.p90),
+            ("Median", self.median),
+            ("10.0%", self.p10),
+            ("5.0%", self.p5),
+            ("1.0%", self.p1),
+            ("0.1%", self.p0_1),
+            ("Minimum", self.min),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_std_to_a_few_ulps() {
+        let mut x = 0.0f64;
+        while x > -745.0 {
+            let (got, want) = (exp_nonpos(x), x.max(-708.0).exp());
+            assert!(
+                (got - want).abs() <= 4.0 * f64::EPSILON * want,
+                "exp({x}) = {got}, want {want}"
+            );
+            x -= 0.0137;
+        }
+    }
+
+    #[test]
+    fn quantiles_interpolate_between_ranks() {
+        let v = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(quantile_sorted(&v, 0.0), 1.0);
+        assert_eq!(quantile_sorted(&v, 1.0), 4.0);
+        assert_eq!(quantile_sorted(&v, 0.5), 2.5);
+        assert!((quantile_sorted(&v, 0.1) - 1.3).abs() < 1e-12);
+    }
+}

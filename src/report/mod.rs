@@ -1,0 +1,366 @@
+//! Reports: the seed tool's four PNG plots and a one-file `report.html`, drawn from a trace (or
+//! a `compare.json`) in memory or on disk.
+//!
+//! Reading a file is kept apart from drawing it: [`read`] checks the JSON against the structure
+//! the drawing needs (a JSON Schema, `trace-read.schema.json`, with the constraints of the
+//! Token Heatmap trace schema on the fields we draw) and refuses unknown schema majors.
+
+use crate::compare::CompareReport;
+use crate::plot::{self, HeatCell, HeatColumn, Series};
+use crate::trace::{DistributionOut, Trace};
+use anyhow::Context;
+use logitprobe_backends::usage;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// Trace schema major versions this build can read (Token Heatmap's 1.x and 2.x).
+pub const KNOWN_MAJORS: [u64; 2] = [1, 2];
+
+pub const ADAPTIVE_HEATMAP_PNG: &str = "adaptive_heatmap.png";
+pub const ENTROPY_PNG: &str = "entropy.png";
+pub const SELECTED_PROBABILITY_PNG: &str = "selected_probability.png";
+pub const RAW_VS_PROCESSED_PNG: &str = "raw_vs_processed.png";
+pub const REPORT_HTML: &str = "report.html";
+
+static READ_SCHEMA: &str = include_str!("trace-read.schema.json");
+static TEMPLATE: &str = include_str!("report.html");
+
+/// A file `report` can draw.
+#[derive(Debug)]
+pub enum ReportInput {
+    Trace(Box<Trace>),
+    Compare(Box<CompareReport>),
+}
+
+/// Reads a trace JSON (schema major 1 or 2) or a `compare.json`.
+///
+/// Errors are usage errors naming the file and the problem: unreadable, not JSON, an unknown
+/// schema major, or the first schema violation with its JSON path.
+pub fn read(path: &Path) -> anyhow::Result<ReportInput> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        usage!(
+            "cannot read {}: {e}; give a trace JSON or compare.json",
+            path.display()
+        )
+    })?;
+    let value: Value = serde_json::from_str(&text).map_err(|e| {
+        usage!(
+            "{} is not JSON ({e}); give adaptive_token_trace.json or compare.json",
+            path.display()
+        )
+    })?;
+    if value.get("kind").and_then(Value::as_str) == Some(crate::compare::KIND) {
+        let report: CompareReport = serde_path_to_error::deserialize(&value).map_err(|e| {
+            usage!(
+                "{} is not a logitprobe compare.json: at {}: {}",
+                path.display(),
+                e.path(),
+                e.inner()
+            )
+        })?;
+        return Ok(ReportInput::Compare(Box::new(report)));
+    }
+    trace_from_value(&value)
+        .map_err(|e| usage!("{}: {e}", path.display()))
+        .map(|t| ReportInput::Trace(Box::new(t)))
+}
+
+/// Checks and converts a parsed trace document.
+pub fn trace_from_value(value: &Value) -> Result<Trace, String> {
+    let version = value
+        .get("schema_version")
+        .and_then(Value::as_str)
+        .ok_or("not a Token Heatmap trace: no \"schema_version\" string at the top level")?;
+    let major: u64 = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .ok_or_else(|| format!("schema_version {version:?} is not a semantic version"))?;
+    if !KNOWN_MAJORS.contains(&major) {
+        return Err(format!(
+            "trace schema major version {major} ({version}) is unknown to this build (it reads 1.x and 2.x); upgrade logitprobe or re-export the trace"
+        ));
+    }
+    static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
+    let validator = VALIDATOR.get_or_init(|| {
+        let schema: Value = serde_json::from_str(READ_SCHEMA).expect("the read schema is JSON");
+        jsonschema::validator_for(&schema).expect("the read schema is a valid JSON Schema")
+    });
+    if let Some(e) = validator.iter_errors(value).next() {
+        let at = e.instance_path().to_string();
+        let at = if at.is_empty() { "/".to_string() } else { at };
+        return Err(format!("not a valid trace: at {at}: {e}"));
+    }
+    serde_json::from_value(value.clone()).map_err(|e| format!("not a valid trace: {e}"))
+}
+
+/// Writes a PNG through a temporary sibling and a rename, so a failed drawing never leaves a
+/// file that looks complete.
+pub fn atomic_png<T>(
+    path: &Path,
+    draw: impl FnOnce(&Path) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let name = path.file_name().context("plot path has no file name")?;
+    let tmp = path.with_file_name(format!(".{}.partial.png", name.to_string_lossy()));
+    match draw(&tmp) {
+        Ok(v) => {
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("moving {} into place", path.display()))?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn columns(
+    trace: &Trace,
+    pick: impl Fn(&crate::trace::Step) -> &DistributionOut,
+) -> Vec<HeatColumn> {
+    trace
+        .steps
+        .iter()
+        .map(|s| {
+            let d = pick(s);
+            d.candidates
+                .iter()
+                .take(d.k_used)
+                .map(|c| HeatCell {
+                    token: c.token.clone(),
+                    logprob: c.logprob,
+                    selected: c.token_id == s.selected.token_id,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Heatmap rows: rank 1 … the largest k_used of the trace (never more than max_k), so a
+/// trace that never needs 64 candidates is not mostly blank.
+fn heatmap_rows(trace: &Trace) -> usize {
+    let used = trace
+        .steps
+        .iter()
+        .flat_map(|s| {
+            [
+                s.raw.k_used.min(s.raw.candidates.len()),
+                s.processed.k_used.min(s.processed.candidates.len()),
+            ]
+        })
+        .max()
+        .unwrap_or(1);
+    used.clamp(1, trace.metadata.probe_config.max_k.max(1))
+}
+
+/// Draws the four plots of a trace into `dir`; returns the files written.
+pub fn trace_plots(dir: &Path, trace: &Trace) -> anyhow::Result<Vec<PathBuf>> {
+    let model = &trace.metadata.model;
+    let rows = heatmap_rows(trace);
+    let raw = columns(trace, |s| &s.raw);
+    let processed = columns(trace, |s| &s.processed);
+    let mut written = Vec::new();
+
+    let heat = dir.join(ADAPTIVE_HEATMAP_PNG);
+    let title = format!("adaptive top-k (raw) · {model}");
+    // Pages after the first are written directly: only the first carries the seed's name.
+    let pages = atomic_png(&heat, |tmp| {
+        let files = plot::adaptive_heatmap(tmp, &title, &raw, rows)?;
+        let mut out = Vec::new();
+        for (i, f) in files.iter().enumerate() {
+            if i == 0 {
+                out.push(heat.clone());
+            } else {
+                let dest = plot::page_path(&heat, i);
+                std::fs::rename(f, &dest)?;
+                out.push(dest);
+            }
+        }
+        let mut p = files.len();
+        while plot::page_path(&heat, p).exists() {
+            let _ = std::fs::remove_file(plot::page_path(&heat, p));
+            p += 1;
+        }
+        Ok(out)
+    })?;
+    written.extend(pages);
+
+    let per_step = |f: fn(&DistributionOut) -> f64| -> [Vec<f64>; 2] {
+        [
+            trace.steps.iter().map(|s| f(&s.raw)).collect(),
+            trace.steps.iter().map(|s| f(&s.processed)).collect(),
+        ]
+    };
+    fn pair(v: &[Vec<f64>; 2]) -> Vec<Series<'_>> {
+        vec![
+            Series {
+                name: "raw",
+                values: &v[0],
+                color: plot::PAIR[0],
+            },
+            Series {
+                name: "processed",
+                values: &v[1],
+                color: plot::PAIR[1],
+            },
+        ]
+    }
+    let entropy = per_step(|d| d.entropy);
+    let path = dir.join(ENTROPY_PNG);
+    atomic_png(&path, |tmp| {
+        plot::lines(
+            tmp,
+            &format!("entropy per step · {model}"),
+            "generation step",
+            "entropy (nats)",
+            &pair(&entropy),
+        )
+    })?;
+    written.push(path);
+
+    let selected = per_step(|d| d.selected_prob);
+    let path = dir.join(SELECTED_PROBABILITY_PNG);
+    atomic_png(&path, |tmp| {
+        plot::lines(
+            tmp,
+            &format!("selected token probability · {model}"),
+            "generation step",
+            "selected_prob",
+            &pair(&selected),
+        )
+    })?;
+    written.push(path);
+
+    let k_used = per_step(|d| d.k_used as f64);
+    let path = dir.join(RAW_VS_PROCESSED_PNG);
+    atomic_png(&path, |tmp| {
+        plot::side_by_side_heatmaps(
+            tmp,
+            &format!("raw vs processed · {model}"),
+            [("raw", &raw), ("processed", &processed)],
+            [("raw k_used", &k_used[0]), ("processed k_used", &k_used[1])],
+            rows,
+        )
+    })?;
+    written.push(path);
+    Ok(written)
+}
+
+/// Writes `report.html`: the template with `data` (a trace or a compare report) inlined.
+pub fn write_html(
+    dir: &Path,
+    title: &str,
+    data: &impl serde::Serialize,
+) -> anyhow::Result<PathBuf> {
+    let json = serde_json::to_string(data)?;
+    // `<` appears only inside JSON strings, where \u003c means the same; this keeps `</script>`
+    // inside a token from closing the data block.
+    let json = json.replace('<', "\\u003c");
+    let mut env = minijinja::Environment::new();
+    env.add_template("report.html", TEMPLATE)?;
+    let html = env
+        .get_template("report.html")?
+        .render(minijinja::context! {
+            title => title,
+            version => env!("CARGO_PKG_VERSION"),
+            data => minijinja::Value::from_safe_string(json),
+        })?;
+    let path = dir.join(REPORT_HTML);
+    crate::output::write_atomic(&path, |w| {
+        w.write_all(html.as_bytes())?;
+        Ok(())
+    })?;
+    Ok(path)
+}
+
+/// Plots and HTML of one trace.
+pub fn write_trace_report(dir: &Path, trace: &Trace) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = trace_plots(dir, trace)?;
+    let title = format!("logitprobe · {}", trace.metadata.model);
+    files.push(write_html(dir, &title, trace)?);
+    Ok(files)
+}
+
+pub const KLD_PER_POSITION_PNG: &str = "kld_per_position.png";
+pub const KLD_HISTOGRAM_PNG: &str = "kld_histogram.png";
+pub const DELTA_ENTROPY_PNG: &str = "delta_entropy_per_position.png";
+
+/// Colours for up to a handful of B sides; they repeat past that.
+const B_COLORS: [plotters::style::RGBColor; 5] = [
+    plot::PAIR[0],
+    plot::PAIR[1],
+    plotters::style::RGBColor(44, 160, 44),
+    plotters::style::RGBColor(214, 39, 40),
+    plotters::style::RGBColor(148, 103, 189),
+];
+
+/// The compare plots (KLD per position, KLD histogram per B, Δentropy per position) and the
+/// compare view of `report.html`.
+pub fn write_compare_report(dir: &Path, report: &CompareReport) -> anyhow::Result<Vec<PathBuf>> {
+    let n_b = report.b.len();
+    let names: Vec<String> = (0..n_b)
+        .map(|i| {
+            if n_b > 1 {
+                format!("B{}", i + 1)
+            } else {
+                "B".into()
+            }
+        })
+        .collect();
+    let per_b = |f: fn(&crate::compare::BAt) -> f64| -> Vec<Vec<f64>> {
+        (0..n_b)
+            .map(|bi| report.positions.iter().map(|p| f(&p.b[bi])).collect())
+            .collect()
+    };
+    fn b_series<'a>(names: &'a [String], v: &'a [Vec<f64>]) -> Vec<Series<'a>> {
+        v.iter()
+            .enumerate()
+            .map(|(i, values)| Series {
+                name: &names[i],
+                values,
+                color: B_COLORS[i % B_COLORS.len()],
+            })
+            .collect()
+    }
+    let mut written = Vec::new();
+    let kld = per_b(|b| b.kld);
+    let path = dir.join(KLD_PER_POSITION_PNG);
+    atomic_png(&path, |tmp| {
+        plot::lines(
+            tmp,
+            "KL(A‖B) per scored position",
+            "scored position",
+            "KLD (nats)",
+            &b_series(&names, &kld),
+        )
+    })?;
+    written.push(path);
+    for (bi, values) in kld.iter().enumerate() {
+        let path = if bi == 0 {
+            dir.join(KLD_HISTOGRAM_PNG)
+        } else {
+            dir.join(format!("kld_histogram_b{}.png", bi + 1))
+        };
+        let title = format!("KL(A‖{}) histogram · {}", names[bi], report.b[bi].label);
+        atomic_png(&path, |tmp| {
+            plot::log_histogram(tmp, &title, "KLD (nats, log scale)", values, 48)
+        })?;
+        written.push(path);
+    }
+    let dent = per_b(|b| b.delta_entropy);
+    let path = dir.join(DELTA_ENTROPY_PNG);
+    atomic_png(&path, |tmp| {
+        plot::lines(
+            tmp,
+            "Δentropy (B − A) per scored position",
+            "scored position",
+            "Δentropy (nats)",
+            &b_series(&names, &dent),
+        )
+    })?;
+    written.push(path);
+    written.push(write_html(dir, "logitprobe compare", report)?);
+    Ok(written)
+}
