@@ -199,7 +199,7 @@ fn prompt_and_trace_inputs_score_the_same_ids() {
     assert_eq!(r["input"]["kind"], "prompt");
     let n = r["positions"].as_array().unwrap().len();
     assert!(
-        n >= 1 && n <= 12,
+        (1..=12).contains(&n),
         "one position per generated token, got {n}"
     );
     // The same tokens, as a trace written by `trace`, re-scored.
@@ -315,7 +315,7 @@ fn smollm2_q4_1_against_its_onnx_twin_on_the_corpus() {
     }
     // Headers name both sides fully.
     let a = &r["a"];
-    assert_eq!(a["details"]["tensor_types"]["Q4_1"].is_object(), true);
+    assert!(a["details"]["tensor_types"]["Q4_1"].is_object());
     assert!(a["model_sha256"].as_str().unwrap().len() == 64);
     assert!(a["description"].as_str().unwrap().contains("bpw"));
     assert!(r["b"][0]["description"]
