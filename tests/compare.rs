@@ -318,10 +318,11 @@ fn smollm2_q4_1_against_its_onnx_twin_on_the_corpus() {
     assert!(a["details"]["tensor_types"]["Q4_1"].is_object());
     assert!(a["model_sha256"].as_str().unwrap().len() == 64);
     assert!(a["description"].as_str().unwrap().contains("bpw"));
-    assert!(r["b"][0]["description"]
-        .as_str()
-        .unwrap()
-        .contains("CPUExecutionProvider"));
+    let b = r["b"][0]["description"].as_str().unwrap();
+    assert!(
+        b.contains("CPUExecutionProvider") && b.contains("F32 · 32.00 bpw"),
+        "{b}"
+    );
 }
 
 // ---------------------------------------------------------------- statistics vs direct f64

@@ -25,6 +25,7 @@ use ndarray::Array2;
 use serde::Serialize;
 
 pub mod gguf;
+pub mod onnx_proto;
 pub mod test_source;
 
 #[cfg(feature = "llama")]

@@ -363,6 +363,18 @@ impl OnnxSource {
         details.insert("ort_library".into(), lib.display().to_string().into());
         details.insert("n_ctx".into(), n_ctx.into());
         details.insert("model_file".into(), model_file.display().to_string().into());
+        // Weight types are a description, not a requirement: a protobuf this reader cannot
+        // walk still loads and runs.
+        match crate::onnx_proto::weight_types(&model_file) {
+            Ok(w) => {
+                details.insert(
+                    "tensor_types".into(),
+                    serde_json::to_value(&w.types).unwrap_or_default(),
+                );
+                details.insert("bits_per_weight".into(), w.bits_per_weight.into());
+            }
+            Err(e) => tracing::debug!("weight types of {}: {e}", model_file.display()),
+        }
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

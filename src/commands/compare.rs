@@ -266,10 +266,11 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
                 score_all: args.score_all,
                 tokens: ids.len(),
                 description: format!(
-                    "{} · {} tokens · {} chunks of {chunk_len} · {} positions scored ({})",
+                    "{} · {} tokens · {} chunk{} of {chunk_len} · {} positions scored ({})",
                     path.display(),
                     ids.len(),
                     chunks.len(),
+                    if chunks.len() == 1 { "" } else { "s" },
                     scored,
                     if args.score_all {
                         "every position"

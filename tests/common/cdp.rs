@@ -51,6 +51,7 @@ impl Browser {
                 "--disable-gpu",
                 "--no-first-run",
                 "--disable-extensions",
+                "--disable-dev-shm-usage",
                 "--remote-debugging-port=0",
                 "--window-size=1400,1000",
             ])
