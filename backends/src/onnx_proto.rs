@@ -221,7 +221,7 @@ mod tests {
         varint(2 << 3, &mut t);
         varint(dtype, &mut t);
         field(8, b"w", &mut t);
-        field(9, &vec![0u8; 40], &mut t);
+        field(9, &[0u8; 40], &mut t);
         t
     }
 
