@@ -80,6 +80,24 @@ fn a_model_against_itself_is_identical() {
     assert_eq!(s["ppl_ratio"], 1.0);
     assert_eq!(s["tokenizer_positions_differ"], 0);
     assert!(stdout.contains("Same top p"), "{stdout}");
+    // `report` draws a compare.json again.
+    let again = _t.path().join("again");
+    let input = _t.path().join("out/compare.json");
+    let o = run(&[
+        "report",
+        input.to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    for f in [
+        "kld_per_position.png",
+        "kld_histogram.png",
+        "delta_entropy_per_position.png",
+        "report.html",
+    ] {
+        assert!(again.join(f).is_file(), "{f}");
+    }
 }
 
 #[test]
