@@ -5,14 +5,20 @@ use logitprobe_backends::{usage, Backend, EngineOptions, FlashAttn};
 use serde_json::Value;
 use std::path::PathBuf;
 
-const SAMPLING_HELP: &str = "\
+const TRACE_HELP: &str = "\
 SAMPLING CHAIN (in this order):
   1. penalties over the whole sequence so far, prompt included:
      --repeat-penalty (l/r for l>0, l*r for l<0), --presence-penalty, --frequency-penalty
   2. temperature (0 = greedy)   3. top-k   4. top-p   5. min-p (relative to the top token)
   The raw distribution is softmax(logits / T) before penalties and filters; processed is the
   output of the whole chain. Greedy probes raw at T = 1 and processed is the argmax alone.
-  Each prompt draws from its own ChaCha20 stream (seed, prompt index).";
+  Each prompt draws from its own ChaCha20 stream (seed, prompt index).
+OUTPUT FILES (in --out, or --out/prompt-NNN/ for several prompts):
+  adaptive_token_trace.json (Token Heatmap schema 2.0.0), adaptive_token_trace.csv,
+  generated.txt, run.json, steps.jsonl (streamed), the plots adaptive_heatmap.png (pages
+  adaptive_heatmap_2.png ... past 100 steps), entropy.png, selected_probability.png,
+  raw_vs_processed.png, and report.html (self-contained; open it in any browser).
+  `logitprobe report FILE` draws the plots and report.html again from a trace file.";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,7 +40,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Generate from one or more prompts and trace every step.
-    #[command(after_long_help = SAMPLING_HELP)]
+    #[command(after_long_help = TRACE_HELP)]
     Trace(Box<TraceArgs>),
     /// List the recommended models (aliases for --model) and which are cached.
     Models,

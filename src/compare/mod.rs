@@ -336,11 +336,61 @@ pub fn tokenization_difference(a: &[TokenId], b: &[TokenId]) -> usize {
     (0..n).filter(|&i| a.get(i) != b.get(i)).count()
 }
 
-/// Per-row numbers of one side that the comparison reuses for every B.
+/// Per-row numbers of A that the comparison reuses for every B.
 struct RowA {
     lse: f64,
     top1: TokenId,
+    logprob: f64,
     dist: Distribution,
+}
+
+/// Per-row numbers of one B against A.
+struct RowB {
+    logprob: f64,
+    kld: f64,
+    rank_of_a_top1: usize,
+    dist: Distribution,
+}
+
+/// Row `j` of a standard-layout `[rows, n_vocab]` array.
+fn row(l: &Array2<f32>, j: usize, n_vocab: usize) -> &[f32] {
+    &l.as_slice().expect("standard layout")[j * n_vocab..(j + 1) * n_vocab]
+}
+
+/// Runs `f` on rows `0..n` split across the CPU's threads (the engines are idle while the
+/// comparison math runs), each thread with its own probe scratch; results in row order.
+fn par_rows<T: Send>(
+    n: usize,
+    probe: &ProbeConfig,
+    f: impl Fn(&mut Probe, usize) -> anyhow::Result<T> + Sync,
+) -> anyhow::Result<Vec<T>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(n.div_ceil(16))
+        .max(1);
+    let per = n.div_ceil(threads);
+    let parts: Vec<anyhow::Result<Vec<T>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let f = &f;
+                s.spawn(move || {
+                    let mut prober = Probe::new(probe.clone());
+                    (t * per..((t + 1) * per).min(n))
+                        .map(|r| f(&mut prober, r))
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("comparison thread panicked"))
+            .collect()
+    });
+    let mut out = Vec::with_capacity(n);
+    for p in parts {
+        out.extend(p?);
+    }
+    Ok(out)
 }
 
 fn candidates_out(d: &Distribution, source: &dyn LogitSource, pieces: &mut Pieces) -> Vec<Cand> {
@@ -386,7 +436,6 @@ pub fn compare_chunks(
     progress: &dyn Fn(u64),
 ) -> anyhow::Result<Vec<Position>> {
     let n_vocab = a.info().n_vocab;
-    let mut prober = Probe::new(probe.clone());
     let mut pieces_a = Pieces::default();
     let mut pieces_b: Vec<Pieces> = bs.iter().map(|_| Pieces::default()).collect();
     timing.score_b_s = vec![0.0; bs.len()];
@@ -402,18 +451,27 @@ pub fn compare_chunks(
         check_shape("A", &la, chunk, n_vocab)?;
 
         let t = Instant::now();
-        let rows = chunk.first..chunk.ids.len() - 1;
-        let mut row_a = Vec::with_capacity(rows.len());
-        for j in rows.clone() {
-            let row = la.row(j);
-            let row = row.as_slice().expect("standard layout");
+        let first = chunk.first;
+        let n_rows = chunk.ids.len() - 1 - first;
+        let rows_a = par_rows(n_rows, probe, |prober, r| {
+            let j = first + r;
+            let x = row(&la, j, n_vocab);
             let next = chunk.ids[j + 1];
             let dist = prober
-                .describe(row, 1.0, next)
+                .describe(x, 1.0, next)
                 .map_err(|e| anyhow::anyhow!("A at chunk {c} position {j}: {e}"))?;
-            let lse = stats::log_sum_exp(row);
-            let top1 = dist.candidates.first().map_or(0, |c| c.token_id);
-            let lp = f64::from(row[next as usize]) - lse;
+            let lse = stats::log_sum_exp(x);
+            Ok(RowA {
+                lse,
+                top1: dist.candidates.first().map_or(0, |c| c.token_id),
+                logprob: f64::from(x[next as usize]) - lse,
+                dist,
+            })
+        })?;
+        let start = positions.len();
+        for (r, ra) in rows_a.iter().enumerate() {
+            let j = first + r;
+            let next = chunk.ids[j + 1];
             positions.push(Position {
                 index: positions.len(),
                 chunk: c,
@@ -421,18 +479,16 @@ pub fn compare_chunks(
                 token_id: next,
                 token: pieces_a.get(&*a, next),
                 a: SideAt {
-                    prob: lp.exp(),
-                    logprob: lp,
-                    entropy: dist.entropy,
-                    k_used: dist.k_used,
-                    candidates: candidates_out(&dist, &*a, &mut pieces_a),
+                    prob: ra.logprob.exp(),
+                    logprob: ra.logprob,
+                    entropy: ra.dist.entropy,
+                    k_used: ra.dist.k_used,
+                    candidates: candidates_out(&ra.dist, &*a, &mut pieces_a),
                 },
                 b: Vec::with_capacity(bs.len()),
             });
-            row_a.push(RowA { lse, top1, dist });
         }
         timing.metrics_s += t.elapsed().as_secs_f64();
-        let start = positions.len() - row_a.len();
 
         for (bi, b) in bs.iter_mut().enumerate() {
             let t = Instant::now();
@@ -440,40 +496,45 @@ pub fn compare_chunks(
             timing.score_b_s[bi] += t.elapsed().as_secs_f64();
             check_shape("B", &lb, chunk, n_vocab)?;
             let t = Instant::now();
-            for (r, j) in rows.clone().enumerate() {
-                let ra = la.row(j);
-                let ra = ra.as_slice().expect("standard layout");
-                let rb = lb.row(j);
-                let rb = rb.as_slice().expect("standard layout");
+            let rows_b = par_rows(n_rows, probe, |prober, r| {
+                let j = first + r;
+                let (xa, xb) = (row(&la, j, n_vocab), row(&lb, j, n_vocab));
                 let next = chunk.ids[j + 1];
                 let dist = prober
-                    .describe(rb, 1.0, next)
+                    .describe(xb, 1.0, next)
                     .map_err(|e| anyhow::anyhow!("B{} at chunk {c} position {j}: {e}", bi + 1))?;
-                let a_row = &row_a[r];
-                let lse_b = stats::log_sum_exp(rb);
-                let kld = stats::kl_divergence(ra, rb, a_row.lse, lse_b);
-                let lp = f64::from(rb[next as usize]) - lse_b;
+                let ra = &rows_a[r];
+                let lse_b = stats::log_sum_exp(xb);
+                Ok(RowB {
+                    logprob: f64::from(xb[next as usize]) - lse_b,
+                    kld: stats::kl_divergence(xa, xb, ra.lse, lse_b),
+                    rank_of_a_top1: 1 + crate::kernels::count_greater(xb, xb[ra.top1 as usize]),
+                    dist,
+                })
+            })?;
+            for (r, rb) in rows_b.into_iter().enumerate() {
+                let ra = &rows_a[r];
                 let pos = &mut positions[start + r];
-                let top1_b = dist.candidates.first().map_or(0, |c| c.token_id);
-                let a_top1_logit = rb[a_row.top1 as usize];
-                let b_rank_of_a_top1 = 1 + crate::kernels::count_greater(rb, a_top1_logit);
-                let set_a = a_row.dist.candidates.iter().map(|c| c.token_id);
-                let inter = set_a
-                    .clone()
-                    .filter(|id| dist.candidates.iter().any(|c| c.token_id == *id))
+                let top1_b = rb.dist.candidates.first().map_or(0, |c| c.token_id);
+                let inter = ra
+                    .dist
+                    .candidates
+                    .iter()
+                    .filter(|x| rb.dist.candidates.iter().any(|y| y.token_id == x.token_id))
                     .count();
-                let union = a_row.dist.candidates.len() + dist.candidates.len() - inter;
+                let union = ra.dist.candidates.len() + rb.dist.candidates.len() - inter;
+                let prob = rb.logprob.exp();
                 pos.b.push(BAt {
-                    prob: lp.exp(),
-                    logprob: lp,
-                    entropy: dist.entropy,
-                    k_used: dist.k_used,
-                    candidates: candidates_out(&dist, &**b, &mut pieces_b[bi]),
-                    kld,
-                    delta_p: lp.exp() - pos.a.prob,
-                    top1_same: top1_b == a_row.top1,
-                    b_rank_of_a_top1,
-                    delta_entropy: dist.entropy - pos.a.entropy,
+                    prob,
+                    logprob: rb.logprob,
+                    entropy: rb.dist.entropy,
+                    k_used: rb.dist.k_used,
+                    candidates: candidates_out(&rb.dist, &**b, &mut pieces_b[bi]),
+                    kld: rb.kld,
+                    delta_p: prob - pos.a.prob,
+                    top1_same: top1_b == ra.top1,
+                    b_rank_of_a_top1: rb.rank_of_a_top1,
+                    delta_entropy: rb.dist.entropy - pos.a.entropy,
                     jaccard: if union == 0 {
                         1.0
                     } else {
@@ -483,7 +544,7 @@ pub fn compare_chunks(
             }
             timing.metrics_s += t.elapsed().as_secs_f64();
         }
-        progress(row_a.len() as u64);
+        progress(n_rows as u64);
     }
     timing.positions_scored = positions.len();
     Ok(positions)

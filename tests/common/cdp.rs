@@ -9,18 +9,22 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tungstenite::{Message, WebSocket};
 
-pub struct Browser {
-    child: Child,
-    ws: WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>,
-    next_id: u64,
-    _profile: tempfile::TempDir,
+/// Kills Chromium when dropped, also when a launch step panics half-way.
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+pub struct Browser {
+    // Dropped after the socket: fields drop in declaration order.
+    ws: WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>,
+    _child: Kill,
+    next_id: u64,
+    _profile: tempfile::TempDir,
 }
 
 fn chromium() -> &'static str {
@@ -44,7 +48,7 @@ impl Browser {
     /// Starts headless Chromium and attaches to its first page.
     pub fn launch() -> Browser {
         let profile = tempfile::tempdir().unwrap();
-        let mut child = Command::new(chromium())
+        let child = Command::new(chromium())
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -61,7 +65,8 @@ impl Browser {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start chromium");
-        let stderr = child.stderr.take().unwrap();
+        let mut child = Kill(child);
+        let stderr = child.0.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -96,8 +101,8 @@ impl Browser {
         };
         let (ws, _) = tungstenite::connect(page_url.as_str()).expect("connect to the page");
         let mut b = Browser {
-            child,
             ws,
+            _child: child,
             next_id: 0,
             _profile: profile,
         };
