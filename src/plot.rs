@@ -89,6 +89,8 @@ pub const STEPS_PER_PAGE: usize = 100;
 const CELL_W: u32 = 64;
 const CELL_H: u32 = 16;
 const LABEL_CHARS: usize = 9;
+const MIN_WIDTH: u32 = 720;
+const MIN_GRID_H: u32 = 128;
 
 /// Colour scale bounds of a set of columns: the lowest shown log-probability (floored at −20
 /// so one near-zero candidate does not wash out the rest) up to 0.
@@ -149,8 +151,10 @@ pub fn adaptive_heatmap(
         let bottom = 44u32;
         let bar_w = 90u32;
         let grid_w = (page.len().max(1) as u32) * CELL_W;
-        let width = left + grid_w + bar_w + 10;
-        let height = top + rows * CELL_H + bottom;
+        // Short traces still get room for the title and a readable colour bar.
+        let width = (left + grid_w + bar_w + 10).max(MIN_WIDTH);
+        let grid_h = (rows * CELL_H).max(MIN_GRID_H);
+        let height = top + grid_h + bottom;
         {
             let root = BitMapBackend::new(&file, (width, height)).into_drawing_area();
             root.fill(&WHITE).map_err(|e| err(&file, e))?;
@@ -170,7 +174,7 @@ pub fn adaptive_heatmap(
             }
             root.draw(&Text::new(
                 "rank",
-                (4, top as i32 + 2),
+                (left as i32 - 34, top as i32 - 14),
                 text("", 11.0).color(&BLACK.mix(0.7)),
             ))
             .map_err(|e| err(&file, e))?;
@@ -205,7 +209,7 @@ pub fn adaptive_heatmap(
                 if i == 0 || step.is_multiple_of(5) {
                     root.draw(&Text::new(
                         format!("{step}"),
-                        (x + 2, (top + rows * CELL_H) as i32 + 4),
+                        (x + 2, (top + grid_h) as i32 + 4),
                         text("", 11.0),
                     ))
                     .map_err(|e| err(&file, e))?;
@@ -213,7 +217,7 @@ pub fn adaptive_heatmap(
             }
             root.draw(&Text::new(
                 "generation step",
-                (left as i32, (top + rows * CELL_H) as i32 + 22),
+                (left as i32, (top + grid_h) as i32 + 22),
                 text("", 12.0),
             ))
             .map_err(|e| err(&file, e))?;
@@ -221,7 +225,7 @@ pub fn adaptive_heatmap(
                 &root,
                 (left + grid_w + 14) as i32,
                 top as i32,
-                (rows * CELL_H).max(80) as i32,
+                grid_h as i32,
                 range,
                 "logprob",
             )
