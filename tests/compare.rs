@@ -80,6 +80,22 @@ fn a_model_against_itself_is_identical() {
     assert_eq!(s["ppl_ratio"], 1.0);
     assert_eq!(s["tokenizer_positions_differ"], 0);
     assert!(stdout.contains("Same top p"), "{stdout}");
+    // --score-all scores every position of a chunk.
+    let (all, _, _t2) = compare(&[
+        "--a",
+        &m,
+        "--b",
+        &m,
+        "--text-file",
+        corpus().to_str().unwrap(),
+        "--ctx-size",
+        "64",
+        "--chunks",
+        "1",
+        "--score-all",
+    ]);
+    assert_eq!(all["positions"].as_array().unwrap().len(), 63);
+    assert_eq!(all["positions"][0]["pos"], 0);
     // `report` draws a compare.json again.
     let again = _t.path().join("again");
     let input = _t.path().join("out/compare.json");
