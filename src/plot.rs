@@ -37,7 +37,7 @@ pub fn has_glyph(c: char) -> bool {
     font().glyph_id(c).0 != 0
 }
 
-/// Token text as a chart shows it: `·` for a space, `⏎` for a newline, `⇥` for a tab, `<U+XXXX>`
+/// Token text as a chart shows it: `·` for a space, `⏎` for a newline, `→` for a tab, `<U+XXXX>`
 /// for control characters and for anything the embedded font cannot draw (CJK, emoji).
 pub fn label(token: &str) -> String {
     let mut out = String::with_capacity(token.len());

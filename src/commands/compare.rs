@@ -376,6 +376,11 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
     }
 
     let total: u64 = chunks.iter().map(|c| c.scored() as u64).sum();
+    if total == 0 {
+        return Err(usage!(
+            "the input leaves no position to score (A generated no token?): use a longer text, another --seed or --prompt, or more --max-new-tokens"
+        ));
+    }
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
         let b = indicatif::ProgressBar::new(total);
         b.set_style(

@@ -140,8 +140,10 @@ pub struct Cand {
     pub token_id: TokenId,
     pub token: String,
     #[serde(serialize_with = "as_f32")]
+    #[serde(deserialize_with = "f64_or_nan")]
     pub prob: f64,
     #[serde(serialize_with = "as_f32")]
+    #[serde(deserialize_with = "f64_or_nan")]
     pub logprob: f64,
 }
 
@@ -149,13 +151,22 @@ fn as_f32<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f32(*v as f32)
 }
 
+/// JSON has no NaN or infinity: serde_json writes them as `null` (a standard error over one
+/// position, a KL of +∞ where B rules out a token A allows). Read `null` back as NaN.
+pub(crate) fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
 /// One side's view of one position.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SideAt {
     /// Probability and log-probability of the actual next token (f64 log-softmax).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub prob: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub logprob: f64,
     /// Entropy in nats of the full distribution.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub entropy: f64,
     /// The probe's adaptive k (its rule and settings, temperature 1).
     pub k_used: usize,
@@ -165,21 +176,28 @@ pub struct SideAt {
 /// B's view of one position, and how it differs from A's.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BAt {
+    #[serde(deserialize_with = "f64_or_nan")]
     pub prob: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub logprob: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub entropy: f64,
     pub k_used: usize,
     pub candidates: Vec<Cand>,
     /// KL(A‖B) in nats over the full vocabulary.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub kld: f64,
     /// p_B − p_A of the actual next token.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub delta_p: f64,
     pub top1_same: bool,
     /// 1 + the number of tokens B gives a strictly larger logit than A's top-1.
     pub b_rank_of_a_top1: usize,
     /// H(B) − H(A), nats.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub delta_entropy: f64,
     /// |top-k_A ∩ top-k_B| / |top-k_A ∪ top-k_B| of the adaptive sets.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub jaccard: f64,
 }
 
@@ -203,23 +221,36 @@ pub struct Position {
 pub struct Summary {
     pub label: String,
     pub positions: usize,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub ppl_a: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub ppl_a_err: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub ppl_b: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub ppl_b_err: f64,
     /// Cor(ln PPL(A), ln PPL(B)): correlation of the per-token log-probabilities.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub cor_ln_ppl: f64,
     /// ln(PPL(B) / PPL(A)).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub ln_ppl_ratio: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub ln_ppl_ratio_err: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub ppl_ratio: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub ppl_ratio_err: f64,
     pub kld: Spread,
     pub delta_p: Spread,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub rms_delta_p: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub rms_delta_p_err: f64,
     /// Fraction of positions where both top-1 tokens are the same.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub same_top_p: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub same_top_p_err: f64,
     /// Tokens in B's own tokenization of the input (`None` when the input is ids).
     pub b_tokens: Option<usize>,
@@ -230,17 +261,23 @@ pub struct Summary {
 /// Where the time went.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Timing {
+    #[serde(deserialize_with = "f64_or_nan")]
     pub load_a_s: f64,
     pub load_b_s: Vec<f64>,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub generate_s: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub score_a_s: f64,
     pub score_b_s: Vec<f64>,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub metrics_s: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub wall_s: f64,
     /// Tokens that went through A's forward pass (each B sees as many).
     pub tokens_evaluated: usize,
     pub positions_scored: usize,
     /// Scored positions per second of the whole comparison (load time excluded).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub positions_per_s: f64,
 }
 
@@ -701,4 +738,47 @@ pub fn summary_table(report: &CompareReport) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_position_summaries_survive_a_json_round_trip() {
+        // One position: every standard error is NaN, which JSON writes as null.
+        let p = Position {
+            index: 0,
+            chunk: 0,
+            pos: 0,
+            token_id: 1,
+            token: "a".into(),
+            a: SideAt {
+                prob: 0.5,
+                logprob: 0.5f64.ln(),
+                entropy: 1.0,
+                k_used: 1,
+                candidates: vec![],
+            },
+            b: vec![BAt {
+                prob: 0.0,
+                logprob: f64::NEG_INFINITY,
+                entropy: 1.0,
+                k_used: 1,
+                candidates: vec![],
+                kld: f64::INFINITY,
+                delta_p: -0.5,
+                top1_same: false,
+                b_rank_of_a_top1: 2,
+                delta_entropy: 0.0,
+                jaccard: 0.0,
+            }],
+        };
+        let s = summarize(std::slice::from_ref(&p), 0, "B");
+        assert!(s.kld.stderr.is_nan());
+        let back: Summary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert!(back.kld.stderr.is_nan() && back.same_top_p_err.is_nan());
+        let back: Position = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        assert!(back.b[0].kld.is_nan() && back.b[0].logprob.is_nan());
+    }
 }

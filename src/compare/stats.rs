@@ -149,18 +149,31 @@ pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
 /// llama-perplexity's distribution summary of a per-position value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Spread {
+    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub mean: f64,
+    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub stderr: f64,
+    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub max: f64,
+    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub p99_9: f64,
+    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub p99: f64,
+    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub p95: f64,
+    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub p90: f64,
+    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub median: f64,
+    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub p10: f64,
+    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub p5: f64,
+    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub p1: f64,
+    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub p0_1: f64,
+    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub min: f64,
 }
 
