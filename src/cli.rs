@@ -150,6 +150,7 @@ side_engine_args!(
 
 /// `logitprobe compare`.
 #[derive(Args, Debug, Default)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["text_file", "prompt", "trace"])))]
 pub struct CompareArgs {
     /// Side A, the base: BACKEND:MODEL (e.g. llama:model-f16.gguf)
     #[arg(long, value_name = "BACKEND:MODEL")]
@@ -158,10 +159,10 @@ pub struct CompareArgs {
     #[arg(long, value_name = "BACKEND:MODEL", required = true)]
     pub b: Vec<String>,
     /// Corpus to score, cut into --ctx-size chunks
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "trace"], required_unless_present_any = ["prompt", "trace"])]
+    #[arg(long, value_name = "FILE")]
     pub text_file: Option<PathBuf>,
     /// Prompt that A continues (--max-new-tokens, sampling flags); both sides then score it
-    #[arg(long, short = 'p', conflicts_with = "trace")]
+    #[arg(long, short = 'p')]
     pub prompt: Option<String>,
     /// Re-score the tokens of an existing adaptive_token_trace.json
     #[arg(long, value_name = "FILE")]

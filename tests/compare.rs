@@ -683,3 +683,24 @@ fn a_side_that_fails_to_load_is_named() {
         "side A (llama:/no/such.gguf) failed to load",
     );
 }
+
+#[test]
+fn exactly_one_input_is_required() {
+    assert_compare_fails(
+        &["--a", "test:300", "--b", "test:300"],
+        "--text-file <FILE>|--prompt <PROMPT>|--trace <FILE>",
+    );
+    assert_compare_fails(
+        &[
+            "--a",
+            "test:300",
+            "--b",
+            "test:300",
+            "--text-file",
+            "x.txt",
+            "--prompt",
+            "y",
+        ],
+        "cannot be used with",
+    );
+}
