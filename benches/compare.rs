@@ -8,22 +8,13 @@
 //! Run: `cargo bench --bench compare` (after models/fetch and models/export-onnx). Set
 //! `BENCH_RUNS` (default 3) and `BENCH_CHUNKS` (default 2 chunks of 512 tokens).
 
+mod common;
+
+use common::cache;
 use logitprobe::backends::{Backend, EngineOptions, LogitSource};
 use logitprobe::compare::{self, Timing};
 use logitprobe::probe::ProbeConfig;
-use std::path::PathBuf;
 use std::time::Instant;
-
-fn cache() -> PathBuf {
-    std::env::var_os("LOGITPROBE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"))
-                .join("logitprobe")
-        })
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -8,27 +8,18 @@
 //! Run: `cargo bench --bench engines` (after models/fetch and models/export-onnx). Set
 //! `BENCH_RUNS` (default 5) for more alternations, `BENCH_THREADS` (default "1,2").
 
+mod common;
+
+use common::cache;
 use logitprobe::backends::{EngineOptions, LogitSource, ModelInfo, TokenId};
 use logitprobe::generate::{generate, GenerateConfig, PromptInput};
 use logitprobe::probe::ProbeConfig;
 use logitprobe::sampler::SamplingConfig;
 use ndarray::Array2;
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
 const PROMPT: &str =
     "Write a short story about a lighthouse keeper who finds a message in a bottle.";
-
-fn cache() -> PathBuf {
-    std::env::var_os("LOGITPROBE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"))
-                .join("logitprobe")
-        })
-}
 
 /// Decode tokens/s of one generation (the same loop as `trace`).
 fn decode_tps(src: &mut dyn LogitSource, new_tokens: usize, probe: bool) -> f64 {

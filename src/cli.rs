@@ -197,15 +197,8 @@ pub struct CompareArgs {
     /// Random seed for --prompt [default: a fresh one, recorded in compare.json]
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Fewest candidates kept per position and side [default: 8]
-    #[arg(long, value_name = "K")]
-    pub min_k: Option<usize>,
-    /// Most candidates kept per position and side [default: 64]
-    #[arg(long, value_name = "K")]
-    pub max_k: Option<usize>,
-    /// Adaptive k: smallest k whose mass reaches this [default: 0.95]
-    #[arg(long, value_name = "M", allow_negative_numbers = true)]
-    pub mass_threshold: Option<f64>,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
     /// Output folder [default: outputs/compare]
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -291,6 +284,34 @@ pub enum FlashAttnArg {
     On,
     Off,
     Auto,
+}
+
+/// The probe's adaptive-k flags, shared by `trace` and `compare`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ProbeArgs {
+    /// Fewest candidates the probe keeps per step (per position in compare) [default: 8]
+    #[arg(long, value_name = "K")]
+    pub min_k: Option<usize>,
+    /// Most candidates the probe keeps [default: 64]
+    #[arg(long, value_name = "K")]
+    pub max_k: Option<usize>,
+    /// Keep the smallest k whose probability mass reaches this [default: 0.95]
+    #[arg(long, value_name = "M", allow_negative_numbers = true)]
+    pub mass_threshold: Option<f64>,
+}
+
+impl ProbeArgs {
+    /// The probe settings, Token Heatmap's defaults where a flag is absent; errors name the flag.
+    pub fn config(&self) -> anyhow::Result<crate::probe::ProbeConfig> {
+        let probe = crate::probe::ProbeConfig {
+            min_k: self.min_k.unwrap_or(8),
+            max_k: self.max_k.unwrap_or(64),
+            mass_threshold: self.mass_threshold.unwrap_or(0.95),
+            eps: 1e-12,
+        };
+        probe.validate().map_err(|e| usage!("{e}"))?;
+        Ok(probe)
+    }
 }
 
 /// Engine flags, shared by every command that loads a model.
@@ -395,15 +416,8 @@ pub struct TraceArgs {
     /// Frequency penalty; 0 = off [default: 0]
     #[arg(long, value_name = "X", allow_negative_numbers = true)]
     pub frequency_penalty: Option<f32>,
-    /// Fewest candidates the probe keeps per step [default: 8]
-    #[arg(long, value_name = "K")]
-    pub min_k: Option<usize>,
-    /// Most candidates the probe keeps per step [default: 64]
-    #[arg(long, value_name = "K")]
-    pub max_k: Option<usize>,
-    /// Keep the smallest k whose probability mass reaches this [default: 0.95]
-    #[arg(long, value_name = "M", allow_negative_numbers = true)]
-    pub mass_threshold: Option<f64>,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
     /// Random seed [default: a fresh one, recorded in run.json]
     #[arg(long)]
     pub seed: Option<u64>,
@@ -501,9 +515,9 @@ impl TraceArgs {
                 "repeat_penalty" => fill!(self.repeat_penalty, k, v),
                 "presence_penalty" => fill!(self.presence_penalty, k, v),
                 "frequency_penalty" => fill!(self.frequency_penalty, k, v),
-                "min_k" => fill!(self.min_k, k, v),
-                "max_k" => fill!(self.max_k, k, v),
-                "mass_threshold" => fill!(self.mass_threshold, k, v),
+                "min_k" => fill!(self.probe.min_k, k, v),
+                "max_k" => fill!(self.probe.max_k, k, v),
+                "mass_threshold" => fill!(self.probe.mass_threshold, k, v),
                 "seed" => fill!(self.seed, k, v),
                 "out" | "output_dir" => fill!(self.out, k, v),
                 "threads" => fill!(e.threads, k, v),

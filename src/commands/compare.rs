@@ -6,7 +6,6 @@ use crate::commands::trace::{prepare_prompts, sha256_file, TracePlan};
 use crate::compare::{self, Chunk, CompareReport, InputInfo, SideInfo, Timing};
 use crate::generate;
 use crate::output;
-use crate::probe::ProbeConfig;
 use crate::report::{self, ReportInput};
 use crate::trace;
 use anyhow::Context;
@@ -106,17 +105,6 @@ fn load(side: &SideSpec, name: &str, engine: &EngineArgs, verbose: bool) -> anyh
     })
 }
 
-fn probe_config(args: &CompareArgs) -> anyhow::Result<ProbeConfig> {
-    let probe = ProbeConfig {
-        min_k: args.min_k.unwrap_or(8),
-        max_k: args.max_k.unwrap_or(64),
-        mass_threshold: args.mass_threshold.unwrap_or(0.95),
-        eps: 1e-12,
-    };
-    probe.validate().map_err(|e| usage!("{e}"))?;
-    Ok(probe)
-}
-
 /// Every check that needs no model, so a typo fails in milliseconds.
 fn read_input(args: &CompareArgs) -> anyhow::Result<Input> {
     if let Some(path) = &args.text_file {
@@ -170,9 +158,7 @@ fn read_input(args: &CompareArgs) -> anyhow::Result<Input> {
         top_k: args.top_k,
         min_p: args.min_p,
         seed: args.seed,
-        min_k: args.min_k,
-        max_k: args.max_k,
-        mass_threshold: args.mass_threshold,
+        probe: args.probe.clone(),
         ..Default::default()
     };
     Ok(Input::Prompt(Box::new(TracePlan::from_args(&mut t)?)))
@@ -187,7 +173,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
         .iter()
         .map(|b| parse_side("--b", b))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let probe = probe_config(args)?;
+    let probe = args.probe.config()?;
     let input = read_input(args)?;
     let chunk_len = args.engine.ctx_size.unwrap_or(DEFAULT_CHUNK);
     if chunk_len < 4 {

@@ -43,13 +43,7 @@ impl TracePlan {
             frequency_penalty: args.frequency_penalty.unwrap_or(0.0),
         };
         sampling.validate().map_err(|e| usage!("{e}"))?;
-        let probe = ProbeConfig {
-            min_k: args.min_k.unwrap_or(8),
-            max_k: args.max_k.unwrap_or(64),
-            mass_threshold: args.mass_threshold.unwrap_or(0.95),
-            eps: 1e-12,
-        };
-        probe.validate().map_err(|e| usage!("{e}"))?;
+        let probe = args.probe.config()?;
         let max_new_tokens = args.max_new_tokens.unwrap_or(64);
         if max_new_tokens == 0 {
             return Err(usage!(
