@@ -179,24 +179,9 @@ pub struct CompareArgs {
     /// System message (with --use-chat-template)
     #[arg(long)]
     pub system_prompt: Option<String>,
-    /// Tokens A generates from --prompt [default: 64]
-    #[arg(long, value_name = "N")]
-    pub max_new_tokens: Option<usize>,
-    /// Sampling temperature for --prompt; 0 = greedy [default: 0.8]
-    #[arg(long, value_name = "T", allow_negative_numbers = true)]
-    pub temperature: Option<f64>,
-    /// Top-p for --prompt [default: 0.95]
-    #[arg(long, value_name = "P", allow_negative_numbers = true)]
-    pub top_p: Option<f64>,
-    /// Top-k for --prompt; 0 = off [default: 0]
-    #[arg(long, value_name = "K")]
-    pub top_k: Option<usize>,
-    /// Min-p for --prompt; 0 = off [default: 0]
-    #[arg(long, value_name = "P", allow_negative_numbers = true)]
-    pub min_p: Option<f64>,
-    /// Random seed for --prompt [default: a fresh one, recorded in compare.json]
-    #[arg(long)]
-    pub seed: Option<u64>,
+    /// Sampling of A's continuation of --prompt
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     #[command(flatten)]
     pub probe: ProbeArgs,
     /// Output folder [default: outputs/compare]
@@ -284,6 +269,38 @@ pub enum FlashAttnArg {
     On,
     Off,
     Auto,
+}
+
+/// Generation and sampling flags, shared by `trace` and `compare --prompt`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct SamplingArgs {
+    /// Tokens to generate per prompt [default: 64]
+    #[arg(long, value_name = "N")]
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature; 0 = greedy [default: 0.8]
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
+    pub temperature: Option<f64>,
+    /// Top-p (nucleus) mass; 1 = off [default: 0.95]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub top_p: Option<f64>,
+    /// Top-k; 0 = off [default: 0]
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Min-p, relative to the top token's probability; 0 = off [default: 0]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub min_p: Option<f64>,
+    /// Repetition penalty; 1 = off [default: 1]
+    #[arg(long, value_name = "R", allow_negative_numbers = true)]
+    pub repeat_penalty: Option<f32>,
+    /// Presence penalty; 0 = off [default: 0]
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
+    pub presence_penalty: Option<f32>,
+    /// Frequency penalty; 0 = off [default: 0]
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
+    pub frequency_penalty: Option<f32>,
+    /// Random seed [default: a fresh one, recorded in run.json / compare.json]
+    #[arg(long)]
+    pub seed: Option<u64>,
 }
 
 /// The probe's adaptive-k flags, shared by `trace` and `compare`.
@@ -392,35 +409,10 @@ pub struct TraceArgs {
     /// Wrap each prompt in the model's own chat template
     #[arg(long)]
     pub use_chat_template: bool,
-    /// Tokens to generate per prompt [default: 64]
-    #[arg(long, value_name = "N")]
-    pub max_new_tokens: Option<usize>,
-    /// Sampling temperature; 0 = greedy [default: 0.8]
-    #[arg(long, value_name = "T", allow_negative_numbers = true)]
-    pub temperature: Option<f64>,
-    /// Top-p (nucleus) mass; 1 = off [default: 0.95]
-    #[arg(long, value_name = "P", allow_negative_numbers = true)]
-    pub top_p: Option<f64>,
-    /// Top-k; 0 = off [default: 0]
-    #[arg(long, value_name = "K")]
-    pub top_k: Option<usize>,
-    /// Min-p, relative to the top token's probability; 0 = off [default: 0]
-    #[arg(long, value_name = "P", allow_negative_numbers = true)]
-    pub min_p: Option<f64>,
-    /// Repetition penalty; 1 = off [default: 1]
-    #[arg(long, value_name = "R", allow_negative_numbers = true)]
-    pub repeat_penalty: Option<f32>,
-    /// Presence penalty; 0 = off [default: 0]
-    #[arg(long, value_name = "X", allow_negative_numbers = true)]
-    pub presence_penalty: Option<f32>,
-    /// Frequency penalty; 0 = off [default: 0]
-    #[arg(long, value_name = "X", allow_negative_numbers = true)]
-    pub frequency_penalty: Option<f32>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     #[command(flatten)]
     pub probe: ProbeArgs,
-    /// Random seed [default: a fresh one, recorded in run.json]
-    #[arg(long)]
-    pub seed: Option<u64>,
     /// Output folder [default: outputs]
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -507,18 +499,18 @@ impl TraceArgs {
                 "prompts_file" => fill!(self.prompts_file, k, v),
                 "system_prompt" => fill!(self.system_prompt, k, v),
                 "use_chat_template" => self.use_chat_template |= from_value::<bool>(k, v)?,
-                "max_new_tokens" => fill!(self.max_new_tokens, k, v),
-                "temperature" => fill!(self.temperature, k, v),
-                "top_p" => fill!(self.top_p, k, v),
-                "top_k" | "sample_top_k" => fill!(self.top_k, k, v),
-                "min_p" => fill!(self.min_p, k, v),
-                "repeat_penalty" => fill!(self.repeat_penalty, k, v),
-                "presence_penalty" => fill!(self.presence_penalty, k, v),
-                "frequency_penalty" => fill!(self.frequency_penalty, k, v),
+                "max_new_tokens" => fill!(self.sampling.max_new_tokens, k, v),
+                "temperature" => fill!(self.sampling.temperature, k, v),
+                "top_p" => fill!(self.sampling.top_p, k, v),
+                "top_k" | "sample_top_k" => fill!(self.sampling.top_k, k, v),
+                "min_p" => fill!(self.sampling.min_p, k, v),
+                "repeat_penalty" => fill!(self.sampling.repeat_penalty, k, v),
+                "presence_penalty" => fill!(self.sampling.presence_penalty, k, v),
+                "frequency_penalty" => fill!(self.sampling.frequency_penalty, k, v),
                 "min_k" => fill!(self.probe.min_k, k, v),
                 "max_k" => fill!(self.probe.max_k, k, v),
                 "mass_threshold" => fill!(self.probe.mass_threshold, k, v),
-                "seed" => fill!(self.seed, k, v),
+                "seed" => fill!(self.sampling.seed, k, v),
                 "out" | "output_dir" => fill!(self.out, k, v),
                 "threads" => fill!(e.threads, k, v),
                 "ctx_size" => fill!(e.ctx_size, k, v),

@@ -152,12 +152,7 @@ fn read_input(args: &CompareArgs) -> anyhow::Result<Input> {
         prompt: vec![prompt],
         system_prompt: args.system_prompt.clone(),
         use_chat_template: args.use_chat_template,
-        max_new_tokens: args.max_new_tokens,
-        temperature: args.temperature,
-        top_p: args.top_p,
-        top_k: args.top_k,
-        min_p: args.min_p,
-        seed: args.seed,
+        sampling: args.sampling.clone(),
         probe: args.probe.clone(),
         ..Default::default()
     };

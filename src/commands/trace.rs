@@ -34,17 +34,17 @@ impl TracePlan {
     pub fn from_args(args: &mut TraceArgs) -> anyhow::Result<Self> {
         args.apply_config()?;
         let sampling = SamplingConfig {
-            temperature: args.temperature.unwrap_or(0.8),
-            top_k: args.top_k.unwrap_or(0),
-            top_p: args.top_p.unwrap_or(0.95),
-            min_p: args.min_p.unwrap_or(0.0),
-            repeat_penalty: args.repeat_penalty.unwrap_or(1.0),
-            presence_penalty: args.presence_penalty.unwrap_or(0.0),
-            frequency_penalty: args.frequency_penalty.unwrap_or(0.0),
+            temperature: args.sampling.temperature.unwrap_or(0.8),
+            top_k: args.sampling.top_k.unwrap_or(0),
+            top_p: args.sampling.top_p.unwrap_or(0.95),
+            min_p: args.sampling.min_p.unwrap_or(0.0),
+            repeat_penalty: args.sampling.repeat_penalty.unwrap_or(1.0),
+            presence_penalty: args.sampling.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: args.sampling.frequency_penalty.unwrap_or(0.0),
         };
         sampling.validate().map_err(|e| usage!("{e}"))?;
         let probe = args.probe.config()?;
-        let max_new_tokens = args.max_new_tokens.unwrap_or(64);
+        let max_new_tokens = args.sampling.max_new_tokens.unwrap_or(64);
         if max_new_tokens == 0 {
             return Err(usage!(
                 "--max-new-tokens 0 generates nothing: use 1 or more"
@@ -91,10 +91,10 @@ impl TracePlan {
                 sampling,
                 probe,
                 max_new_tokens,
-                seed: args.seed.unwrap_or_else(sampler::fresh_seed),
+                seed: args.sampling.seed.unwrap_or_else(sampler::fresh_seed),
                 probe_enabled: !args.no_probe,
             },
-            seed_given: args.seed.is_some(),
+            seed_given: args.sampling.seed.is_some(),
             out: args.out.clone().unwrap_or_else(|| PathBuf::from("outputs")),
         })
     }
