@@ -315,8 +315,8 @@ pub fn side_by_side_heatmaps(
             .disable_mesh()
             .x_desc("generation step")
             .y_desc("rank")
-            .label_style((FONT, 11))
-            .axis_desc_style((FONT, 12))
+            .label_style((FONT, 13))
+            .axis_desc_style((FONT, 13))
             .draw()
             .map_err(|e| err(path, e))?;
         chart
@@ -428,12 +428,16 @@ fn draw_lines(
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc(y_desc)
-        .label_style((FONT, 11))
-        .axis_desc_style((FONT, 12))
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .label_style((FONT, 13))
+        .axis_desc_style((FONT, 13))
         .light_line_style(WHITE.mix(0.0))
         .draw()?;
     for s in series {
         let color = s.color;
+        // plotters draws wide strokes as one quad per segment: on thousands of steep segments
+        // they spike past the axes, so long series get hairlines.
+        let width = if s.values.len() > 300 { 1 } else { 2 };
         chart
             .draw_series(LineSeries::new(
                 s.values
@@ -441,7 +445,7 @@ fn draw_lines(
                     .enumerate()
                     .filter(|(_, v)| v.is_finite())
                     .map(|(i, &v)| (i as f64, v)),
-                color.stroke_width(2),
+                color.stroke_width(width),
             ))?
             .label(s.name)
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2)));
@@ -515,8 +519,9 @@ pub fn log_histogram(
         .x_desc(x_desc)
         .y_desc("positions")
         .x_label_formatter(&|v| format!("1e{v:.0}"))
-        .label_style((FONT, 11))
-        .axis_desc_style((FONT, 12))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .label_style((FONT, 13))
+        .axis_desc_style((FONT, 13))
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(|e| err(path, e))?;
