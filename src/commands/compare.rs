@@ -205,11 +205,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
     timing.load_a_s = a.load_s;
     let mut bs = Vec::new();
     for (i, spec) in b_specs.iter().enumerate() {
-        let name = if b_specs.len() > 1 {
-            format!("B{}", i + 1)
-        } else {
-            "B".into()
-        };
+        let name = compare::b_name(i, b_specs.len());
         let b = load(spec, &name, &engines[1], verbose)?;
         compare::check_vocab(
             &*a.source,
@@ -446,7 +442,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
             .enumerate()
             .map(|(i, s)| format!(
                 "{} {:.1} tok/s",
-                if t.score_b_s.len() > 1 { format!("B{}", i + 1) } else { "B".into() },
+                compare::b_name(i, t.score_b_s.len()),
                 t.tokens_evaluated as f64 / s.max(1e-9)
             ))
             .collect::<Vec<_>>()

@@ -312,6 +312,16 @@ impl Chunk {
     }
 }
 
+/// How side B number `i` (0-based) of `n` is named in tables, plots and errors: `B` when it
+/// is the only one, `B1`, `B2`, ... in a ladder.
+pub fn b_name(i: usize, n: usize) -> String {
+    if n > 1 {
+        format!("B{}", i + 1)
+    } else {
+        "B".into()
+    }
+}
+
 /// Cuts `ids` into `floor(len / ctx)` chunks of `ctx` tokens as llama-perplexity does: with
 /// BOS, each chunk starts with it (in place of the chunk's first text token); the first half
 /// of each chunk is context and only the second half is scored, unless `score_all`.
@@ -651,12 +661,7 @@ pub fn summary_table(report: &CompareReport) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "A:  {}", report.a.description);
     for (i, b) in report.b.iter().enumerate() {
-        let name = if report.b.len() > 1 {
-            format!("B{}", i + 1)
-        } else {
-            "B".into()
-        };
-        let _ = writeln!(out, "{name}: {}", b.description);
+        let _ = writeln!(out, "{}: {}", b_name(i, report.b.len()), b.description);
     }
     let _ = writeln!(out, "input: {}", report.input.description);
     let _ = writeln!(out);
@@ -664,12 +669,7 @@ pub fn summary_table(report: &CompareReport) -> String {
     let w = 28;
     let _ = write!(out, "{:<26}", "");
     for i in 0..s.len() {
-        let name = if s.len() > 1 {
-            format!("B{}", i + 1)
-        } else {
-            "B".into()
-        };
-        let _ = write!(out, "{name:>w$}");
+        let _ = write!(out, "{:>w$}", b_name(i, s.len()));
     }
     let _ = writeln!(out);
     let mut row = |name: &str, f: &dyn Fn(&Summary) -> String| {

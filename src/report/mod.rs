@@ -300,15 +300,7 @@ const B_COLORS: [plotters::style::RGBColor; 5] = [
 /// compare view of `report.html`.
 pub fn write_compare_report(dir: &Path, report: &CompareReport) -> anyhow::Result<Vec<PathBuf>> {
     let n_b = report.b.len();
-    let names: Vec<String> = (0..n_b)
-        .map(|i| {
-            if n_b > 1 {
-                format!("B{}", i + 1)
-            } else {
-                "B".into()
-            }
-        })
-        .collect();
+    let names: Vec<String> = (0..n_b).map(|i| crate::compare::b_name(i, n_b)).collect();
     let per_b = |f: fn(&crate::compare::BAt) -> f64| -> Vec<Vec<f64>> {
         (0..n_b)
             .map(|bi| report.positions.iter().map(|p| f(&p.b[bi])).collect())
