@@ -11,10 +11,10 @@
 //! - `selected_logprob` = ln(p + eps); `selected_rank` = 1 + the number of tokens with a
 //!   strictly larger probability.
 //!
-//! Cost per row is O(vocab) with no sort of the vocabulary: one pass for block maxima, one
-//! vectorized pass for Σe^z and Σz·e^z (entropy = ln S − Σz·e^z / S), and a gather of the
-//! few entries at or above the max_k-th largest block maximum, which must hold the top max_k.
-//! Everything after that works on those few candidates.
+//! Cost per row is O(vocab) with no sort of the vocabulary: one pass for block maxima, then
+//! one vectorized pass for Σe^z and Σz·e^z (entropy = ln S − Σz·e^z / S) that also gathers
+//! the entries at or above the n-th largest block maximum (n = 2·max(max_k, top_k)), which
+//! must hold the top n. Everything after that works on those few candidates.
 
 use crate::kernels;
 use crate::sampler::{Rng, SamplingConfig};
@@ -133,7 +133,7 @@ enum Kept {
 pub struct Probe {
     pub config: ProbeConfig,
     blocks: Vec<f32>,
-    select: Vec<f32>,
+    select: Vec<u32>,
     cand: Vec<TokenId>,
     /// Distinct history tokens with their penalized logits, sorted by id.
     penalized: Vec<(TokenId, f32)>,
@@ -141,6 +141,7 @@ pub struct Probe {
     order_raw: Vec<TokenId>,
     order_proc: Vec<TokenId>,
     keys: Vec<u64>,
+    chunk_sums: Vec<f64>,
 }
 
 /// The numbers that describe one row under one temperature.
@@ -224,10 +225,29 @@ impl Probe {
         if !max.is_finite() {
             return self.degenerate(logits, probe);
         }
-        let (s, sz) = kernels::exp_sums(logits, max, inv_t);
+        self.set_penalties(logits, history, sampling);
+        // Gather enough candidates for the probe and the filters; grow when a filter reaches
+        // past what was gathered (flat rows, large top-k). The first gather rides on the
+        // exp pass, where a block costs little, so it takes twice what the probe shows: a
+        // top-p nucleus somewhat wider than max_k then needs no second pass over the row.
+        let mut need = self
+            .config
+            .max_k
+            .max(sampling.top_k)
+            .max(1)
+            .saturating_mul(2);
+        let mut t = self.threshold(need);
+        self.cand.clear();
+        let gather = kernels::Gather {
+            blocks: &self.blocks,
+            threshold: t,
+            ids: &mut self.cand,
+        };
+        let (s, sz) = kernels::exp_sums_gather(logits, max, inv_t, gather);
         if s.is_nan() || sz.is_nan() {
             return Err(first_nan(logits));
         }
+        self.add_penalized(logits, t);
         let row = RowSums {
             logits,
             max,
@@ -236,14 +256,9 @@ impl Probe {
             s,
             sz,
         };
-        self.set_penalties(logits, history, sampling);
         let (s_p, sz_p) = self.penalized_sums(&row);
 
-        // Gather enough candidates for the probe and the filters; grow when a filter reaches
-        // past what was gathered (flat rows, large top-k).
-        let mut need = self.config.max_k.max(sampling.top_k).max(1);
         loop {
-            let t = self.gather(logits, need);
             let everything = t == f32::NEG_INFINITY;
             let valid_raw = self.order_raw(logits, t);
             // Without penalties both orders are the same sort of the same candidates.
@@ -268,6 +283,7 @@ impl Probe {
                 // `everything` always decides; this only grows a finite threshold.
                 debug_assert!(!everything);
                 need = need.saturating_mul(4);
+                t = self.gather(logits, need);
                 continue;
             };
             let selected = match kept {
@@ -319,7 +335,16 @@ impl Probe {
             let top = argmax_lowest(logits);
             return Ok(point_mass(top, self.config.eps));
         }
-        let (s, sz) = kernels::exp_sums(logits, max, inv_t);
+        self.penalized.clear();
+        let mut need = self.config.max_k;
+        let mut t = self.threshold(need);
+        self.cand.clear();
+        let gather = kernels::Gather {
+            blocks: &self.blocks,
+            threshold: t,
+            ids: &mut self.cand,
+        };
+        let (s, sz) = kernels::exp_sums_gather(logits, max, inv_t, gather);
         if s.is_nan() {
             return Err(first_nan(logits));
         }
@@ -331,10 +356,7 @@ impl Probe {
             s,
             sz,
         };
-        self.penalized.clear();
-        let mut need = self.config.max_k;
         loop {
-            let t = self.gather(logits, need);
             let valid = self.order_raw(logits, t);
             if valid >= self.config.max_k.min(self.order_raw.len())
                 || self.order_raw[..valid]
@@ -345,6 +367,7 @@ impl Probe {
                 return Ok(self.describe_raw(&row, t, valid, selected));
             }
             need = need.saturating_mul(4);
+            t = self.gather(logits, need);
         }
     }
 
@@ -428,41 +451,44 @@ impl Probe {
         (row.s - removed + added, row.sz - removed_z + added_z)
     }
 
+    /// The `need`-th largest block maximum: every entry at or above it lies in a block whose
+    /// maximum is at or above it, and there are at least `need` such entries. −∞ when there
+    /// are no more blocks than `need` (then every id is a candidate).
+    fn threshold(&mut self, need: usize) -> f32 {
+        if self.blocks.len() <= need {
+            return f32::NEG_INFINITY;
+        }
+        // Integer keys select several times faster than floats through a comparator.
+        self.select.clear();
+        self.select
+            .extend(self.blocks.iter().map(|&b| (sort_key(b, 0) >> 32) as u32));
+        let (_, nth, _) = self.select.select_nth_unstable(need - 1);
+        f32_of_key(*nth)
+    }
+
     /// Collects every id whose logit is at least the `need`-th largest block maximum, plus the
     /// penalized ids; returns that threshold (−∞ when everything was gathered).
     fn gather(&mut self, logits: &[f32], need: usize) -> f32 {
+        let t = self.threshold(need);
         self.cand.clear();
-        let t = if self.blocks.len() <= need {
-            f32::NEG_INFINITY
-        } else {
-            self.select.clear();
-            self.select.extend_from_slice(&self.blocks);
-            let (_, nth, _) = self
-                .select
-                .select_nth_unstable_by(need - 1, |a, b| b.total_cmp(a));
-            *nth
-        };
-        if t == f32::NEG_INFINITY {
-            self.cand.extend(0..logits.len() as TokenId);
-        } else {
-            for (b, &bm) in self.blocks.iter().enumerate() {
-                if bm >= t {
-                    let start = b * kernels::BLOCK;
-                    let end = (start + kernels::BLOCK).min(logits.len());
-                    for (i, &v) in logits[start..end].iter().enumerate() {
-                        if v >= t {
-                            self.cand.push((start + i) as TokenId);
-                        }
-                    }
-                }
-            }
-            for &(id, _) in &self.penalized {
-                if logits[id as usize] < t {
-                    self.cand.push(id);
-                }
+        for (b, &bm) in self.blocks.iter().enumerate() {
+            if bm >= t {
+                let start = b * kernels::BLOCK;
+                let end = (start + kernels::BLOCK).min(logits.len());
+                kernels::collect(&logits[start..end], start, t, &mut self.cand);
             }
         }
+        self.add_penalized(logits, t);
         t
+    }
+
+    /// Penalized ids below the threshold still join the candidates: a penalty can lift them.
+    fn add_penalized(&mut self, logits: &[f32], t: f32) {
+        for &(id, _) in &self.penalized {
+            if logits[id as usize] < t {
+                self.cand.push(id);
+            }
+        }
     }
 
     /// Sorts the candidates by raw logit (desc, id asc); returns how many lead the order
@@ -580,22 +606,43 @@ impl Probe {
     }
 
     /// Draws from the whole (penalized) row, walking ids in order: no filter is active.
-    fn draw_all(&self, row: &RowSums, s_p: f64, rng: &mut Rng) -> TokenId {
+    ///
+    /// Chunk sums (one vectorized pass) find the chunk where the cumulative weight passes
+    /// the target; only that chunk is walked token by token.
+    fn draw_all(&mut self, row: &RowSums, s_p: f64, rng: &mut Rng) -> TokenId {
         let target = rng.next_f64() * s_p;
-        let mut cum = 0f64;
-        let mut last = self.order_proc[0];
-        for id in 0..row.logits.len() as TokenId {
-            let l = self.lp(row.logits, id);
-            if l == f32::NEG_INFINITY {
-                continue;
-            }
-            cum += f64::from(row.w(l));
-            last = id;
-            if cum > target {
-                return id;
+        let len = kernels::CHUNK_LEN;
+        kernels::chunk_sums(row.logits, row.max, row.inv_t, &mut self.chunk_sums);
+        for &(id, l_pen) in &self.penalized {
+            let l = row.logits[id as usize];
+            if l != f32::NEG_INFINITY {
+                self.chunk_sums[id as usize / len] += f64::from(row.w(l_pen)) - f64::from(row.w(l));
             }
         }
-        last
+        let mut cum = 0f64;
+        for (c, &chunk_sum) in self.chunk_sums.iter().enumerate() {
+            if cum + chunk_sum <= target {
+                cum += chunk_sum;
+                continue;
+            }
+            let start = c * len;
+            for id in start as TokenId..(start + len).min(row.logits.len()) as TokenId {
+                let l = self.lp(row.logits, id);
+                if l == f32::NEG_INFINITY {
+                    continue;
+                }
+                cum += f64::from(row.w(l));
+                if cum > target {
+                    return id;
+                }
+            }
+            // The token-by-token sum fell a rounding short of the chunk sum: go on from it.
+        }
+        // Rounding left the whole row just short of the target: the last finite token.
+        (0..row.logits.len() as TokenId)
+            .rev()
+            .find(|&id| self.lp(row.logits, id) != f32::NEG_INFINITY)
+            .unwrap_or(self.order_proc[0])
     }
 
     fn describe_raw(&self, row: &RowSums, t: f32, valid: usize, selected: TokenId) -> Distribution {
@@ -738,6 +785,17 @@ fn sort_key(logit: f32, id: TokenId) -> u64 {
         b | 0x8000_0000
     };
     (u64::from(!ascending) << 32) | u64::from(id)
+}
+
+/// The logit whose [`sort_key`] has `key` as its upper half.
+#[inline]
+fn f32_of_key(key: u32) -> f32 {
+    let ascending = !key;
+    f32::from_bits(if ascending & 0x8000_0000 != 0 {
+        ascending & 0x7fff_ffff
+    } else {
+        !ascending
+    })
 }
 
 fn point_mass(id: TokenId, eps: f64) -> Distribution {

@@ -35,8 +35,25 @@ fn draws_follow_the_processed_distribution() {
             min_p: 0.02,
             ..Default::default()
         },
+        // No filter: the draw walks the whole row through its chunk sums.
+        SamplingConfig {
+            temperature: 1.0,
+            top_p: 1.0,
+            ..Default::default()
+        },
+        // The same with penalties, which change some chunk sums.
+        SamplingConfig {
+            temperature: 1.0,
+            top_p: 1.0,
+            repeat_penalty: 1.5,
+            presence_penalty: 0.4,
+            ..Default::default()
+        },
     ];
+    // Penalized tokens in the head, in the middle of the row and in its 16-entry tail.
+    let history: Vec<u32> = vec![0, 1, 1, 2, 3, 700, 1999, 1990];
     for s in configs {
+        let history: &[u32] = if s.has_penalties() { &history } else { &[] };
         let mut probe = Probe::new(ProbeConfig {
             min_k: 1,
             max_k: 4096,
@@ -44,7 +61,7 @@ fn draws_follow_the_processed_distribution() {
             eps: 1e-12,
         });
         let mut rng = Rng::new(12345, 0);
-        let first = probe.step(&row, &[], &s, &mut rng, true).unwrap();
+        let first = probe.step(&row, history, &s, &mut rng, true).unwrap();
         let expected: Vec<(u32, f64)> = first
             .processed
             .unwrap()
@@ -55,7 +72,10 @@ fn draws_follow_the_processed_distribution() {
         let n = 20_000usize;
         let mut counts = std::collections::HashMap::<u32, usize>::new();
         for _ in 0..n {
-            let t = probe.step(&row, &[], &s, &mut rng, false).unwrap().selected;
+            let t = probe
+                .step(&row, history, &s, &mut rng, false)
+                .unwrap()
+                .selected;
             *counts.entry(t).or_default() += 1;
         }
         for t in counts.keys() {
