@@ -236,18 +236,7 @@ impl Probe {
             .max(sampling.top_k)
             .max(1)
             .saturating_mul(2);
-        let mut t = self.threshold(need);
-        self.cand.clear();
-        let gather = kernels::Gather {
-            blocks: &self.blocks,
-            threshold: t,
-            ids: &mut self.cand,
-        };
-        let (s, sz) = kernels::exp_sums_gather(logits, max, inv_t, gather);
-        if s.is_nan() || sz.is_nan() {
-            return Err(first_nan(logits));
-        }
-        self.add_penalized(logits, t);
+        let (mut t, s, sz) = self.exp_pass(logits, max, inv_t, need)?;
         let row = RowSums {
             logits,
             max,
@@ -337,17 +326,7 @@ impl Probe {
         }
         self.penalized.clear();
         let mut need = self.config.max_k;
-        let mut t = self.threshold(need);
-        self.cand.clear();
-        let gather = kernels::Gather {
-            blocks: &self.blocks,
-            threshold: t,
-            ids: &mut self.cand,
-        };
-        let (s, sz) = kernels::exp_sums_gather(logits, max, inv_t, gather);
-        if s.is_nan() {
-            return Err(first_nan(logits));
-        }
+        let (mut t, s, sz) = self.exp_pass(logits, max, inv_t, need)?;
         let row = RowSums {
             logits,
             max,
@@ -369,6 +348,30 @@ impl Probe {
             need = need.saturating_mul(4);
             t = self.gather(logits, need);
         }
+    }
+
+    /// The exp pass: Σe^z and Σz·e^z of the row, with the candidates for `need` gathered on
+    /// the way (penalized ids included); returns the gather threshold and the two sums.
+    fn exp_pass(
+        &mut self,
+        logits: &[f32],
+        max: f32,
+        inv_t: f32,
+        need: usize,
+    ) -> Result<(f32, f64, f64), NanLogits> {
+        let t = self.threshold(need);
+        self.cand.clear();
+        let gather = kernels::Gather {
+            blocks: &self.blocks,
+            threshold: t,
+            ids: &mut self.cand,
+        };
+        let (s, sz) = kernels::exp_sums_gather(logits, max, inv_t, gather);
+        if s.is_nan() || sz.is_nan() {
+            return Err(first_nan(logits));
+        }
+        self.add_penalized(logits, t);
+        Ok((t, s, sz))
     }
 
     fn degenerate(&mut self, logits: &[f32], probe: bool) -> Result<StepProbe, NanLogits> {
