@@ -229,9 +229,15 @@ fn config_strategy() -> impl Strategy<Value = ProbeConfig> {
     })
 }
 
-/// Rows with ties (values on a coarse grid), −∞ entries and a few dominant tokens.
+/// Rows of up to 46 blocks.
 fn row_strategy() -> impl Strategy<Value = Vec<f32>> {
-    (1usize..3000, any::<u64>(), 0u8..4).prop_map(|(n, seed, kind)| {
+    rows_of(1..3000)
+}
+
+/// Rows of `lengths` entries, with ties (values on a coarse grid), −∞ entries and a few
+/// dominant tokens.
+fn rows_of(lengths: std::ops::Range<usize>) -> impl Strategy<Value = Vec<f32>> {
+    (lengths, any::<u64>(), 0u8..4).prop_map(|(n, seed, kind)| {
         let mut s = seed;
         let mut next = || {
             s = s
@@ -264,6 +270,16 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
     #[test]
     fn probe_matches_reference(row in row_strategy(), s in sampling_strategy(), cfg in config_strategy(), seed in any::<u64>()) {
+        run_case(&row, &s, &cfg, seed);
+    }
+}
+
+proptest! {
+    // Rows of hundreds of blocks: the candidates come from the exp pass's gather at a finite
+    // threshold, and wide nuclei make the probe gather again.
+    #![proptest_config(ProptestConfig { cases: 60, ..ProptestConfig::default() })]
+    #[test]
+    fn probe_matches_reference_on_long_rows(row in rows_of(8_000..40_000), s in sampling_strategy(), cfg in config_strategy(), seed in any::<u64>()) {
         run_case(&row, &s, &cfg, seed);
     }
 }
