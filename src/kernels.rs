@@ -67,6 +67,19 @@ fn exp_in_range(z: f32) -> f32 {
 /// instructions rather than nine calls into the C library's `fmaf`.
 #[multiversion(targets("x86_64+avx2+fma", "x86_64+avx+fma", "aarch64+neon"))]
 pub fn exp(z: f32) -> f32 {
+    exp_any(z)
+}
+
+/// [`exp`] of (l − max)·inv_t for each logit, into `out`: the sampler's weights of a run of
+/// candidates in one vectorized call, the same bits as calling [`exp`] on each.
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+avx+fma", "aarch64+neon"))]
+pub fn exp_weights(logits: &[f32], max: f32, inv_t: f32, out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(logits.iter().map(|&l| exp_any((l - max) * inv_t)));
+}
+
+#[inline(always)]
+fn exp_any(z: f32) -> f32 {
     let zc = if z > Z_MAX { Z_MAX } else { z };
     let zc = if zc < Z_MIN { Z_MIN } else { zc };
     let e = exp_in_range(zc);

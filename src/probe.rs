@@ -142,6 +142,9 @@ pub struct Probe {
     order_proc: Vec<TokenId>,
     keys: Vec<u64>,
     chunk_sums: Vec<f64>,
+    /// Penalized logits of the exactly ordered processed prefix, and their sampling weights.
+    lp_buf: Vec<f32>,
+    weights: Vec<f32>,
 }
 
 /// The numbers that describe one row under one temperature.
@@ -260,7 +263,8 @@ impl Probe {
             let kept = if greedy {
                 Some(Kept::Prefix(1))
             } else {
-                self.kept(&row, s_p, valid_proc, everything, sampling)
+                self.fill_weights(&row, valid_proc);
+                self.kept(s_p, valid_proc, everything, sampling)
             };
             let probe_ready = |valid: usize| !probe || everything || valid >= self.config.max_k;
             let kept = match kept {
@@ -276,7 +280,7 @@ impl Probe {
                 continue;
             };
             let selected = match kept {
-                Kept::Prefix(n) => self.draw_prefix(&row, n, greedy, rng),
+                Kept::Prefix(n) => self.draw_prefix(n, greedy, rng),
                 Kept::All => self.draw_all(&row, s_p, rng),
             };
             if !probe {
@@ -530,16 +534,18 @@ impl Probe {
     /// the exactly ordered prefix (`valid` entries), gather more.
     fn kept(
         &self,
-        row: &RowSums,
         s_p: f64,
         valid: usize,
         everything: bool,
         sampling: &SamplingConfig,
     ) -> Option<Kept> {
-        let order = &self.order_proc;
-        let lp = |i: usize| self.lp(row.logits, order[i]);
+        let w = |i: usize| f64::from(self.weights[i]);
         // Tokens with −∞ logits are never kept; they sort last.
-        let finite_in = |n: usize| (0..n).take_while(|&i| lp(i) != f32::NEG_INFINITY).count();
+        let finite_in = |n: usize| {
+            (0..n)
+                .take_while(|&i| self.lp_buf[i] != f32::NEG_INFINITY)
+                .count()
+        };
         let mut kept = Kept::All;
         let mut domain_sum = s_p;
         if sampling.top_k > 0 {
@@ -547,7 +553,7 @@ impl Probe {
                 return None;
             }
             let n = finite_in(sampling.top_k.min(valid));
-            domain_sum = (0..n).map(|i| f64::from(row.w(lp(i)))).sum();
+            domain_sum = (0..n).map(w).sum();
             kept = Kept::Prefix(n);
         }
         if sampling.top_p < 1.0 {
@@ -559,7 +565,7 @@ impl Probe {
             let mut cum = 0f64;
             let mut reached = None;
             for i in 0..limit {
-                cum += f64::from(row.w(lp(i)));
+                cum += w(i);
                 if cum >= target {
                     reached = Some(i + 1);
                     break;
@@ -574,15 +580,12 @@ impl Probe {
             };
         }
         if sampling.min_p > 0.0 {
-            let floor = sampling.min_p * f64::from(row.w(lp(0)));
+            let floor = sampling.min_p * w(0);
             let limit = match kept {
                 Kept::Prefix(n) => n,
                 Kept::All => finite_in(valid),
             };
-            let n = (0..limit)
-                .take_while(|&i| f64::from(row.w(lp(i))) >= floor)
-                .count()
-                .max(1);
+            let n = (0..limit).take_while(|&i| w(i) >= floor).count().max(1);
             if n == valid && !everything && matches!(kept, Kept::All) {
                 return None;
             }
@@ -591,11 +594,28 @@ impl Probe {
         Some(kept)
     }
 
-    fn draw_prefix(&self, row: &RowSums, n: usize, greedy: bool, rng: &mut Rng) -> TokenId {
+    /// The sampling weights of the first `valid` tokens of the processed order (at least the
+    /// first token: min-p reads it), computed once for the filters and the draw.
+    fn fill_weights(&mut self, row: &RowSums, valid: usize) {
+        let n = valid.max(1).min(self.order_proc.len());
+        let mut lp = std::mem::take(&mut self.lp_buf);
+        lp.clear();
+        lp.extend(
+            self.order_proc[..n]
+                .iter()
+                .map(|&id| self.lp(row.logits, id)),
+        );
+        kernels::exp_weights(&lp, row.max, row.inv_t, &mut self.weights);
+        self.lp_buf = lp;
+    }
+
+    /// Draws from the first `n` tokens of the processed order, by their weights from
+    /// [`Probe::fill_weights`].
+    fn draw_prefix(&self, n: usize, greedy: bool, rng: &mut Rng) -> TokenId {
         if greedy || n == 1 {
             return self.order_proc[0];
         }
-        let weights = |i: usize| f64::from(row.w(self.lp(row.logits, self.order_proc[i])));
+        let weights = |i: usize| f64::from(self.weights[i]);
         let total: f64 = (0..n).map(weights).sum();
         let target = rng.next_f64() * total;
         let mut cum = 0f64;
