@@ -25,6 +25,7 @@ const PROMPT: &str =
 fn decode_tps(src: &mut dyn LogitSource, new_tokens: usize, probe: bool) -> f64 {
     let ids = src.tokenize(PROMPT, src.info().add_bos, false).unwrap();
     let prompts = [PromptInput {
+        index: 0,
         prompt: PROMPT.into(),
         system_prompt: None,
         rendered: PROMPT.into(),
@@ -89,6 +90,10 @@ impl<S: LogitSource> LogitSource for RerunPrefix<S> {
     }
     fn begin(&mut self, n: usize) -> anyhow::Result<()> {
         self.history = vec![Vec::new(); n];
+        Ok(())
+    }
+    fn clear_slot(&mut self, slot: usize) -> anyhow::Result<()> {
+        self.history[slot].clear();
         Ok(())
     }
     fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>> {

@@ -409,6 +409,18 @@ pub struct TraceArgs {
     /// Wrap each prompt in the model's own chat template
     #[arg(long)]
     pub use_chat_template: bool,
+    /// Sequences decoded together, each in a slot with its own KV cache; when one ends, the
+    /// next prompt takes its slot [default: the number of prompts, at most 8, fewer when
+    /// their KV cache does not fit in memory]
+    #[arg(long, value_name = "N")]
+    pub parallel: Option<usize>,
+    /// End a sequence where its generated text contains STRING (not part of the output);
+    /// repeat for several
+    #[arg(long, value_name = "STRING")]
+    pub stop: Vec<String>,
+    /// Skip each prompt's plots and report.html (`logitprobe report` draws them later)
+    #[arg(long)]
+    pub no_plots: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
@@ -497,6 +509,16 @@ impl TraceArgs {
                     }
                 }
                 "prompts_file" => fill!(self.prompts_file, k, v),
+                "parallel" => fill!(self.parallel, k, v),
+                "stop" => {
+                    if self.stop.is_empty() {
+                        self.stop = match v {
+                            Value::Array(_) => from_value(k, v)?,
+                            _ => vec![from_value(k, v)?],
+                        };
+                    }
+                }
+                "no_plots" => self.no_plots |= from_value::<bool>(k, v)?,
                 "system_prompt" => fill!(self.system_prompt, k, v),
                 "use_chat_template" => self.use_chat_template |= from_value::<bool>(k, v)?,
                 "max_new_tokens" => fill!(self.sampling.max_new_tokens, k, v),

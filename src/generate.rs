@@ -1,5 +1,10 @@
-//! The generation loop: one `[batch, vocab]` decode per step through a [`LogitSource`], the
-//! sampler and the probe on each row, and each finished step handed to the [`Sink`]s.
+//! The generation loop: a bounded set of slots decoded together through a [`LogitSource`],
+//! refilled from a prompt iterator as sequences finish, the sampler and the probe on each
+//! row, and each step handed to the [`Sink`]s, whose answer can end a sequence or the run.
+//!
+//! A prompt's tokens depend only on the seed, its text, its global index (which keys its
+//! random stream) and the settings: never on how many slots there are, what else passes
+//! through them, or the order in which they finish.
 
 use crate::probe::{Probe, ProbeConfig};
 use crate::sampler::{Rng, SamplingConfig};
@@ -13,6 +18,9 @@ use std::time::{Duration, Instant};
 /// One prompt, rendered and tokenized.
 #[derive(Debug, Clone)]
 pub struct PromptInput {
+    /// The prompt's global index: its line in a prompts file (0-based) or its position
+    /// among the prompts given. Keys its random stream and names its output folder.
+    pub index: usize,
     /// The user's prompt before any chat template.
     pub prompt: String,
     pub system_prompt: Option<String>,
@@ -39,7 +47,25 @@ pub enum StopReason {
     EndOfGeneration,
     MaxNewTokens,
     ContextFull,
+    /// A stop string appeared in the generated text.
+    StopString,
+    /// A sink ended the sequence or the run.
+    Cancelled,
     Interrupted,
+}
+
+impl StopReason {
+    /// The name written to run.json and summaries.
+    pub fn name(self) -> &'static str {
+        match self {
+            StopReason::EndOfGeneration => "end_of_generation",
+            StopReason::MaxNewTokens => "max_new_tokens",
+            StopReason::ContextFull => "context_full",
+            StopReason::StopString => "stop_string",
+            StopReason::Cancelled => "cancelled",
+            StopReason::Interrupted => "interrupted",
+        }
+    }
 }
 
 /// What one prompt produced.
@@ -47,26 +73,94 @@ pub enum StopReason {
 pub struct Generation {
     pub steps: Vec<Step>,
     pub generated_ids: Vec<TokenId>,
+    /// Bytes of the generated tokens, special tokens skipped.
+    pub text: Vec<u8>,
+    /// How many bytes of `text` are the output: less than `text.len()` when a stop string
+    /// ended the sequence (the stop string and what followed it are not output).
+    pub text_len: usize,
+    /// Where the last token's bytes start in `text`.
+    pub last_text_start: usize,
     pub stop: StopReason,
     /// Steps whose row had no finite logit and fell back to greedy.
     pub degenerate_steps: Vec<usize>,
 }
 
+impl Generation {
+    fn new() -> Self {
+        Generation {
+            steps: Vec::new(),
+            generated_ids: Vec::new(),
+            text: Vec::new(),
+            text_len: 0,
+            last_text_start: 0,
+            stop: StopReason::MaxNewTokens,
+            degenerate_steps: Vec::new(),
+        }
+    }
+
+    /// The output text (up to a stop string), as UTF-8 with invalid bytes replaced.
+    pub fn output_text(&self) -> String {
+        String::from_utf8_lossy(&self.text[..self.text_len]).into_owned()
+    }
+}
+
 /// Wall-clock split of a run.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Timings {
+    /// Engine time of the decode calls that evaluated prompt tokens (a refilled slot's
+    /// prompt goes in the same call as the other slots' next tokens).
     pub prefill_s: f64,
+    /// Engine and sampling time of the other steps.
     pub decode_s: f64,
     /// Sampling and probing (inside the two above: the engine's share is the rest).
     pub probe_s: f64,
+    pub prompts: usize,
+    pub prompt_tokens: usize,
     pub generated_tokens: usize,
-    /// Generated tokens per second of the decode phase (after the prompt).
+    /// Generated tokens per second of the steps that evaluated no prompt.
     pub decode_tokens_per_s: f64,
+    /// Generated tokens per second of the whole loop.
+    pub tokens_per_s: f64,
+    pub wall_s: f64,
 }
 
-/// Receives each finished step as the loop produces it (ripgrep's `Sink`, for traces).
+/// A sink's answer to a step (ripgrep's `Sink` answers whether to go on searching).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// End this sequence. `text_len`, when given, is where its output text ends (a stop
+    /// string is not part of the output).
+    StopSequence {
+        text_len: Option<usize>,
+    },
+    /// End every sequence and take no more prompts.
+    StopAll,
+}
+
+/// Receives what the loop produces: a prompt entering a slot, each of its steps, and its
+/// finished generation. `source` is the engine, for token text.
 pub trait Sink {
-    fn step(&mut self, prompt_index: usize, step: &Step) -> anyhow::Result<()>;
+    fn begin(&mut self, _source: &dyn LogitSource, _prompt: &PromptInput) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// A step of `prompt`; `generation` already holds it.
+    fn step(
+        &mut self,
+        source: &dyn LogitSource,
+        prompt: &PromptInput,
+        generation: &Generation,
+        step: &Step,
+    ) -> anyhow::Result<Control>;
+
+    fn finish(
+        &mut self,
+        _source: &dyn LogitSource,
+        _prompt: &PromptInput,
+        _generation: &Generation,
+    ) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// Reports progress; the CLI draws a bar with it.
@@ -78,103 +172,201 @@ impl Progress for () {
     fn advance(&self, _: u64) {}
 }
 
-/// Runs every prompt as one batch until each hits an end-of-generation token,
-/// `max_new_tokens`, the context length, or `stop` is raised (Ctrl-C).
-pub fn generate(
+/// Ends a sequence when its generated text contains one of the stop strings (llama.cpp's
+/// and OpenAI's `stop`); its output text then ends before the string.
+#[derive(Debug, Clone, Default)]
+pub struct StopStrings {
+    stops: Vec<Vec<u8>>,
+}
+
+impl StopStrings {
+    pub fn new(stops: &[String]) -> Self {
+        StopStrings {
+            stops: stops
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| s.as_bytes().to_vec())
+                .collect(),
+        }
+    }
+
+    /// Where the earliest stop string starts in `text`, looking only where one could end
+    /// in the bytes after `old_len` (what the last token added).
+    pub fn find(&self, text: &[u8], old_len: usize) -> Option<usize> {
+        self.stops
+            .iter()
+            .filter_map(|s| {
+                let from = old_len.saturating_sub(s.len() - 1);
+                text[from..]
+                    .windows(s.len())
+                    .position(|w| w == s.as_slice())
+                    .map(|p| from + p)
+            })
+            .min()
+    }
+}
+
+impl Sink for StopStrings {
+    fn step(
+        &mut self,
+        _source: &dyn LogitSource,
+        _prompt: &PromptInput,
+        generation: &Generation,
+        _step: &Step,
+    ) -> anyhow::Result<Control> {
+        Ok(
+            match self.find(&generation.text, generation.last_text_start) {
+                Some(at) => Control::StopSequence { text_len: Some(at) },
+                None => Control::Continue,
+            },
+        )
+    }
+}
+
+/// Where the loop takes its next prompt from when a slot is free: an iterator of prepared
+/// prompts, [`crate::prompts::Prepared`] (specs rendered and tokenized as they are taken),
+/// or a server's queue of requests.
+pub trait Prompts {
+    /// The next prompt, `None` when there are no more. `source` renders and tokenizes.
+    fn next_prompt(&mut self, source: &dyn LogitSource) -> Option<anyhow::Result<PromptInput>>;
+}
+
+impl<I: Iterator<Item = anyhow::Result<PromptInput>>> Prompts for I {
+    fn next_prompt(&mut self, _: &dyn LogitSource) -> Option<anyhow::Result<PromptInput>> {
+        self.next()
+    }
+}
+
+/// A sequence in a slot.
+struct Active {
+    input: PromptInput,
+    generation: Generation,
+    rng: Rng,
+    history: Vec<TokenId>,
+    /// Tokens to feed at the next decode: the prompt, then the last sampled token.
+    pending: Vec<TokenId>,
+}
+
+/// Runs the prompts through `n_slots` slots until each hits an end-of-generation token,
+/// `max_new_tokens`, the context length, a sink's stop, or `stop` is raised (Ctrl-C). Prompts
+/// are pulled from `prompts` only when a slot is free.
+pub fn run(
     source: &mut dyn LogitSource,
-    prompts: &[PromptInput],
+    prompts: &mut dyn Prompts,
     cfg: &GenerateConfig,
+    n_slots: usize,
     sinks: &mut [&mut dyn Sink],
     stop: &AtomicBool,
     progress: &dyn Progress,
-) -> anyhow::Result<(Vec<Generation>, Timings)> {
-    let info = source.info().clone();
-    for (i, p) in prompts.iter().enumerate() {
-        if p.ids.is_empty() {
-            return Err(usage!(
-                "prompt {} is empty after tokenization; give a non-empty --prompt",
-                i + 1
-            ));
-        }
-        if p.ids.len() >= info.n_ctx {
-            return Err(usage!(
-                "prompt {} has {} tokens but the context holds {}; raise --ctx-size or shorten the prompt",
-                i + 1,
-                p.ids.len(),
-                info.n_ctx
-            ));
-        }
+) -> anyhow::Result<Timings> {
+    if n_slots == 0 {
+        return Err(usage!("0 parallel sequences run nothing: use 1 or more"));
     }
-    source.begin(prompts.len())?;
-
+    let n_ctx = source.info().n_ctx;
+    let eog = source.info().eog.clone();
+    source.begin(n_slots)?;
+    let mut slots: Vec<Option<Active>> = (0..n_slots).map(|_| None).collect();
     let mut probe = Probe::new(cfg.probe.clone());
-    let mut rngs: Vec<Rng> = (0..prompts.len())
-        .map(|i| Rng::new(cfg.seed, i as u64))
-        .collect();
-    let mut histories: Vec<Vec<TokenId>> = prompts.iter().map(|p| p.ids.clone()).collect();
-    let mut gens: Vec<Generation> = prompts
-        .iter()
-        .map(|_| Generation {
-            steps: Vec::new(),
-            generated_ids: Vec::new(),
-            stop: StopReason::MaxNewTokens,
-            degenerate_steps: Vec::new(),
-        })
-        .collect();
-    let mut active: Vec<usize> = (0..prompts.len()).collect();
+    let mut pieces = Pieces::default();
     let mut timings = Timings::default();
     let mut probe_time = Duration::ZERO;
+    let (mut prefill, mut decode) = (Duration::ZERO, Duration::ZERO);
+    let mut decode_only_tokens = 0usize;
+    let mut draining = false;
+    let t_start = Instant::now();
 
-    let mut pieces = Pieces::default();
-    let t_prefill = Instant::now();
-    let inputs: Vec<(usize, &[TokenId])> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (i, p.ids.as_slice()))
-        .collect();
-    let mut logits = source.decode(&inputs).context("prompt evaluation failed")?;
-    timings.prefill_s = t_prefill.elapsed().as_secs_f64();
-    let t_decode = Instant::now();
-
-    while !active.is_empty() {
+    loop {
         if stop.load(Ordering::Relaxed) {
-            for &s in &active {
-                gens[s].stop = StopReason::Interrupted;
+            for a in slots.iter_mut().filter_map(Option::take) {
+                finish(source, sinks, a, StopReason::Interrupted)?;
             }
             break;
         }
-        let mut next: Vec<usize> = Vec::with_capacity(active.len());
-        let mut step_records = Vec::with_capacity(active.len());
+        if !draining {
+            for slot in 0..n_slots {
+                if slots[slot].is_some() {
+                    continue;
+                }
+                let Some(input) = prompts.next_prompt(&*source) else {
+                    draining = true;
+                    break;
+                };
+                let input = input?;
+                check_prompt(&input, n_ctx)?;
+                source.clear_slot(slot)?;
+                for sink in sinks.iter_mut() {
+                    sink.begin(&*source, &input)?;
+                }
+                timings.prompts += 1;
+                timings.prompt_tokens += input.ids.len();
+                slots[slot] = Some(Active {
+                    rng: Rng::new(cfg.seed, input.index as u64),
+                    history: input.ids.clone(),
+                    pending: input.ids.clone(),
+                    generation: Generation::new(),
+                    input,
+                });
+            }
+        }
+        let active: Vec<usize> = (0..n_slots).filter(|&s| slots[s].is_some()).collect();
+        if active.is_empty() {
+            break;
+        }
+
+        let t_call = Instant::now();
+        let has_prompt = active.iter().any(|&s| {
+            slots[s]
+                .as_ref()
+                .is_some_and(|a| a.generation.steps.is_empty())
+        });
+        let logits = {
+            let batch: Vec<(usize, &[TokenId])> = active
+                .iter()
+                .map(|&s| (s, slots[s].as_ref().expect("active").pending.as_slice()))
+                .collect();
+            source.decode(&batch).context(if has_prompt {
+                "prompt evaluation failed"
+            } else {
+                "decode failed"
+            })?
+        };
+
         let t_probe = Instant::now();
-        for (row, &seq) in active.iter().enumerate() {
+        let mut sampled = Vec::with_capacity(active.len());
+        for (row, &s) in active.iter().enumerate() {
+            let a = slots[s].as_mut().expect("active");
             let row_logits = logits.row(row);
             let row_logits = row_logits
                 .as_slice()
                 .context("logits rows must be contiguous")?;
-            let step_idx = gens[seq].steps.len();
+            let step_idx = a.generation.steps.len();
             let sp = probe
                 .step(
                     row_logits,
-                    &histories[seq],
+                    &a.history,
                     &cfg.sampling,
-                    &mut rngs[seq],
+                    &mut a.rng,
                     cfg.probe_enabled,
                 )
                 .map_err(|e| {
                     anyhow::anyhow!(
                         "prompt {}, step {step_idx}: {e}; the engine produced invalid logits",
-                        seq + 1
+                        a.input.index
                     )
                 })?;
-            if sp.degenerate {
-                gens[seq].degenerate_steps.push(step_idx);
-            }
-            step_records.push((seq, step_idx, sp));
+            sampled.push(sp);
         }
         probe_time += t_probe.elapsed();
-        let src: &dyn LogitSource = &*source;
-        for (seq, step_idx, sp) in step_records {
+
+        let mut stop_all = false;
+        for (&s, sp) in active.iter().zip(sampled) {
+            let mut a = slots[s].take().expect("active");
+            let src: &dyn LogitSource = &*source;
             let tok = sp.selected;
+            let step_idx = a.generation.steps.len();
+            if sp.degenerate {
+                a.generation.degenerate_steps.push(step_idx);
+            }
             let step = Step {
                 step: step_idx,
                 selected: SelectedToken {
@@ -184,50 +376,201 @@ pub fn generate(
                 raw: describe(sp.raw.as_ref(), src, &mut pieces),
                 processed: describe(sp.processed.as_ref(), src, &mut pieces),
             };
-            for sink in sinks.iter_mut() {
-                sink.step(seq, &step)?;
-            }
-            let g = &mut gens[seq];
-            g.steps.push(step);
+            let g = &mut a.generation;
             g.generated_ids.push(tok);
-            histories[seq].push(tok);
+            g.last_text_start = g.text.len();
+            if !src.is_special(tok) {
+                if let Some(b) = src.token_bytes(tok) {
+                    g.text.extend_from_slice(&b);
+                }
+            }
+            g.text_len = g.text.len();
+            a.history.push(tok);
+            g.steps.push(step);
             timings.generated_tokens += 1;
+            if !has_prompt {
+                decode_only_tokens += 1;
+            }
             progress.advance(1);
-            if info.eog.contains(&tok) {
-                g.stop = StopReason::EndOfGeneration;
-            } else if g.generated_ids.len() >= cfg.max_new_tokens {
-                g.stop = StopReason::MaxNewTokens;
-            } else if histories[seq].len() >= info.n_ctx {
-                g.stop = StopReason::ContextFull;
-            } else {
-                next.push(seq);
+
+            let mut control = Control::Continue;
+            let step = a.generation.steps.last().expect("just pushed");
+            for sink in sinks.iter_mut() {
+                let c = sink.step(src, &a.input, &a.generation, step)?;
+                control = stronger(control, c);
+            }
+            let g = &mut a.generation;
+            let reason = match control {
+                Control::StopAll => {
+                    stop_all = true;
+                    Some(StopReason::Cancelled)
+                }
+                Control::StopSequence { text_len } => {
+                    if let Some(n) = text_len {
+                        g.text_len = n.min(g.text.len());
+                        Some(StopReason::StopString)
+                    } else {
+                        Some(StopReason::Cancelled)
+                    }
+                }
+                Control::Continue if eog.contains(&tok) => Some(StopReason::EndOfGeneration),
+                Control::Continue if g.generated_ids.len() >= cfg.max_new_tokens => {
+                    Some(StopReason::MaxNewTokens)
+                }
+                Control::Continue if a.history.len() >= n_ctx => Some(StopReason::ContextFull),
+                Control::Continue => None,
+            };
+            match reason {
+                Some(r) => finish(source, sinks, a, r)?,
+                None => {
+                    a.pending.clear();
+                    a.pending.push(tok);
+                    slots[s] = Some(a);
+                }
             }
         }
-        active = next;
-        if active.is_empty() {
+        let spent = t_call.elapsed();
+        if has_prompt {
+            prefill += spent;
+        } else {
+            decode += spent;
+        }
+        if stop_all {
+            for a in slots.iter_mut().filter_map(Option::take) {
+                finish(source, sinks, a, StopReason::Cancelled)?;
+            }
             break;
         }
-        let batch: Vec<(usize, &[TokenId])> = active
-            .iter()
-            .map(|&s| {
-                (
-                    s,
-                    std::slice::from_ref(histories[s].last().expect("history is never empty")),
-                )
-            })
-            .collect();
-        logits = source.decode(&batch).context("decode failed")?;
     }
-    timings.decode_s = t_decode.elapsed().as_secs_f64();
+    timings.prefill_s = prefill.as_secs_f64();
+    timings.decode_s = decode.as_secs_f64();
     timings.probe_s = probe_time.as_secs_f64();
-    // The first token of each prompt comes from the prefill logits, so the decode phase
-    // produced the rest.
-    let decoded = timings.generated_tokens.saturating_sub(prompts.len());
+    timings.wall_s = t_start.elapsed().as_secs_f64();
     timings.decode_tokens_per_s = if timings.decode_s > 0.0 {
-        decoded as f64 / timings.decode_s
+        decode_only_tokens as f64 / timings.decode_s
     } else {
         0.0
     };
+    timings.tokens_per_s = if timings.wall_s > 0.0 {
+        timings.generated_tokens as f64 / timings.wall_s
+    } else {
+        0.0
+    };
+    Ok(timings)
+}
+
+fn check_prompt(input: &PromptInput, n_ctx: usize) -> anyhow::Result<()> {
+    if input.ids.is_empty() {
+        return Err(usage!(
+            "prompt {} is empty after tokenization; give it some text",
+            input.index
+        ));
+    }
+    if input.ids.len() >= n_ctx {
+        return Err(usage!(
+            "prompt {} has {} tokens but the context holds {}; raise --ctx-size or shorten the prompt",
+            input.index,
+            input.ids.len(),
+            n_ctx
+        ));
+    }
+    Ok(())
+}
+
+fn stronger(a: Control, b: Control) -> Control {
+    match (a, b) {
+        (Control::StopAll, _) | (_, Control::StopAll) => Control::StopAll,
+        (
+            Control::StopSequence { text_len: Some(x) },
+            Control::StopSequence { text_len: Some(y) },
+        ) => Control::StopSequence {
+            text_len: Some(x.min(y)),
+        },
+        (Control::StopSequence { text_len: Some(x) }, _)
+        | (_, Control::StopSequence { text_len: Some(x) }) => {
+            Control::StopSequence { text_len: Some(x) }
+        }
+        (Control::StopSequence { .. }, _) | (_, Control::StopSequence { .. }) => {
+            Control::StopSequence { text_len: None }
+        }
+        _ => Control::Continue,
+    }
+}
+
+fn finish(
+    source: &dyn LogitSource,
+    sinks: &mut [&mut dyn Sink],
+    mut a: Active,
+    reason: StopReason,
+) -> anyhow::Result<()> {
+    a.generation.stop = reason;
+    for sink in sinks.iter_mut() {
+        sink.finish(source, &a.input, &a.generation)?;
+    }
+    Ok(())
+}
+
+/// Collects every generation, in prompt order (for callers that hold all prompts anyway).
+struct Collect(Vec<Option<Generation>>);
+
+impl Sink for Collect {
+    fn step(
+        &mut self,
+        _: &dyn LogitSource,
+        _: &PromptInput,
+        _: &Generation,
+        _: &Step,
+    ) -> anyhow::Result<Control> {
+        Ok(Control::Continue)
+    }
+
+    fn finish(
+        &mut self,
+        _: &dyn LogitSource,
+        prompt: &PromptInput,
+        generation: &Generation,
+    ) -> anyhow::Result<()> {
+        self.0[prompt.index] = Some(generation.clone());
+        Ok(())
+    }
+}
+
+/// Runs `prompts` (indexed `0..n` in order) in `n` slots and returns their generations in
+/// order: the whole set decodes as one batch, for callers that hold every prompt anyway.
+pub fn generate(
+    source: &mut dyn LogitSource,
+    prompts: &[PromptInput],
+    cfg: &GenerateConfig,
+    sinks: &mut [&mut dyn Sink],
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+) -> anyhow::Result<(Vec<Generation>, Timings)> {
+    anyhow::ensure!(
+        prompts.iter().enumerate().all(|(i, p)| p.index == i),
+        "generate: prompts must be indexed 0..n in order"
+    );
+    let mut collect = Collect(vec![None; prompts.len()]);
+    let mut all: Vec<&mut dyn Sink> = Vec::with_capacity(sinks.len() + 1);
+    for s in sinks.iter_mut() {
+        all.push(&mut **s);
+    }
+    all.push(&mut collect);
+    let mut iter = prompts.iter().cloned().map(Ok);
+    let timings = run(
+        source,
+        &mut iter,
+        cfg,
+        prompts.len().max(1),
+        &mut all,
+        stop,
+        progress,
+    )?;
+    drop(all);
+    let gens = collect
+        .0
+        .into_iter()
+        .map(|g| g.context("a prompt was not finished"))
+        .collect::<anyhow::Result<_>>()?;
     Ok((gens, timings))
 }
 
@@ -248,5 +591,20 @@ fn describe(
             selected_rank: 0,
             candidates: Vec::new(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_find_across_tokens_and_take_the_earliest() {
+        let s = StopStrings::new(&["\n\n".into(), "END".into()]);
+        assert_eq!(s.find(b"abc\n", 3), None);
+        assert_eq!(s.find(b"abc\n\nx", 4), Some(3), "spans the token boundary");
+        assert_eq!(s.find(b"xENDy\n\n", 1), Some(1));
+        // Only text the last token could complete is searched.
+        assert_eq!(s.find(b"END and more", 10), None);
     }
 }

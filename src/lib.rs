@@ -15,6 +15,7 @@ pub mod models;
 pub mod output;
 pub mod plot;
 pub mod probe;
+pub mod prompts;
 pub mod report;
 pub mod sampler;
 pub mod text;

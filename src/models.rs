@@ -298,3 +298,17 @@ mod tests {
         }
     }
 }
+
+/// sha256 of a model file (or of `model.onnx` in a model folder).
+pub fn sha256_file(path: &Path) -> Option<String> {
+    use sha2::Digest;
+    let file = if path.is_dir() {
+        path.join("model.onnx")
+    } else {
+        path.to_path_buf()
+    };
+    let mut f = std::fs::File::open(file).ok()?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).ok()?;
+    Some(format!("{:x}", h.finalize()))
+}

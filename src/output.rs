@@ -5,17 +5,23 @@
 //!   written at the end under a temporary name and renamed, so a half-written file never
 //!   looks complete.
 //!
-//! One prompt writes into `--out` itself; several write one sub-folder each
-//! (`prompt-000`, `prompt-001`, ...), with `steps.jsonl` and a summary `run.json` at the top.
+//! One prompt writes into `--out` itself; several write one sub-folder each, named by the
+//! prompt's global index (`prompt-000`, `prompt-001`, ...), with `steps.jsonl`, the run's
+//! `run.json` and `summary.csv` (a row per finished prompt) at the top.
+//!
+//! A prompt's folder is written as soon as it finishes, on a writer thread, so plots are
+//! drawn while the engine decodes the next prompts and memory holds only the prompts in
+//! the slots.
 
-use crate::generate::Sink;
-use crate::trace::{Step, Trace};
+use crate::generate::{Control, GenerateConfig, Generation, PromptInput, Sink};
+use crate::trace::{self, PromptRecord, RunRecord, Step, Trace};
 use anyhow::Context;
-use logitprobe_backends::usage;
+use logitprobe_backends::{usage, LogitSource};
 use serde::Serialize;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 pub const STEPS_JSONL: &str = "steps.jsonl";
 pub const TRACE_JSON: &str = "adaptive_token_trace.json";
@@ -56,12 +62,36 @@ pub fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The folder of prompt `i` of `n`.
-pub fn prompt_dir(root: &Path, i: usize, n: usize) -> PathBuf {
-    if n == 1 {
-        root.to_path_buf()
-    } else {
-        root.join(format!("prompt-{i:03}"))
+pub const SUMMARY_CSV: &str = "summary.csv";
+
+/// Where each prompt's files go.
+#[derive(Debug, Clone)]
+pub struct PromptDirs {
+    pub root: PathBuf,
+    /// A run of one prompt writes into the root itself.
+    pub single: bool,
+    /// Digits of the index in folder names: those of the index space's size, at least 3.
+    pub width: usize,
+}
+
+impl PromptDirs {
+    /// Folders for `n_prompts` prompts whose indices lie in `0..index_space`.
+    pub fn new(root: &Path, n_prompts: usize, index_space: usize) -> Self {
+        PromptDirs {
+            root: root.to_path_buf(),
+            single: n_prompts == 1,
+            width: index_space.max(1).to_string().len().max(3),
+        }
+    }
+
+    /// The folder of the prompt with global index `index`.
+    pub fn dir(&self, index: usize) -> PathBuf {
+        if self.single {
+            self.root.clone()
+        } else {
+            self.root
+                .join(format!("prompt-{index:0width$}", width = self.width))
+        }
     }
 }
 
@@ -119,11 +149,21 @@ struct JsonlStep<'a> {
 }
 
 impl Sink for StepsJsonl {
-    fn step(&mut self, prompt_index: usize, step: &Step) -> anyhow::Result<()> {
-        serde_json::to_writer(&mut self.file, &JsonlStep { prompt_index, step })?;
+    fn step(
+        &mut self,
+        _: &dyn LogitSource,
+        prompt: &PromptInput,
+        _: &Generation,
+        step: &Step,
+    ) -> anyhow::Result<Control> {
+        let line = JsonlStep {
+            prompt_index: prompt.index,
+            step,
+        };
+        serde_json::to_writer(&mut self.file, &line)?;
         self.file.write_all(b"\n")?;
         self.file.flush()?;
-        Ok(())
+        Ok(Control::Continue)
     }
 }
 
@@ -171,4 +211,206 @@ pub fn write_prompt_files(dir: &Path, trace: &Trace, run: &impl Serialize) -> an
     write_json(&dir.join(TRACE_JSON), trace)?;
     write_json(&dir.join(RUN_JSON), run)?;
     Ok(())
+}
+
+/// One finished prompt on its way to the writer thread.
+struct WriteJob {
+    dir: PathBuf,
+    trace: Trace,
+    record: RunRecord,
+    row: SummaryRow,
+}
+
+/// A row of `summary.csv`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SummaryRow {
+    pub index: usize,
+    pub folder: String,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub stop_reason: &'static str,
+    pub mean_entropy_raw: f64,
+    pub mean_entropy_processed: f64,
+    /// The lowest probability of a selected token in the raw distribution, and its step.
+    pub lowest_raw_selected_prob: Option<f64>,
+    pub lowest_raw_selected_step: Option<usize>,
+    pub prompt: String,
+}
+
+impl SummaryRow {
+    pub fn new(dirs: &PromptDirs, input: &PromptInput, g: &Generation) -> Self {
+        let n = g.steps.len().max(1) as f64;
+        let lowest = g.steps.iter().min_by(|a, b| {
+            a.raw
+                .selected_prob
+                .total_cmp(&b.raw.selected_prob)
+                .then(a.step.cmp(&b.step))
+        });
+        let dir = dirs.dir(input.index);
+        SummaryRow {
+            index: input.index,
+            folder: dir
+                .strip_prefix(&dirs.root)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            prompt_tokens: input.ids.len(),
+            generated_tokens: g.generated_ids.len(),
+            stop_reason: g.stop.name(),
+            mean_entropy_raw: g.steps.iter().map(|s| s.raw.entropy).sum::<f64>() / n,
+            mean_entropy_processed: g.steps.iter().map(|s| s.processed.entropy).sum::<f64>() / n,
+            lowest_raw_selected_prob: lowest.map(|s| s.raw.selected_prob),
+            lowest_raw_selected_step: lowest.map(|s| s.step),
+            prompt: input.prompt.clone(),
+        }
+    }
+}
+
+/// Writes each finished prompt's folder (trace JSON and CSV, generated text, run.json and,
+/// unless turned off, the plots and report.html) and its row of `summary.csv`, on a writer
+/// thread fed through a bounded channel.
+pub struct TraceWriter {
+    dirs: PromptDirs,
+    model_label: String,
+    gen: GenerateConfig,
+    use_chat_template: bool,
+    run: RunRecord,
+    tx: Option<mpsc::SyncSender<WriteJob>>,
+    handle: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    /// Finished prompts by stop reason.
+    pub stop_reasons: std::collections::BTreeMap<&'static str, usize>,
+    /// The record of the last prompt finished.
+    pub last: Option<PromptRecord>,
+}
+
+impl TraceWriter {
+    /// `run` is the run's record without prompts or timings; each prompt's run.json is it
+    /// with that prompt. `plots` draws the PNGs and report.html of each prompt.
+    pub fn new(
+        dirs: PromptDirs,
+        model_label: &str,
+        gen: &GenerateConfig,
+        use_chat_template: bool,
+        run: RunRecord,
+        plots: bool,
+    ) -> anyhow::Result<Self> {
+        let summary_path = (!dirs.single).then(|| dirs.root.join(SUMMARY_CSV));
+        let mut summary = match &summary_path {
+            Some(p) => Some(csv::Writer::from_writer(BufWriter::new(
+                File::create(p).with_context(|| format!("creating {}", p.display()))?,
+            ))),
+            None => None,
+        };
+        let (tx, rx) = mpsc::sync_channel::<WriteJob>(4);
+        let handle = std::thread::Builder::new()
+            .name("trace-writer".into())
+            .spawn(move || -> anyhow::Result<()> {
+                for job in rx {
+                    write_prompt_files(&job.dir, &job.trace, &job.record).with_context(|| {
+                        format!("writing the outputs of prompt {}", job.row.index)
+                    })?;
+                    if plots {
+                        crate::report::write_trace_report(&job.dir, &job.trace).with_context(
+                            || format!("drawing the plots of prompt {}", job.row.index),
+                        )?;
+                    }
+                    if let Some(w) = &mut summary {
+                        w.serialize(&job.row)?;
+                        w.flush()?;
+                    }
+                }
+                Ok(())
+            })
+            .context("starting the trace writer thread")?;
+        Ok(TraceWriter {
+            dirs,
+            model_label: model_label.to_string(),
+            gen: gen.clone(),
+            use_chat_template,
+            run,
+            tx: Some(tx),
+            handle: Some(handle),
+            stop_reasons: Default::default(),
+            last: None,
+        })
+    }
+
+    /// Waits for every folder to be written; the writer's first error, if any.
+    pub fn close(&mut self) -> anyhow::Result<()> {
+        drop(self.tx.take());
+        match self.handle.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| anyhow::anyhow!("the trace writer thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+
+    /// The record of one prompt, as run.json lists it.
+    pub fn prompt_record(&self, input: &PromptInput, g: &Generation) -> PromptRecord {
+        PromptRecord {
+            index: input.index,
+            prompt: input.prompt.clone(),
+            system_prompt: input.system_prompt.clone(),
+            rendered_prompt: input.rendered.clone(),
+            prompt_tokens: input.ids.len(),
+            generated_tokens: g.generated_ids.len(),
+            stop_reason: g.stop,
+            degenerate_steps: g.degenerate_steps.clone(),
+            out_dir: self.dirs.dir(input.index).display().to_string(),
+        }
+    }
+}
+
+impl Sink for TraceWriter {
+    fn step(
+        &mut self,
+        _: &dyn LogitSource,
+        _: &PromptInput,
+        _: &Generation,
+        _: &Step,
+    ) -> anyhow::Result<Control> {
+        Ok(Control::Continue)
+    }
+
+    fn finish(
+        &mut self,
+        source: &dyn LogitSource,
+        input: &PromptInput,
+        g: &Generation,
+    ) -> anyhow::Result<()> {
+        let trace = trace::build_trace(
+            source,
+            &self.model_label,
+            input,
+            g,
+            &self.gen,
+            self.use_chat_template,
+        );
+        let mut record = self.run.clone();
+        let prompt = self.prompt_record(input, g);
+        *self.stop_reasons.entry(g.stop.name()).or_default() += 1;
+        self.last = Some(prompt.clone());
+        record.prompts = Some(vec![prompt]);
+        record.interrupted = g.stop == crate::generate::StopReason::Interrupted;
+        record.finished_at = trace::now_rfc3339();
+        let job = WriteJob {
+            dir: self.dirs.dir(input.index),
+            trace,
+            record,
+            row: SummaryRow::new(&self.dirs, input, g),
+        };
+        let sent = self.tx.as_ref().map(|tx| tx.send(job));
+        if !matches!(sent, Some(Ok(()))) {
+            // The writer stopped: its error says why.
+            self.close()?;
+            anyhow::bail!("the trace writer stopped early");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TraceWriter {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
 }

@@ -7,10 +7,11 @@
 //! - `device` is `cpu`, `cuda` or `mps` (Metal) and omitted for anything else;
 //! - `dtype` is the dtype of the logits the engine produced.
 
+use crate::generate::{GenerateConfig, Generation, PromptInput, StopReason, Timings};
 use crate::probe::{Distribution, ProbeConfig};
 use crate::sampler::SamplingConfig;
 use crate::text::Pieces;
-use logitprobe_backends::TokenId;
+use logitprobe_backends::{LogitSource, ModelInfo, TokenId};
 use serde::{Deserialize, Serialize};
 
 /// The schema version we write.
@@ -199,6 +200,111 @@ pub fn rfc3339(secs: i64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// Builds the schema trace of one prompt. `generated_text` is the prompt and the output
+/// text (up to a stop string), special tokens skipped, as the Token Heatmap tool writes it.
+pub fn build_trace(
+    source: &dyn LogitSource,
+    model_label: &str,
+    input: &PromptInput,
+    generation: &Generation,
+    gen: &GenerateConfig,
+    use_chat_template: bool,
+) -> Trace {
+    let info: &ModelInfo = source.info();
+    let mut pieces = Pieces::default();
+    let mut text = Vec::new();
+    for &id in &input.ids {
+        if !source.is_special(id) {
+            if let Some(b) = source.token_bytes(id) {
+                text.extend_from_slice(&b);
+            }
+        }
+    }
+    text.extend_from_slice(&generation.text[..generation.text_len]);
+    Trace {
+        schema_version: SCHEMA_VERSION.into(),
+        metadata: Metadata {
+            model: model_label.to_string(),
+            prompt: input.prompt.clone(),
+            system_prompt: input.system_prompt.clone(),
+            use_chat_template,
+            generated_text: String::from_utf8_lossy(&text).into_owned(),
+            generated_at: now_rfc3339(),
+            device: schema_device(&info.device),
+            dtype: Some(info.logits_dtype.clone()),
+            vocab_size: Some(info.tokenizer_vocab.max(1)),
+            generation_params: GenerationParams::from_sampling(&gen.sampling, gen.max_new_tokens),
+            probe_config: (&gen.probe).into(),
+        },
+        tokens: PromptTokens {
+            prompt_token_ids: input.ids.clone(),
+            prompt_tokens: input.ids.iter().map(|&id| pieces.get(source, id)).collect(),
+        },
+        steps: generation.steps.clone(),
+    }
+}
+
+/// What `run.json` records: the run's settings and engine, and either one prompt (in a
+/// prompt's folder, or at the top of a run of one prompt) or the run's totals (at the top
+/// of a run of several, whose prompts are listed in `summary.csv`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub logitprobe_version: &'static str,
+    pub command: Vec<String>,
+    pub backend: &'static str,
+    pub model: String,
+    pub model_path: String,
+    pub model_sha256: Option<String>,
+    pub engine: String,
+    pub engine_version: String,
+    pub device: String,
+    pub n_vocab: usize,
+    pub tokenizer_vocab: usize,
+    pub n_ctx: usize,
+    pub logits_dtype: String,
+    pub engine_options: logitprobe_backends::EngineOptions,
+    pub engine_details: serde_json::Map<String, serde_json::Value>,
+    pub seed: u64,
+    pub seed_given: bool,
+    pub sampling: SamplingConfig,
+    pub probe: ProbeConfig,
+    pub probe_enabled: bool,
+    pub max_new_tokens: usize,
+    pub stop: Vec<String>,
+    pub use_chat_template: bool,
+    /// Sequences decoded together.
+    pub parallel: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<Vec<PromptRecord>>,
+    /// Prompts finished, by stop reason (top of a run only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reasons: Option<std::collections::BTreeMap<&'static str, usize>>,
+    pub interrupted: bool,
+    pub started_at: String,
+    pub finished_at: String,
+    pub load_s: f64,
+    /// The whole run's timings (top of a run only: a prompt's folder is written before the
+    /// run ends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
+}
+
+/// One prompt of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptRecord {
+    pub index: usize,
+    pub prompt: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    pub rendered_prompt: String,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub stop_reason: StopReason,
+    /// Steps whose logits row had no finite entry (greedy fallback on the raw row).
+    pub degenerate_steps: Vec<usize>,
+    pub out_dir: String,
 }
 
 #[cfg(test)]

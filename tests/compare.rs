@@ -497,6 +497,9 @@ impl LogitSource for Counting {
     fn begin(&mut self, n_seqs: usize) -> anyhow::Result<()> {
         self.inner.begin(n_seqs)
     }
+    fn clear_slot(&mut self, slot: usize) -> anyhow::Result<()> {
+        self.inner.clear_slot(slot)
+    }
     fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>> {
         self.inner.decode(batch)
     }

@@ -38,6 +38,7 @@ fn two_thousand_steps_stay_small() {
     let mut src = TestSource::new(VOCAB, 1).with_eos_bias(-100.0);
     let ids = src.tokenize("memory", false, false).unwrap();
     let prompts = [PromptInput {
+        index: 0,
         prompt: "memory".into(),
         system_prompt: None,
         rendered: "memory".into(),

@@ -25,6 +25,8 @@ use ndarray::Array2;
 use serde::Serialize;
 
 pub mod gguf;
+#[cfg(feature = "onnx")]
+pub mod hf;
 pub mod onnx_proto;
 pub mod test_source;
 
@@ -68,10 +70,13 @@ pub struct ModelInfo {
 
 /// One inference engine with a model loaded.
 ///
-/// Sequences are numbered `0..n` by [`LogitSource::begin`]; each one has its own KV cache
-/// inside the source. [`LogitSource::decode`] takes the new tokens of some of them (the whole
-/// prompt on the first call, one token a step after that) and returns the logits of each
-/// one's last position, in the order given.
+/// A source decodes up to `n` sequences together, one per *slot* (llama-server's word): slots
+/// are numbered `0..n` by [`LogitSource::begin`], each with its own KV cache sized for the
+/// context. [`LogitSource::decode`] takes the new tokens of some slots (a whole prompt when a
+/// sequence starts, one token a step after that) and returns the logits of each one's last
+/// position, in the order given. When a sequence ends, [`LogitSource::clear_slot`] empties its
+/// KV cache and the next prompt starts there, so memory depends on `n`, never on how many
+/// prompts pass through.
 pub trait LogitSource {
     fn info(&self) -> &ModelInfo;
 
@@ -94,8 +99,11 @@ pub trait LogitSource {
     /// The model's own chat template (Jinja source), if it ships one.
     fn chat_template(&self) -> Option<String>;
 
-    /// Clears the KV cache and starts `n_seqs` empty sequences.
-    fn begin(&mut self, n_seqs: usize) -> anyhow::Result<()>;
+    /// Makes `n_slots` empty slots (allocating their KV cache when the number changes).
+    fn begin(&mut self, n_slots: usize) -> anyhow::Result<()>;
+
+    /// Empties one slot's KV cache so that a new sequence can start in it.
+    fn clear_slot(&mut self, slot: usize) -> anyhow::Result<()>;
 
     /// Feeds new tokens to some sequences and returns `[batch.len(), n_vocab]` logits of each
     /// sequence's last position. Every entry must have at least one token.
@@ -142,8 +150,11 @@ impl<T: LogitSource + ?Sized> LogitSource for Box<T> {
     fn chat_template(&self) -> Option<String> {
         (**self).chat_template()
     }
-    fn begin(&mut self, n_seqs: usize) -> anyhow::Result<()> {
-        (**self).begin(n_seqs)
+    fn begin(&mut self, n_slots: usize) -> anyhow::Result<()> {
+        (**self).begin(n_slots)
+    }
+    fn clear_slot(&mut self, slot: usize) -> anyhow::Result<()> {
+        (**self).clear_slot(slot)
     }
     fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>> {
         (**self).decode(batch)
@@ -168,6 +179,75 @@ impl std::fmt::Display for UsageError {
 }
 
 impl std::error::Error for UsageError {}
+
+/// What an engine refuses, typed so that a front end can say which of its own settings to
+/// change (the library names none): the CLI maps each to its flags and exit code 2.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Error {
+    /// The KV cache of `slots` sequences of `n_ctx` tokens needs more memory than there is.
+    KvCacheTooLarge {
+        slots: usize,
+        n_ctx: usize,
+        needed_bytes: u64,
+        available_bytes: u64,
+    },
+    /// More sequences decoded together than the engine can hold.
+    TooManySlots { slots: usize, max: usize },
+    /// The engine could not make a KV cache of `slots` sequences of `n_ctx` tokens.
+    KvCacheAlloc {
+        slots: usize,
+        n_ctx: usize,
+        needed_bytes: u64,
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::KvCacheTooLarge {
+                slots,
+                n_ctx,
+                needed_bytes,
+                available_bytes,
+            } => write!(
+                f,
+                "the KV cache for {slots} parallel sequence{} of {n_ctx} tokens needs {} but {} of memory is available",
+                if *slots == 1 { "" } else { "s" },
+                human_bytes(*needed_bytes),
+                human_bytes(*available_bytes)
+            ),
+            Error::TooManySlots { slots, max } => write!(
+                f,
+                "{slots} parallel sequences are more than the engine's limit of {max}"
+            ),
+            Error::KvCacheAlloc {
+                slots,
+                n_ctx,
+                needed_bytes,
+                reason,
+            } => write!(
+                f,
+                "could not allocate the KV cache for {slots} parallel sequence{} of {n_ctx} tokens (about {}): {reason}",
+                if *slots == 1 { "" } else { "s" },
+                human_bytes(*needed_bytes)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Bytes for people: MiB below a GiB, else GiB with one decimal.
+pub fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} GiB", b / (1024.0 * 1024.0 * 1024.0))
+    } else {
+        format!("{:.0} MiB", (b / (1024.0 * 1024.0)).ceil())
+    }
+}
 
 /// Shorthand for returning a [`UsageError`].
 #[macro_export]

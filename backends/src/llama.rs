@@ -57,6 +57,8 @@ pub struct LlamaSource {
     /// Context length of each sequence.
     n_ctx: usize,
     n_batch: usize,
+    /// n_batch of the current context (raised to the number of slots).
+    n_batch_ctx: usize,
     /// Sequences the current context was made for.
     n_seqs: usize,
     /// Next position of each sequence.
@@ -239,6 +241,7 @@ impl LlamaSource {
             opts: opts.clone(),
             n_ctx,
             n_batch,
+            n_batch_ctx: n_batch,
             n_seqs: 0,
             pos: Vec::new(),
             chat_template,
@@ -256,9 +259,32 @@ impl LlamaSource {
         }
     }
 
-    /// (Re)creates the context for `n_seqs` sequences of `n_ctx` tokens each, in one unified
-    /// KV cache (without it llama.cpp gives each sequence only n_ctx / n_seq_max).
-    fn make_context(&mut self, n_seqs: usize) -> anyhow::Result<()> {
+    /// (Re)creates the context for `n_slots` slots of `n_ctx` tokens each. The KV cache is
+    /// not unified: each slot gets its own stream of cells, so a sequence's cells are laid out
+    /// in position order from cell 0 whatever the other slots hold, and its attention sums run
+    /// in the same order as when it runs alone (a unified cache interleaves the slots' cells).
+    fn make_context(&mut self, n_slots: usize) -> anyhow::Result<()> {
+        if n_slots > LLAMA_MAX_SEQ {
+            return Err(crate::Error::TooManySlots {
+                slots: n_slots,
+                max: LLAMA_MAX_SEQ,
+            }
+            .into());
+        }
+        let kv_bytes = self.kv_cache_bytes(n_slots);
+        if self.opts.n_gpu_layers == 0 {
+            if let Some(avail) = mem_available() {
+                if kv_bytes > avail {
+                    return Err(crate::Error::KvCacheTooLarge {
+                        slots: n_slots,
+                        n_ctx: self.n_ctx,
+                        needed_bytes: kv_bytes,
+                        available_bytes: avail,
+                    }
+                    .into());
+                }
+            }
+        }
         let model = match std::mem::replace(&mut self.state, State::Empty) {
             State::Model(m) => m,
             State::Ready(c) => c.into_owner(),
@@ -266,7 +292,10 @@ impl LlamaSource {
         };
         let backend = backend(self.opts.verbose)?;
         let threads = self.opts.threads.unwrap_or_else(default_threads) as i32;
-        let total = (self.n_ctx * n_seqs) as u32;
+        let total = (self.n_ctx * n_slots) as u32;
+        // Every slot may ask for its logits in one decode: llama.cpp sizes its output buffer
+        // by n_batch and aborts past it.
+        let n_batch = self.n_batch.max(n_slots) as u32;
         let flash = match self.opts.flash_attn {
             FlashAttn::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
             FlashAttn::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
@@ -274,10 +303,10 @@ impl LlamaSource {
         };
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(total))
-            .with_n_batch(self.n_batch as u32)
-            .with_n_ubatch(self.n_batch as u32)
-            .with_n_seq_max(n_seqs as u32)
-            .with_kv_unified(true)
+            .with_n_batch(n_batch)
+            .with_n_ubatch(n_batch)
+            .with_n_seq_max(n_slots as u32)
+            .with_kv_unified(false)
             .with_n_threads(threads)
             .with_n_threads_batch(threads)
             .with_type_k(cache_type(
@@ -290,16 +319,41 @@ impl LlamaSource {
         match ModelCtx::try_new_or_recover(model, |m| m.new_context(backend, params)) {
             Ok(cell) => {
                 self.state = State::Ready(cell);
-                self.n_seqs = n_seqs;
+                self.n_seqs = n_slots;
+                self.n_batch_ctx = n_batch as usize;
                 Ok(())
             }
             Err((model, e)) => {
                 self.state = State::Model(model);
-                Err(anyhow::anyhow!(
-                    "llama.cpp could not create a context of {total} tokens for {n_seqs} sequences: {e}; lower --ctx-size or the number of prompts"
-                ))
+                Err(crate::Error::KvCacheAlloc {
+                    slots: n_slots,
+                    n_ctx: self.n_ctx,
+                    needed_bytes: kv_bytes,
+                    reason: format!("llama.cpp: {e}"),
+                }
+                .into())
             }
         }
+    }
+
+    /// Bytes of the KV cache for `n_slots` slots, as llama.cpp will allocate it: per layer,
+    /// K and V rows of `n_head_kv * head_dim` entries for every cell (a slot's cells are
+    /// rounded up to a multiple of 256).
+    fn kv_cache_bytes(&self, n_slots: usize) -> u64 {
+        let model = self.model();
+        let n_head = (model.n_head() as u64).max(1);
+        let head_dim = model.n_embd() as u64 / n_head;
+        let row = model.n_head_kv() as u64 * head_dim;
+        let cells = if n_slots > 1 {
+            (self.n_ctx as u64).div_ceil(256) * 256 * n_slots as u64
+        } else {
+            self.n_ctx as u64
+        };
+        let size = |t: Option<&str>| type_bytes_x32(t.unwrap_or("f16"));
+        let per_cell = row
+            * (size(self.opts.cache_type_k.as_deref()) + size(self.opts.cache_type_v.as_deref()))
+            / 32;
+        model.n_layer() as u64 * cells * per_cell
     }
 
     /// Runs `items` (sequence, position, token, logits wanted) through llama.cpp in chunks of
@@ -311,7 +365,7 @@ impl LlamaSource {
         out: &mut Array2<f32>,
     ) -> anyhow::Result<()> {
         let n_vocab = self.info.n_vocab;
-        let n_batch = self.n_batch;
+        let n_batch = self.n_batch_ctx;
         let n_seqs = self.n_seqs.max(1) as i32;
         let State::Ready(cell) = &mut self.state else {
             anyhow::bail!("llama.cpp context missing");
@@ -396,13 +450,26 @@ impl LogitSource for LlamaSource {
         self.chat_template.clone()
     }
 
-    fn begin(&mut self, n_seqs: usize) -> anyhow::Result<()> {
-        if n_seqs != self.n_seqs {
-            self.make_context(n_seqs.max(1))?;
+    fn begin(&mut self, n_slots: usize) -> anyhow::Result<()> {
+        if n_slots != self.n_seqs {
+            self.make_context(n_slots.max(1))?;
         } else {
             self.clear_kv();
         }
-        self.pos = vec![0; n_seqs];
+        self.pos = vec![0; n_slots];
+        Ok(())
+    }
+
+    fn clear_slot(&mut self, slot: usize) -> anyhow::Result<()> {
+        let pos = self
+            .pos
+            .get_mut(slot)
+            .context("clear_slot: slot was not made by begin()")?;
+        *pos = 0;
+        if let State::Ready(cell) = &mut self.state {
+            cell.with_dependent_mut(|_, ctx| ctx.clear_kv_cache_seq(Some(slot as u32), None, None))
+                .map_err(|e| anyhow::anyhow!("llama.cpp could not clear slot {slot}: {e}"))?;
+        }
         Ok(())
     }
 
@@ -463,6 +530,30 @@ impl LogitSource for LlamaSource {
         self.clear_kv();
         Ok(out)
     }
+}
+
+/// llama.cpp's `LLAMA_MAX_SEQ`: the most sequences one context can hold.
+pub const LLAMA_MAX_SEQ: usize = 256;
+
+/// Bytes of 32 entries of a KV cache type (quantized types come in blocks of 32).
+fn type_bytes_x32(name: &str) -> u64 {
+    match name.to_ascii_lowercase().as_str() {
+        "f32" => 128,
+        "q8_0" => 34,
+        "q4_0" | "iq4_nl" => 18,
+        "q4_1" => 20,
+        "q5_0" => 22,
+        "q5_1" => 24,
+        _ => 64,
+    }
+}
+
+/// MemAvailable of /proc/meminfo, where there is one.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn default_threads() -> usize {

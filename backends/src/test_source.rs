@@ -169,8 +169,16 @@ impl LogitSource for TestSource {
         Some(CHATML.to_string())
     }
 
-    fn begin(&mut self, n_seqs: usize) -> anyhow::Result<()> {
-        self.seqs = vec![Vec::new(); n_seqs];
+    fn begin(&mut self, n_slots: usize) -> anyhow::Result<()> {
+        self.seqs = vec![Vec::new(); n_slots];
+        Ok(())
+    }
+
+    fn clear_slot(&mut self, slot: usize) -> anyhow::Result<()> {
+        self.seqs
+            .get_mut(slot)
+            .ok_or_else(|| anyhow::anyhow!("clear_slot: slot {slot} was not made by begin()"))?
+            .clear();
         Ok(())
     }
 

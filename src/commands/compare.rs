@@ -2,10 +2,12 @@
 //! statistics, `compare.json`, `compare.csv`, the plots and `report.html`.
 
 use crate::cli::{CompareArgs, EngineArgs, TraceArgs};
-use crate::commands::trace::{prepare_prompts, sha256_file, TracePlan};
+use crate::commands::trace::TracePlan;
 use crate::compare::{self, Chunk, CompareReport, InputInfo, SideInfo, Timing};
 use crate::generate;
+use crate::models::sha256_file;
 use crate::output;
+use crate::prompts::prepare_prompts;
 use crate::report::{self, ReportInput};
 use crate::trace;
 use anyhow::Context;
@@ -262,7 +264,8 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
             (chunks, info, Some((b_tok, ids)))
         }
         Input::Prompt(plan) => {
-            let inputs = prepare_prompts(&*a.source, &plan.prompts, plan.use_chat_template)?;
+            let given = plan.given_prompts();
+            let inputs = prepare_prompts(&*a.source, &given, plan.use_chat_template)?;
             let t = Instant::now();
             let stop = AtomicBool::new(false);
             let (gens, _) =
@@ -290,7 +293,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
             let first = input.ids.len() - 1;
             let generated = a.source.detokenize(&gens[0].generated_ids, false);
             let b_tok: BTokenize = Box::new(move |b: &dyn LogitSource| {
-                let mut ids_b = prepare_prompts(b, &plan.prompts, plan.use_chat_template)?
+                let mut ids_b = prepare_prompts(b, &plan.given_prompts(), plan.use_chat_template)?
                     .remove(0)
                     .ids;
                 ids_b.extend(b.tokenize(&generated, false, false)?);

@@ -1,0 +1,251 @@
+//! A Hugging Face model folder: `tokenizer.json` and the JSON files beside it
+//! (`config.json`, `generation_config.json`, `tokenizer_config.json`, `genai_config.json`,
+//! `chat_template.jinja`). Gives the tokenizer, BOS / EOS / end-of-generation ids, the BOS
+//! rule, the chat template, the context length and token bytes, for any engine that runs
+//! such a folder (ONNX Runtime today).
+
+use crate::{usage, TokenId};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// A model folder's tokenizer and configuration.
+pub struct HfFolder {
+    pub dir: PathBuf,
+    tokenizer: tokenizers::Tokenizer,
+    /// The same tokenizer with special-token text encoded as plain text.
+    tokenizer_plain: tokenizers::Tokenizer,
+    byte_level: bool,
+    special: Vec<bool>,
+    pub config: Value,
+    pub genai: Value,
+    pub bos: Option<TokenId>,
+    pub eos: Option<TokenId>,
+    /// Every id that ends a generation, sorted.
+    pub eog: Vec<TokenId>,
+    /// Whether a plain prompt starts with BOS under the model's own rules.
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+    /// The model's context length (`max_position_embeddings`, else genai's `context_length`).
+    pub n_ctx_model: Option<usize>,
+}
+
+impl HfFolder {
+    /// Reads the folder's tokenizer and configuration files.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| {
+            usage!(
+                "cannot read {}: {e}; an ONNX model folder needs the tokenizer.json of its model",
+                tok_path.display()
+            )
+        })?;
+        let mut tokenizer_plain = tokenizer.clone();
+        tokenizer_plain.set_encode_special_tokens(true);
+        let config = read_json(&dir.join("config.json"))?.unwrap_or(Value::Null);
+        let gen_config = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
+        let genai = read_json(&dir.join("genai_config.json"))?.unwrap_or(Value::Null);
+        let tok_config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+
+        let token_id = |t: Option<String>| t.and_then(|t| tokenizer.token_to_id(&t));
+        let bos = token_id(token_text(tok_config.get("bos_token")))
+            .or_else(|| ids_of(config.get("bos_token_id")).first().copied());
+        let eos = token_id(token_text(tok_config.get("eos_token")))
+            .or_else(|| ids_of(config.get("eos_token_id")).first().copied());
+        let mut eog: Vec<TokenId> = ids_of(gen_config.get("eos_token_id"));
+        eog.extend(ids_of(config.get("eos_token_id")));
+        eog.extend(ids_of(genai.pointer("/model/eos_token_id")));
+        eog.extend(eos);
+        eog.sort_unstable();
+        eog.dedup();
+        // BOS rule: tokenizer_config's add_bos_token when it says, else what the tokenizer's
+        // own post-processor does.
+        let add_bos = match tok_config.get("add_bos_token").and_then(Value::as_bool) {
+            Some(b) => b,
+            None => match (
+                bos,
+                tokenizer.encode("a", true),
+                tokenizer.encode("a", false),
+            ) {
+                (Some(b), Ok(with), Ok(without)) => {
+                    with.get_ids().first() == Some(&b) && without.get_ids().first() != Some(&b)
+                }
+                _ => false,
+            },
+        };
+        let chat_template = match tok_config.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(a)) => a
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Value::as_str))
+                .map(String::from),
+            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        };
+        let n_ctx_model = config
+            .get("max_position_embeddings")
+            .and_then(Value::as_u64)
+            .or_else(|| {
+                genai
+                    .pointer("/model/context_length")
+                    .and_then(Value::as_u64)
+            })
+            .map(|n| n as usize);
+        let byte_level = tokenizer
+            .get_decoder()
+            .and_then(|d| serde_json::to_value(d).ok())
+            .is_some_and(|v| v.get("type").and_then(Value::as_str) == Some("ByteLevel"));
+        let mut special = vec![false; tokenizer.get_vocab_size(true)];
+        for (id, t) in tokenizer.get_added_tokens_decoder() {
+            if t.special && (id as usize) < special.len() {
+                special[id as usize] = true;
+            }
+        }
+        Ok(HfFolder {
+            dir: dir.to_path_buf(),
+            tokenizer,
+            tokenizer_plain,
+            byte_level,
+            special,
+            config,
+            genai,
+            bos,
+            eos,
+            eog,
+            add_bos,
+            chat_template,
+            n_ctx_model,
+        })
+    }
+
+    /// Number of ids the tokenizer defines (added tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// A config value by JSON pointer, looked for in `genai_config.json`, then `config.json`.
+    pub fn size(&self, genai_pointer: &str, config_keys: &[&str]) -> Option<usize> {
+        self.genai
+            .pointer(genai_pointer)
+            .and_then(Value::as_u64)
+            .or_else(|| {
+                config_keys
+                    .iter()
+                    .find_map(|k| self.config.get(k).and_then(Value::as_u64))
+            })
+            .map(|v| v as usize)
+    }
+
+    /// Token ids of `text` (see [`crate::LogitSource::tokenize`]).
+    pub fn tokenize(
+        &self,
+        text: &str,
+        add_bos: bool,
+        parse_special: bool,
+    ) -> anyhow::Result<Vec<TokenId>> {
+        let tok = if parse_special {
+            &self.tokenizer
+        } else {
+            &self.tokenizer_plain
+        };
+        let enc = tok
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_bos {
+            if let Some(b) = self.bos {
+                ids.insert(0, b);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The bytes of one token: byte-level BPE pieces through GPT-2's table, SentencePiece
+    /// pieces with `▁` as a space and `<0xNN>` as a raw byte, special tokens as their text.
+    pub fn token_bytes(&self, id: TokenId) -> Option<Vec<u8>> {
+        if id as usize >= self.vocab_size() {
+            return None;
+        }
+        let piece = self.tokenizer.id_to_token(id)?;
+        if self.is_special(id) {
+            return Some(piece.into_bytes());
+        }
+        if self.byte_level {
+            let table = byte_decoder();
+            if let Some(bytes) = piece
+                .chars()
+                .map(|c| table.get(&c).copied())
+                .collect::<Option<Vec<u8>>>()
+            {
+                return Some(bytes);
+            }
+            return Some(piece.into_bytes());
+        }
+        if let Some(hex) = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                return Some(vec![b]);
+            }
+        }
+        Some(piece.replace('\u{2581}', " ").into_bytes())
+    }
+
+    pub fn is_special(&self, id: TokenId) -> bool {
+        self.special.get(id as usize).copied().unwrap_or(false)
+    }
+}
+
+fn read_json(path: &Path) -> anyhow::Result<Option<Value>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => {
+            Ok(Some(serde_json::from_str(&t).map_err(|e| {
+                usage!("{} is not valid JSON: {e}", path.display())
+            })?))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+fn ids_of(v: Option<&Value>) -> Vec<TokenId> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as TokenId]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|n| n as TokenId)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Token text of a `tokenizer_config.json` entry (a string or an AddedToken object).
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+/// GPT-2's byte ↔ unicode table, inverted: the char a byte-level BPE piece uses → the byte.
+fn byte_decoder() -> &'static std::collections::HashMap<char, u8> {
+    static TABLE: OnceLock<std::collections::HashMap<char, u8>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+            .chain(0xA1..=0xAC)
+            .chain(0xAE..=0xFF)
+            .collect();
+        let mut cs = bs.clone();
+        let mut n = 0;
+        for b in 0..256u32 {
+            if !bs.contains(&b) {
+                bs.push(b);
+                cs.push(256 + n);
+                n += 1;
+            }
+        }
+        bs.iter()
+            .zip(&cs)
+            .map(|(&b, &c)| (char::from_u32(c).expect("valid"), b as u8))
+            .collect()
+    })
+}

@@ -1,0 +1,307 @@
+//! Where prompts come from and how they become token ids.
+//!
+//! Every prompt has a global index: its line in a prompts file (0-based; blank lines keep
+//! their number but hold no prompt) or its position among the prompts given on the command
+//! line. A file is read line by line as the loop needs prompts, never whole, so its size does
+//! not bound anything; [`PromptsFile::scan`] reads it once first to check every line and to
+//! count them.
+
+use crate::chat;
+use crate::generate::PromptInput;
+use logitprobe_backends::{usage, LogitSource};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+/// One prompt before rendering: its index, text and system message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptSpec {
+    pub index: usize,
+    pub prompt: String,
+    pub system_prompt: Option<String>,
+}
+
+/// A prompts file, checked: one prompt per line, or JSONL objects with `prompt` and
+/// optional `system_prompt`.
+#[derive(Debug, Clone)]
+pub struct PromptsFile {
+    pub path: PathBuf,
+    /// Lines in the file (blank ones included): the index space.
+    pub lines: usize,
+    /// Lines that hold a prompt.
+    pub prompts: usize,
+    default_system: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Row {
+    prompt: String,
+    system_prompt: Option<String>,
+}
+
+impl PromptsFile {
+    /// Reads the file once, line by line: every line must parse, and the lines are counted.
+    pub fn scan(path: &Path, default_system: Option<&str>) -> anyhow::Result<Self> {
+        let mut f = PromptsFile {
+            path: path.to_path_buf(),
+            lines: 0,
+            prompts: 0,
+            default_system: default_system.map(String::from),
+        };
+        let mut prompts = 0;
+        for spec in f.iter()? {
+            spec?;
+            prompts += 1;
+        }
+        f.prompts = prompts;
+        f.lines = f.count_lines()?;
+        Ok(f)
+    }
+
+    fn open(&self) -> anyhow::Result<BufReader<File>> {
+        let meta = std::fs::metadata(&self.path)
+            .map_err(|e| usage!("cannot read --prompts-file {}: {e}", self.path.display()))?;
+        if !meta.is_file() {
+            return Err(usage!(
+                "--prompts-file {} is not a regular file; give a text or JSONL file",
+                self.path.display()
+            ));
+        }
+        let file = File::open(&self.path)
+            .map_err(|e| usage!("cannot read --prompts-file {}: {e}", self.path.display()))?;
+        Ok(BufReader::with_capacity(1 << 16, file))
+    }
+
+    fn count_lines(&self) -> anyhow::Result<usize> {
+        let mut r = self.open()?;
+        let mut n = 0;
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            if r.read_until(b'\n', &mut buf)? == 0 {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The prompts, in file order, read as they are asked for.
+    pub fn iter(&self) -> anyhow::Result<impl Iterator<Item = anyhow::Result<PromptSpec>> + '_> {
+        let reader = self.open()?;
+        let mut lines = reader.split(b'\n').enumerate();
+        Ok(std::iter::from_fn(move || loop {
+            let (n, line) = lines.next()?;
+            let line = match line {
+                Ok(l) => l,
+                Err(e) => {
+                    return Some(Err(usage!(
+                        "cannot read --prompts-file {}: {e}",
+                        self.path.display()
+                    )))
+                }
+            };
+            match self.parse_line(n, &line) {
+                Ok(Some(spec)) => return Some(Ok(spec)),
+                Ok(None) => continue,
+                Err(e) => return Some(Err(e)),
+            }
+        }))
+    }
+
+    fn parse_line(&self, n: usize, line: &[u8]) -> anyhow::Result<Option<PromptSpec>> {
+        let shown = self.path.display();
+        let mut line = line.strip_suffix(b"\r").unwrap_or(line);
+        if n == 0 {
+            line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
+        }
+        let text = std::str::from_utf8(line).map_err(|e| {
+            usage!(
+                "{shown} line {}: not UTF-8 ({e}); save the prompts file as UTF-8",
+                n + 1
+            )
+        })?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        let (prompt, system_prompt) = if text.trim_start().starts_with('{') {
+            let row: Row = serde_json::from_str(text).map_err(|e| {
+                usage!(
+                    "{shown} line {}: not a JSONL prompt ({e}); use {{\"prompt\": \"...\", \"system_prompt\": \"...\"}}",
+                    n + 1
+                )
+            })?;
+            (row.prompt, row.system_prompt)
+        } else {
+            (text.to_string(), None)
+        };
+        if prompt.is_empty() {
+            return Err(usage!(
+                "{shown} line {}: the prompt is empty; give it some text or delete the line",
+                n + 1
+            ));
+        }
+        Ok(Some(PromptSpec {
+            index: n,
+            prompt,
+            system_prompt: system_prompt.or_else(|| self.default_system.clone()),
+        }))
+    }
+}
+
+/// Prompts of a run: from the command line, or from a file.
+#[derive(Debug, Clone)]
+pub enum PromptList {
+    Given(Vec<PromptSpec>),
+    File(PromptsFile),
+}
+
+impl PromptList {
+    /// How many prompts the run has.
+    pub fn len(&self) -> usize {
+        match self {
+            PromptList::Given(v) => v.len(),
+            PromptList::File(f) => f.prompts,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Size of the index space (a file's line count).
+    pub fn index_space(&self) -> usize {
+        match self {
+            PromptList::Given(v) => v.len(),
+            PromptList::File(f) => f.lines,
+        }
+    }
+
+    /// Whether any prompt carries a system message.
+    pub fn has_system_prompt(&self) -> anyhow::Result<bool> {
+        Ok(match self {
+            PromptList::Given(v) => v.iter().any(|p| p.system_prompt.is_some()),
+            PromptList::File(f) => {
+                let mut any = false;
+                for p in f.iter()? {
+                    any |= p?.system_prompt.is_some();
+                }
+                any
+            }
+        })
+    }
+
+    /// The prompts in index order, read as they are asked for.
+    pub fn iter(
+        &self,
+    ) -> anyhow::Result<Box<dyn Iterator<Item = anyhow::Result<PromptSpec>> + '_>> {
+        Ok(match self {
+            PromptList::Given(v) => Box::new(v.iter().cloned().map(Ok)),
+            PromptList::File(f) => Box::new(f.iter()?),
+        })
+    }
+}
+
+/// Renders (chat template) and tokenizes one prompt with the source's own rules.
+pub fn prepare(
+    source: &dyn LogitSource,
+    spec: &PromptSpec,
+    use_chat_template: bool,
+) -> anyhow::Result<PromptInput> {
+    let info = source.info();
+    let (rendered, parse_special) = if use_chat_template {
+        (
+            chat::render_for(source, &spec.prompt, spec.system_prompt.as_deref())?,
+            true,
+        )
+    } else {
+        (spec.prompt.clone(), false)
+    };
+    // A chat template writes its own BOS where the model wants one.
+    let add_bos = info.add_bos
+        && !(use_chat_template
+            && info.bos.is_some_and(|b| {
+                source
+                    .token_bytes(b)
+                    .is_some_and(|bytes| rendered.as_bytes().starts_with(&bytes))
+            }));
+    let ids = source.tokenize(&rendered, add_bos, parse_special)?;
+    Ok(PromptInput {
+        index: spec.index,
+        prompt: spec.prompt.clone(),
+        system_prompt: spec.system_prompt.clone(),
+        rendered,
+        ids,
+    })
+}
+
+/// Specs rendered and tokenized as the loop takes them.
+pub struct Prepared<I> {
+    pub specs: I,
+    pub use_chat_template: bool,
+}
+
+impl<I: Iterator<Item = anyhow::Result<PromptSpec>>> crate::generate::Prompts for Prepared<I> {
+    fn next_prompt(&mut self, source: &dyn LogitSource) -> Option<anyhow::Result<PromptInput>> {
+        let spec = self.specs.next()?;
+        Some(spec.and_then(|s| prepare(source, &s, self.use_chat_template)))
+    }
+}
+
+/// Renders and tokenizes prompts given as (prompt, system message) pairs, indexed in order.
+pub fn prepare_prompts(
+    source: &dyn LogitSource,
+    prompts: &[(String, Option<String>)],
+    use_chat_template: bool,
+) -> anyhow::Result<Vec<PromptInput>> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(index, (p, sys))| {
+            let spec = PromptSpec {
+                index,
+                prompt: p.clone(),
+                system_prompt: sys.clone(),
+            };
+            prepare(source, &spec, use_chat_template)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("p.jsonl");
+        std::fs::write(&p, text).unwrap();
+        (d, p)
+    }
+
+    #[test]
+    fn indices_are_line_numbers_and_blank_lines_keep_theirs() {
+        let (_d, p) = file("\u{feff}a\n\n{\"prompt\": \"b\", \"system_prompt\": \"s\"}\r\nc");
+        let f = PromptsFile::scan(&p, None).unwrap();
+        assert_eq!((f.lines, f.prompts), (4, 3));
+        let got: Vec<PromptSpec> = f.iter().unwrap().map(Result::unwrap).collect();
+        assert_eq!(
+            got[0].prompt, "a",
+            "a byte-order mark is not part of the prompt"
+        );
+        assert_eq!(got[1].index, 2);
+        assert_eq!(got[1].system_prompt.as_deref(), Some("s"));
+        assert_eq!((got[2].index, got[2].prompt.as_str()), (3, "c"));
+    }
+
+    #[test]
+    fn a_bad_line_is_named() {
+        let (_d, p) = file("a\n{\"prompt\": \"x\", \"system\": \"y\"}\n");
+        let e = PromptsFile::scan(&p, None).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("unknown field"), "{e}");
+        let (_d, p) = file("a\n{\"prompt\": 1\n");
+        let e = PromptsFile::scan(&p, None).unwrap_err().to_string();
+        assert!(e.contains("line 2: not a JSONL prompt"), "{e}");
+    }
+}
