@@ -283,8 +283,8 @@ pub fn run(
             break;
         }
         if !draining {
-            for slot in 0..n_slots {
-                if slots[slot].is_some() {
+            for (slot, free) in slots.iter_mut().enumerate() {
+                if free.is_some() {
                     continue;
                 }
                 let Some(input) = prompts.next_prompt(&*source) else {
@@ -299,7 +299,7 @@ pub fn run(
                 }
                 timings.prompts += 1;
                 timings.prompt_tokens += input.ids.len();
-                slots[slot] = Some(Active {
+                *free = Some(Active {
                     rng: Rng::new(cfg.seed, input.index as u64),
                     history: input.ids.clone(),
                     pending: input.ids.clone(),

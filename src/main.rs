@@ -37,16 +37,35 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            let usage = e.chain().any(|c| c.is::<UsageError>());
-            // One line: the chain of causes, outermost first.
-            let msg = e
+            let engine = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<logitprobe_backends::Error>());
+            let usage = engine.is_some() || e.chain().any(|c| c.is::<UsageError>());
+            // One line: the chain of causes, outermost first, then what to change.
+            let mut msg = e
                 .chain()
                 .map(|c| c.to_string())
                 .collect::<Vec<_>>()
                 .join(": ");
+            if let Some(fix) = engine.and_then(fix_for) {
+                msg.push_str("; ");
+                msg.push_str(&fix);
+            }
             eprintln!("error: {}", msg.replace('\n', " "));
             ExitCode::from(if usage { 2 } else { 1 })
         }
+    }
+}
+
+/// The flags that fix what an engine refused (the library names no flag).
+fn fix_for(e: &logitprobe_backends::Error) -> Option<String> {
+    use logitprobe_backends::Error;
+    match e {
+        Error::KvCacheTooLarge { .. } | Error::KvCacheAlloc { .. } => Some(
+            "lower --parallel or --ctx-size, or quantize the KV cache (--cache-type-k q8_0 --cache-type-v q8_0)".into(),
+        ),
+        Error::TooManySlots { max, .. } => Some(format!("use --parallel {max} or less")),
+        _ => None,
     }
 }
 

@@ -261,6 +261,20 @@ pub fn resolve(
     ))
 }
 
+/// sha256 of a model file (or of `model.onnx` in a model folder).
+pub fn sha256_file(path: &Path) -> Option<String> {
+    use sha2::Digest;
+    let file = if path.is_dir() {
+        path.join("model.onnx")
+    } else {
+        path.to_path_buf()
+    };
+    let mut f = std::fs::File::open(file).ok()?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).ok()?;
+    Some(format!("{:x}", h.finalize()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,18 +311,4 @@ mod tests {
             assert!(e.gguf.is_some());
         }
     }
-}
-
-/// sha256 of a model file (or of `model.onnx` in a model folder).
-pub fn sha256_file(path: &Path) -> Option<String> {
-    use sha2::Digest;
-    let file = if path.is_dir() {
-        path.join("model.onnx")
-    } else {
-        path.to_path_buf()
-    };
-    let mut f = std::fs::File::open(file).ok()?;
-    let mut h = sha2::Sha256::new();
-    std::io::copy(&mut f, &mut h).ok()?;
-    Some(format!("{:x}", h.finalize()))
 }

@@ -399,8 +399,8 @@ impl Sink for TraceWriter {
             record,
             row: SummaryRow::new(&self.dirs, input, g),
         };
-        let sent = self.tx.as_ref().map(|tx| tx.send(job));
-        if !matches!(sent, Some(Ok(()))) {
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok());
+        if !sent {
             // The writer stopped: its error says why.
             self.close()?;
             anyhow::bail!("the trace writer stopped early");
