@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_usage_error, bin, run, shared, trace_json};
+use common::{assert_usage_error, bin, run, trace_json};
 use serde_json::Value;
 use std::fs;
 use std::path::Path;
@@ -216,11 +216,8 @@ fn greedy_is_written_as_the_schema_allows() {
 
 #[test]
 fn output_validates_against_the_token_heatmap_schema() {
-    let Some(shared) = shared() else {
-        panic!("../shared is missing: this test validates against ../shared/interop/tokenheat-trace.schema.json");
-    };
     let schema: Value = serde_json::from_str(
-        &fs::read_to_string(shared.join("interop/tokenheat-trace.schema.json")).unwrap(),
+        &fs::read_to_string(common::tokenheat("tokenheat-trace.schema.json")).unwrap(),
     )
     .unwrap();
     let validator = jsonschema::validator_for(&schema).expect("schema compiles");
@@ -250,7 +247,7 @@ fn output_validates_against_the_token_heatmap_schema() {
     );
     // The check can fail: the sample is valid, a broken copy is not.
     let sample: Value = serde_json::from_str(
-        &fs::read_to_string(shared.join("interop/tokenheat-sample-trace.json")).unwrap(),
+        &fs::read_to_string(common::tokenheat("tokenheat-sample-trace.json")).unwrap(),
     )
     .unwrap();
     assert!(validator.is_valid(&sample));

@@ -4,7 +4,7 @@
 mod common;
 
 use common::cdp::Browser;
-use common::{assert_usage_error, run, shared, tiny};
+use common::{assert_usage_error, run, tiny};
 use serde_json::Value;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -141,11 +141,8 @@ fn long_traces_split_the_heatmap_into_pages() {
 
 #[test]
 fn report_renders_the_token_heatmap_sample_trace() {
-    let shared = shared().expect(
-        "../shared is missing: this test reads ../shared/interop/tokenheat-sample-trace.json",
-    );
     let tmp = tempfile::tempdir().unwrap();
-    let sample = shared.join("interop/tokenheat-sample-trace.json");
+    let sample = common::tokenheat("tokenheat-sample-trace.json");
     let o = run(&[
         "report",
         sample.to_str().unwrap(),
@@ -172,7 +169,7 @@ fn report_renders_the_token_heatmap_sample_trace() {
         .unwrap();
     assert!(o.status.success(), "{}", common::stderr(&o));
     assert!(cwd.path().join("report/report.html").is_file());
-    assert!(!shared.join("interop/report.html").exists());
+    assert!(!common::tokenheat("report.html").exists());
 }
 
 #[test]

@@ -19,10 +19,13 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// `../shared` beside the project, where the Token Heatmap schema and sample live.
-pub fn shared() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
-    p.is_dir().then_some(p)
+/// A Token Heatmap file kept as a test fixture (`tests/data/tokenheat/`, with its MIT
+/// licence and the upstream commit it comes from in SOURCE.md): the trace schema and the
+/// sample trace.
+pub fn tokenheat(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/tokenheat")
+        .join(name)
 }
 
 /// The models/fetch cache.
