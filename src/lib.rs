@@ -9,6 +9,7 @@ pub mod chat;
 pub mod cli;
 pub mod commands;
 pub mod compare;
+pub mod describe;
 pub mod generate;
 pub mod kernels;
 pub mod models;

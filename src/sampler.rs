@@ -1,4 +1,5 @@
-//! Sampling settings and the seeded random stream each prompt draws from.
+//! The sampler: its settings, the chain it runs on a row ([`Sampler`]) and the seeded random
+//! stream each prompt draws from.
 //!
 //! The chain, in order (the same one `--help` and the README describe):
 //!
@@ -17,6 +18,9 @@
 //! `[0, 1)` with 53 bits; the token is the first in (logit desc, id asc) order whose
 //! cumulative weight exceeds `u · total`.
 
+use crate::kernels;
+use crate::probe::RowSums;
+use logitprobe_backends::TokenId;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
@@ -115,6 +119,249 @@ impl SamplingConfig {
             };
         }
         l - self.presence_penalty - self.frequency_penalty * count as f32
+    }
+}
+
+/// Which tokens survive the sampler's filters.
+pub(crate) enum Kept {
+    /// The first `n` of the processed order.
+    Prefix(usize),
+    /// Every token with a finite logit (no filter removed anything).
+    All,
+}
+
+/// The sampler chain of one row: penalties, temperature, top-k / top-p / min-p, and the draw.
+///
+/// It works on what the probe's single pass over the row produced: the row's sums
+/// (`RowSums`) and the candidates gathered on the way, sorted by penalized logit (the
+/// processed order). Its scratch is reused from row to row.
+#[derive(Default)]
+pub struct Sampler {
+    /// Distinct history tokens with their penalized logits, sorted by id.
+    pub(crate) penalized: Vec<(TokenId, f32)>,
+    counts: Vec<(TokenId, u32)>,
+    chunk_sums: Vec<f64>,
+    /// Penalized logits of the exactly ordered processed prefix, and their sampling weights.
+    lp_buf: Vec<f32>,
+    weights: Vec<f32>,
+}
+
+impl Sampler {
+    pub(crate) fn set_penalties(
+        &mut self,
+        logits: &[f32],
+        history: &[TokenId],
+        sampling: &SamplingConfig,
+    ) {
+        self.penalized.clear();
+        if !sampling.has_penalties() || history.is_empty() {
+            return;
+        }
+        self.counts.clear();
+        self.counts.extend(
+            history
+                .iter()
+                .filter(|&&t| (t as usize) < logits.len())
+                .map(|&t| (t, 1u32)),
+        );
+        self.counts.sort_unstable_by_key(|&(t, _)| t);
+        self.counts.dedup_by(|b, a| {
+            if a.0 == b.0 {
+                a.1 += b.1;
+                true
+            } else {
+                false
+            }
+        });
+        self.penalized.extend(
+            self.counts
+                .iter()
+                .map(|&(t, c)| (t, sampling.penalize(logits[t as usize], c))),
+        );
+    }
+
+    #[inline]
+    pub(crate) fn lp(&self, logits: &[f32], id: TokenId) -> f32 {
+        if self.penalized.is_empty() {
+            return logits[id as usize];
+        }
+        match self.penalized.binary_search_by_key(&id, |&(t, _)| t) {
+            Ok(i) => self.penalized[i].1,
+            Err(_) => logits[id as usize],
+        }
+    }
+
+    /// Σe^z' and Σz'·e^z' of the penalized row.
+    pub(crate) fn penalized_sums(&self, row: &RowSums) -> (f64, f64) {
+        if self.penalized.is_empty() {
+            return (row.s, row.sz);
+        }
+        let (mut removed, mut added, mut removed_z, mut added_z) = (0f64, 0f64, 0f64, 0f64);
+        for &(t, lp) in &self.penalized {
+            let l = row.logits[t as usize];
+            if l != f32::NEG_INFINITY {
+                let (z, zp) = (row.z64(l), row.z64(lp));
+                removed += z.exp();
+                removed_z += z * z.exp();
+                added += zp.exp();
+                added_z += zp * zp.exp();
+            }
+        }
+        if removed > 0.5 * row.s {
+            // The penalized tokens held most of the mass: subtracting would cancel digits.
+            let mut copy = row.logits.to_vec();
+            for &(t, lp) in &self.penalized {
+                copy[t as usize] = lp;
+            }
+            return kernels::exp_sums(&copy, row.max, row.inv_t);
+        }
+        (row.s - removed + added, row.sz - removed_z + added_z)
+    }
+
+    /// The sampling weights of the first `valid` tokens of the processed order (at least the
+    /// first token: min-p reads it), computed once for the filters and the draw.
+    pub(crate) fn fill_weights(&mut self, row: &RowSums, order: &[TokenId], valid: usize) {
+        let n = valid.max(1).min(order.len());
+        let mut lp = std::mem::take(&mut self.lp_buf);
+        lp.clear();
+        lp.extend(order[..n].iter().map(|&id| self.lp(row.logits, id)));
+        kernels::exp_weights(&lp, row.max, row.inv_t, &mut self.weights);
+        self.lp_buf = lp;
+    }
+
+    /// Applies top-k, top-p and min-p to the processed order. `None`: the answer lies past
+    /// the exactly ordered prefix (`valid` entries), gather more.
+    pub(crate) fn kept(
+        &self,
+        s_p: f64,
+        valid: usize,
+        everything: bool,
+        sampling: &SamplingConfig,
+    ) -> Option<Kept> {
+        let w = |i: usize| f64::from(self.weights[i]);
+        // Tokens with −∞ logits are never kept; they sort last.
+        let finite_in = |n: usize| {
+            (0..n)
+                .take_while(|&i| self.lp_buf[i] != f32::NEG_INFINITY)
+                .count()
+        };
+        let mut kept = Kept::All;
+        let mut domain_sum = s_p;
+        if sampling.top_k > 0 {
+            if valid < sampling.top_k && !everything {
+                return None;
+            }
+            let n = finite_in(sampling.top_k.min(valid));
+            domain_sum = (0..n).map(w).sum();
+            kept = Kept::Prefix(n);
+        }
+        if sampling.top_p < 1.0 {
+            let limit = match kept {
+                Kept::Prefix(n) => n,
+                Kept::All => finite_in(valid),
+            };
+            let target = sampling.top_p * domain_sum;
+            let mut cum = 0f64;
+            let mut reached = None;
+            for i in 0..limit {
+                cum += w(i);
+                if cum >= target {
+                    reached = Some(i + 1);
+                    break;
+                }
+            }
+            kept = match (reached, kept) {
+                (Some(n), _) => Kept::Prefix(n),
+                // Rounding left the whole domain just short of p: keep all of it.
+                (None, Kept::Prefix(n)) => Kept::Prefix(n),
+                (None, Kept::All) if everything || limit < valid => Kept::Prefix(limit.max(1)),
+                (None, Kept::All) => return None,
+            };
+        }
+        if sampling.min_p > 0.0 {
+            let floor = sampling.min_p * w(0);
+            let limit = match kept {
+                Kept::Prefix(n) => n,
+                Kept::All => finite_in(valid),
+            };
+            let n = (0..limit).take_while(|&i| w(i) >= floor).count().max(1);
+            if n == valid && !everything && matches!(kept, Kept::All) {
+                return None;
+            }
+            kept = Kept::Prefix(n);
+        }
+        Some(kept)
+    }
+
+    /// Draws from the first `n` tokens of the processed order, by their weights from
+    /// [`Sampler::fill_weights`].
+    pub(crate) fn draw_prefix(
+        &self,
+        order: &[TokenId],
+        n: usize,
+        greedy: bool,
+        rng: &mut Rng,
+    ) -> TokenId {
+        if greedy || n == 1 {
+            return order[0];
+        }
+        let weights = |i: usize| f64::from(self.weights[i]);
+        let total: f64 = (0..n).map(weights).sum();
+        let target = rng.next_f64() * total;
+        let mut cum = 0f64;
+        for (i, &id) in order[..n].iter().enumerate() {
+            cum += weights(i);
+            if cum > target {
+                return id;
+            }
+        }
+        order[n - 1]
+    }
+
+    /// Draws from the whole (penalized) row, walking ids in order: no filter is active.
+    ///
+    /// Chunk sums (one vectorized pass) find the chunk where the cumulative weight passes
+    /// the target; only that chunk is walked token by token.
+    pub(crate) fn draw_all(
+        &mut self,
+        row: &RowSums,
+        s_p: f64,
+        order: &[TokenId],
+        rng: &mut Rng,
+    ) -> TokenId {
+        let target = rng.next_f64() * s_p;
+        let len = kernels::CHUNK_LEN;
+        kernels::chunk_sums(row.logits, row.max, row.inv_t, &mut self.chunk_sums);
+        for &(id, l_pen) in &self.penalized {
+            let l = row.logits[id as usize];
+            if l != f32::NEG_INFINITY {
+                self.chunk_sums[id as usize / len] += f64::from(row.w(l_pen)) - f64::from(row.w(l));
+            }
+        }
+        let mut cum = 0f64;
+        for (c, &chunk_sum) in self.chunk_sums.iter().enumerate() {
+            if cum + chunk_sum <= target {
+                cum += chunk_sum;
+                continue;
+            }
+            let start = c * len;
+            for id in start as TokenId..(start + len).min(row.logits.len()) as TokenId {
+                let l = self.lp(row.logits, id);
+                if l == f32::NEG_INFINITY {
+                    continue;
+                }
+                cum += f64::from(row.w(l));
+                if cum > target {
+                    return id;
+                }
+            }
+            // The token-by-token sum fell a rounding short of the chunk sum: go on from it.
+        }
+        // Rounding left the whole row just short of the target: the last finite token.
+        (0..row.logits.len() as TokenId)
+            .rev()
+            .find(|&id| self.lp(row.logits, id) != f32::NEG_INFINITY)
+            .unwrap_or(order[0])
     }
 }
 
