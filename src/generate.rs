@@ -459,7 +459,8 @@ pub fn run(
     Ok(timings)
 }
 
-fn check_prompt(input: &PromptInput, n_ctx: usize) -> anyhow::Result<()> {
+/// Checks that a prompt has tokens and leaves room in the context for one more.
+pub fn check_prompt(input: &PromptInput, n_ctx: usize) -> anyhow::Result<()> {
     if input.ids.is_empty() {
         return Err(usage!(
             "prompt {} is empty after tokenization; give it some text",
@@ -467,12 +468,13 @@ fn check_prompt(input: &PromptInput, n_ctx: usize) -> anyhow::Result<()> {
         ));
     }
     if input.ids.len() >= n_ctx {
-        return Err(usage!(
-            "prompt {} has {} tokens but the context holds {}; raise --ctx-size or shorten the prompt",
-            input.index,
-            input.ids.len(),
-            n_ctx
-        ));
+        // One token of room is needed for the first generated token.
+        return Err(logitprobe_backends::Error::ContextFull {
+            what: format!("prompt {}", input.index),
+            needed: input.ids.len() + 1,
+            n_ctx,
+        }
+        .into());
     }
     Ok(())
 }

@@ -65,6 +65,30 @@ fn fix_for(e: &logitprobe_backends::Error) -> Option<String> {
             "lower --parallel or --ctx-size, or quantize the KV cache (--cache-type-k q8_0 --cache-type-v q8_0)".into(),
         ),
         Error::TooManySlots { max, .. } => Some(format!("use --parallel {max} or less")),
+        Error::ContextFull { .. } => Some("raise --ctx-size or shorten the prompt".into()),
+        Error::ContextBeyondModel { .. } => Some("lower --ctx-size".into()),
+        Error::ModelUnreadable { .. } => Some("check the --model path".into()),
+        Error::NotGguf { .. } => {
+            Some("pass a .gguf model, or use --backend onnx for an ONNX folder".into())
+        }
+        Error::NeedsGpuBuild { .. } => Some(
+            "rebuild logitprobe with --features llama-cuda, llama-metal or llama-vulkan, or drop --n-gpu-layers".into(),
+        ),
+        Error::QuantizedVNeedsFlashAttn { .. } => {
+            Some("drop --flash-attn off, or use --cache-type-v f16".into())
+        }
+        Error::UnknownDevice { .. } => Some("pass --device cpu, cuda or auto".into()),
+        Error::CudaUnavailable { .. } => Some("or use --device cpu".into()),
+        Error::OrtLibNotFound => Some(
+            "run models/fetch onnxruntime, `pip install onnxruntime`, or pass --ort-lib /path/to/libonnxruntime.so".into(),
+        ),
+        Error::OrtLibMissing { .. } => {
+            Some("fix --ort-lib / ORT_DYLIB_PATH or run models/fetch onnxruntime".into())
+        }
+        Error::EngineNotBuilt { engine } => {
+            Some(format!("rebuild logitprobe with `--features {engine}`"))
+        }
+        Error::BadTestModel { .. } => Some("e.g. --model 300:0".into()),
         _ => None,
     }
 }

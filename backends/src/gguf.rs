@@ -362,8 +362,10 @@ impl GgufHeader {
     /// entry, known tensor types, and that the tensor data fits in the file.
     pub fn read(path: &Path) -> anyhow::Result<Self> {
         let shown = path.display();
-        let file = File::open(path)
-            .map_err(|e| usage!("cannot open model {shown}: {e}; check the --model path"))?;
+        let file = File::open(path).map_err(|e| crate::Error::ModelUnreadable {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         let file_size = file.metadata()?.len();
         let mut r = Reader {
             r: BufReader::with_capacity(1 << 20, file),
@@ -371,7 +373,10 @@ impl GgufHeader {
             file_size,
         };
         let not_gguf = || {
-            usage!("{shown} is not a GGUF file (no GGUF magic); pass a .gguf model or use --backend onnx for ONNX")
+            crate::Error::NotGguf {
+                path: path.to_path_buf(),
+            }
+            .into()
         };
         let magic = r.bytes(4).map_err(|_| not_gguf())?;
         if magic != b"GGUF" {

@@ -23,6 +23,7 @@
 
 use ndarray::Array2;
 use serde::Serialize;
+use std::path::PathBuf;
 
 pub mod gguf;
 #[cfg(feature = "onnx")]
@@ -201,6 +202,34 @@ pub enum Error {
         needed_bytes: u64,
         reason: String,
     },
+    /// `what` (a sequence, a text to score) needs more tokens than the context holds.
+    ContextFull {
+        what: String,
+        needed: usize,
+        n_ctx: usize,
+    },
+    /// The context asked for is longer than the model's own.
+    ContextBeyondModel { n_ctx: usize, model_ctx: usize },
+    /// The model file cannot be opened at all.
+    ModelUnreadable { path: PathBuf, reason: String },
+    /// The file is not a GGUF (it may be another engine's model).
+    NotGguf { path: PathBuf },
+    /// Layers offloaded to a GPU, but llama.cpp was built for the CPU only.
+    NeedsGpuBuild { n_gpu_layers: u32 },
+    /// A quantized V cache without flash attention, which llama.cpp cannot run.
+    QuantizedVNeedsFlashAttn { cache_type_v: String },
+    /// An ONNX Runtime device this build does not know.
+    UnknownDevice { device: String },
+    /// The CUDA execution provider failed to register.
+    CudaUnavailable { reason: String },
+    /// No ONNX Runtime library anywhere it is looked for.
+    OrtLibNotFound,
+    /// The ONNX Runtime library given does not exist.
+    OrtLibMissing { path: PathBuf },
+    /// This build lacks the engine.
+    EngineNotBuilt { engine: &'static str },
+    /// The test source's model spec is malformed.
+    BadTestModel { spec: String, min_vocab: usize },
 }
 
 impl std::fmt::Display for Error {
@@ -232,6 +261,48 @@ impl std::fmt::Display for Error {
                 "could not allocate the KV cache for {slots} parallel sequence{} of {n_ctx} tokens (about {}): {reason}",
                 if *slots == 1 { "" } else { "s" },
                 human_bytes(*needed_bytes)
+            ),
+            Error::ContextFull { what, needed, n_ctx } => write!(
+                f,
+                "{what} needs {needed} tokens but the context holds {n_ctx}"
+            ),
+            Error::ContextBeyondModel { n_ctx, model_ctx } => write!(
+                f,
+                "a context of {n_ctx} tokens is beyond the model's trained context {model_ctx}; use {model_ctx} or less"
+            ),
+            Error::ModelUnreadable { path, reason } => {
+                write!(f, "cannot open model {}: {reason}", path.display())
+            }
+            Error::NotGguf { path } => {
+                write!(f, "{} is not a GGUF file (no GGUF magic)", path.display())
+            }
+            Error::NeedsGpuBuild { n_gpu_layers } => write!(
+                f,
+                "offloading {n_gpu_layers} layers needs a GPU build of llama.cpp"
+            ),
+            Error::QuantizedVNeedsFlashAttn { cache_type_v } => write!(
+                f,
+                "a quantized V cache ({cache_type_v}) needs flash attention"
+            ),
+            Error::UnknownDevice { device } => {
+                write!(f, "device {device} is unknown: use cpu, cuda or auto")
+            }
+            Error::CudaUnavailable { reason } => write!(
+                f,
+                "the CUDA execution provider cannot register ({reason}); install onnxruntime-gpu with CUDA 13 and cuDNN 9"
+            ),
+            Error::OrtLibNotFound => write!(f, "no ONNX Runtime library found"),
+            Error::OrtLibMissing { path } => write!(
+                f,
+                "ONNX Runtime library {} does not exist",
+                path.display()
+            ),
+            Error::EngineNotBuilt { engine } => {
+                write!(f, "this logitprobe was built without the {engine} engine")
+            }
+            Error::BadTestModel { spec, min_vocab } => write!(
+                f,
+                "test backend model '{spec}' is invalid: use VOCAB[:SEED[:EOS_BIAS]] with VOCAB >= {min_vocab}"
             ),
         }
     }
@@ -329,10 +400,11 @@ pub fn open_test_source(spec: &str) -> anyhow::Result<test_source::TestSource> {
         (Some(v), Some(s), Some(b), None) if v >= test_source::TOKENIZER_VOCAB && b.is_finite() => {
             Ok(test_source::TestSource::new(v, s).with_eos_bias(b))
         }
-        _ => Err(usage!(
-            "test backend model '{spec}' is invalid: use VOCAB[:SEED[:EOS_BIAS]] with VOCAB >= {}, e.g. --model 300:0",
-            test_source::TOKENIZER_VOCAB
-        )),
+        _ => Err(Error::BadTestModel {
+            spec: spec.to_string(),
+            min_vocab: test_source::TOKENIZER_VOCAB,
+        }
+        .into()),
     }
 }
 
@@ -361,10 +433,9 @@ pub fn open(
             opts,
         )?)),
         #[allow(unreachable_patterns)]
-        other => Err(usage!(
-            "this logitprobe was built without the {} engine; rebuild with `--features {}`",
-            other.name(),
-            other.name()
-        )),
+        other => Err(Error::EngineNotBuilt {
+            engine: other.name(),
+        }
+        .into()),
     }
 }

@@ -120,10 +120,10 @@ impl LlamaSource {
         }
         let backend = backend(opts.verbose)?;
         if opts.n_gpu_layers > 0 && !backend.supports_gpu_offload() {
-            return Err(usage!(
-                "--n-gpu-layers {} needs a GPU build: rebuild logitprobe with --features llama-cuda, llama-metal or llama-vulkan, or drop the flag",
-                opts.n_gpu_layers
-            ));
+            return Err(crate::Error::NeedsGpuBuild {
+                n_gpu_layers: opts.n_gpu_layers,
+            }
+            .into());
         }
         let cache_k = opts.cache_type_k.as_deref().unwrap_or("f16");
         let cache_v = opts.cache_type_v.as_deref().unwrap_or("f16");
@@ -134,7 +134,10 @@ impl LlamaSource {
             KvCacheType::F32 | KvCacheType::F16 | KvCacheType::BF16
         ) && opts.flash_attn == FlashAttn::Off
         {
-            return Err(usage!("a quantized V cache (--cache-type-v {cache_v}) needs flash attention: drop --flash-attn off"));
+            return Err(crate::Error::QuantizedVNeedsFlashAttn {
+                cache_type_v: cache_v.to_string(),
+            }
+            .into());
         }
 
         let params = LlamaModelParams::default()
@@ -150,9 +153,11 @@ impl LlamaSource {
         let n_ctx_train = model.n_ctx_train() as usize;
         let n_ctx = opts.ctx_size.unwrap_or(n_ctx_train.min(4096)).max(8);
         if n_ctx > n_ctx_train && n_ctx_train > 0 {
-            return Err(usage!(
-                "--ctx-size {n_ctx} is beyond the model's trained context {n_ctx_train}; use --ctx-size {n_ctx_train} or less"
-            ));
+            return Err(crate::Error::ContextBeyondModel {
+                n_ctx,
+                model_ctx: n_ctx_train,
+            }
+            .into());
         }
         let n_batch = opts.batch_size.unwrap_or(512).clamp(1, n_ctx);
 
@@ -482,11 +487,12 @@ impl LogitSource for LlamaSource {
                 .get(seq)
                 .context("decode: sequence was not started with begin()")?;
             if start as usize + tokens.len() > self.n_ctx {
-                return Err(usage!(
-                    "sequence {seq} needs {} tokens but --ctx-size is {}; raise --ctx-size or shorten the prompt",
-                    start as usize + tokens.len(),
-                    self.n_ctx
-                ));
+                return Err(crate::Error::ContextFull {
+                    what: format!("sequence {seq}"),
+                    needed: start as usize + tokens.len(),
+                    n_ctx: self.n_ctx,
+                }
+                .into());
             }
             let last = tokens.len() - 1;
             for (i, &t) in tokens.iter().enumerate() {
@@ -505,12 +511,12 @@ impl LogitSource for LlamaSource {
 
     fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
         if tokens.len() > self.n_ctx {
-            return Err(usage!(
-                "scoring {} tokens needs --ctx-size {} or more (it is {})",
-                tokens.len(),
-                tokens.len(),
-                self.n_ctx
-            ));
+            return Err(crate::Error::ContextFull {
+                what: "scoring a text".into(),
+                needed: tokens.len(),
+                n_ctx: self.n_ctx,
+            }
+            .into());
         }
         if self.n_seqs == 0 {
             self.make_context(1)?;

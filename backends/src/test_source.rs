@@ -192,10 +192,12 @@ impl LogitSource for TestSource {
                 anyhow::anyhow!("decode: sequence {seq} was not started with begin()")
             })?;
             if hist.len() + tokens.len() > n_ctx {
-                return Err(crate::usage!(
-                    "sequence {seq} needs {} tokens but the context holds {n_ctx}; raise --ctx-size or shorten the prompt",
-                    hist.len() + tokens.len()
-                ));
+                return Err(crate::Error::ContextFull {
+                    what: format!("sequence {seq}"),
+                    needed: hist.len() + tokens.len(),
+                    n_ctx,
+                }
+                .into());
             }
             hist.extend_from_slice(tokens);
             let hist = hist.clone();

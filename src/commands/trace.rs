@@ -234,19 +234,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     let n_ctx = source.info().n_ctx;
     for spec in plan.prompts.iter()? {
         let input = prompts::prepare(&*source, &spec?, plan.use_chat_template)?;
-        if input.ids.is_empty() {
-            return Err(usage!(
-                "prompt {} is empty after tokenization; give it some text",
-                input.index
-            ));
-        }
-        if input.ids.len() >= n_ctx {
-            return Err(usage!(
-                "prompt {} has {} tokens but the context holds {n_ctx}; raise --ctx-size or shorten the prompt",
-                input.index,
-                input.ids.len()
-            ));
-        }
+        generate::check_prompt(&input, n_ctx)?;
     }
     let n = plan.prompts.len();
     let parallel = open_slots(&mut *source, plan.parallel, n)?;

@@ -129,9 +129,11 @@ impl OnnxSource {
         let n_ctx_model = folder.n_ctx_model.unwrap_or(4096);
         let n_ctx = opts.ctx_size.unwrap_or(n_ctx_model.min(4096));
         if n_ctx > n_ctx_model {
-            return Err(usage!(
-                "--ctx-size {n_ctx} is beyond the model's context {n_ctx_model}; use --ctx-size {n_ctx_model} or less"
-            ));
+            return Err(crate::Error::ContextBeyondModel {
+                n_ctx,
+                model_ctx: n_ctx_model,
+            }
+            .into());
         }
 
         let mut details = serde_json::Map::new();
@@ -315,10 +317,12 @@ impl OnnxSource {
 
     fn check_ctx(&self, seq: usize, len: usize) -> anyhow::Result<()> {
         if len > self.info.n_ctx {
-            return Err(usage!(
-                "sequence {seq} needs {len} tokens but --ctx-size is {}; raise --ctx-size or shorten the prompt",
-                self.info.n_ctx
-            ));
+            return Err(crate::Error::ContextFull {
+                what: format!("sequence {seq}"),
+                needed: len,
+                n_ctx: self.info.n_ctx,
+            }
+            .into());
         }
         Ok(())
     }

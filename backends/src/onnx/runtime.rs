@@ -40,9 +40,7 @@ pub fn find_ort_lib(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(lib) = cache.and_then(|c| newest_lib(&c.join("onnxruntime"))) {
         return Ok(lib);
     }
-    Err(usage!(
-        "no ONNX Runtime library found: run models/fetch onnxruntime, `pip install onnxruntime`, or pass --ort-lib /path/to/libonnxruntime.so"
-    ))
+    Err(crate::Error::OrtLibNotFound.into())
 }
 
 fn newest_lib(dir: &Path) -> Option<PathBuf> {
@@ -68,13 +66,10 @@ pub(super) fn environment(
     opts: &EngineOptions,
 ) -> anyhow::Result<(&'static ort::environment::Environment, &'static Path)> {
     let lib = find_ort_lib(opts.ort_lib.as_deref())?;
+    if ENV.get().is_none() && !lib.is_file() {
+        return Err(crate::Error::OrtLibMissing { path: lib }.into());
+    }
     let got = ENV.get_or_init(|| {
-        if !lib.is_file() {
-            return Err(format!(
-                "ONNX Runtime library {} does not exist; fix --ort-lib / ORT_DYLIB_PATH or run models/fetch onnxruntime",
-                lib.display()
-            ));
-        }
         let builder = ort::init_from(&lib).map_err(|e| {
             format!(
                 "cannot load ONNX Runtime from {}: {e}; logitprobe needs ONNX Runtime 1.{}.x or newer (pip install onnxruntime)",
@@ -138,25 +133,37 @@ pub(super) fn build_session(
         }
     };
     match device {
-        "cpu" => Ok((build(env, model, false, threads).map_err(fail)?, "CPUExecutionProvider".into())),
+        "cpu" => Ok((
+            build(env, model, false, threads).map_err(fail)?,
+            "CPUExecutionProvider".into(),
+        )),
         "cuda" => match build(env, model, true, threads) {
             Ok(s) => Ok((s, "CUDAExecutionProvider".into())),
-            Err(e) => Err(usage!(
-                "--device cuda: the CUDA execution provider cannot register ({}); install onnxruntime-gpu with CUDA 13 and cuDNN 9, or use --device cpu",
-                e.to_string().lines().next().unwrap_or("")
-            )),
+            Err(e) => Err(crate::Error::CudaUnavailable {
+                reason: e.to_string().lines().next().unwrap_or("").to_string(),
+            }
+            .into()),
         },
         "auto" => match build(env, model, true, threads) {
             Ok(s) => {
-                tracing::info!("--device auto picked CUDA");
+                tracing::info!("device auto picked CUDA");
                 eprintln!("device auto: using CUDA");
                 Ok((s, "CUDAExecutionProvider".into()))
             }
             Err(e) => {
-                eprintln!("device auto: CUDA unavailable ({}), using CPU", e.to_string().lines().next().unwrap_or(""));
-                Ok((build(env, model, false, threads).map_err(fail)?, "CPUExecutionProvider".into()))
+                eprintln!(
+                    "device auto: CUDA unavailable ({}), using CPU",
+                    e.to_string().lines().next().unwrap_or("")
+                );
+                Ok((
+                    build(env, model, false, threads).map_err(fail)?,
+                    "CPUExecutionProvider".into(),
+                ))
             }
         },
-        other => Err(usage!("--device {other} is unknown: use cpu, cuda or auto")),
+        other => Err(crate::Error::UnknownDevice {
+            device: other.to_string(),
+        }
+        .into()),
     }
 }
