@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::cache;
+use common::{cache, runs_and_threads};
 use logitprobe::backends::{EngineOptions, LogitSource, ModelInfo, TokenId};
 use logitprobe::generate::{generate, GenerateConfig, PromptInput};
 use logitprobe::probe::ProbeConfig;
@@ -115,15 +115,7 @@ fn main() {
         println!("engines bench: run with `cargo bench --bench engines`");
         return;
     }
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(5);
-    let threads: Vec<usize> = std::env::var("BENCH_THREADS")
-        .unwrap_or_else(|_| "1,2".into())
-        .split(',')
-        .filter_map(|t| t.parse().ok())
-        .collect();
+    let (runs, threads) = runs_and_threads(5);
     let gguf = cache().join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let onnx = cache().join("SmolLM2-135M-Instruct-onnx");
     println!(

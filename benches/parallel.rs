@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::cache;
+use common::{cache, runs_and_threads};
 use logitprobe::backends::{EngineOptions, LogitSource};
 use logitprobe::generate::{self, GenerateConfig, PromptInput};
 use logitprobe::probe::ProbeConfig;
@@ -26,8 +26,9 @@ const TOPICS: [&str; 8] = [
     "a letter to a friend",
 ];
 
-/// Generated tokens per second of the whole loop over 64 prompts.
-fn loop_tps(src: &mut dyn LogitSource, parallel: usize) -> f64 {
+/// Generated tokens per second of the whole loop over 64 prompts, and of its steps that
+/// evaluated no prompt (pure decode).
+fn loop_tps(src: &mut dyn LogitSource, parallel: usize) -> (f64, f64) {
     let prompts: Vec<PromptInput> = (0..64)
         .map(|i| {
             let text = format!(
@@ -62,7 +63,7 @@ fn loop_tps(src: &mut dyn LogitSource, parallel: usize) -> f64 {
         &(),
     )
     .unwrap();
-    t.generated_tokens as f64 / t.wall_s
+    (t.generated_tokens as f64 / t.wall_s, t.decode_tokens_per_s)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -75,15 +76,7 @@ fn main() {
         println!("parallel bench: run with `cargo bench --bench parallel`");
         return;
     }
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3);
-    let threads: Vec<usize> = std::env::var("BENCH_THREADS")
-        .unwrap_or_else(|_| "1,2".into())
-        .split(',')
-        .filter_map(|t| t.parse().ok())
-        .collect();
+    let (runs, threads) = runs_and_threads(3);
     let gguf = cache().join("SmolLM2-135M-Instruct.Q4_1.gguf");
     println!("SmolLM2-135M-Instruct Q4_1, 64 prompts × 32 new tokens; medians of {runs} alternating runs");
     for &t in &threads {
@@ -94,15 +87,19 @@ fn main() {
         };
         let mut src = logitprobe::backends::llama::LlamaSource::open(&gguf, &opts)
             .expect("run models/fetch first");
+        loop_tps(&mut src, 8); // warm-up: the weights' pages come in
         let (mut one, mut eight) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             one.push(loop_tps(&mut src, 1));
             eight.push(loop_tps(&mut src, 8));
         }
-        let (one, eight) = (median(one), median(eight));
+        let m = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| median(v.iter().map(f).collect());
+        let (one_all, eight_all) = (m(&one, |x| x.0), m(&eight, |x| x.0));
+        let (one_dec, eight_dec) = (m(&one, |x| x.1), m(&eight, |x| x.1));
         println!(
-            "llama.cpp Q4_1, {t} thread(s): --parallel 8 {eight:.1} tok/s, --parallel 1 {one:.1} tok/s, ratio = {:.2}×",
-            eight / one
+            "llama.cpp Q4_1, {t} thread(s): --parallel 8 {eight_all:.1} tok/s, --parallel 1 {one_all:.1} tok/s, ratio = {:.2}× (decode steps alone: {eight_dec:.1} vs {one_dec:.1} tok/s, {:.2}×)",
+            eight_all / one_all,
+            eight_dec / one_dec
         );
     }
 }

@@ -144,14 +144,17 @@ pub trait Sink {
         Ok(())
     }
 
-    /// A step of `prompt`; `generation` already holds it.
+    /// A step of `prompt`; `generation` already holds it. The answer can end the sequence
+    /// or the run; a sink that only reads finished prompts keeps the default, `Continue`.
     fn step(
         &mut self,
-        source: &dyn LogitSource,
-        prompt: &PromptInput,
-        generation: &Generation,
-        step: &Step,
-    ) -> anyhow::Result<Control>;
+        _source: &dyn LogitSource,
+        _prompt: &PromptInput,
+        _generation: &Generation,
+        _step: &Step,
+    ) -> anyhow::Result<Control> {
+        Ok(Control::Continue)
+    }
 
     fn finish(
         &mut self,
@@ -516,16 +519,6 @@ fn finish(
 struct Collect(Vec<Option<Generation>>);
 
 impl Sink for Collect {
-    fn step(
-        &mut self,
-        _: &dyn LogitSource,
-        _: &PromptInput,
-        _: &Generation,
-        _: &Step,
-    ) -> anyhow::Result<Control> {
-        Ok(Control::Continue)
-    }
-
     fn finish(
         &mut self,
         _: &dyn LogitSource,

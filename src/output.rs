@@ -362,16 +362,6 @@ impl TraceWriter {
 }
 
 impl Sink for TraceWriter {
-    fn step(
-        &mut self,
-        _: &dyn LogitSource,
-        _: &PromptInput,
-        _: &Generation,
-        _: &Step,
-    ) -> anyhow::Result<Control> {
-        Ok(Control::Continue)
-    }
-
     fn finish(
         &mut self,
         source: &dyn LogitSource,

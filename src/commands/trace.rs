@@ -2,12 +2,12 @@
 
 use crate::cli::TraceArgs;
 use crate::generate::{
-    self, Control, GenerateConfig, Generation, PromptInput, Sink, StopReason, StopStrings,
+    self, GenerateConfig, Generation, PromptInput, Sink, StopReason, StopStrings,
 };
 use crate::output::{self, PromptDirs, StepsJsonl, TraceWriter};
 use crate::prompts::{self, PromptList, PromptSpec, PromptsFile};
 use crate::sampler::{self, SamplingConfig};
-use crate::trace::{self, RunRecord, Step};
+use crate::trace::{self, RunRecord};
 use logitprobe_backends::{usage, Backend, LogitSource};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -165,16 +165,6 @@ struct Console {
 }
 
 impl Sink for Console {
-    fn step(
-        &mut self,
-        _: &dyn LogitSource,
-        _: &PromptInput,
-        _: &Generation,
-        _: &Step,
-    ) -> anyhow::Result<Control> {
-        Ok(Control::Continue)
-    }
-
     fn finish(
         &mut self,
         _: &dyn LogitSource,
