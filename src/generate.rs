@@ -482,23 +482,16 @@ pub fn check_prompt(input: &PromptInput, n_ctx: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The answer of several sinks: the strongest wins, and of two stop strings the earlier.
 fn stronger(a: Control, b: Control) -> Control {
+    use Control::*;
     match (a, b) {
-        (Control::StopAll, _) | (_, Control::StopAll) => Control::StopAll,
-        (
-            Control::StopSequence { text_len: Some(x) },
-            Control::StopSequence { text_len: Some(y) },
-        ) => Control::StopSequence {
-            text_len: Some(x.min(y)),
+        (StopAll, _) | (_, StopAll) => StopAll,
+        (StopSequence { text_len: x }, StopSequence { text_len: y }) => StopSequence {
+            text_len: x.into_iter().chain(y).min(),
         },
-        (Control::StopSequence { text_len: Some(x) }, _)
-        | (_, Control::StopSequence { text_len: Some(x) }) => {
-            Control::StopSequence { text_len: Some(x) }
-        }
-        (Control::StopSequence { .. }, _) | (_, Control::StopSequence { .. }) => {
-            Control::StopSequence { text_len: None }
-        }
-        _ => Control::Continue,
+        (s @ StopSequence { .. }, Continue) | (Continue, s @ StopSequence { .. }) => s,
+        (Continue, Continue) => Continue,
     }
 }
 

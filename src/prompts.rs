@@ -30,6 +30,8 @@ pub struct PromptsFile {
     pub lines: usize,
     /// Lines that hold a prompt.
     pub prompts: usize,
+    /// The first line (0-based) whose JSONL object has its own `system_prompt`.
+    pub first_system_line: Option<usize>,
     default_system: Option<String>,
 }
 
@@ -41,21 +43,27 @@ struct Row {
 }
 
 impl PromptsFile {
-    /// Reads the file once, line by line: every line must parse, and the lines are counted.
+    /// Reads the file once, line by line: every line must parse; the lines are counted.
     pub fn scan(path: &Path, default_system: Option<&str>) -> anyhow::Result<Self> {
         let mut f = PromptsFile {
             path: path.to_path_buf(),
             lines: 0,
             prompts: 0,
+            first_system_line: None,
             default_system: default_system.map(String::from),
         };
-        let mut prompts = 0;
-        for spec in f.iter()? {
-            spec?;
-            prompts += 1;
+        let (mut lines, mut prompts, mut first_system_line) = (0, 0, None);
+        for item in f.lines()? {
+            let (n, spec) = item?;
+            lines = n + 1;
+            if let Some(spec) = spec {
+                prompts += 1;
+                if spec.system_prompt.is_some() {
+                    first_system_line.get_or_insert(n);
+                }
+            }
         }
-        f.prompts = prompts;
-        f.lines = f.count_lines()?;
+        (f.lines, f.prompts, f.first_system_line) = (lines, prompts, first_system_line);
         Ok(f)
     }
 
@@ -73,40 +81,29 @@ impl PromptsFile {
         Ok(BufReader::with_capacity(1 << 16, file))
     }
 
-    fn count_lines(&self) -> anyhow::Result<usize> {
-        let mut r = self.open()?;
-        let mut n = 0;
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            if r.read_until(b'\n', &mut buf)? == 0 {
-                break;
-            }
-            n += 1;
-        }
-        Ok(n)
+    /// Every line with its number, parsed (`None` for a blank one), system messages as the
+    /// file writes them.
+    fn lines(
+        &self,
+    ) -> anyhow::Result<impl Iterator<Item = anyhow::Result<(usize, Option<PromptSpec>)>> + '_>
+    {
+        let reader = self.open()?;
+        Ok(reader.split(b'\n').enumerate().map(move |(n, line)| {
+            let line = line
+                .map_err(|e| usage!("cannot read --prompts-file {}: {e}", self.path.display()))?;
+            Ok((n, self.parse_line(n, &line)?))
+        }))
     }
 
     /// The prompts, in file order, read as they are asked for.
     pub fn iter(&self) -> anyhow::Result<impl Iterator<Item = anyhow::Result<PromptSpec>> + '_> {
-        let reader = self.open()?;
-        let mut lines = reader.split(b'\n').enumerate();
-        Ok(std::iter::from_fn(move || loop {
-            let (n, line) = lines.next()?;
-            let line = match line {
-                Ok(l) => l,
-                Err(e) => {
-                    return Some(Err(usage!(
-                        "cannot read --prompts-file {}: {e}",
-                        self.path.display()
-                    )))
-                }
-            };
-            match self.parse_line(n, &line) {
-                Ok(Some(spec)) => return Some(Ok(spec)),
-                Ok(None) => continue,
-                Err(e) => return Some(Err(e)),
+        Ok(self.lines()?.filter_map(move |item| match item {
+            Ok((_, None)) => None,
+            Ok((_, Some(mut spec))) => {
+                spec.system_prompt = spec.system_prompt.or_else(|| self.default_system.clone());
+                Some(Ok(spec))
             }
+            Err(e) => Some(Err(e)),
         }))
     }
 
@@ -145,7 +142,7 @@ impl PromptsFile {
         Ok(Some(PromptSpec {
             index: n,
             prompt,
-            system_prompt: system_prompt.or_else(|| self.default_system.clone()),
+            system_prompt,
         }))
     }
 }
@@ -176,20 +173,6 @@ impl PromptList {
             PromptList::Given(v) => v.len(),
             PromptList::File(f) => f.lines,
         }
-    }
-
-    /// Whether any prompt carries a system message.
-    pub fn has_system_prompt(&self) -> anyhow::Result<bool> {
-        Ok(match self {
-            PromptList::Given(v) => v.iter().any(|p| p.system_prompt.is_some()),
-            PromptList::File(f) => {
-                let mut any = false;
-                for p in f.iter()? {
-                    any |= p?.system_prompt.is_some();
-                }
-                any
-            }
-        })
     }
 
     /// The prompts in index order, read as they are asked for.
@@ -285,6 +268,7 @@ mod tests {
         let (_d, p) = file("\u{feff}a\n\n{\"prompt\": \"b\", \"system_prompt\": \"s\"}\r\nc");
         let f = PromptsFile::scan(&p, None).unwrap();
         assert_eq!((f.lines, f.prompts), (4, 3));
+        assert_eq!(f.first_system_line, Some(2));
         let got: Vec<PromptSpec> = f.iter().unwrap().map(Result::unwrap).collect();
         assert_eq!(
             got[0].prompt, "a",

@@ -111,14 +111,11 @@ impl TracePlan {
                 return Err(usage!("--system-prompt needs --use-chat-template: a system message only exists inside a chat template"));
             }
             if let PromptList::File(f) = &prompts {
-                if let Some(p) = f
-                    .iter()?
-                    .find_map(|p| p.ok().filter(|p| p.system_prompt.is_some()))
-                {
+                if let Some(n) = f.first_system_line {
                     return Err(usage!(
                         "{} line {}: a system_prompt needs --use-chat-template (a system message only exists inside a chat template)",
                         f.path.display(),
-                        p.index + 1
+                        n + 1
                     ));
                 }
             }
