@@ -30,6 +30,7 @@ fn decode_tps(src: &mut dyn LogitSource, new_tokens: usize, probe: bool) -> f64 
         system_prompt: None,
         rendered: PROMPT.into(),
         ids,
+        ..Default::default()
     }];
     // A fixed seed: probing on and off decode the same tokens.
     let cfg = GenerateConfig {
@@ -41,6 +42,8 @@ fn decode_tps(src: &mut dyn LogitSource, new_tokens: usize, probe: bool) -> f64 
         max_new_tokens: new_tokens,
         seed: 1,
         probe_enabled: probe,
+        logprobs: None,
+        prompt_logprobs: false,
     };
     let (_, t) = generate(src, &prompts, &cfg, &mut [], &AtomicBool::new(false), &()).unwrap();
     t.decode_tokens_per_s
@@ -96,7 +99,15 @@ impl<S: LogitSource> LogitSource for RerunPrefix<S> {
         self.history[slot].clear();
         Ok(())
     }
-    fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>> {
+    fn decode_rows(
+        &mut self,
+        batch: &[(usize, &[TokenId])],
+        every_position: &[bool],
+    ) -> anyhow::Result<Array2<f32>> {
+        anyhow::ensure!(
+            !every_position.iter().any(|&e| e),
+            "the rerun source returns last positions only"
+        );
         let mut out = Array2::zeros((batch.len(), self.info().n_vocab));
         for (r, &(seq, toks)) in batch.iter().enumerate() {
             self.history[seq].extend_from_slice(toks);

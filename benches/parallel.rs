@@ -41,6 +41,7 @@ fn loop_tps(src: &mut dyn LogitSource, parallel: usize) -> (f64, f64) {
                 prompt: text.clone(),
                 system_prompt: None,
                 rendered: text,
+                ..Default::default()
             }
         })
         .collect();
@@ -50,6 +51,8 @@ fn loop_tps(src: &mut dyn LogitSource, parallel: usize) -> (f64, f64) {
         max_new_tokens: 32,
         seed: 1,
         probe_enabled: true,
+        logprobs: None,
+        prompt_logprobs: false,
     };
     // End-of-generation is left on: both settings decode exactly the same tokens.
     let mut feed = prompts.into_iter().map(Ok);

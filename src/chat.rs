@@ -5,7 +5,7 @@ use logitprobe_backends::{usage, LogitSource};
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::Serialize;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Message {
     pub role: String,
     pub content: String,
@@ -65,10 +65,21 @@ pub fn render_for(
     prompt: &str,
     system_prompt: Option<&str>,
 ) -> anyhow::Result<String> {
+    if source.chat_template().is_none() {
+        return Err(usage!(
+            "model {} has no chat template; drop --use-chat-template (and --system-prompt) or use an instruct model",
+            source.info().name
+        ));
+    }
+    render_messages(source, &messages(prompt, system_prompt))
+}
+
+/// Renders a conversation with the source's own template.
+pub fn render_messages(source: &dyn LogitSource, messages: &[Message]) -> anyhow::Result<String> {
     let info = source.info();
     let template = source.chat_template().ok_or_else(|| {
         usage!(
-            "model {} has no chat template; drop --use-chat-template (and --system-prompt) or use an instruct model",
+            "model {} has no chat template, so it cannot take chat messages: use an instruct model, or send a plain prompt",
             info.name
         )
     })?;
@@ -77,10 +88,5 @@ pub fn render_for(
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
     };
-    render(
-        &template,
-        &messages(prompt, system_prompt),
-        &piece(info.bos),
-        &piece(info.eos),
-    )
+    render(&template, messages, &piece(info.bos), &piece(info.eos))
 }

@@ -53,7 +53,23 @@ pub enum Command {
     Compare(Box<CompareArgs>),
     /// Draw the plots and report.html again from a trace JSON or a compare.json.
     Report(ReportArgs),
+    /// Serve the model over HTTP: OpenAI's /v1/completions and /v1/chat/completions with
+    /// logprobs (and the probe), llama-server's /completion, and a live viewer at /.
+    #[command(after_long_help = SERVE_HELP)]
+    Serve(Box<ServeArgs>),
 }
+
+const SERVE_HELP: &str = "\
+ENDPOINTS: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /completion
+  (llama-server's, with n_probs and post_sampling_probs), GET /health, GET /metrics
+  (Prometheus), GET / (live viewer).
+LOGPROBS: raw_logprobs (default) = log-softmax of the logits at temperature 1, what evaluation
+  harnesses expect (vLLM's and llama-server's /v1 meaning); processed_logprobs = the
+  distribution the sampler drew from (after penalties, temperature, top-k/top-p/min-p;
+  filtered tokens get -9999). A request with \"probe\": true also gets each token's raw and
+  processed blocks, as `trace` writes them.
+DETERMINISM: each choice draws from the ChaCha20 stream (request seed, choice index), so the
+  same request gives the same tokens whatever else the server is doing.";
 
 const COMPARE_HELP: &str = "\
 SIDES: --a and --b take BACKEND:MODEL, BACKEND one of llama, onnx, test, e.g.
@@ -434,6 +450,56 @@ pub struct TraceArgs {
     /// Sample without probing (for benchmarks: the trace then holds no distributions)
     #[arg(long, hide = true)]
     pub no_probe: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// `logitprobe serve`.
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// Engine that runs the model [default: llama]
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendArg>,
+    /// Model: a GGUF file, an ONNX folder, a Hugging Face repo id, or a catalogue alias
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// File inside a Hugging Face repo
+    #[arg(long)]
+    pub model_file: Option<String>,
+    /// The model id clients send and /v1/models lists [default: the model's name]
+    #[arg(long, value_name = "NAME")]
+    pub alias: Option<String>,
+    /// Address to listen on; anything but 127.0.0.1 / localhost exposes the server
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, printed at start)
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Sequences decoded together (slots); requests beyond wait in the queue [default: 4]
+    #[arg(long, value_name = "N")]
+    pub parallel: Option<usize>,
+    /// Requests that may wait for a slot; more get 503 [default: 64]
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_queue: usize,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health [env: LOGITPROBE_API_KEY]
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "LOGITPROBE_API_KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+    /// Most top logprobs a request may ask for
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub max_logprobs: usize,
+    /// What a logprob means: raw_logprobs or processed_logprobs (see below)
+    #[arg(long, value_enum, value_name = "MODE", default_value = "raw_logprobs")]
+    pub logprobs_mode: crate::logprobs::LogprobsMode,
+    /// Largest request body in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
 }

@@ -6,17 +6,19 @@
 //! random stream) and the settings: never on how many slots there are, what else passes
 //! through them, or the order in which they finish.
 
-use crate::probe::{Probe, ProbeConfig};
+use crate::logprobs::{LogprobsMode, TokenLogprobs};
+use crate::probe::{Probe, ProbeConfig, StepOptions};
 use crate::sampler::{Rng, SamplingConfig};
 use crate::text::Pieces;
 use crate::trace::{DistributionOut, SelectedToken, Step};
 use anyhow::Context;
 use logitprobe_backends::{usage, LogitSource, TokenId};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// One prompt, rendered and tokenized.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PromptInput {
     /// The prompt's global index: its line in a prompts file (0-based) or its position
     /// among the prompts given. Keys its random stream and names its output folder.
@@ -27,6 +29,19 @@ pub struct PromptInput {
     /// The text fed to the tokenizer (after the chat template, if any).
     pub rendered: String,
     pub ids: Vec<TokenId>,
+    /// This prompt's own settings, where they differ from the run's (a server's request:
+    /// each has its sampling settings, seed and logprobs).
+    pub settings: Option<Arc<GenerateConfig>>,
+    /// Chosen by the feed and handed back untouched, so that its sinks know whose prompt a
+    /// step belongs to (a server's request id); 0 for prompts files.
+    pub tag: u64,
+}
+
+impl PromptInput {
+    /// The settings this prompt runs with: its own, or else the run's.
+    pub fn settings<'a>(&'a self, run: &'a GenerateConfig) -> &'a GenerateConfig {
+        self.settings.as_deref().unwrap_or(run)
+    }
 }
 
 /// Settings of one generation run.
@@ -38,6 +53,19 @@ pub struct GenerateConfig {
     pub seed: u64,
     /// Off: the sampler runs but no distribution is described (for benchmarks).
     pub probe_enabled: bool,
+    /// Token logprobs (the sampled token's and the top ones) of each step, in
+    /// [`Generation::logprobs`]: what OpenAI's `logprobs` returns.
+    pub logprobs: Option<LogprobsRequest>,
+    /// Also the logprobs (and, with `probe_enabled`, the probe) of every prompt token after
+    /// the first, teacher-forced, in [`Generation::prompt_logprobs`]: OpenAI's `echo`.
+    pub prompt_logprobs: bool,
+}
+
+/// Which logprobs a sequence reports, and how many top ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogprobsRequest {
+    pub top: usize,
+    pub mode: LogprobsMode,
 }
 
 /// Why a sequence stopped.
@@ -83,6 +111,13 @@ pub struct Generation {
     pub stop: StopReason,
     /// Steps whose row had no finite logit and fell back to greedy.
     pub degenerate_steps: Vec<usize>,
+    /// Per step, when the settings ask for logprobs.
+    pub logprobs: Vec<TokenLogprobs>,
+    /// Per prompt token after the first (the first has no prediction), when the settings
+    /// ask for prompt logprobs.
+    pub prompt_logprobs: Vec<TokenLogprobs>,
+    /// The probe of each prompt token after the first, with prompt logprobs and probing on.
+    pub prompt_steps: Vec<Step>,
 }
 
 impl Generation {
@@ -95,6 +130,9 @@ impl Generation {
             last_text_start: 0,
             stop: StopReason::MaxNewTokens,
             degenerate_steps: Vec::new(),
+            logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
+            prompt_steps: Vec::new(),
         }
     }
 
@@ -230,12 +268,24 @@ impl Sink for StopStrings {
 /// prompts, [`crate::prompts::Prepared`] (specs rendered and tokenized as they are taken),
 /// or a server's queue of requests.
 pub trait Prompts {
-    /// The next prompt, `None` when there are no more. `source` renders and tokenizes.
-    fn next_prompt(&mut self, source: &dyn LogitSource) -> Option<anyhow::Result<PromptInput>>;
+    /// The next prompt, `None` when there is none (now). `source` renders and tokenizes.
+    /// `idle` says that no sequence is running: a feed that waits for prompts may block
+    /// until one comes (best with a timeout, so that the loop sees Ctrl-C).
+    fn next_prompt(
+        &mut self,
+        source: &dyn LogitSource,
+        idle: bool,
+    ) -> Option<anyhow::Result<PromptInput>>;
+
+    /// Whether more prompts can follow a `None` (a server's queue, until it closes); the
+    /// loop ends when it has no sequence left and the feed is not open.
+    fn is_open(&self) -> bool {
+        false
+    }
 }
 
 impl<I: Iterator<Item = anyhow::Result<PromptInput>>> Prompts for I {
-    fn next_prompt(&mut self, _: &dyn LogitSource) -> Option<anyhow::Result<PromptInput>> {
+    fn next_prompt(&mut self, _: &dyn LogitSource, _: bool) -> Option<anyhow::Result<PromptInput>> {
         self.next()
     }
 }
@@ -270,6 +320,7 @@ pub fn run(
     source.begin(n_slots)?;
     let mut slots: Vec<Option<Active>> = (0..n_slots).map(|_| None).collect();
     let mut probe = Probe::new(cfg.probe.clone());
+    let mut lp_probe = crate::logprobs::Logprobs::default();
     let mut pieces = Pieces::default();
     let mut timings = Timings::default();
     let mut probe_time = Duration::ZERO;
@@ -286,12 +337,13 @@ pub fn run(
             break;
         }
         if !draining {
-            for (slot, free) in slots.iter_mut().enumerate() {
-                if free.is_some() {
+            for slot in 0..n_slots {
+                if slots[slot].is_some() {
                     continue;
                 }
-                let Some(input) = prompts.next_prompt(&*source) else {
-                    draining = true;
+                let idle = slots.iter().all(Option::is_none);
+                let Some(input) = prompts.next_prompt(&*source, idle) else {
+                    draining = !prompts.is_open();
                     break;
                 };
                 let input = input?;
@@ -302,8 +354,8 @@ pub fn run(
                 }
                 timings.prompts += 1;
                 timings.prompt_tokens += input.ids.len();
-                *free = Some(Active {
-                    rng: Rng::new(cfg.seed, input.index as u64),
+                slots[slot] = Some(Active {
+                    rng: Rng::new(input.settings(cfg).seed, input.index as u64),
                     history: input.ids.clone(),
                     pending: input.ids.clone(),
                     generation: Generation::new(),
@@ -313,7 +365,10 @@ pub fn run(
         }
         let active: Vec<usize> = (0..n_slots).filter(|&s| slots[s].is_some()).collect();
         if active.is_empty() {
-            break;
+            if draining || !prompts.is_open() {
+                break;
+            }
+            continue;
         }
 
         let t_call = Instant::now();
@@ -322,12 +377,20 @@ pub fn run(
                 .as_ref()
                 .is_some_and(|a| a.generation.steps.is_empty())
         });
+        // A prompt with prompt logprobs gets a row for each of its positions.
+        let every: Vec<bool> = active
+            .iter()
+            .map(|&s| {
+                let a = slots[s].as_ref().expect("active");
+                a.generation.steps.is_empty() && a.input.settings(cfg).prompt_logprobs
+            })
+            .collect();
         let logits = {
             let batch: Vec<(usize, &[TokenId])> = active
                 .iter()
                 .map(|&s| (s, slots[s].as_ref().expect("active").pending.as_slice()))
                 .collect();
-            source.decode(&batch).context(if has_prompt {
+            source.decode_rows(&batch, &every).context(if has_prompt {
                 "prompt evaluation failed"
             } else {
                 "decode failed"
@@ -336,20 +399,54 @@ pub fn run(
 
         let t_probe = Instant::now();
         let mut sampled = Vec::with_capacity(active.len());
-        for (row, &s) in active.iter().enumerate() {
+        let mut row = 0;
+        for (&s, &every) in active.iter().zip(&every) {
             let a = slots[s].as_mut().expect("active");
-            let row_logits = logits.row(row);
+            let settings = a.input.settings(cfg);
+            let n_rows = if every { a.pending.len() } else { 1 };
+            if every {
+                let rows = logits.slice(ndarray::s![row..row + n_rows - 1, ..]);
+                describe_prompt(
+                    &mut probe,
+                    &mut lp_probe,
+                    settings,
+                    &a.input,
+                    rows,
+                    &mut a.generation,
+                    &*source,
+                    &mut pieces,
+                )?;
+            }
+            row += n_rows;
+            if settings.max_new_tokens == 0 {
+                // Scoring only: the prompt's rows were all that was asked.
+                sampled.push(None);
+                continue;
+            }
+            let row_logits = logits.row(row - 1);
             let row_logits = row_logits
                 .as_slice()
                 .context("logits rows must be contiguous")?;
             let step_idx = a.generation.steps.len();
+            probe.config.clone_from(&settings.probe);
+            let opts = StepOptions {
+                probe: settings.probe_enabled,
+                forced: None,
+                processed_top: match settings.logprobs {
+                    Some(LogprobsRequest {
+                        top,
+                        mode: LogprobsMode::Processed,
+                    }) => top.max(1),
+                    _ => 0,
+                },
+            };
             let sp = probe
-                .step(
+                .step_with(
                     row_logits,
                     &a.history,
-                    &cfg.sampling,
+                    &settings.sampling,
                     &mut a.rng,
-                    cfg.probe_enabled,
+                    &opts,
                 )
                 .map_err(|e| {
                     anyhow::anyhow!(
@@ -357,7 +454,16 @@ pub fn run(
                         a.input.index
                     )
                 })?;
-            sampled.push(sp);
+            if let Some(req) = settings.logprobs {
+                let lp = match req.mode {
+                    LogprobsMode::Raw => lp_probe.raw(row_logits, req.top, sp.selected),
+                    LogprobsMode::Processed => {
+                        TokenLogprobs::from_distribution(sp.processed_top.as_ref(), sp.selected)
+                    }
+                };
+                a.generation.logprobs.push(lp);
+            }
+            sampled.push(Some(sp));
         }
         probe_time += t_probe.elapsed();
 
@@ -365,6 +471,11 @@ pub fn run(
         for (&s, sp) in active.iter().zip(sampled) {
             let mut a = slots[s].take().expect("active");
             let src: &dyn LogitSource = &*source;
+            let Some(sp) = sp else {
+                finish(source, sinks, a, StopReason::MaxNewTokens)?;
+                continue;
+            };
+            let max_new_tokens = a.input.settings(cfg).max_new_tokens;
             let tok = sp.selected;
             let step_idx = a.generation.steps.len();
             if sp.degenerate {
@@ -417,7 +528,7 @@ pub fn run(
                     }
                 }
                 Control::Continue if eog.contains(&tok) => Some(StopReason::EndOfGeneration),
-                Control::Continue if g.generated_ids.len() >= cfg.max_new_tokens => {
+                Control::Continue if g.generated_ids.len() >= max_new_tokens => {
                     Some(StopReason::MaxNewTokens)
                 }
                 Control::Continue if a.history.len() >= n_ctx => Some(StopReason::ContextFull),
@@ -460,6 +571,73 @@ pub fn run(
         0.0
     };
     Ok(timings)
+}
+
+/// The teacher-forced view of a prompt: `rows[i]` predicts `ids[i + 1]`; its logprobs and,
+/// with probing on, its probe (the selected token being the prompt's own).
+#[allow(clippy::too_many_arguments)]
+fn describe_prompt(
+    probe: &mut Probe,
+    lp_probe: &mut crate::logprobs::Logprobs,
+    settings: &GenerateConfig,
+    input: &PromptInput,
+    rows: ndarray::ArrayView2<'_, f32>,
+    g: &mut Generation,
+    source: &dyn LogitSource,
+    pieces: &mut Pieces,
+) -> anyhow::Result<()> {
+    probe.config.clone_from(&settings.probe);
+    let req = settings.logprobs;
+    let processed_top = match req {
+        Some(LogprobsRequest {
+            top,
+            mode: LogprobsMode::Processed,
+        }) => top.max(1),
+        _ => 0,
+    };
+    // The forced step draws nothing; the stream is only there to fill the argument.
+    let mut rng = Rng::new(settings.seed, input.index as u64);
+    for (i, row) in rows.outer_iter().enumerate() {
+        let row = row.as_slice().context("logits rows must be contiguous")?;
+        let next = input.ids[i + 1];
+        let top = req.map_or(0, |r| r.top);
+        if settings.probe_enabled || processed_top > 0 {
+            let opts = StepOptions {
+                probe: settings.probe_enabled,
+                forced: Some(next),
+                processed_top,
+            };
+            let sp = probe
+                .step_with(row, &input.ids[..=i], &settings.sampling, &mut rng, &opts)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "prompt {}, prompt position {}: {e}; the engine produced invalid logits",
+                        input.index,
+                        i + 1
+                    )
+                })?;
+            if settings.probe_enabled {
+                g.prompt_steps.push(Step {
+                    step: i,
+                    selected: SelectedToken {
+                        token_id: next,
+                        token: pieces.get(source, next),
+                    },
+                    raw: describe(sp.raw.as_ref(), source, pieces),
+                    processed: describe(sp.processed.as_ref(), source, pieces),
+                });
+            }
+            if processed_top > 0 {
+                g.prompt_logprobs.push(TokenLogprobs::from_distribution(
+                    sp.processed_top.as_ref(),
+                    next,
+                ));
+                continue;
+            }
+        }
+        g.prompt_logprobs.push(lp_probe.raw(row, top, next));
+    }
+    Ok(())
 }
 
 /// Checks that a prompt has tokens and leaves room in the context for one more.

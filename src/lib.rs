@@ -12,6 +12,7 @@ pub mod compare;
 pub mod describe;
 pub mod generate;
 pub mod kernels;
+pub mod logprobs;
 pub mod models;
 pub mod output;
 pub mod plot;
@@ -19,6 +20,7 @@ pub mod probe;
 pub mod prompts;
 pub mod report;
 pub mod sampler;
+pub mod serve;
 pub mod text;
 pub mod trace;
 

@@ -30,6 +30,9 @@ fn main() -> ExitCode {
         Command::Report(args) => {
             logitprobe::commands::report::run(&args).map(|_| ExitCode::SUCCESS)
         }
+        Command::Serve(args) => {
+            logitprobe::commands::serve::run(&args, verbose).map(|_| ExitCode::SUCCESS)
+        }
         Command::Tokenize(args) => {
             logitprobe::commands::tokenize::run(&args, verbose).map(|_| ExitCode::SUCCESS)
         }

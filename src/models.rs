@@ -275,6 +275,20 @@ pub fn sha256_file(path: &Path) -> Option<String> {
     Some(format!("{:x}", h.finalize()))
 }
 
+/// The engine a model path is for, unless `--backend` says.
+pub fn infer_backend(path: &str, explicit: Option<Backend>) -> Backend {
+    explicit.unwrap_or_else(|| {
+        let p = Path::new(path);
+        if p.extension().is_some_and(|e| e == "gguf") {
+            Backend::Llama
+        } else if p.is_dir() || p.extension().is_some_and(|e| e == "onnx") {
+            Backend::Onnx
+        } else {
+            Backend::Llama
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -104,6 +104,21 @@ pub struct StepProbe {
     pub processed: Option<Distribution>,
     /// The row had no finite logit (or a +∞ one): the step fell back to greedy on the raw row.
     pub degenerate: bool,
+    /// The processed distribution's top [`StepOptions::processed_top`] tokens (all its
+    /// mass, no adaptive cut): the processed logprobs a server reports.
+    pub processed_top: Option<Distribution>,
+}
+
+/// What [`Probe::step_with`] does beside drawing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepOptions {
+    /// Describe the raw and processed distributions.
+    pub probe: bool,
+    /// Take this token instead of drawing one (teacher forcing: a prompt's own next token);
+    /// the descriptions then say how likely it was.
+    pub forced: Option<TokenId>,
+    /// Also describe the processed distribution's top this-many tokens (0: not).
+    pub processed_top: usize,
 }
 
 /// A NaN in a logits row: the engine produced garbage, the run cannot go on.
@@ -205,7 +220,26 @@ impl Probe {
         rng: &mut Rng,
         probe: bool,
     ) -> Result<StepProbe, NanLogits> {
+        let opts = StepOptions {
+            probe,
+            ..Default::default()
+        };
+        self.step_with(logits, history, sampling, rng, &opts)
+    }
+
+    /// [`Probe::step`] with the options a server needs: a forced token (prompt positions)
+    /// and the processed distribution's top tokens. A forced step leaves `rng` untouched.
+    pub fn step_with(
+        &mut self,
+        logits: &[f32],
+        history: &[TokenId],
+        sampling: &SamplingConfig,
+        rng: &mut Rng,
+        opts: &StepOptions,
+    ) -> Result<StepProbe, NanLogits> {
         assert!(!logits.is_empty(), "a logits row needs at least one entry");
+        let probe = opts.probe;
+        let top_n = opts.processed_top;
         let greedy = sampling.is_greedy();
         let inv_t64 = if greedy {
             1.0
@@ -215,7 +249,7 @@ impl Probe {
         let inv_t = inv_t64 as f32;
         let max = kernels::block_max(logits, &mut self.blocks);
         if !max.is_finite() {
-            return self.degenerate(logits, probe);
+            return self.degenerate(logits, opts);
         }
         self.sampler.set_penalties(logits, history, sampling);
         // Gather enough candidates for the probe and the filters; grow when a filter reaches
@@ -256,7 +290,8 @@ impl Probe {
                     .fill_weights(&row, &self.order_proc, valid_proc);
                 self.sampler.kept(s_p, valid_proc, everything, sampling)
             };
-            let probe_ready = |valid: usize| !probe || everything || valid >= self.config.max_k;
+            let need_k = if probe { self.config.max_k } else { 0 }.max(top_n);
+            let probe_ready = |valid: usize| need_k == 0 || everything || valid >= need_k;
             let kept = match kept {
                 Some(Kept::All) if !probe_ready(valid_proc) => None,
                 k if !probe_ready(valid_raw) => k.and(None),
@@ -269,40 +304,56 @@ impl Probe {
                 t = self.gather(logits, need);
                 continue;
             };
-            let selected = match kept {
-                Kept::Prefix(n) => self.sampler.draw_prefix(&self.order_proc, n, greedy, rng),
-                Kept::All => self.sampler.draw_all(&row, s_p, &self.order_proc, rng),
+            let selected = match (opts.forced, &kept) {
+                (Some(id), _) => id,
+                (None, Kept::Prefix(n)) => {
+                    self.sampler.draw_prefix(&self.order_proc, *n, greedy, rng)
+                }
+                (None, Kept::All) => self.sampler.draw_all(&row, s_p, &self.order_proc, rng),
             };
+            let describe_processed = |cfg: &ProbeConfig| {
+                if greedy {
+                    greedy_point_mass(self.order_proc[0], selected, cfg.eps)
+                } else {
+                    describe::processed(
+                        cfg,
+                        &self.sampler,
+                        &self.order_proc,
+                        &row,
+                        t,
+                        valid_proc,
+                        &kept,
+                        s_p,
+                        sz_p,
+                        selected,
+                    )
+                }
+            };
+            let processed_top = (top_n > 0).then(|| {
+                describe_processed(&ProbeConfig {
+                    min_k: 1,
+                    max_k: top_n,
+                    mass_threshold: 1.0,
+                    eps: f64::MIN_POSITIVE,
+                })
+            });
             if !probe {
                 return Ok(StepProbe {
                     selected,
                     raw: None,
                     processed: None,
                     degenerate: false,
+                    processed_top,
                 });
             }
             let raw = describe::raw(&self.config, &row, t, &self.order_raw, valid_raw, selected);
-            let processed = if greedy {
-                describe::point_mass(selected, self.config.eps)
-            } else {
-                describe::processed(
-                    &self.config,
-                    &self.sampler,
-                    &self.order_proc,
-                    &row,
-                    t,
-                    valid_proc,
-                    &kept,
-                    s_p,
-                    sz_p,
-                    selected,
-                )
-            };
+            let processed = describe_processed(&self.config);
             return Ok(StepProbe {
                 selected,
                 raw: Some(raw),
                 processed: Some(processed),
                 degenerate: false,
+                processed_top,
             });
         }
     }
@@ -386,17 +437,20 @@ impl Probe {
         Ok((t, s, sz))
     }
 
-    fn degenerate(&mut self, logits: &[f32], probe: bool) -> Result<StepProbe, NanLogits> {
+    fn degenerate(&mut self, logits: &[f32], opts: &StepOptions) -> Result<StepProbe, NanLogits> {
         if logits.iter().any(|v| v.is_nan()) {
             return Err(first_nan(logits));
         }
-        let selected = argmax_lowest(logits);
-        let d = probe.then(|| describe::point_mass(selected, self.config.eps));
+        let top = argmax_lowest(logits);
+        let selected = opts.forced.unwrap_or(top);
+        let d = (opts.probe || opts.processed_top > 0)
+            .then(|| greedy_point_mass(top, selected, self.config.eps));
         Ok(StepProbe {
             selected,
-            raw: d.clone(),
-            processed: d,
+            raw: d.clone().filter(|_| opts.probe),
+            processed: d.clone().filter(|_| opts.probe),
             degenerate: true,
+            processed_top: d.filter(|_| opts.processed_top > 0),
         })
     }
 
@@ -517,4 +571,15 @@ fn first_nan(logits: &[f32]) -> NanLogits {
     NanLogits {
         token_id: logits.iter().position(|v| v.is_nan()).unwrap_or(0),
     }
+}
+
+/// All mass on `top`, seen from `selected` (a forced token other than `top` has probability 0).
+fn greedy_point_mass(top: TokenId, selected: TokenId, eps: f64) -> Distribution {
+    let mut d = describe::point_mass(top, eps);
+    if selected != top {
+        d.selected_prob = 0.0;
+        d.selected_logprob = eps.ln();
+        d.selected_rank = 2;
+    }
+    d
 }

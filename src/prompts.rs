@@ -8,7 +8,7 @@
 
 use crate::chat;
 use crate::generate::PromptInput;
-use logitprobe_backends::{usage, LogitSource};
+use logitprobe_backends::{usage, LogitSource, TokenId};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -192,7 +192,6 @@ pub fn prepare(
     spec: &PromptSpec,
     use_chat_template: bool,
 ) -> anyhow::Result<PromptInput> {
-    let info = source.info();
     let (rendered, parse_special) = if use_chat_template {
         (
             chat::render_for(source, &spec.prompt, spec.system_prompt.as_deref())?,
@@ -201,22 +200,35 @@ pub fn prepare(
     } else {
         (spec.prompt.clone(), false)
     };
-    // A chat template writes its own BOS where the model wants one.
-    let add_bos = info.add_bos
-        && !(use_chat_template
-            && info.bos.is_some_and(|b| {
-                source
-                    .token_bytes(b)
-                    .is_some_and(|bytes| rendered.as_bytes().starts_with(&bytes))
-            }));
-    let ids = source.tokenize(&rendered, add_bos, parse_special)?;
+    let ids = tokenize_prompt(source, &rendered, use_chat_template, parse_special)?;
     Ok(PromptInput {
         index: spec.index,
         prompt: spec.prompt.clone(),
         system_prompt: spec.system_prompt.clone(),
         rendered,
         ids,
+        ..Default::default()
     })
+}
+
+/// Token ids of a prompt text with the model's own BOS rule; text a chat template rendered
+/// (`templated`) gets no second BOS when it starts with one.
+pub fn tokenize_prompt(
+    source: &dyn LogitSource,
+    rendered: &str,
+    templated: bool,
+    parse_special: bool,
+) -> anyhow::Result<Vec<TokenId>> {
+    let info = source.info();
+    // A chat template writes its own BOS where the model wants one.
+    let add_bos = info.add_bos
+        && !(templated
+            && info.bos.is_some_and(|b| {
+                source
+                    .token_bytes(b)
+                    .is_some_and(|bytes| rendered.as_bytes().starts_with(&bytes))
+            }));
+    source.tokenize(rendered, add_bos, parse_special)
 }
 
 /// Specs rendered and tokenized as the loop takes them.
@@ -226,7 +238,11 @@ pub struct Prepared<I> {
 }
 
 impl<I: Iterator<Item = anyhow::Result<PromptSpec>>> crate::generate::Prompts for Prepared<I> {
-    fn next_prompt(&mut self, source: &dyn LogitSource) -> Option<anyhow::Result<PromptInput>> {
+    fn next_prompt(
+        &mut self,
+        source: &dyn LogitSource,
+        _idle: bool,
+    ) -> Option<anyhow::Result<PromptInput>> {
         let spec = self.specs.next()?;
         Some(spec.and_then(|s| prepare(source, &s, self.use_chat_template)))
     }

@@ -25,6 +25,35 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 
+/// A sampling setting out of its range. `setting` is its snake_case name; a front end says
+/// it its own way (the CLI as a flag, the server as a request field).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadSetting {
+    pub setting: &'static str,
+    pub value: String,
+    pub rule: String,
+}
+
+impl BadSetting {
+    /// The message with the setting written as a command-line flag.
+    pub fn as_flag(&self) -> String {
+        format!(
+            "--{} {} {}",
+            self.setting.replace('_', "-"),
+            self.value,
+            self.rule
+        )
+    }
+}
+
+impl std::fmt::Display for BadSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {}", self.setting, self.value, self.rule)
+    }
+}
+
+impl std::error::Error for BadSetting {}
+
 /// Sampling settings; the defaults are the Token Heatmap tool's.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SamplingConfig {
@@ -73,34 +102,55 @@ impl SamplingConfig {
         self.repeat_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 
-    /// Checks the settings; the message names the flag and what it accepts.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the settings; the error names the setting (snake_case, as a config file or a
+    /// request names it) and what it accepts.
+    pub fn validate(&self) -> Result<(), BadSetting> {
+        let bad = |setting, value: String, rule: &str| {
+            Err(BadSetting {
+                setting,
+                value,
+                rule: rule.into(),
+            })
+        };
         if !(self.temperature >= 0.0 && self.temperature.is_finite() && self.temperature <= 1e4) {
-            return Err(format!(
-                "--temperature {} is invalid: use 0 for greedy or a positive number such as 0.8",
-                self.temperature
-            ));
+            return bad(
+                "temperature",
+                self.temperature.to_string(),
+                "is invalid: use 0 for greedy or a positive number such as 0.8",
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!(
-                "--top-p {} is outside (0, 1]: use e.g. 0.95, or 1 to turn top-p off",
-                self.top_p
-            ));
+            return bad(
+                "top_p",
+                self.top_p.to_string(),
+                "is outside (0, 1]: use e.g. 0.95, or 1 to turn top-p off",
+            );
         }
         if !(0.0..1.0).contains(&self.min_p) {
-            return Err(format!(
-                "--min-p {} is outside [0, 1): use e.g. 0.05, or 0 to turn min-p off",
-                self.min_p
-            ));
+            return bad(
+                "min_p",
+                self.min_p.to_string(),
+                "is outside [0, 1): use e.g. 0.05, or 0 to turn min-p off",
+            );
         }
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
-            return Err(format!(
-                "--repeat-penalty {} must be a positive number (1 turns it off)",
-                self.repeat_penalty
-            ));
+            return bad(
+                "repeat_penalty",
+                self.repeat_penalty.to_string(),
+                "must be a positive number (1 turns it off)",
+            );
         }
-        if !self.presence_penalty.is_finite() || !self.frequency_penalty.is_finite() {
-            return Err("--presence-penalty and --frequency-penalty must be finite numbers".into());
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !v.is_finite() {
+                return bad(
+                    name,
+                    v.to_string(),
+                    "must be a finite number (0 turns it off)",
+                );
+            }
         }
         Ok(())
     }

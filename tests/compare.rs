@@ -500,8 +500,12 @@ impl LogitSource for Counting {
     fn clear_slot(&mut self, slot: usize) -> anyhow::Result<()> {
         self.inner.clear_slot(slot)
     }
-    fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>> {
-        self.inner.decode(batch)
+    fn decode_rows(
+        &mut self,
+        batch: &[(usize, &[TokenId])],
+        every_position: &[bool],
+    ) -> anyhow::Result<Array2<f32>> {
+        self.inner.decode_rows(batch, every_position)
     }
     fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
         self.scores += 1;

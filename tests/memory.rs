@@ -43,6 +43,7 @@ fn two_thousand_steps_stay_small() {
         system_prompt: None,
         rendered: "memory".into(),
         ids,
+        ..Default::default()
     }];
     let cfg = GenerateConfig {
         sampling: SamplingConfig::default(),
@@ -50,6 +51,8 @@ fn two_thousand_steps_stay_small() {
         max_new_tokens: STEPS,
         seed: 1,
         probe_enabled: true,
+        logprobs: None,
+        prompt_logprobs: false,
     };
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);

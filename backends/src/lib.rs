@@ -108,7 +108,19 @@ pub trait LogitSource {
 
     /// Feeds new tokens to some sequences and returns `[batch.len(), n_vocab]` logits of each
     /// sequence's last position. Every entry must have at least one token.
-    fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>>;
+    fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>> {
+        self.decode_rows(batch, &[])
+    }
+
+    /// [`LogitSource::decode`], where an entry whose flag in `every_position` is set gets a
+    /// row for each token it feeds (row `i` predicts the token after its `i`-th), not only
+    /// the last: the prompt logprobs a server echoes, computed in the same call as the other
+    /// slots' steps. Rows follow the batch order; a missing flag counts as unset.
+    fn decode_rows(
+        &mut self,
+        batch: &[(usize, &[TokenId])],
+        every_position: &[bool],
+    ) -> anyhow::Result<Array2<f32>>;
 
     /// Teacher-forced scoring: `[tokens.len(), n_vocab]` logits where row `i` predicts
     /// `tokens[i + 1]`. Uses its own KV cache state: call [`LogitSource::begin`] again before
@@ -159,6 +171,13 @@ impl<T: LogitSource + ?Sized> LogitSource for Box<T> {
     }
     fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>> {
         (**self).decode(batch)
+    }
+    fn decode_rows(
+        &mut self,
+        batch: &[(usize, &[TokenId])],
+        every_position: &[bool],
+    ) -> anyhow::Result<Array2<f32>> {
+        (**self).decode_rows(batch, every_position)
     }
     fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
         (**self).score(tokens)
@@ -309,6 +328,21 @@ impl std::fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// How many logits rows [`LogitSource::decode_rows`] returns for `batch`.
+pub fn rows_of(batch: &[(usize, &[TokenId])], every_position: &[bool]) -> usize {
+    batch
+        .iter()
+        .enumerate()
+        .map(|(i, (_, t))| {
+            if every_position.get(i).copied().unwrap_or(false) {
+                t.len()
+            } else {
+                1
+            }
+        })
+        .sum()
+}
 
 /// Bytes for people: MiB below a GiB, else GiB with one decimal.
 pub fn human_bytes(b: u64) -> String {

@@ -478,9 +478,15 @@ impl LogitSource for LlamaSource {
         Ok(())
     }
 
-    fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>> {
+    fn decode_rows(
+        &mut self,
+        batch: &[(usize, &[TokenId])],
+        every_position: &[bool],
+    ) -> anyhow::Result<Array2<f32>> {
         let mut items = Vec::new();
-        for (row, &(seq, tokens)) in batch.iter().enumerate() {
+        let mut row = 0;
+        for (entry, &(seq, tokens)) in batch.iter().enumerate() {
+            let every = every_position.get(entry).copied().unwrap_or(false);
             anyhow::ensure!(!tokens.is_empty(), "decode: sequence {seq} got no tokens");
             let start = *self
                 .pos
@@ -500,11 +506,13 @@ impl LogitSource for LlamaSource {
                     (t as usize) < self.info.n_vocab,
                     "token id {t} is outside the vocabulary"
                 );
-                items.push((seq as i32, start + i as i32, t, (i == last).then_some(row)));
+                let wanted = every || i == last;
+                items.push((seq as i32, start + i as i32, t, wanted.then_some(row)));
+                row += usize::from(wanted);
             }
             self.pos[seq] = start + tokens.len() as i32;
         }
-        let mut out = Array2::zeros((batch.len(), self.info.n_vocab));
+        let mut out = Array2::zeros((row, self.info.n_vocab));
         self.run(&items, &mut out)?;
         Ok(out)
     }

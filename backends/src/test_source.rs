@@ -182,10 +182,16 @@ impl LogitSource for TestSource {
         Ok(())
     }
 
-    fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>> {
+    fn decode_rows(
+        &mut self,
+        batch: &[(usize, &[TokenId])],
+        every_position: &[bool],
+    ) -> anyhow::Result<Array2<f32>> {
         let n_vocab = self.info.n_vocab;
-        let mut out = Array2::zeros((batch.len(), n_vocab));
-        for (row, &(seq, tokens)) in batch.iter().enumerate() {
+        let mut out = Array2::zeros((crate::rows_of(batch, every_position), n_vocab));
+        let mut row = 0;
+        for (entry, &(seq, tokens)) in batch.iter().enumerate() {
+            let every = every_position.get(entry).copied().unwrap_or(false);
             anyhow::ensure!(!tokens.is_empty(), "decode: sequence {seq} got no tokens");
             let n_ctx = self.info.n_ctx;
             let hist = self.seqs.get_mut(seq).ok_or_else(|| {
@@ -199,12 +205,17 @@ impl LogitSource for TestSource {
                 }
                 .into());
             }
+            let before = hist.len();
             hist.extend_from_slice(tokens);
             let hist = hist.clone();
-            self.logits_after(
-                &hist,
-                out.row_mut(row).as_slice_mut().expect("standard layout"),
-            );
+            let first = if every { before + 1 } else { hist.len() };
+            for end in first..=hist.len() {
+                self.logits_after(
+                    &hist[..end],
+                    out.row_mut(row).as_slice_mut().expect("standard layout"),
+                );
+                row += 1;
+            }
         }
         Ok(out)
     }

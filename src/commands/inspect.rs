@@ -5,20 +5,6 @@ use logitprobe_backends::gguf::{GgufHeader, Value};
 use logitprobe_backends::{Backend, LogitSource};
 use std::path::Path;
 
-/// The engine a model path is for, unless `--backend` says.
-pub fn infer_backend(path: &str, explicit: Option<Backend>) -> Backend {
-    explicit.unwrap_or_else(|| {
-        let p = Path::new(path);
-        if p.extension().is_some_and(|e| e == "gguf") {
-            Backend::Llama
-        } else if p.is_dir() || p.extension().is_some_and(|e| e == "onnx") {
-            Backend::Onnx
-        } else {
-            Backend::Llama
-        }
-    })
-}
-
 pub fn run(args: &crate::cli::InspectArgs, verbose: bool) -> anyhow::Result<()> {
     let InspectArgs {
         model,
@@ -26,7 +12,7 @@ pub fn run(args: &crate::cli::InspectArgs, verbose: bool) -> anyhow::Result<()> 
         backend,
         engine,
     } = args;
-    let backend = infer_backend(model, backend.map(Into::into));
+    let backend = crate::models::infer_backend(model, backend.map(Into::into));
     let resolved = crate::models::resolve(backend, model, model_file.as_deref())?;
     let path = Path::new(&resolved.path);
     println!("model: {}", path.display());

@@ -1,7 +1,7 @@
 //! `logitprobe tokenize`: ids and pieces of a text; with two models, where they differ.
 
 use crate::cli::TokenizeArgs;
-use crate::commands::inspect::infer_backend;
+use crate::models::infer_backend;
 use crate::text::Pieces;
 use logitprobe_backends::LogitSource;
 

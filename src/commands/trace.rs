@@ -56,7 +56,7 @@ impl TracePlan {
             presence_penalty: args.sampling.presence_penalty.unwrap_or(0.0),
             frequency_penalty: args.sampling.frequency_penalty.unwrap_or(0.0),
         };
-        sampling.validate().map_err(|e| usage!("{e}"))?;
+        sampling.validate().map_err(|e| usage!("{}", e.as_flag()))?;
         let probe = args.probe.config()?;
         let max_new_tokens = args.sampling.max_new_tokens.unwrap_or(64);
         if max_new_tokens == 0 {
@@ -138,6 +138,8 @@ impl TracePlan {
                 max_new_tokens,
                 seed: args.sampling.seed.unwrap_or_else(sampler::fresh_seed),
                 probe_enabled: !args.no_probe,
+                logprobs: None,
+                prompt_logprobs: false,
             },
             seed_given: args.sampling.seed.is_some(),
             out: args.out.clone().unwrap_or_else(|| PathBuf::from("outputs")),

@@ -150,6 +150,11 @@ impl Browser {
     /// Opens `file` and waits for its load event.
     pub fn open(&mut self, file: &Path) {
         let url = format!("file://{}", file.canonicalize().unwrap().display());
+        self.navigate(&url);
+    }
+
+    /// Opens `url` and waits for its load event.
+    pub fn navigate(&mut self, url: &str) {
         self.call_and_wait(
             "Page.navigate",
             json!({"url": url}),

@@ -368,7 +368,11 @@ impl LogitSource for OnnxSource {
         Ok(())
     }
 
-    fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>> {
+    fn decode_rows(
+        &mut self,
+        batch: &[(usize, &[TokenId])],
+        every_position: &[bool],
+    ) -> anyhow::Result<Array2<f32>> {
         for &(seq, tokens) in batch {
             anyhow::ensure!(!tokens.is_empty(), "decode: sequence {seq} got no tokens");
             anyhow::ensure!(
@@ -382,8 +386,11 @@ impl LogitSource for OnnxSource {
                 );
             }
         }
-        let mut out = Array2::<f32>::zeros((batch.len(), self.info.n_vocab));
-        for (row, &(seq, tokens)) in batch.iter().enumerate() {
+        let n_rows = crate::rows_of(batch, every_position);
+        let mut out = Array2::<f32>::zeros((n_rows, self.info.n_vocab));
+        let mut row = 0;
+        for (entry, &(seq, tokens)) in batch.iter().enumerate() {
+            let every = every_position.get(entry).copied().unwrap_or(false);
             let mut kv = match self.slots[seq].take() {
                 Some(kv) => kv,
                 None => SlotKv {
@@ -392,9 +399,16 @@ impl LogitSource for OnnxSource {
                 },
             };
             self.check_ctx(seq, kv.t + tokens.len())?;
-            let logits = self.forward(&mut kv, tokens, &[tokens.len() - 1])?;
+            let want: Vec<usize> = if every {
+                (0..tokens.len()).collect()
+            } else {
+                vec![tokens.len() - 1]
+            };
+            let logits = self.forward(&mut kv, tokens, &want)?;
             self.slots[seq] = Some(kv);
-            out.row_mut(row).assign(&logits.row(0));
+            out.slice_mut(ndarray::s![row..row + want.len(), ..])
+                .assign(&logits);
+            row += want.len();
         }
         Ok(out)
     }

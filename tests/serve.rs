@@ -1,0 +1,796 @@
+//! `logitprobe serve` against real clients: OpenAI's Python package (pinned in
+//! models/requirements.txt), raw HTTP for bad requests, and headless Chromium for the viewer.
+//! Every logprob is checked against what `trace` writes and what `compare`'s scoring path
+//! (`LogitSource::score`, then `x[next] − ln Σ e^x`) computes for the same ids.
+
+mod common;
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running server, stopped with SIGINT when dropped.
+struct Server {
+    child: Option<Child>,
+    addr: String,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        let mut child = common::bin()
+            .arg("serve")
+            .args(["--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| {
+                let mut err = String::new();
+                let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+                panic!("serve did not start: {line:?} {err}")
+            })
+            .to_string();
+        Server {
+            child: Some(child),
+            addr,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGINT, then the exit code (within 30 s).
+    fn stop(mut self) -> Option<i32> {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGINT);
+        }
+        let t = Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                return s.code();
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("serve did not stop within 30 s of SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One HTTP/1.1 exchange over a fresh connection: (status, body). `raw` is sent as is.
+fn http_raw(addr: &str, raw: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(raw).expect("send");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
+    (status, body)
+}
+
+fn http(addr: &str, method: &str, path: &str, headers: &[&str], body: &str) -> (u16, String) {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    http_raw(addr, req.as_bytes())
+}
+
+fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
+    let (status, text) = http(addr, "POST", path, &[], &body.to_string());
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Runs tests/serve/client.py (OpenAI's client) in the models venv.
+fn client(mode: &str, server: &Server, model: &str, input: &Value) -> Value {
+    client_with_key(mode, server, model, input, None)
+}
+
+fn client_with_key(
+    mode: &str,
+    server: &Server,
+    model: &str,
+    input: &Value,
+    key: Option<&str>,
+) -> Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = Command::new(root.join("models/python"));
+    cmd.arg(root.join("tests/serve/client.py"))
+        .args([mode, &server.url(), model])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(k) = key {
+        cmd.env("SERVE_KEY", k);
+    }
+    let mut child = cmd.spawn().expect("run the openai client");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().expect("client output");
+    assert!(
+        out.status.success(),
+        "client {mode} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("client prints JSON")
+}
+
+fn trace(dir: &Path, backend: &str, model: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "trace",
+        "--backend",
+        backend,
+        "--model",
+        model,
+        "--no-plots",
+    ];
+    args.extend(["--out", dir.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    let o = common::run(&args);
+    assert!(o.status.success(), "trace failed: {}", common::stderr(&o));
+    common::trace_json(dir)
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
+fn assert_close(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths {a:?} vs {b:?}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= 1e-5, "{what}[{i}]: {x} vs {y}");
+    }
+}
+
+const PROMPT: &str = "The capital of France is";
+const TEMPS: [f64; 4] = [0.0, 0.7, 1.0, 1.3];
+
+/// Completions and chat through the openai client, streamed and not, against `trace`.
+fn against_trace(backend: &str, model: &Path) {
+    let model_s = model.to_str().unwrap();
+    let server = Server::start(&["--backend", backend, "--model", model_s]);
+    let id = model.file_name().unwrap().to_str().unwrap();
+    let got = client(
+        "calls",
+        &server,
+        id,
+        &json!({"prompt": PROMPT, "max_tokens": 8, "top": 3,
+                "probe": {"temperature": 0.8, "top_p": 0.95, "seed": 11}}),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+
+    // Greedy `trace` probes raw at T = 1: its selected_logprob is the raw logprob.
+    let t = trace(
+        &tmp.path().join("greedy"),
+        backend,
+        model_s,
+        &[
+            "--prompt",
+            PROMPT,
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "8",
+        ],
+    );
+    let steps = t["steps"].as_array().unwrap();
+    let want: Vec<f64> = steps
+        .iter()
+        .map(|s| s["raw"]["selected_logprob"].as_f64().unwrap())
+        .collect();
+    let c = &got["completion"];
+    assert_close(
+        &floats(&c["token_logprobs"]),
+        &want,
+        "completion logprobs vs trace",
+    );
+    // The trace's generated_text is Token Heatmap's: the prompt, then the generation.
+    let text = c["text"].as_str().unwrap();
+    assert_eq!(
+        format!("{PROMPT}{text}"),
+        t["metadata"]["generated_text"].as_str().unwrap(),
+        "text"
+    );
+    // Each top list starts with the greedy token, whose logprob it repeats.
+    for (i, top) in c["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let best = top
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert!((best - want[i]).abs() <= 1e-5, "top of step {i}");
+    }
+    let s = &got["completion_stream"];
+    assert_eq!(s["text"], c["text"], "stream text equals the whole");
+    assert_eq!(s["tokens"], c["tokens"]);
+    assert_close(&floats(&s["token_logprobs"]), &want, "streamed logprobs");
+    assert_eq!(s["finish_reason"], c["finish_reason"]);
+    assert_eq!(
+        got["usage"]["completion_tokens"].as_u64().unwrap() as usize,
+        want.len()
+    );
+
+    // Chat: the same messages through the model's template.
+    let t = trace(
+        &tmp.path().join("chat"),
+        backend,
+        model_s,
+        &[
+            "--prompt",
+            PROMPT,
+            "--use-chat-template",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "8",
+        ],
+    );
+    let steps = t["steps"].as_array().unwrap();
+    let ch = &got["chat"];
+    let lps = floats(&ch["token_logprobs"]);
+    // The end-of-turn token is not content, so it is not in chat's logprobs.
+    assert!(
+        lps.len() == steps.len() || lps.len() + 1 == steps.len(),
+        "{lps:?}"
+    );
+    let want: Vec<f64> = steps[..lps.len()]
+        .iter()
+        .map(|s| s["raw"]["selected_logprob"].as_f64().unwrap())
+        .collect();
+    assert_close(&lps, &want, "chat logprobs vs trace");
+    let text = ch["text"].as_str().unwrap();
+    assert!(
+        t["metadata"]["generated_text"]
+            .as_str()
+            .unwrap()
+            .ends_with(text),
+        "chat text {text:?}"
+    );
+    let cs = &got["chat_stream"];
+    assert_eq!(cs["text"], ch["text"]);
+    assert_close(
+        &floats(&cs["token_logprobs"]),
+        &want,
+        "streamed chat logprobs",
+    );
+    assert_eq!(
+        got["chat_stream_usage"]["completion_tokens"],
+        json!(steps.len())
+    );
+
+    // "probe": true gives trace's own raw and processed blocks for the same seed.
+    let t = trace(
+        &tmp.path().join("sampled"),
+        backend,
+        model_s,
+        &[
+            "--prompt",
+            PROMPT,
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.95",
+            "--seed",
+            "11",
+            "--max-new-tokens",
+            "8",
+        ],
+    );
+    let probe = got["probe"]["probe"].as_array().expect("probe list");
+    let steps = t["steps"].as_array().unwrap();
+    assert_eq!(probe.len(), steps.len());
+    for (p, s) in probe.iter().zip(steps) {
+        assert_eq!(p["selected"], s["selected"]);
+        assert_eq!(p["raw"], s["raw"], "raw block of step {}", s["step"]);
+        assert_eq!(
+            p["processed"], s["processed"],
+            "processed block of step {}",
+            s["step"]
+        );
+    }
+    assert_eq!(server.stop(), Some(0), "SIGINT ends the server cleanly");
+}
+
+#[test]
+fn openai_client_on_the_tiny_gguf_matches_trace() {
+    against_trace("llama", &common::tiny("tiny-f32.gguf"));
+}
+
+#[test]
+fn openai_client_on_the_tiny_onnx_matches_trace() {
+    against_trace("onnx", &common::tiny("optimum"));
+}
+
+#[test]
+fn openai_client_on_smollm2_matches_trace() {
+    against_trace("llama", &common::smollm2());
+}
+
+/// `compare`'s scoring path for the same ids: logprob of `ids[i]` given `ids[..i]`.
+fn reference_logprobs(model: &Path, prompts: &[Vec<u32>]) -> Vec<Vec<f64>> {
+    use logitprobe::backends::{self, Backend, EngineOptions};
+    let mut src = backends::open(
+        Backend::Llama,
+        model.to_str().unwrap(),
+        &EngineOptions::default(),
+    )
+    .unwrap();
+    prompts
+        .iter()
+        .map(|ids| {
+            let logits = src.score(ids).unwrap();
+            (1..ids.len())
+                .map(|i| {
+                    let row = logits.row(i - 1);
+                    let row = row.as_slice().unwrap();
+                    f64::from(row[ids[i] as usize]) - logitprobe::compare::stats::log_sum_exp(row)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn tokenize(model: &Path, text: &str) -> Vec<u32> {
+    use logitprobe::backends::{self, Backend, EngineOptions};
+    let src = backends::open(
+        Backend::Llama,
+        model.to_str().unwrap(),
+        &EngineOptions::default(),
+    )
+    .unwrap();
+    src.tokenize(text, false, false).unwrap()
+}
+
+#[test]
+fn echo_scoring_equals_compares_scoring_and_picks_the_same_answers() {
+    let model = common::tiny("tiny-f32.gguf");
+    let server = Server::start(&["--model", model.to_str().unwrap(), "--parallel", "4"]);
+    let id = "tiny-f32.gguf";
+
+    // As lm-evaluation-harness sends them: token ids, echo, max_tokens 0 and 1, logprobs 1.
+    let texts = [
+        "The cat sat on the mat.",
+        "Rivers run to the sea",
+        "1 2 3 4 5 6 7",
+        "Hello",
+    ];
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| tokenize(&model, t)).collect();
+    let want = reference_logprobs(&model, &prompts);
+    let got = client("score", &server, id, &json!({"prompts": prompts}));
+    for max_tokens in ["0", "1"] {
+        let choices = got[max_tokens].as_array().unwrap();
+        assert_eq!(choices.len(), prompts.len());
+        for (p, c) in choices.iter().enumerate() {
+            let lps = c["token_logprobs"].as_array().unwrap();
+            assert_eq!(
+                lps.len(),
+                prompts[p].len() + max_tokens.parse::<usize>().unwrap()
+            );
+            assert!(lps[0].is_null(), "the first prompt token has no logprob");
+            let echoed: Vec<f64> = lps[1..prompts[p].len()]
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert_close(
+                &echoed,
+                &want[p],
+                &format!("prompt {p}, max_tokens {max_tokens}"),
+            );
+        }
+    }
+
+    // A 50-item multiple-choice set, scored as a harness does: sum of the continuation's
+    // logprobs, highest wins.
+    let words = [
+        "apple", "river", "stone", "cloud", "green", "seven", "music", "paper",
+    ];
+    let mut items = Vec::new();
+    for i in 0..50 {
+        let ctx = format!(
+            "Question {i}: which word comes after {}? Answer:",
+            words[i % 8]
+        );
+        let options: Vec<String> = (0..4)
+            .map(|j| format!(" {}", words[(i * 3 + j * 5 + 1) % 8]))
+            .collect();
+        items.push((ctx, options));
+    }
+    let mut all = Vec::new();
+    let mut ctx_lens = Vec::new();
+    for (ctx, options) in &items {
+        let c = tokenize(&model, ctx);
+        for o in options {
+            let mut ids = c.clone();
+            ids.extend(tokenize(&model, o));
+            ctx_lens.push(c.len());
+            all.push(ids);
+        }
+    }
+    let want = reference_logprobs(&model, &all);
+    let (status, resp) = post(
+        &server.addr,
+        "/v1/completions",
+        &json!({"model": id, "prompt": all, "max_tokens": 0, "echo": true, "logprobs": 1, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{resp}");
+    let mut choices: Vec<&Value> = resp["choices"].as_array().unwrap().iter().collect();
+    choices.sort_by_key(|c| c["index"].as_u64());
+    let pick = |scores: &[f64]| {
+        scores
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|x| x.0)
+            .unwrap()
+    };
+    for i in 0..50 {
+        let mut server_scores = Vec::new();
+        let mut ref_scores = Vec::new();
+        for j in 0..4 {
+            let k = i * 4 + j;
+            let lps = choices[k]["logprobs"]["token_logprobs"].as_array().unwrap();
+            server_scores.push(
+                lps[ctx_lens[k]..]
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .sum::<f64>(),
+            );
+            ref_scores.push(want[k][ctx_lens[k] - 1..].iter().sum::<f64>());
+        }
+        assert_close(&server_scores, &ref_scores, &format!("item {i}"));
+        assert_eq!(
+            pick(&server_scores),
+            pick(&ref_scores),
+            "item {i} picks the same answer"
+        );
+    }
+}
+
+fn rss_peak_kb(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn metric(addr: &str, name: &str) -> i64 {
+    let (_, text) = http(addr, "GET", "/metrics", &[], "");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("logitprobe_{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+}
+
+#[test]
+fn load_drops_and_determinism_under_load() {
+    let model = common::tiny("tiny-f32.gguf");
+    let server = Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--parallel",
+        "8",
+        "--max-queue",
+        "256",
+    ]);
+    let id = "tiny-f32.gguf";
+    let mut specs = Vec::new();
+    for i in 0..16 {
+        specs.push(json!({
+            "prompt": format!("Story number {i} begins"),
+            "chat": i % 3 == 0,
+            "stream": i % 2 == 0,
+            "temperature": TEMPS[i % 4],
+            "top_p": if i % 5 == 0 { Value::from(0.9) } else { Value::Null },
+            "seed": 100 + i,
+            "max_tokens": 8 + (i % 4) * 4,
+        }));
+    }
+    let rss_before = rss_peak_kb(server.pid());
+    let got = client(
+        "load",
+        &server,
+        id,
+        &json!({"specs": specs, "clients": 64, "per_client": 8}),
+    );
+    assert_eq!(got["requests"], json!(512), "{got}");
+    assert_eq!(got["n_errors"], json!(0), "{got}");
+    assert_eq!(
+        got["mismatches"],
+        json!(0),
+        "a seeded request gives its tokens under load: {got}"
+    );
+    let rss_after = rss_peak_kb(server.pid());
+    assert!(
+        rss_after < rss_before + 200_000,
+        "peak RSS {rss_before} kB -> {rss_after} kB"
+    );
+
+    // Clients that leave mid-stream free their slots.
+    let got = client(
+        "drop",
+        &server,
+        id,
+        &json!({"clients": 16, "max_tokens": 400}),
+    );
+    assert_eq!(got["chunks"].as_array().unwrap().len(), 16);
+    let t = Instant::now();
+    while metric(&server.addr, "slots_busy") > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "slots stay busy after clients left"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, _) = post(
+        &server.addr,
+        "/v1/completions",
+        &json!({"prompt": "still there?", "max_tokens": 2}),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(server.stop(), Some(0));
+}
+
+fn assert_api_error(status: u16, body: &str, want_status: u16, needle: &str) {
+    assert_eq!(status, want_status, "{body}");
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    let e = &v["error"];
+    let msg = e["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no message: {body}"));
+    assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
+    assert!(e["type"].is_string(), "{body}");
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "{body}"
+    );
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_goes_on() {
+    let model = common::tiny("tiny-f32.gguf");
+    let server = Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--ctx-size",
+        "64",
+        "--max-body-bytes",
+        "2000",
+        "--api-key",
+        "sekrit",
+    ]);
+    let a = server.addr.clone();
+    let key = "Authorization: Bearer sekrit";
+    let alive = || {
+        let (s, b) = http(
+            &a,
+            "POST",
+            "/v1/completions",
+            &[key],
+            r#"{"prompt": "ok", "max_tokens": 2}"#,
+        );
+        assert_eq!(s, 200, "the server goes on serving: {b}");
+        let (s, _) = http(&a, "GET", "/health", &[], "");
+        assert_eq!(s, 200);
+    };
+    let cases: Vec<(&str, String, Vec<&str>, u16, &str)> = vec![
+        ("/v1/completions", "{\"prompt\": \"x\", ".into(), vec![key], 400, "not valid JSON"),
+        ("/v1/completions", r#"{"prompt": "x", "max_tokens": "ten"}"#.into(), vec![key], 400, "max_tokens"),
+        ("/v1/completions", r#"{"prompt": 7}"#.into(), vec![key], 400, "prompt"),
+        ("/v1/chat/completions", r#"{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}"#.into(), vec![key], 400, "above this server's limit of 20"),
+        ("/v1/completions", json!({"prompt": "word ".repeat(100), "max_tokens": 4}).to_string(), vec![key], 400, "context holds 64 tokens"),
+        ("/v1/completions", r#"{"prompt": "x", "max_tokens": 64}"#.into(), vec![key], 400, "lower max_tokens"),
+        ("/v1/completions", r#"{"model": "gpt-4", "prompt": "x"}"#.into(), vec![key], 404, "does not exist"),
+        ("/v1/completions", r#"{"prompt": "x"}"#.into(), vec![], 401, "API key"),
+        ("/v1/completions", r#"{"prompt": "x"}"#.into(), vec!["Authorization: Bearer wrong"], 401, "API key"),
+        ("/v1/models", String::new(), vec![], 401, "API key"),
+        ("/v1/completions", json!({"prompt": "x".repeat(3000)}).to_string(), vec![key], 413, "limit of 2000 bytes"),
+        ("/v1/completions", r#"{"prompt": "x", "temperature": -1}"#.into(), vec![key], 400, "temperature"),
+        ("/v1/completions", r#"{"prompt": [99999999]}"#.into(), vec![key], 400, "outside the vocabulary"),
+        ("/v1/completions", r#"{"prompt": [], "max_tokens": 1}"#.into(), vec![key], 400, "empty"),
+    ];
+    for (path, body, headers, status, needle) in cases {
+        let (s, b) = http(&a, "POST", path, &headers, &body);
+        let (s, b) = if path == "/v1/models" {
+            http(&a, "GET", path, &headers, "")
+        } else {
+            (s, b)
+        };
+        assert_api_error(s, &b, status, needle);
+        alive();
+    }
+    let (s, b) = http(&a, "GET", "/nowhere", &[key], "");
+    assert_api_error(s, &b, 404, "no such endpoint");
+    // A body that never finishes arriving does not hold the server.
+    let mut slow = TcpStream::connect(&a).unwrap();
+    slow.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro",
+    )
+    .unwrap();
+    alive();
+    drop(slow);
+    assert_eq!(server.stop(), Some(0));
+}
+
+#[test]
+fn a_full_queue_answers_503() {
+    // The test source never ends a sequence early (EOS bias -100): every request runs its
+    // whole max_tokens, so one slot and a queue of one fill up.
+    let server = Server::start(&[
+        "--backend",
+        "test",
+        "--model",
+        "300:0:-100",
+        "--ctx-size",
+        "200000",
+        "--parallel",
+        "1",
+        "--max-queue",
+        "1",
+    ]);
+    let a = server.addr.clone();
+    let body = r#"{"prompt": "x", "max_tokens": 150000}"#;
+    let mut waiting = Vec::new();
+    for (metric_name, want) in [("slots_busy", 1), ("queue_length", 1)] {
+        let a2 = a.clone();
+        waiting.push(std::thread::spawn(move || {
+            http(&a2, "POST", "/v1/completions", &[], body)
+        }));
+        let t = Instant::now();
+        while metric(&a, metric_name) < want {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{metric_name} never reached {want}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let (s, b) = http(&a, "POST", "/v1/completions", &[], body);
+    assert_api_error(s, &b, 503, "busy");
+    // SIGINT ends the running and the queued requests; the server exits 0.
+    assert_eq!(server.stop(), Some(0));
+    for w in waiting {
+        let (s, _) = w.join().unwrap();
+        assert!(s == 200 || s == 503, "status {s}");
+    }
+}
+
+#[test]
+fn llama_server_completion_endpoint() {
+    let model = common::tiny("tiny-f32.gguf");
+    let server = Server::start(&["--model", model.to_str().unwrap()]);
+    let (s, v) = post(
+        &server.addr,
+        "/completion",
+        &json!({"prompt": PROMPT, "n_predict": 6, "n_probs": 3, "temperature": 0}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let probs = v["completion_probabilities"].as_array().unwrap();
+    assert_eq!(
+        probs.len(),
+        v["tokens_predicted"].as_u64().unwrap() as usize
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let t = trace(
+        tmp.path(),
+        "llama",
+        model.to_str().unwrap(),
+        &[
+            "--prompt",
+            PROMPT,
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "6",
+        ],
+    );
+    for (p, st) in probs.iter().zip(t["steps"].as_array().unwrap()) {
+        assert_eq!(p["id"], st["selected"]["token_id"]);
+        let lp = p["logprob"].as_f64().unwrap();
+        assert!((lp - st["raw"]["selected_logprob"].as_f64().unwrap()).abs() < 1e-5);
+        assert_eq!(p["top_logprobs"].as_array().unwrap().len(), 3);
+    }
+    // post_sampling_probs: the processed distribution, as probabilities.
+    let (s, v) = post(
+        &server.addr,
+        "/completion",
+        &json!({"prompt": PROMPT, "n_predict": 4, "n_probs": 2, "post_sampling_probs": true, "seed": 5, "top_k": 2}),
+    );
+    assert_eq!(s, 200, "{v}");
+    for p in v["completion_probabilities"].as_array().unwrap() {
+        let tops = p["top_probs"].as_array().unwrap();
+        let mass: f64 = tops.iter().map(|t| t["prob"].as_f64().unwrap()).sum();
+        assert!(
+            (mass - 1.0).abs() < 1e-9,
+            "top-k 2 keeps all the mass in two tokens: {mass}"
+        );
+    }
+}
+
+#[test]
+fn the_viewer_streams_and_shows_candidates_in_chromium() {
+    let model = common::tiny("tiny-f32.gguf");
+    let server = Server::start(&["--model", model.to_str().unwrap()]);
+    let mut b = common::cdp::Browser::launch();
+    b.navigate(&server.url());
+    b.eval("document.querySelector('#prompt').value = 'Once upon a time'");
+    b.eval("document.querySelector('#max_tokens').value = '12'");
+    b.click("#run");
+    let t = Instant::now();
+    loop {
+        let done = b.eval("document.querySelector('#status').textContent");
+        if done.as_str().is_some_and(|s| s.starts_with("done")) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the stream did not finish: {done}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let n = b.eval("document.querySelectorAll('#out .tok.gen').length");
+    assert_eq!(n.as_u64(), Some(12), "twelve generated tokens shown");
+    b.click("#out .tok.gen");
+    let rows = b.eval("document.querySelectorAll('#cands tr.cand').length");
+    assert!(
+        rows.as_u64().unwrap() >= 8,
+        "the candidates of the clicked token: {rows}"
+    );
+    let shot: PathBuf = std::env::temp_dir().join("logitprobe-viewer.png");
+    b.screenshot(&shot);
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+}
