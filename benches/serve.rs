@@ -95,16 +95,35 @@ fn trace_tps(model: &str, threads: usize, dir: &std::path::Path) -> f64 {
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
     let out = dir.join("out");
     let o = Command::new(BIN)
-        .args(["trace", "--model", model, "--prompts-file", file.to_str().unwrap()])
-        .args(["--parallel", "8", "--max-new-tokens", &TOKENS.to_string(), "--no-plots"])
+        .args([
+            "trace",
+            "--model",
+            model,
+            "--prompts-file",
+            file.to_str().unwrap(),
+        ])
+        .args([
+            "--parallel",
+            "8",
+            "--max-new-tokens",
+            &TOKENS.to_string(),
+            "--no-plots",
+        ])
         .args(["--temperature", "0.8", "--seed", "1", "--ctx-size", "256"])
-        .args(["--threads", &threads.to_string(), "--out", out.to_str().unwrap()])
+        .args([
+            "--threads",
+            &threads.to_string(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
-    run["timings"]["tokens_per_s"].as_f64().expect("tokens_per_s")
+    run["timings"]["tokens_per_s"]
+        .as_f64()
+        .expect("tokens_per_s")
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

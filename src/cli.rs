@@ -49,7 +49,10 @@ pub enum Command {
     /// Show the token ids and pieces of a text; with two --model, where they differ.
     Tokenize(TokenizeArgs),
     /// Compare two engines or quantizations position by position (KL divergence, Δp, top-1).
-    #[command(after_long_help = COMPARE_HELP)]
+    #[command(
+        after_long_help = COMPARE_HELP,
+        mut_arg("ctx_size", |a| a.help("Corpus chunk length in tokens; each side's context is at least this [default: 512]"))
+    )]
     Compare(Box<CompareArgs>),
     /// Draw the plots and report.html again from a trace JSON or a compare.json.
     Report(ReportArgs),

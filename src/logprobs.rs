@@ -12,6 +12,8 @@
 use crate::compare::stats::log_sum_exp;
 use crate::probe::Distribution;
 use logitprobe_backends::TokenId;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 /// Which distribution logprobs describe.
 #[derive(
@@ -78,7 +80,7 @@ impl TokenLogprobs {
 /// Computes raw logprobs; holds the scratch of the top-n selection.
 #[derive(Debug, Default)]
 pub struct Logprobs {
-    ids: Vec<u32>,
+    heap: BinaryHeap<Reverse<(OrdF32, Reverse<u32>)>>,
 }
 
 impl Logprobs {
@@ -96,19 +98,28 @@ impl Logprobs {
         let lse = log_sum_exp(row);
         let lp = |id: u32| f64::from(row[id as usize]) - lse;
         let top = top.min(row.len());
-        let mut best = Vec::with_capacity(top);
+        // One pass with a heap of the `top` best so far (the worst on top): nearly every entry
+        // is turned away by one comparison, where a selection over the vocabulary would move
+        // it. Better = larger logit, then lower id.
+        self.heap.clear();
         if top > 0 {
-            // Candidates at or above the top-th largest value, then an exact sort of those.
-            let key = |&i: &u32| (std::cmp::Reverse(OrdF32(row[i as usize])), i);
-            self.ids.clear();
-            self.ids.extend(0..row.len() as u32);
-            if top < self.ids.len() {
-                self.ids.select_nth_unstable_by_key(top - 1, key);
-                self.ids.truncate(top);
+            for (i, &x) in row.iter().enumerate() {
+                let key = Reverse((OrdF32(x), Reverse(i as u32)));
+                if self.heap.len() < top {
+                    self.heap.push(key);
+                } else if key < *self.heap.peek().expect("full heap") {
+                    self.heap.pop();
+                    self.heap.push(key);
+                }
             }
-            self.ids.sort_unstable_by_key(key);
-            best.extend(self.ids.iter().map(|&i| (i, lp(i))));
         }
+        let mut ids: Vec<u32> = self
+            .heap
+            .drain()
+            .map(|Reverse((_, Reverse(i)))| i)
+            .collect();
+        ids.sort_unstable_by_key(|&i| (Reverse(OrdF32(row[i as usize])), i));
+        let best = ids.into_iter().map(|i| (i, lp(i))).collect();
         TokenLogprobs {
             token,
             logprob: lp(token),
@@ -118,7 +129,7 @@ impl Logprobs {
 }
 
 /// Total order of f32 for the selection (NaN rows are refused before they get here).
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct OrdF32(f32);
 
 impl Eq for OrdF32 {}

@@ -365,9 +365,16 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
         let b = indicatif::ProgressBar::new(total);
         b.set_style(
             indicatif::ProgressStyle::with_template(
-                "{spinner} {bar:40} {pos}/{len} positions {per_sec} eta {eta}",
+                "{spinner} {bar:40} {pos}/{len} positions {rate} eta {eta}",
             )
-            .expect("valid template"),
+            .expect("valid template")
+            // indicatif's own {per_sec} prints four decimals ("30.7072/s").
+            .with_key(
+                "rate",
+                |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = std::fmt::Write::write_fmt(w, format_args!("{:.0}/s", s.per_sec()));
+                },
+            ),
         );
         b
     });

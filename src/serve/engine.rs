@@ -100,7 +100,14 @@ struct Feed {
     metrics: Arc<Metrics>,
     open: bool,
     shutdown: Arc<AtomicBool>,
+    /// The loop was idle and a request just woke it: requests sent together (a client's
+    /// concurrent calls) get a moment to arrive, so their prompts go into one decode call
+    /// instead of one call each.
+    woke: Option<std::time::Instant>,
 }
+
+/// How long a woken feed waits for the requests that come with the first.
+const GATHER: Duration = Duration::from_millis(3);
 
 impl Feed {
     /// Renders and tokenizes a job's prompts; a bad one fails the whole request.
@@ -218,9 +225,19 @@ impl Prompts for Feed {
                 self.open = false;
                 return None;
             }
-            let job = if idle {
-                match self.jobs.recv_timeout(Duration::from_millis(100)) {
-                    Ok(job) => job,
+            let gather = self
+                .woke
+                .and_then(|t| GATHER.checked_sub(t.elapsed()))
+                .filter(|_| !idle);
+            let job = if idle || gather.is_some() {
+                let wait = gather.unwrap_or(Duration::from_millis(100));
+                match self.jobs.recv_timeout(wait) {
+                    Ok(job) => {
+                        if idle {
+                            self.woke = Some(std::time::Instant::now());
+                        }
+                        job
+                    }
                     Err(RecvTimeoutError::Timeout) => return None,
                     Err(RecvTimeoutError::Disconnected) => {
                         self.open = false;
@@ -401,6 +418,7 @@ pub fn run(
         metrics: metrics.clone(),
         open: true,
         shutdown: shutdown.clone(),
+        woke: None,
     };
     let mut responder = Responder {
         routes: routes.clone(),

@@ -14,7 +14,8 @@ pub fn find_ort_lib(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
     }
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+    // An empty ORT_DYLIB_PATH (`export ORT_DYLIB_PATH=`) means unset, not the current folder.
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
     // An onnxruntime (or onnxruntime-gpu) installed with pip, in the active Python or the
