@@ -790,6 +790,27 @@ fn the_viewer_streams_and_shows_candidates_in_chromium() {
         rows.as_u64().unwrap() >= 8,
         "the candidates of the clicked token: {rows}"
     );
+    // The session saved as a Token Heatmap trace validates against its schema.
+    let saved = b.eval("JSON.stringify(buildTrace())");
+    let trace: Value = serde_json::from_str(saved.as_str().unwrap()).unwrap();
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::tokenheat("tokenheat-trace.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+    let errors: Vec<String> = validator
+        .iter_errors(&trace)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "saved trace fails the schema: {errors:?}"
+    );
+    assert_eq!(trace["steps"].as_array().unwrap().len(), 12);
+    assert!(!trace["tokens"]["prompt_token_ids"]
+        .as_array()
+        .unwrap()
+        .is_empty());
     let shot: PathBuf = std::env::temp_dir().join("logitprobe-viewer.png");
     b.screenshot(&shot);
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
