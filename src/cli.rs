@@ -124,6 +124,7 @@ macro_rules! side_engine_args {
             pub fn over(&self, base: &EngineArgs) -> EngineArgs {
                 EngineArgs {
                     threads: self.threads.or(base.threads),
+                    threads_batch: base.threads_batch,
                     ctx_size: self.ctx_size.or(base.ctx_size),
                     batch_size: self.batch_size.or(base.batch_size),
                     n_gpu_layers: self.n_gpu_layers.or(base.n_gpu_layers),
@@ -353,9 +354,14 @@ impl ProbeArgs {
 /// Engine flags, shared by every command that loads a model.
 #[derive(Args, Debug, Clone, Default)]
 pub struct EngineArgs {
-    /// CPU threads for the forward pass [default: the engine's]
+    /// CPU threads for generation [default: llama.cpp: the physical cores, as llama.cpp
+    /// counts them; ONNX Runtime: its own]. On a busy machine fewer threads are faster:
+    /// llama.cpp's threads wait for each other at every op
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// llama.cpp: CPU threads for prompt processing and scoring [default: --threads]
+    #[arg(long, value_name = "N")]
+    pub threads_batch: Option<usize>,
     /// Context length in tokens [default: the model's, at most 4096]
     #[arg(long, value_name = "N")]
     pub ctx_size: Option<usize>,
@@ -383,9 +389,33 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
-    pub fn options(&self, verbose: bool) -> EngineOptions {
-        EngineOptions {
+    /// The engine options; thread counts out of range are refused with the machine's count.
+    pub fn options(&self, verbose: bool) -> anyhow::Result<EngineOptions> {
+        let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for (flag, t) in [
+            ("--threads", self.threads),
+            ("--threads-batch", self.threads_batch),
+        ] {
+            match t {
+                Some(0) => {
+                    return Err(usage!(
+                        "{flag} 0 runs nothing: use 1 to {} (this machine has {logical} logical CPUs)",
+                        4 * logical
+                    ))
+                }
+                Some(n) if n > 4 * logical => {
+                    return Err(usage!(
+                        "{flag} {n} is far more than this machine's {logical} logical CPUs: use at most {} (the default is {}, its physical cores)",
+                        4 * logical,
+                        logitprobe_backends::physical_cores()
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(EngineOptions {
             threads: self.threads,
+            threads_batch: self.threads_batch,
             ctx_size: self.ctx_size,
             batch_size: self.batch_size,
             n_gpu_layers: self.n_gpu_layers.unwrap_or(0),
@@ -399,7 +429,7 @@ impl EngineArgs {
             device: self.device.clone(),
             ort_lib: self.ort_lib.clone(),
             verbose,
-        }
+        })
     }
 }
 
@@ -604,6 +634,7 @@ impl TraceArgs {
                 "seed" => fill!(self.sampling.seed, k, v),
                 "out" | "output_dir" => fill!(self.out, k, v),
                 "threads" => fill!(e.threads, k, v),
+                "threads_batch" => fill!(e.threads_batch, k, v),
                 "ctx_size" => fill!(e.ctx_size, k, v),
                 "batch_size" => fill!(e.batch_size, k, v),
                 "n_gpu_layers" => fill!(e.n_gpu_layers, k, v),

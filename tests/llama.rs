@@ -283,3 +283,43 @@ fn bad_chat_template_missing() {
     );
     bad(&p, &["--use-chat-template"], "has no chat template");
 }
+
+/// Issue 15 D15: an unbounded --threads took 30 s for 2 tokens at 1000 and hung at 100000.
+#[test]
+fn bad_thread_counts_name_the_machines_cpus() {
+    let tiny = common::tiny("tiny-f32.gguf");
+    for (flag, n) in [
+        ("--threads", "100000"),
+        ("--threads-batch", "1000"),
+        ("--threads", "0"),
+    ] {
+        bad(&tiny, &[flag, n], "logical CPUs");
+    }
+}
+
+/// --threads-batch sets prompt processing apart from generation, and run.json says both.
+#[test]
+fn threads_batch_is_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tiny = common::tiny("tiny-f32.gguf");
+    let o = run(&[
+        "trace",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+        "--threads",
+        "1",
+        "--threads-batch",
+        "2",
+        "--out",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let run: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(tmp.path().join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["engine_details"]["threads"], 1);
+    assert_eq!(run["engine_details"]["threads_batch"], 2);
+}

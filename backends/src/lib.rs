@@ -344,6 +344,25 @@ pub fn rows_of(batch: &[(usize, &[TokenId])], every_position: &[bool]) -> usize 
         .sum()
 }
 
+/// Physical CPU cores, as llama.cpp's `cpu_get_num_physical_cores` counts them on Linux:
+/// distinct sets of hyper-thread siblings. Its default thread count: a second thread on one
+/// core only slows the matrix kernels down.
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut sets = std::collections::HashSet::new();
+    for cpu in 0..logical.max(1) * 4 {
+        let path = format!("/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings");
+        if let Ok(s) = std::fs::read_to_string(path) {
+            sets.insert(s.trim().to_string());
+        }
+    }
+    if sets.is_empty() {
+        logical
+    } else {
+        sets.len().min(logical)
+    }
+}
+
 /// Bytes for people: MiB below a GiB, else GiB with one decimal.
 pub fn human_bytes(b: u64) -> String {
     let b = b as f64;
@@ -399,6 +418,8 @@ pub enum FlashAttn {
 pub struct EngineOptions {
     /// CPU threads for the forward pass; `None` picks the engine's default.
     pub threads: Option<usize>,
+    /// llama.cpp: CPU threads for prompt processing and scoring; `None`: as `threads`.
+    pub threads_batch: Option<usize>,
     /// Context length; `None` uses the model's own (capped to keep memory sane).
     pub ctx_size: Option<usize>,
     /// llama.cpp logical batch size for prompt evaluation and scoring.

@@ -203,6 +203,13 @@ impl LlamaSource {
             "threads".into(),
             opts.threads.unwrap_or_else(default_threads).into(),
         );
+        details.insert(
+            "threads_batch".into(),
+            opts.threads_batch
+                .or(opts.threads)
+                .unwrap_or_else(default_threads)
+                .into(),
+        );
         details.insert("n_gpu_layers".into(), opts.n_gpu_layers.into());
         details.insert("flash_attn".into(), flash.into());
         details.insert("cache_type_k".into(), cache_k.into());
@@ -297,6 +304,7 @@ impl LlamaSource {
         };
         let backend = backend(self.opts.verbose)?;
         let threads = self.opts.threads.unwrap_or_else(default_threads) as i32;
+        let threads_batch = self.opts.threads_batch.map_or(threads, |t| t as i32);
         let total = (self.n_ctx * n_slots) as u32;
         // Every slot may ask for its logits in one decode: llama.cpp sizes its output buffer
         // by n_batch and aborts past it.
@@ -313,7 +321,7 @@ impl LlamaSource {
             .with_n_seq_max(n_slots as u32)
             .with_kv_unified(false)
             .with_n_threads(threads)
-            .with_n_threads_batch(threads)
+            .with_n_threads_batch(threads_batch)
             .with_type_k(cache_type(
                 self.opts.cache_type_k.as_deref().unwrap_or("f16"),
             )?)
@@ -570,9 +578,7 @@ fn mem_available() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// llama.cpp's own default: the physical cores.
 fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(8)
+    crate::physical_cores()
 }

@@ -85,7 +85,7 @@ fn load(side: &SideSpec, name: &str, engine: &EngineArgs, verbose: bool) -> anyh
         usage!("side {name} ({}) failed to load: {msg}", side.label)
     };
     let resolved = crate::models::resolve(side.backend, &side.model, None).map_err(fail)?;
-    let source = logitprobe_backends::open(side.backend, &resolved.path, &engine.options(verbose))
+    let source = logitprobe_backends::open(side.backend, &resolved.path, &engine.options(verbose)?)
         .map_err(fail)?;
     let sha = if side.backend == Backend::Test {
         None

@@ -87,7 +87,7 @@ pub fn run(args: &crate::cli::InspectArgs, verbose: bool) -> anyhow::Result<()> 
             }
         );
     } else {
-        let src = logitprobe_backends::open(backend, &resolved.path, &engine.options(verbose))?;
+        let src = logitprobe_backends::open(backend, &resolved.path, &engine.options(verbose)?)?;
         let i = src.info();
         println!("format: ONNX ({} on {})", i.engine_version, i.device);
         for (k, v) in &i.details {

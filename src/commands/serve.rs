@@ -6,7 +6,7 @@ use crate::serve::{self, ServeConfig};
 pub fn run(args: &ServeArgs, verbose: bool) -> anyhow::Result<()> {
     let backend = crate::models::infer_backend(&args.model, args.backend.map(Into::into));
     let resolved = crate::models::resolve(backend, &args.model, args.model_file.as_deref())?;
-    let opts = args.engine.options(verbose);
+    let opts = args.engine.options(verbose)?;
     let mut probe = args.probe.config()?;
     // The probe must keep as many candidates as the most top logprobs a request can ask for.
     if args.probe.max_k.is_none() {

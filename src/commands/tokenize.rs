@@ -12,7 +12,7 @@ pub fn run(args: &TokenizeArgs, verbose: bool) -> anyhow::Result<()> {
         let resolved = crate::models::resolve(backend, m, args.model_file.as_deref())?;
         sources.push((
             m.clone(),
-            logitprobe_backends::open(backend, &resolved.path, &args.engine.options(verbose))?,
+            logitprobe_backends::open(backend, &resolved.path, &args.engine.options(verbose)?)?,
         ));
     }
     if sources.is_empty() || sources.len() > 2 {
