@@ -437,7 +437,7 @@ impl EngineArgs {
 /// defaults shown in `--help` (Token Heatmap's).
 #[derive(Args, Debug, Default)]
 pub struct TraceArgs {
-    /// Engine that runs the model [default: llama]
+    /// Engine that runs the model [default: from the path: llama for .gguf, onnx for folders and .onnx]
     #[arg(long, value_enum)]
     pub backend: Option<BackendArg>,
     /// Model: a GGUF file, an ONNX folder (or a file in it), a Hugging Face repo id, or a catalogue alias
@@ -490,7 +490,7 @@ pub struct TraceArgs {
 /// `logitprobe serve`.
 #[derive(Args, Debug, Default)]
 pub struct ServeArgs {
-    /// Engine that runs the model [default: llama]
+    /// Engine that runs the model [default: from the path: llama for .gguf, onnx for folders and .onnx]
     #[arg(long, value_enum)]
     pub backend: Option<BackendArg>,
     /// Model: a GGUF file, an ONNX folder, a Hugging Face repo id, or a catalogue alias

@@ -289,6 +289,29 @@ pub fn infer_backend(path: &str, explicit: Option<Backend>) -> Backend {
     })
 }
 
+/// Refuses an engine that cannot read the local model it is given, naming the right one.
+pub fn check_backend_fits(backend: Backend, model: &str) -> anyhow::Result<()> {
+    let p = Path::new(model);
+    let gguf = p.is_file()
+        && p.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let onnx = p.is_dir() || p.extension().is_some_and(|e| e == "onnx");
+    match backend {
+        Backend::Onnx if gguf => Err(usage!(
+            "{model} is a GGUF file: use --backend llama (or leave --backend out)"
+        )),
+        Backend::Llama if onnx => Err(usage!(
+            "{model} is {}: use --backend onnx (or leave --backend out)",
+            if p.is_dir() {
+                "a folder (an ONNX export?)"
+            } else {
+                "an ONNX file"
+            }
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

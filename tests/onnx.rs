@@ -273,3 +273,42 @@ fn auto_device_picks_cpu_and_says_so() {
         serde_json::from_str(&fs::read_to_string(tmp.path().join("run.json")).unwrap()).unwrap();
     assert_eq!(run["device"], "cpu");
 }
+
+/// New-user issue, point 5: the engine follows the model path unless --backend says, and a
+/// --backend that contradicts the path says which one to use.
+#[test]
+fn the_engine_follows_the_model_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = common::tiny("optimum");
+    let o = common::run(&[
+        "trace",
+        "--model",
+        folder.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("run.json")).unwrap())
+            .unwrap();
+    assert_eq!(run["engine"], "onnxruntime", "{run}");
+    let gguf = common::tiny("tiny-f32.gguf");
+    common::assert_trace_fails(
+        "onnx",
+        gguf.to_str().unwrap(),
+        "hi",
+        &[],
+        "is a GGUF file: use --backend llama",
+    );
+    common::assert_trace_fails(
+        "llama",
+        folder.to_str().unwrap(),
+        "hi",
+        &[],
+        "use --backend onnx",
+    );
+}

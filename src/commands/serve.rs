@@ -5,6 +5,7 @@ use crate::serve::{self, ServeConfig};
 
 pub fn run(args: &ServeArgs, verbose: bool) -> anyhow::Result<()> {
     let backend = crate::models::infer_backend(&args.model, args.backend.map(Into::into));
+    crate::models::check_backend_fits(backend, &args.model)?;
     let resolved = crate::models::resolve(backend, &args.model, args.model_file.as_deref())?;
     let opts = args.engine.options(verbose)?;
     let mut probe = args.probe.config()?;

@@ -64,12 +64,16 @@ impl TracePlan {
                 "--max-new-tokens 0 generates nothing: use 1 or more"
             ));
         }
-        let backend: Backend = args.backend.map(Into::into).unwrap_or(Backend::Llama);
-        let model = match (&args.model, backend) {
+        let explicit: Option<Backend> = args.backend.map(Into::into);
+        let model = match (&args.model, explicit) {
             (Some(m), _) => m.clone(),
-            (None, Backend::Test) => "300:0".into(),
+            (None, Some(Backend::Test)) => "300:0".into(),
             (None, _) => return Err(usage!("no model given: pass --model with a GGUF file, an ONNX folder, a Hugging Face repo id or an alias from `logitprobe models`")),
         };
+        // The engine follows the path (a .gguf file: llama.cpp; a folder or .onnx: ONNX
+        // Runtime), as inspect does; a --backend that contradicts it is refused.
+        let backend = crate::models::infer_backend(&model, explicit);
+        crate::models::check_backend_fits(backend, &model)?;
         if !args.prompt.is_empty() && args.prompts_file.is_some() {
             return Err(usage!(
                 "--prompt and --prompts-file were both given: use one (a prompt's index is its place in the one list)"
