@@ -54,6 +54,9 @@ impl std::fmt::Display for BadSetting {
 
 impl std::error::Error for BadSetting {}
 
+/// The smallest temperature above 0 (greedy) that sampling takes.
+pub const MIN_TEMPERATURE: f64 = 1e-4;
+
 /// Sampling settings; the defaults are the Token Heatmap tool's.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SamplingConfig {
@@ -117,6 +120,15 @@ impl SamplingConfig {
                 "temperature",
                 self.temperature.to_string(),
                 "is invalid: use 0 for greedy or a positive number such as 0.8",
+            );
+        }
+        if self.temperature > 0.0 && self.temperature < MIN_TEMPERATURE {
+            // 1/T overflows f32 (1e-40) or every weight but the top one underflows: the
+            // answer would be greedy with extra steps, or NaN.
+            return bad(
+                "temperature",
+                self.temperature.to_string(),
+                "is too small to sample with: use 0 for greedy, or 0.0001 or more",
             );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {

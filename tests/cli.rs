@@ -406,6 +406,28 @@ fn bad_mass_threshold() {
 #[test]
 fn bad_temperature() {
     bad(&["--temperature", "-1"], "--temperature -1");
+    // Issue 15 D8: a tiny temperature was blamed on the engine (exit 1).
+    bad(&["--temperature", "1e-40"], "is too small to sample with");
+}
+
+/// Issue 15 D14: FIFOs made `inspect` and `report` hang.
+#[test]
+fn fifos_are_refused_not_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("pipe.gguf");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path in our own temporary folder.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let f = fifo.to_str().unwrap();
+    common::assert_usage_error(
+        &common::run(&["inspect", "--model", f]),
+        "not a regular file",
+    );
+    common::assert_usage_error(&common::run(&["report", f]), "not a regular file");
+    common::assert_usage_error(
+        &common::run(&["trace", "--backend", "test", "--prompts-file", f]),
+        "not a regular file",
+    );
 }
 
 #[test]

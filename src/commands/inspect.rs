@@ -15,6 +15,13 @@ pub fn run(args: &crate::cli::InspectArgs, verbose: bool) -> anyhow::Result<()> 
     let backend = crate::models::infer_backend(model, backend.map(Into::into));
     let resolved = crate::models::resolve(backend, model, model_file.as_deref())?;
     let path = Path::new(&resolved.path);
+    // A FIFO or a device would block the header read forever.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        return Err(logitprobe_backends::usage!(
+            "{} is not a regular file or folder; give a .gguf file or an ONNX folder",
+            path.display()
+        ));
+    }
     println!("model: {}", path.display());
     if backend == Backend::Llama {
         let h = GgufHeader::read(path)?;

@@ -38,6 +38,13 @@ pub enum ReportInput {
 /// Errors are usage errors naming the file and the problem: unreadable, not JSON, an unknown
 /// schema major, or the first schema violation with its JSON path.
 pub fn read(path: &Path) -> anyhow::Result<ReportInput> {
+    // A FIFO or a device would block the read forever.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err(usage!(
+            "{} is not a regular file; give a trace JSON or compare.json",
+            path.display()
+        ));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| {
         usage!(
             "cannot read {}: {e}; give a trace JSON or compare.json",
