@@ -483,3 +483,44 @@ fn bad_output_folder() {
     ]);
     assert_usage_error(&o, "cannot write to output folder");
 }
+
+/// Issue 15 D12: a 2 MB model name went verbatim into every plot title (17 s of text layout).
+#[test]
+fn huge_model_names_are_shortened_in_titles() {
+    let tmp = tempfile::tempdir().unwrap();
+    trace(
+        tmp.path(),
+        &[
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "3",
+            "--model",
+            "300:1",
+        ],
+    );
+    let path = tmp.path().join("adaptive_token_trace.json");
+    let mut v: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    v["metadata"]["model"] = Value::from(format!("{}/model.gguf", "x".repeat(2 << 20)));
+    fs::write(&path, v.to_string()).unwrap();
+    let out = tmp.path().join("report");
+    let o = common::run(&[
+        "report",
+        path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let html = fs::read_to_string(out.join("report.html")).unwrap();
+    let title = html
+        .split("<title>")
+        .nth(1)
+        .unwrap()
+        .split("</title>")
+        .next()
+        .unwrap();
+    assert!(
+        title.chars().count() <= 100 && title.ends_with("model.gguf"),
+        "{title}"
+    );
+}

@@ -164,7 +164,7 @@ fn heatmap_rows(trace: &Trace) -> usize {
 
 /// Draws the four plots of a trace into `dir`; returns the files written.
 pub fn trace_plots(dir: &Path, trace: &Trace) -> anyhow::Result<Vec<PathBuf>> {
-    let model = &trace.metadata.model;
+    let model = &short_name(&trace.metadata.model);
     let rows = heatmap_rows(trace);
     let raw = columns(trace, |s| &s.raw);
     let processed = columns(trace, |s| &s.processed);
@@ -282,10 +282,22 @@ pub fn write_html(
     Ok(path)
 }
 
+/// A model name as a title shows it: at most 80 characters, keeping the end (the file name
+/// of a path). A trace can hold any string there; laying out megabytes of it takes minutes.
+pub fn short_name(name: &str) -> String {
+    const MAX: usize = 80;
+    let n = name.chars().count();
+    if n <= MAX {
+        return name.to_string();
+    }
+    let tail: String = name.chars().skip(n - (MAX - 1)).collect();
+    format!("…{tail}")
+}
+
 /// Plots and HTML of one trace.
 pub fn write_trace_report(dir: &Path, trace: &Trace) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = trace_plots(dir, trace)?;
-    let title = format!("logitprobe · {}", trace.metadata.model);
+    let title = format!("logitprobe · {}", short_name(&trace.metadata.model));
     files.push(write_html(dir, &title, trace)?);
     Ok(files)
 }
