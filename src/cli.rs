@@ -542,12 +542,24 @@ fn from_value<T: serde::de::DeserializeOwned>(key: &str, v: &Value) -> anyhow::R
         .map_err(|e| usage!("config key '{key}' has a bad value {v}: {e}"))
 }
 
+/// Sets an option from the config unless a flag set it; the config's value is checked
+/// either way, so a bad value in the file is never silently ignored.
 macro_rules! fill {
     ($slot:expr, $key:expr, $v:expr) => {
-        if $slot.is_none() {
-            $slot = Some(from_value($key, $v)?);
-        }
+        fill_slot(&mut $slot, $key, $v)?
     };
+}
+
+fn fill_slot<T: serde::de::DeserializeOwned>(
+    slot: &mut Option<T>,
+    key: &str,
+    v: &Value,
+) -> anyhow::Result<()> {
+    let parsed: T = from_value(key, v)?;
+    if slot.is_none() {
+        *slot = Some(parsed);
+    }
+    Ok(())
 }
 
 impl TraceArgs {

@@ -465,6 +465,12 @@ fn bad_config_unreadable_or_unknown_key() {
     );
     fs::write(&cfg, "temperature: [1, 2\n").unwrap();
     bad(&["--config", cfg.to_str().unwrap()], "not valid YAML");
+    // Issue 15 D16: a bad value under a flag that overrides it was never looked at.
+    fs::write(&cfg, "temperature: hot\n").unwrap();
+    bad(
+        &["--config", cfg.to_str().unwrap(), "--temperature", "0.5"],
+        "config key 'temperature' has a bad value",
+    );
 }
 
 #[test]
