@@ -362,7 +362,8 @@ pub struct EngineArgs {
     /// llama.cpp: CPU threads for prompt processing and scoring [default: --threads]
     #[arg(long, value_name = "N")]
     pub threads_batch: Option<usize>,
-    /// Context length in tokens [default: the model's, at most 4096]
+    /// Context length per sequence in tokens [default: trace on llama.cpp: what the job needs,
+    /// the longest prompt plus --max-new-tokens rounded up to 256; else the model's, at most 4096]
     #[arg(long, value_name = "N")]
     pub ctx_size: Option<usize>,
     /// llama.cpp: batch size for prompt evaluation and scoring [default: 512]

@@ -392,3 +392,71 @@ fn a_thousand_prompts_on_llama_use_a_bounded_batch() {
     assert_eq!(run["parallel"], 8, "the default: at most 8");
     assert_eq!(run["timings"]["prompts"], 1000);
 }
+
+/// New-user issue, point 2: without --ctx-size a slot's context is sized for the job (its
+/// longest prompt plus --max-new-tokens, in llama.cpp's 256-cell steps), not the model's 4096:
+/// the same tokens and traces at a fraction of the memory. On SmolLM2, 8 slots: 50 chat
+/// prompts × 16 tokens peaked at 881 MB with the model's context and 217 MB fitted.
+#[test]
+fn the_context_fits_the_job_unless_ctx_size_says() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = prompts_file(tmp.path(), 16);
+    let model = smollm2();
+    let mut peaks = Vec::new();
+    for (name, ctx) in [("fitted", None), ("model", Some("4096"))] {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "trace",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompts-file",
+            file.to_str().unwrap(),
+            "--max-new-tokens",
+            "8",
+            "--threads",
+            "1",
+            "--no-plots",
+            "--parallel",
+            "8",
+            "--seed",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if let Some(c) = ctx {
+            args.extend(["--ctx-size", c]);
+        }
+        peaks.push(peak_rss_kb(&args));
+    }
+    let run: Value =
+        serde_json::from_str(&fs::read_to_string(tmp.path().join("fitted/run.json")).unwrap())
+            .unwrap();
+    assert_eq!(run["engine_details"]["n_ctx"], 256, "fitted to the job");
+    for i in 0..16 {
+        let p = format!("prompt-{i:03}");
+        let a = trace_at(&tmp.path().join("fitted").join(&p));
+        let b = trace_at(&tmp.path().join("model").join(&p));
+        let ids = |v: &Value| -> Vec<Value> {
+            v["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["selected"]["token_id"].clone())
+                .collect()
+        };
+        assert!(
+            a["steps"] == b["steps"],
+            "{p}: the steps differ with the context size: {:?} vs {:?}, entropy {} vs {}",
+            ids(&a),
+            ids(&b),
+            a["steps"][0]["raw"]["entropy"],
+            b["steps"][0]["raw"]["entropy"]
+        );
+    }
+    assert!(
+        peaks[0] * 2 < peaks[1],
+        "peak RSS {} kB fitted vs {} kB with the model's context",
+        peaks[0],
+        peaks[1]
+    );
+}

@@ -106,6 +106,15 @@ pub trait LogitSource {
     /// Empties one slot's KV cache so that a new sequence can start in it.
     fn clear_slot(&mut self, slot: usize) -> anyhow::Result<()>;
 
+    /// Sizes each slot's context for a job that needs at most `n_tokens` (its longest prompt
+    /// plus the tokens to generate), when that is less than the context it has: a KV cache
+    /// sized for the model's whole context multiplies memory by the slot count for nothing.
+    /// Engines whose KV cache grows with the sequence keep the default, which does nothing.
+    /// Call it before [`LogitSource::begin`].
+    fn fit_context(&mut self, _n_tokens: usize) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// Feeds new tokens to some sequences and returns `[batch.len(), n_vocab]` logits of each
     /// sequence's last position. Every entry must have at least one token.
     fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>> {
@@ -168,6 +177,9 @@ impl<T: LogitSource + ?Sized> LogitSource for Box<T> {
     }
     fn clear_slot(&mut self, slot: usize) -> anyhow::Result<()> {
         (**self).clear_slot(slot)
+    }
+    fn fit_context(&mut self, n_tokens: usize) -> anyhow::Result<()> {
+        (**self).fit_context(n_tokens)
     }
     fn decode(&mut self, batch: &[(usize, &[TokenId])]) -> anyhow::Result<Array2<f32>> {
         (**self).decode(batch)

@@ -473,6 +473,22 @@ impl LogitSource for LlamaSource {
         Ok(())
     }
 
+    fn fit_context(&mut self, n_tokens: usize) -> anyhow::Result<()> {
+        // llama.cpp pads a sequence's cells to 256: a smaller context saves nothing.
+        let n_ctx = n_tokens.max(1).next_multiple_of(256);
+        if n_ctx >= self.n_ctx {
+            return Ok(());
+        }
+        self.n_ctx = n_ctx;
+        self.n_batch = self.n_batch.min(n_ctx);
+        self.info.n_ctx = n_ctx;
+        self.info.details.insert("n_ctx".into(), n_ctx.into());
+        self.info
+            .details
+            .insert("n_batch".into(), self.n_batch.into());
+        self.make_context(self.n_seqs.max(1))
+    }
+
     fn clear_slot(&mut self, slot: usize) -> anyhow::Result<()> {
         let pos = self
             .pos

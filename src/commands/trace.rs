@@ -252,9 +252,16 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     // fails the run at once instead of after hours; the loop tokenizes each again when it
     // takes it, so no list of ids is held.
     let n_ctx = source.info().n_ctx;
+    let mut longest = 0;
     for spec in plan.prompts.iter()? {
         let input = prompts::prepare(&*source, &spec?, plan.use_chat_template)?;
         generate::check_prompt(&input, n_ctx)?;
+        longest = longest.max(input.ids.len());
+    }
+    // Without --ctx-size, each slot's context holds what this job needs, not the model's
+    // whole context (a KV cache of 4096 tokens per slot for 16-token answers).
+    if opts.ctx_size.is_none() {
+        source.fit_context(longest + plan.gen.max_new_tokens)?;
     }
     let n = plan.prompts.len();
     let parallel = open_slots(&mut *source, plan.parallel, n)?;
