@@ -67,7 +67,7 @@ pub fn render_for(
 ) -> anyhow::Result<String> {
     if source.chat_template().is_none() {
         return Err(usage!(
-            "model {} has no chat template; drop --use-chat-template (and --system-prompt) or use an instruct model",
+            "model {} has no chat template; give one with --chat-template NAME|JINJA or --chat-template-file, drop --use-chat-template (and --system-prompt), or use an instruct model",
             source.info().name
         ));
     }
@@ -76,17 +76,78 @@ pub fn render_for(
 
 /// Renders a conversation with the source's own template.
 pub fn render_messages(source: &dyn LogitSource, messages: &[Message]) -> anyhow::Result<String> {
-    let info = source.info();
     let template = source.chat_template().ok_or_else(|| {
         usage!(
             "model {} has no chat template, so it cannot take chat messages: use an instruct model, or send a plain prompt",
-            info.name
+            source.info().name
         )
     })?;
+    render_with(source, &template, messages)
+}
+
+/// Renders a conversation with `template` (Jinja source), the source's BOS and EOS text.
+pub fn render_with(
+    source: &dyn LogitSource,
+    template: &str,
+    messages: &[Message],
+) -> anyhow::Result<String> {
+    let info = source.info();
     let piece = |id: Option<u32>| {
         id.and_then(|i| source.token_bytes(i))
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
     };
-    render(&template, messages, &piece(info.bos), &piece(info.eos))
+    render(template, messages, &piece(info.bos), &piece(info.eos))
+}
+
+/// Chat templates by the names llama.cpp's `--chat-template` takes, for models whose file
+/// has none (a base model) or the wrong one.
+pub const NAMED_TEMPLATES: &[(&str, &str)] = &[
+    (
+        "chatml",
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    ),
+    (
+        "gemma",
+        "{{ bos_token }}{% set sys = messages[0].content ~ '\\n\\n' if messages[0].role == 'system' else '' %}{% for m in messages if m.role != 'system' %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n{{ (sys if loop.first else '') ~ (m.content | trim) }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+    ),
+    (
+        "llama3",
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+    ),
+    (
+        "phi3",
+        "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+    ),
+];
+
+/// A `--chat-template` value: one of [`NAMED_TEMPLATES`], or Jinja source itself.
+pub fn template_source(value: &str) -> String {
+    NAMED_TEMPLATES
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map_or_else(|| value.to_string(), |(_, src)| (*src).to_string())
+}
+
+#[cfg(test)]
+mod named_template_tests {
+    use super::*;
+
+    #[test]
+    fn every_named_template_renders_a_conversation() {
+        let msgs = messages("What is 2+2?", Some("Be brief."));
+        for (name, src) in NAMED_TEMPLATES {
+            let text = render(src, &msgs, "<bos>", "<eos>").unwrap();
+            assert!(text.contains("What is 2+2?"), "{name}: {text}");
+            assert!(
+                text.contains("Be brief."),
+                "{name} keeps the system message: {text}"
+            );
+        }
+        let gemma = render(&template_source("gemma"), &msgs, "<bos>", "").unwrap();
+        assert_eq!(
+            gemma,
+            "<bos><start_of_turn>user\nBe brief.\n\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
 }

@@ -459,6 +459,16 @@ pub struct TraceArgs {
     /// Wrap each prompt in the model's own chat template
     #[arg(long)]
     pub use_chat_template: bool,
+    /// A chat template instead of the model's (implies --use-chat-template): a name
+    /// (chatml, gemma, llama3, phi3) or the Jinja source itself, as llama.cpp takes it
+    #[arg(long, value_name = "NAME|JINJA", conflicts_with = "chat_template_file")]
+    pub chat_template: Option<String>,
+    /// A chat template read from a Jinja file (implies --use-chat-template)
+    #[arg(long, value_name = "FILE")]
+    pub chat_template_file: Option<PathBuf>,
+    /// Tokenize special-token text in a plain prompt (<|im_start|>) as text, not as its id
+    #[arg(long)]
+    pub no_parse_special: bool,
     /// Sequences decoded together, each in a slot with its own KV cache; when one ends, the
     /// next prompt takes its slot [default: the number of prompts, at most 8, fewer when
     /// their KV cache does not fit in memory]

@@ -186,19 +186,56 @@ impl PromptList {
     }
 }
 
+/// How prompt text becomes tokens.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PromptFormat {
+    /// Wrap each prompt in a chat template.
+    pub use_chat_template: bool,
+    /// A chat template (Jinja source) that replaces the model's own.
+    #[serde(skip)]
+    pub chat_template: Option<String>,
+    /// Special-token text in a plain prompt (`<start_of_turn>`) becomes its id, as llama.cpp
+    /// and Hugging Face tokenize by default; off, it is tokenized as text.
+    pub parse_special: bool,
+}
+
+impl Default for PromptFormat {
+    fn default() -> Self {
+        PromptFormat {
+            use_chat_template: false,
+            chat_template: None,
+            parse_special: true,
+        }
+    }
+}
+
+impl PromptFormat {
+    /// A plain or chat-templated prompt with the model's own template, specials parsed.
+    pub fn chat(use_chat_template: bool) -> Self {
+        PromptFormat {
+            use_chat_template,
+            ..Default::default()
+        }
+    }
+}
+
 /// Renders (chat template) and tokenizes one prompt with the source's own rules.
 pub fn prepare(
     source: &dyn LogitSource,
     spec: &PromptSpec,
-    use_chat_template: bool,
+    format: &PromptFormat,
 ) -> anyhow::Result<PromptInput> {
+    let use_chat_template = format.use_chat_template;
     let (rendered, parse_special) = if use_chat_template {
-        (
-            chat::render_for(source, &spec.prompt, spec.system_prompt.as_deref())?,
-            true,
-        )
+        let messages = chat::messages(&spec.prompt, spec.system_prompt.as_deref());
+        let rendered = match &format.chat_template {
+            Some(t) => chat::render_with(source, t, &messages)?,
+            None => chat::render_for(source, &spec.prompt, spec.system_prompt.as_deref())?,
+        };
+        // A template writes special tokens: they are always parsed.
+        (rendered, true)
     } else {
-        (spec.prompt.clone(), false)
+        (spec.prompt.clone(), format.parse_special)
     };
     let ids = tokenize_prompt(source, &rendered, use_chat_template, parse_special)?;
     Ok(PromptInput {
@@ -234,7 +271,7 @@ pub fn tokenize_prompt(
 /// Specs rendered and tokenized as the loop takes them.
 pub struct Prepared<I> {
     pub specs: I,
-    pub use_chat_template: bool,
+    pub format: PromptFormat,
 }
 
 impl<I: Iterator<Item = anyhow::Result<PromptSpec>>> crate::generate::Prompts for Prepared<I> {
@@ -244,7 +281,7 @@ impl<I: Iterator<Item = anyhow::Result<PromptSpec>>> crate::generate::Prompts fo
         _idle: bool,
     ) -> Option<anyhow::Result<PromptInput>> {
         let spec = self.specs.next()?;
-        Some(spec.and_then(|s| prepare(source, &s, self.use_chat_template)))
+        Some(spec.and_then(|s| prepare(source, &s, &self.format)))
     }
 }
 
@@ -252,7 +289,7 @@ impl<I: Iterator<Item = anyhow::Result<PromptSpec>>> crate::generate::Prompts fo
 pub fn prepare_prompts(
     source: &dyn LogitSource,
     prompts: &[(String, Option<String>)],
-    use_chat_template: bool,
+    format: &PromptFormat,
 ) -> anyhow::Result<Vec<PromptInput>> {
     prompts
         .iter()
@@ -263,7 +300,7 @@ pub fn prepare_prompts(
                 prompt: p.clone(),
                 system_prompt: sys.clone(),
             };
-            prepare(source, &spec, use_chat_template)
+            prepare(source, &spec, format)
         })
         .collect()
 }

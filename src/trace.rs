@@ -274,6 +274,11 @@ pub struct RunRecord {
     pub max_new_tokens: usize,
     pub stop: Vec<String>,
     pub use_chat_template: bool,
+    /// A chat template that replaced the model's: its name, `file:PATH` or `inline`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
+    /// Whether special-token text in plain prompts became token ids.
+    pub parse_special: bool,
     /// Sequences decoded together.
     pub parallel: usize,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -530,3 +530,81 @@ fn huge_model_names_are_shortened_in_titles() {
         "{title}"
     );
 }
+
+/// New-user issue, point 4: special-token text in a plain prompt is parsed by default (as
+/// llama.cpp and Hugging Face do), --no-parse-special opts out, and run.json says which.
+#[test]
+fn special_tokens_are_parsed_unless_told_not_to() {
+    let mut lens = Vec::new();
+    for extra in [&[][..], &["--no-parse-special"][..]] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut args = vec!["--prompt", "Hello <|im_start|>", "--max-new-tokens", "2"];
+        args.extend_from_slice(extra);
+        trace(tmp.path(), &args);
+        let t: Value = serde_json::from_str(
+            &fs::read_to_string(tmp.path().join("adaptive_token_trace.json")).unwrap(),
+        )
+        .unwrap();
+        let run: Value =
+            serde_json::from_str(&fs::read_to_string(tmp.path().join("run.json")).unwrap())
+                .unwrap();
+        assert_eq!(run["parse_special"], extra.is_empty());
+        lens.push(t["tokens"]["prompt_token_ids"].as_array().unwrap().len());
+    }
+    assert_eq!(
+        lens[0] + "<|im_start|>".len() - 1,
+        lens[1],
+        "one id against 12 bytes"
+    );
+}
+
+/// --chat-template gives a model without one (a base model) a way in: a name or Jinja.
+#[test]
+fn chat_template_flags_replace_the_models_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    trace(
+        tmp.path(),
+        &[
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+            "--chat-template",
+            "[{{ messages[0].content }}]",
+        ],
+    );
+    let t: Value = serde_json::from_str(
+        &fs::read_to_string(tmp.path().join("adaptive_token_trace.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        t["tokens"]["prompt_tokens"],
+        serde_json::json!(["[", "h", "i", "]"])
+    );
+    assert_eq!(t["metadata"]["use_chat_template"], true);
+    let run: Value =
+        serde_json::from_str(&fs::read_to_string(tmp.path().join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["chat_template"], "inline");
+    let file = tmp.path().join("t.jinja");
+    fs::write(&file, "<{{ messages[0].content }}>").unwrap();
+    let out = tmp.path().join("f");
+    trace(
+        &out,
+        &[
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+            "--chat-template-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    let t: Value =
+        serde_json::from_str(&fs::read_to_string(out.join("adaptive_token_trace.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        t["tokens"]["prompt_tokens"],
+        serde_json::json!(["<", "h", "i", ">"])
+    );
+    bad(&["--chat-template", "nosuch"], "neither a known name");
+}

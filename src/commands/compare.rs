@@ -265,7 +265,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
         }
         Input::Prompt(plan) => {
             let given = plan.given_prompts();
-            let inputs = prepare_prompts(&*a.source, &given, plan.use_chat_template)?;
+            let inputs = prepare_prompts(&*a.source, &given, &plan.format)?;
             let t = Instant::now();
             let stop = AtomicBool::new(false);
             let (gens, _) =
@@ -293,7 +293,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
             let first = input.ids.len() - 1;
             let generated = a.source.detokenize(&gens[0].generated_ids, false);
             let b_tok: BTokenize = Box::new(move |b: &dyn LogitSource| {
-                let mut ids_b = prepare_prompts(b, &plan.given_prompts(), plan.use_chat_template)?
+                let mut ids_b = prepare_prompts(b, &plan.given_prompts(), &plan.format)?
                     .remove(0)
                     .ids;
                 ids_b.extend(b.tokenize(&generated, false, false)?);

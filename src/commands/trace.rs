@@ -25,7 +25,10 @@ pub struct TracePlan {
     pub parallel: Option<usize>,
     pub stop: Vec<String>,
     pub plots: bool,
-    pub use_chat_template: bool,
+    pub format: prompts::PromptFormat,
+    /// Where a chat template that replaces the model's came from (a name, a file, or
+    /// "inline"), for run.json.
+    pub chat_template_source: Option<String>,
     pub gen: GenerateConfig,
     pub seed_given: bool,
     pub out: PathBuf,
@@ -109,7 +112,32 @@ impl TracePlan {
                 }
             }
         }
-        let use_chat_template = args.use_chat_template;
+        let (chat_template, chat_template_source) = match (
+            &args.chat_template,
+            &args.chat_template_file,
+        ) {
+            (Some(t), _) => {
+                let named = crate::chat::NAMED_TEMPLATES.iter().any(|(n, _)| n == t);
+                if !named && !t.contains("{%") && !t.contains("{{") {
+                    return Err(usage!(
+                        "--chat-template {t} is neither a known name ({}) nor Jinja source: use one of the names, or --chat-template-file FILE",
+                        crate::chat::NAMED_TEMPLATES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                    ));
+                }
+                (
+                    Some(crate::chat::template_source(t)),
+                    Some(if named { t.clone() } else { "inline".into() }),
+                )
+            }
+            (None, Some(f)) => (
+                Some(std::fs::read_to_string(f).map_err(|e| {
+                    usage!("cannot read --chat-template-file {}: {e}", f.display())
+                })?),
+                Some(format!("file:{}", f.display())),
+            ),
+            (None, None) => (None, None),
+        };
+        let use_chat_template = args.use_chat_template || chat_template.is_some();
         if !use_chat_template {
             if args.system_prompt.is_some() {
                 return Err(usage!("--system-prompt needs --use-chat-template: a system message only exists inside a chat template"));
@@ -135,7 +163,12 @@ impl TracePlan {
             parallel: args.parallel,
             stop: args.stop.clone(),
             plots: !args.no_plots,
-            use_chat_template,
+            format: prompts::PromptFormat {
+                use_chat_template,
+                chat_template,
+                parse_special: !args.no_parse_special,
+            },
+            chat_template_source,
             gen: GenerateConfig {
                 sampling,
                 probe,
@@ -254,7 +287,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     let n_ctx = source.info().n_ctx;
     let mut longest = 0;
     for spec in plan.prompts.iter()? {
-        let input = prompts::prepare(&*source, &spec?, plan.use_chat_template)?;
+        let input = prompts::prepare(&*source, &spec?, &plan.format)?;
         generate::check_prompt(&input, n_ctx)?;
         longest = longest.max(input.ids.len());
     }
@@ -315,7 +348,9 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         probe_enabled: plan.gen.probe_enabled,
         max_new_tokens: plan.gen.max_new_tokens,
         stop: plan.stop.clone(),
-        use_chat_template: plan.use_chat_template,
+        use_chat_template: plan.format.use_chat_template,
+        chat_template: plan.chat_template_source.clone(),
+        parse_special: plan.format.parse_special,
         parallel,
         prompts: None,
         stop_reasons: None,
@@ -332,14 +367,14 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         dirs,
         &plan.model,
         &plan.gen,
-        plan.use_chat_template,
+        plan.format.use_chat_template,
         record.clone(),
         plan.plots,
     )?;
     let mut console = Console { several: n > 1 };
     let mut inputs = prompts::Prepared {
         specs: plan.prompts.iter()?,
-        use_chat_template: plan.use_chat_template,
+        format: plan.format.clone(),
     };
     let result = {
         let mut sinks: Vec<&mut dyn Sink> = vec![&mut jsonl];
