@@ -121,8 +121,18 @@ fn chat_templates_render_the_same_prompt() {
             "Who made the light?".to_string(),
             Some("You are brief.".to_string()),
         )];
-        let a = logitprobe::prompts::prepare_prompts(&llama, &prompts, true).unwrap();
-        let b = logitprobe::prompts::prepare_prompts(&onnx, &prompts, true).unwrap();
+        let a = logitprobe::prompts::prepare_prompts(
+            &llama,
+            &prompts,
+            &logitprobe::prompts::PromptFormat::chat(true),
+        )
+        .unwrap();
+        let b = logitprobe::prompts::prepare_prompts(
+            &onnx,
+            &prompts,
+            &logitprobe::prompts::PromptFormat::chat(true),
+        )
+        .unwrap();
         assert_eq!(a[0].rendered, b[0].rendered);
         assert_eq!(a[0].ids, b[0].ids);
         assert!(a[0]
