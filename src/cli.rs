@@ -522,10 +522,10 @@ pub struct ServeArgs {
     /// Sequences decoded together (slots); requests beyond wait in the queue [default: 4]
     #[arg(long, value_name = "N")]
     pub parallel: Option<usize>,
-    /// Requests that may wait for a slot; more get 503 [default: 64]
+    /// Requests that may wait for a slot; more get 503
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_queue: usize,
-    /// Require `Authorization: Bearer KEY` on every endpoint but /health [env: LOGITPROBE_API_KEY]
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health
     #[arg(
         long,
         value_name = "KEY",

@@ -312,12 +312,20 @@ fn engine_error(status: u16, message: String, param: Option<&'static str>) -> Ap
     }
 }
 
-/// Applies one event to its choice; returns the index it touched.
-fn apply(choices: &mut [Choice], ev: Event) -> Result<usize, ApiError> {
+/// What an event was, once applied to its choice.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    Prompt,
+    Token,
+    Done,
+}
+
+/// Applies one event to its choice; returns what it was and the choice it touched.
+fn apply(choices: &mut [Choice], ev: Event) -> Result<(Applied, usize), ApiError> {
     match ev {
         Event::Prompt { choice, tokens } => {
             choices[choice].prompt = tokens;
-            Ok(choice)
+            Ok((Applied::Prompt, choice))
         }
         Event::Token { choice, token } => {
             let c = &mut choices[choice];
@@ -325,7 +333,7 @@ fn apply(choices: &mut [Choice], ev: Event) -> Result<usize, ApiError> {
                 c.text.push(&token.bytes);
             }
             c.tokens.push(*token);
-            Ok(choice)
+            Ok((Applied::Token, choice))
         }
         Event::Done {
             choice,
@@ -338,7 +346,7 @@ fn apply(choices: &mut [Choice], ev: Event) -> Result<usize, ApiError> {
             c.done = Some((reason, text_len));
             c.prompt_tokens = prompt_tokens;
             c.completion_tokens = completion_tokens;
-            Ok(choice)
+            Ok((Applied::Done, choice))
         }
         Event::Error {
             status,
@@ -346,6 +354,36 @@ fn apply(choices: &mut [Choice], ev: Event) -> Result<usize, ApiError> {
             param,
         } => Err(engine_error(status, message, param)),
     }
+}
+
+/// The next event of a stream, applied; `None` when the stream has ended (with an error
+/// event sent to the client).
+async fn next_applied(
+    rx: &mut UnboundedReceiver<Event>,
+    choices: &mut [Choice],
+    tx: &mpsc::Sender<Result<SseEvent, Infallible>>,
+) -> Option<(Applied, usize)> {
+    let Some(ev) = rx.recv().await else {
+        send_error(tx, lost()).await;
+        return None;
+    };
+    match apply(choices, ev) {
+        Ok(x) => Some(x),
+        Err(e) => {
+            send_error(tx, e).await;
+            None
+        }
+    }
+}
+
+/// OpenAI's end of a stream: the usage chunk when asked for, then `[DONE]`.
+async fn end_stream(tx: &mpsc::Sender<Result<SseEvent, Infallible>>, usage: Option<Value>) {
+    if let Some(v) = usage {
+        if !send(tx, &v).await {
+            return;
+        }
+    }
+    let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
 }
 
 fn lost() -> ApiError {
@@ -633,23 +671,12 @@ async fn completions_inner(
                 json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [c]})
             };
             while choices.iter().any(|c| c.done.is_none()) {
-                let Some(ev) = rx.recv().await else {
-                    send_error(&tx, lost()).await;
+                let Some((kind, idx)) = next_applied(&mut rx, &mut choices, &tx).await else {
                     return;
                 };
-                let (kind, idx) = match &ev {
-                    Event::Prompt { choice, .. } => (0, *choice),
-                    Event::Token { choice, .. } => (1, *choice),
-                    Event::Done { choice, .. } => (2, *choice),
-                    Event::Error { .. } => (3, 0),
-                };
-                if let Err(e) = apply(&mut choices, ev) {
-                    send_error(&tx, e).await;
-                    return;
-                }
                 let c = &mut choices[idx];
                 let v = match kind {
-                    0 if echo => {
+                    Applied::Prompt if echo => {
                         let mut lp = CompletionLogprobs::new();
                         let mut bytes = Vec::new();
                         for t in &c.prompt {
@@ -670,7 +697,7 @@ async fn completions_inner(
                         }
                         v
                     }
-                    1 => {
+                    Applied::Token => {
                         let t = c.tokens.last().expect("just pushed");
                         let text = c.text.ready();
                         let mut lp = CompletionLogprobs::new();
@@ -684,7 +711,7 @@ async fn completions_inner(
                             None,
                         )
                     }
-                    2 => {
+                    Applied::Done => {
                         let (reason, len) = c.done.expect("done");
                         let text = c.text.finish(len);
                         chunk(idx, text, None, None, Some(finish_reason(reason)))
@@ -695,13 +722,8 @@ async fn completions_inner(
                     return;
                 }
             }
-            if include_usage {
-                let v = json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage_of(&choices, n)});
-                if !send(&tx, &v).await {
-                    return;
-                }
-            }
-            let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+            let usage = include_usage.then(|| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage_of(&choices, n)}));
+            end_stream(&tx, usage).await;
         })
     }))
 }
@@ -841,23 +863,12 @@ async fn chat_inner(
                 }
             }
             while choices.iter().any(|c| c.done.is_none()) {
-                let Some(ev) = rx.recv().await else {
-                    send_error(&tx, lost()).await;
+                let Some((kind, idx)) = next_applied(&mut rx, &mut choices, &tx).await else {
                     return;
                 };
-                let (kind, idx) = match &ev {
-                    Event::Prompt { choice, .. } => (0, *choice),
-                    Event::Token { choice, .. } => (1, *choice),
-                    Event::Done { choice, .. } => (2, *choice),
-                    Event::Error { .. } => (3, 0),
-                };
-                if let Err(e) = apply(&mut choices, ev) {
-                    send_error(&tx, e).await;
-                    return;
-                }
                 let c = &mut choices[idx];
                 let v = match kind {
-                    1 => {
+                    Applied::Token => {
                         let t = c.tokens.last().expect("just pushed").clone();
                         if t.special {
                             continue;
@@ -871,7 +882,7 @@ async fn chat_inner(
                             None,
                         )
                     }
-                    2 => {
+                    Applied::Done => {
                         let (reason, len) = c.done.expect("done");
                         let text = c.text.finish(len);
                         let delta = if text.is_empty() {
@@ -887,13 +898,8 @@ async fn chat_inner(
                     return;
                 }
             }
-            if include_usage {
-                let v = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage_of(&choices, n)});
-                if !send(&tx, &v).await {
-                    return;
-                }
-            }
-            let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+            let usage = include_usage.then(|| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage_of(&choices, n)}));
+            end_stream(&tx, usage).await;
         })
     }))
 }
@@ -1007,22 +1013,12 @@ async fn llama_inner(
         tokio::spawn(async move {
             let mut choices = vec![Choice::new(&stop)];
             loop {
-                let Some(ev) = rx.recv().await else {
-                    send_error(&tx, lost()).await;
+                let Some((kind, _)) = next_applied(&mut rx, &mut choices, &tx).await else {
                     return;
                 };
-                let kind = match &ev {
-                    Event::Token { .. } => 1,
-                    Event::Done { .. } => 2,
-                    _ => 0,
-                };
-                if let Err(e) = apply(&mut choices, ev) {
-                    send_error(&tx, e).await;
-                    return;
-                }
                 let c = &mut choices[0];
                 let v = match kind {
-                    1 => {
+                    Applied::Token => {
                         let t = c.tokens.last().expect("just pushed");
                         let mut v = json!({"content": c.text.ready(), "stop": false});
                         if want {
@@ -1033,7 +1029,7 @@ async fn llama_inner(
                         }
                         v
                     }
-                    2 => {
+                    Applied::Done => {
                         let (reason, len) = c.done.expect("done");
                         json!({
                             "content": c.text.finish(len),
@@ -1046,7 +1042,7 @@ async fn llama_inner(
                     }
                     _ => continue,
                 };
-                if !send(&tx, &v).await || kind == 2 {
+                if !send(&tx, &v).await || kind == Applied::Done {
                     return;
                 }
             }
