@@ -68,6 +68,20 @@ pub struct LogprobsRequest {
     pub mode: LogprobsMode,
 }
 
+impl GenerateConfig {
+    /// How many of the processed distribution's top tokens the probe describes: the top
+    /// logprobs in processed mode (at least the chosen token's), else none.
+    fn processed_top(&self) -> usize {
+        match self.logprobs {
+            Some(LogprobsRequest {
+                top,
+                mode: LogprobsMode::Processed,
+            }) => top.max(1),
+            _ => 0,
+        }
+    }
+}
+
 /// Why a sequence stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -247,6 +261,16 @@ impl StopStrings {
     }
 }
 
+impl StopStrings {
+    /// The answer to a step: stop where a stop string begins, else go on.
+    pub fn control(&self, generation: &Generation) -> Control {
+        match self.find(&generation.text, generation.last_text_start) {
+            Some(at) => Control::StopSequence { text_len: Some(at) },
+            None => Control::Continue,
+        }
+    }
+}
+
 impl Sink for StopStrings {
     fn step(
         &mut self,
@@ -255,12 +279,7 @@ impl Sink for StopStrings {
         generation: &Generation,
         _step: &Step,
     ) -> anyhow::Result<Control> {
-        Ok(
-            match self.find(&generation.text, generation.last_text_start) {
-                Some(at) => Control::StopSequence { text_len: Some(at) },
-                None => Control::Continue,
-            },
-        )
+        Ok(self.control(generation))
     }
 }
 
@@ -432,13 +451,7 @@ pub fn run(
             let opts = StepOptions {
                 probe: settings.probe_enabled,
                 forced: None,
-                processed_top: match settings.logprobs {
-                    Some(LogprobsRequest {
-                        top,
-                        mode: LogprobsMode::Processed,
-                    }) => top.max(1),
-                    _ => 0,
-                },
+                processed_top: settings.processed_top(),
             };
             let sp = probe
                 .step_with(
@@ -588,13 +601,7 @@ fn describe_prompt(
 ) -> anyhow::Result<()> {
     probe.config.clone_from(&settings.probe);
     let req = settings.logprobs;
-    let processed_top = match req {
-        Some(LogprobsRequest {
-            top,
-            mode: LogprobsMode::Processed,
-        }) => top.max(1),
-        _ => 0,
-    };
+    let processed_top = settings.processed_top();
     // The forced step draws nothing; the stream is only there to fill the argument.
     let mut rng = Rng::new(settings.seed, input.index as u64);
     for (i, row) in rows.outer_iter().enumerate() {

@@ -11,7 +11,7 @@ use crate::logprobs::TokenLogprobs;
 use crate::trace::Step;
 use logitprobe_backends::{LogitSource, TokenId};
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -276,7 +276,7 @@ struct Responder {
     routes: Routes,
     metrics: Arc<Metrics>,
     /// Choices whose prompt event went out.
-    prompt_sent: HashMap<(u64, usize), ()>,
+    prompt_sent: HashSet<(u64, usize)>,
 }
 
 impl Responder {
@@ -300,11 +300,7 @@ impl Responder {
     }
 
     fn send_prompt(&mut self, source: &dyn LogitSource, input: &PromptInput, g: &Generation) {
-        if self
-            .prompt_sent
-            .insert((input.tag, input.index), ())
-            .is_some()
-        {
+        if !self.prompt_sent.insert((input.tag, input.index)) {
             return;
         }
         let routes = self.routes.borrow();
@@ -364,10 +360,7 @@ impl Sink for Responder {
             choice: input.index,
             token: Box::new(token),
         });
-        Ok(match route.stops.find(&g.text, g.last_text_start) {
-            Some(at) => Control::StopSequence { text_len: Some(at) },
-            None => Control::Continue,
-        })
+        Ok(route.stops.control(g))
     }
 
     fn finish(
@@ -423,7 +416,7 @@ pub fn run(
     let mut responder = Responder {
         routes: routes.clone(),
         metrics: metrics.clone(),
-        prompt_sent: HashMap::new(),
+        prompt_sent: HashSet::new(),
     };
     while feed.open {
         let result = generate::run(
