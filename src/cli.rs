@@ -60,6 +60,71 @@ pub enum Command {
     /// logprobs (and the probe), llama-server's /completion, and a live viewer at /.
     #[command(after_long_help = SERVE_HELP)]
     Serve(Box<ServeArgs>),
+    /// Join the shards of a sharded trace or compare (--shard) into what one run writes
+    Merge(MergeArgs),
+    /// Run trace or compare on Slurm as a job array of shards and a merge job
+    #[command(after_long_help = SLURM_HELP)]
+    Slurm(SlurmArgs),
+}
+
+const SLURM_HELP: &str = "\
+EXAMPLE: logitprobe slurm trace --shards 8 --time 2:00:00 --cpus-per-task 4 -- \\
+           --model model.gguf --prompts-file eval.jsonl --seed 1 --out /shared/run1
+  writes /shared/run1/slurm/array.sbatch (task K runs shard K) and merge.sbatch, submits the
+  array and the merge after it (--dependency=afterok), and prints how to follow them.
+RESUME: a task run again skips the prompts or chunks it finished: resubmit a failed one with
+  sbatch --array=K OUT/slurm/array.sbatch, then logitprobe merge OUT.";
+
+/// `logitprobe merge`.
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// The --out of the shards
+    pub dir: PathBuf,
+}
+
+/// `logitprobe slurm`.
+#[derive(Args, Debug)]
+pub struct SlurmArgs {
+    #[command(subcommand)]
+    pub command: SlurmCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SlurmCommand {
+    /// Submit a sharded `trace` (of a --prompts-file) and its merge
+    Trace(SlurmSubmitArgs),
+    /// Submit a sharded `compare` (of a --text-file) and its merge
+    Compare(SlurmSubmitArgs),
+    /// Show which shards of a run are done, running or missing
+    Status {
+        /// The run's --out
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct SlurmSubmitArgs {
+    /// Shards: tasks of the job array
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub shards: usize,
+    /// Partition to run in [default: the cluster's]
+    #[arg(long, value_name = "P")]
+    pub partition: Option<String>,
+    /// Time limit of each task (sbatch's --time, e.g. 1:00:00)
+    #[arg(long, value_name = "T")]
+    pub time: Option<String>,
+    /// CPUs of each task
+    #[arg(long, value_name = "C")]
+    pub cpus_per_task: Option<usize>,
+    /// Memory of each task (sbatch's --mem, e.g. 8G)
+    #[arg(long, value_name = "M")]
+    pub mem: Option<String>,
+    /// Print the scripts; submit nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The command's own flags, after `--`
+    #[arg(last = true, required = true, value_name = "FLAGS")]
+    pub args: Vec<String>,
 }
 
 const SERVE_HELP: &str = "\
@@ -207,6 +272,8 @@ pub struct CompareArgs {
     /// Output folder [default: outputs/compare]
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub shard: ShardArgs,
     /// Engine flags for both sides; --ctx-size is also the corpus chunk length [default: 512]
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -214,6 +281,54 @@ pub struct CompareArgs {
     pub a_engine: AEngineArgs,
     #[command(flatten)]
     pub b_engine: BEngineArgs,
+}
+
+/// Which part of a job this process runs (see "On a cluster" in the README).
+#[derive(Args, Debug, Default, Clone)]
+#[command(next_help_heading = "Sharding")]
+pub struct ShardArgs {
+    /// Run shard K of N: the units (prompts of --prompts-file, chunks of --text-file) whose
+    /// index i has i mod N = K, into a shared --out; `logitprobe merge` joins the shards
+    /// [default: a Slurm array task's SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of
+    /// SLURM_ARRAY_TASK_COUNT]
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<String>,
+    /// Shard count; this task is shard SLURM_ARRAY_TASK_ID (Slurm) or JOB_COMPLETION_INDEX
+    /// (Kubernetes Indexed Job)
+    #[arg(long, value_name = "N", env = "LOGITPROBE_SHARDS")]
+    pub shards: Option<usize>,
+}
+
+impl ShardArgs {
+    /// The shard of this process, if the job is sharded.
+    pub fn resolve(&self) -> anyhow::Result<Option<crate::shard::Shard>> {
+        use crate::shard::{parse_shard, Shard, ShardError};
+        let flag = |e: ShardError| {
+            match e {
+            ShardError::Malformed(s) => usage!("--shard {s:?} is not K/N: use e.g. --shard 0/4"),
+            ShardError::NoShards => usage!("--shards 0 runs nothing: use 1 or more"),
+            ShardError::CountsDiffer { given, count } => usage!(
+                "--shard says {count} shards and --shards (or LOGITPROBE_SHARDS) {given}: give one"
+            ),
+            ShardError::NoIndex { count } => usage!(
+                "--shards {count} needs this task's number: run it as a Slurm array task or a Kubernetes Indexed Job, or give --shard K/{count}"
+            ),
+            e => usage!("{e}"),
+        }
+        };
+        let given = self
+            .shard
+            .as_deref()
+            .map(parse_shard)
+            .transpose()
+            .map_err(flag)?;
+        Shard::resolve(given, self.shards, |k| std::env::var(k).ok()).map_err(flag)
+    }
+
+    /// Whether sharding was asked for here rather than found in a scheduler's environment.
+    pub fn asked(&self) -> bool {
+        self.shard.is_some() || self.shards.is_some()
+    }
 }
 
 /// `logitprobe report`.
@@ -491,6 +606,8 @@ pub struct TraceArgs {
     /// YAML file of options (our long flag names with underscores); flags override it
     #[arg(long, value_name = "FILE.yaml")]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub shard: ShardArgs,
     /// Sample without probing (for benchmarks: the trace then holds no distributions)
     #[arg(long, hide = true)]
     pub no_probe: bool,
@@ -631,6 +748,8 @@ impl TraceArgs {
                     }
                 }
                 "prompts_file" => fill!(self.prompts_file, k, v),
+                "shard" => fill!(self.shard.shard, k, v),
+                "shards" => fill!(self.shard.shards, k, v),
                 "parallel" => fill!(self.parallel, k, v),
                 "stop" => {
                     if self.stop.is_empty() {

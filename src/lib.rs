@@ -13,6 +13,7 @@ pub mod describe;
 pub mod generate;
 pub mod kernels;
 pub mod logprobs;
+pub mod merge;
 pub mod models;
 pub mod output;
 pub mod plot;
@@ -21,6 +22,8 @@ pub mod prompts;
 pub mod report;
 pub mod sampler;
 pub mod serve;
+pub mod shard;
+pub mod slurm;
 pub mod text;
 pub mod trace;
 

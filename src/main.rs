@@ -36,6 +36,8 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => {
             logitprobe::commands::tokenize::run(&args, verbose).map(|_| ExitCode::SUCCESS)
         }
+        Command::Merge(args) => logitprobe::commands::merge::run(&args).map(|_| ExitCode::SUCCESS),
+        Command::Slurm(args) => logitprobe::commands::slurm::run(&args).map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -43,7 +45,14 @@ fn main() -> ExitCode {
             let engine = e
                 .chain()
                 .find_map(|c| c.downcast_ref::<logitprobe_backends::Error>());
-            let usage = engine.is_some() || e.chain().any(|c| c.is::<UsageError>());
+            // What the user can fix exits 2: bad flags and inputs, an output folder that holds
+            // another sharded job, shards still missing at a merge.
+            let usage = engine.is_some()
+                || e.chain().any(|c| {
+                    c.is::<UsageError>()
+                        || c.is::<logitprobe::shard::PlanError>()
+                        || c.is::<logitprobe::merge::MergeError>()
+                });
             // One line: the chain of causes, outermost first, then what to change.
             let mut msg = e
                 .chain()

@@ -139,6 +139,29 @@ impl StepsJsonl {
             file: BufWriter::new(file),
         })
     }
+
+    /// Appends to `path` (a resumed shard keeps the steps of the prompts it finished).
+    pub fn append(path: &Path) -> anyhow::Result<Self> {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(StepsJsonl {
+            file: BufWriter::new(file),
+        })
+    }
+}
+
+/// The prompt index of a `steps.jsonl` line, `None` for a line cut short by a crash.
+pub fn step_line_prompt(line: &[u8]) -> Option<usize> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        prompt_index: usize,
+    }
+    serde_json::from_slice::<Head>(line)
+        .ok()
+        .map(|h| h.prompt_index)
 }
 
 #[derive(Serialize)]
@@ -199,8 +222,9 @@ pub fn write_csv(path: &Path, trace: &Trace) -> anyhow::Result<()> {
     })
 }
 
-/// Writes one prompt's final files: generated text, CSV, JSON trace and its run record.
-pub fn write_prompt_files(dir: &Path, trace: &Trace, run: &impl Serialize) -> anyhow::Result<()> {
+/// Writes one prompt's trace files: generated text, CSV and JSON trace. Its `run.json` is
+/// written last of all its files (after the plots), so it marks a finished prompt.
+pub fn write_prompt_files(dir: &Path, trace: &Trace) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     write_atomic(&dir.join(GENERATED_TXT), |w| {
         w.write_all(trace.metadata.generated_text.as_bytes())?;
@@ -209,8 +233,12 @@ pub fn write_prompt_files(dir: &Path, trace: &Trace, run: &impl Serialize) -> an
     })?;
     write_csv(&dir.join(TRACE_CSV), trace)?;
     write_json(&dir.join(TRACE_JSON), trace)?;
-    write_json(&dir.join(RUN_JSON), run)?;
     Ok(())
+}
+
+/// Whether the prompt whose folder is `dir` finished: its last file is there.
+pub fn prompt_done(dir: &Path) -> bool {
+    dir.join(RUN_JSON).is_file()
 }
 
 /// One finished prompt on its way to the writer thread.
@@ -265,8 +293,15 @@ impl SummaryRow {
     }
 }
 
-/// Writes each finished prompt's folder (trace JSON and CSV, generated text, run.json and,
-/// unless turned off, the plots and report.html) and its row of `summary.csv`, on a writer
+/// Where a run's `summary.csv` goes, and whether rows already there are kept.
+#[derive(Debug, Clone)]
+pub struct SummaryFile {
+    pub path: PathBuf,
+    pub append: bool,
+}
+
+/// Writes each finished prompt's folder (trace JSON and CSV, generated text, unless turned
+/// off the plots and report.html, then run.json) and its row of `summary.csv`, on a writer
 /// thread fed through a bounded channel.
 pub struct TraceWriter {
     dirs: PromptDirs,
@@ -284,7 +319,8 @@ pub struct TraceWriter {
 
 impl TraceWriter {
     /// `run` is the run's record without prompts or timings; each prompt's run.json is it
-    /// with that prompt. `plots` draws the PNGs and report.html of each prompt.
+    /// with that prompt. `plots` draws the PNGs and report.html of each prompt. `summary`
+    /// is where the rows go (none for a run of one prompt).
     pub fn new(
         dirs: PromptDirs,
         model_label: &str,
@@ -292,12 +328,25 @@ impl TraceWriter {
         use_chat_template: bool,
         run: RunRecord,
         plots: bool,
+        summary: Option<SummaryFile>,
     ) -> anyhow::Result<Self> {
-        let summary_path = (!dirs.single).then(|| dirs.root.join(SUMMARY_CSV));
-        let mut summary = match &summary_path {
-            Some(p) => Some(csv::Writer::from_writer(BufWriter::new(
-                File::create(p).with_context(|| format!("creating {}", p.display()))?,
-            ))),
+        let mut summary = match &summary {
+            Some(s) => {
+                let p = &s.path;
+                let kept = s.append && fs::metadata(p).is_ok_and(|m| m.len() > 0);
+                let file = fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(s.append)
+                    .truncate(!s.append)
+                    .open(p)
+                    .with_context(|| format!("creating {}", p.display()))?;
+                Some(
+                    csv::WriterBuilder::new()
+                        .has_headers(!kept)
+                        .from_writer(BufWriter::new(file)),
+                )
+            }
             None => None,
         };
         let (tx, rx) = mpsc::sync_channel::<WriteJob>(4);
@@ -305,9 +354,8 @@ impl TraceWriter {
             .name("trace-writer".into())
             .spawn(move || -> anyhow::Result<()> {
                 for job in rx {
-                    write_prompt_files(&job.dir, &job.trace, &job.record).with_context(|| {
-                        format!("writing the outputs of prompt {}", job.row.index)
-                    })?;
+                    let what = || format!("writing the outputs of prompt {}", job.row.index);
+                    write_prompt_files(&job.dir, &job.trace).with_context(what)?;
                     if plots {
                         crate::report::write_trace_report(&job.dir, &job.trace).with_context(
                             || format!("drawing the plots of prompt {}", job.row.index),
@@ -317,6 +365,7 @@ impl TraceWriter {
                         w.serialize(&job.row)?;
                         w.flush()?;
                     }
+                    write_json(&job.dir.join(RUN_JSON), &job.record).with_context(what)?;
                 }
                 Ok(())
             })

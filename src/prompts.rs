@@ -32,7 +32,7 @@ pub struct PromptsFile {
     pub prompts: usize,
     /// The first line (0-based) whose JSONL object has its own `system_prompt`.
     pub first_system_line: Option<usize>,
-    default_system: Option<String>,
+    pub default_system: Option<String>,
 }
 
 #[derive(serde::Deserialize)]

@@ -290,10 +290,24 @@ pub struct RunRecord {
     pub started_at: String,
     pub finished_at: String,
     pub load_s: f64,
+    /// Which shard of a sharded run this is (a shard's own run.json only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardRecord>,
     /// The whole run's timings (top of a run only: a prompt's folder is written before the
     /// run ends).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timings: Option<Timings>,
+}
+
+/// A shard's part of a sharded run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardRecord {
+    #[serde(flatten)]
+    pub shard: crate::shard::Shard,
+    /// Prompts of this shard.
+    pub prompts: usize,
+    /// Of those, the ones an earlier run of this shard had finished (not done again).
+    pub done_before: usize,
 }
 
 /// One prompt of a run.

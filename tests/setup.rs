@@ -44,6 +44,10 @@ fn the_ci_images_libclang_cpp_is_not_libclang() {
         "usr/bin/c++",
         "usr/bin/python3",
         "usr/bin/chromium",
+        "usr/sbin/munged",
+        "usr/sbin/slurmctld",
+        "usr/sbin/slurmd",
+        "usr/bin/sbatch",
     ] {
         touch(root, cmd);
     }
@@ -57,7 +61,14 @@ fn the_ci_images_libclang_cpp_is_not_libclang() {
         line(&out, "libclang").contains("missing (Debian package libclang-dev)"),
         "{out}"
     );
-    for name in ["cmake", "c++ compiler", "python3 venv", "chromium"] {
+    for name in [
+        "cmake",
+        "c++ compiler",
+        "python3 venv",
+        "chromium",
+        "munge",
+        "slurm",
+    ] {
         assert!(line(&out, name).contains("found"), "{name}: {out}");
     }
     // What libclang-dev installs: a name clang-sys loads.
@@ -81,6 +92,8 @@ fn every_requirement_gets_a_line() {
         "libclang",
         "python3 venv",
         "chromium",
+        "munge",
+        "slurm",
     ] {
         assert!(line(&out, name).contains("missing"), "{name}: {out}");
     }

@@ -20,8 +20,8 @@ use std::time::Instant;
 /// context; 512 keeps a laptop run short and is what its published KLD tables use).
 pub const DEFAULT_CHUNK: usize = 512;
 
-pub const COMPARE_JSON: &str = "compare.json";
-pub const COMPARE_CSV: &str = "compare.csv";
+/// `--out` when not given.
+pub const DEFAULT_OUT: &str = "outputs/compare";
 
 /// `BACKEND:MODEL` of one side.
 #[derive(Debug, Clone)]
@@ -179,6 +179,18 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
         ));
     }
     let corpus = matches!(input, Input::TextFile { .. });
+    let shard = match args.shard.resolve()? {
+        Some(s) if corpus => Some(s),
+        Some(s) if args.shard.asked() => {
+            return Err(usage!(
+                "--shard {}/{} needs --text-file: a sharded compare splits a corpus's chunks",
+                s.index,
+                s.count
+            ))
+        }
+        // A Slurm array task comparing a --prompt of its own is not a shard of anything.
+        _ => None,
+    };
     let mut engines = [
         args.a_engine.over(&args.engine),
         args.b_engine.over(&args.engine),
@@ -199,7 +211,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| PathBuf::from("outputs/compare"));
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_OUT));
     output::prepare_dir(&out)?;
 
     let mut timing = Timing::default();
@@ -355,6 +367,38 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
         }
     }
 
+    if let Some(shard) = shard {
+        let mut b_sources: Vec<Box<dyn LogitSource>> = Vec::new();
+        let mut b_infos = Vec::new();
+        for b in bs {
+            b_sources.push(b.source);
+            b_infos.push(b.info);
+        }
+        let engine_options = [engines[0].options(false)?, engines[1].options(false)?];
+        let job = CompareJob {
+            args,
+            engines: &engine_options,
+            a: &a.info,
+            b: &b_infos,
+            input: &input_info,
+            probe: &probe,
+        };
+        let shard_out = ShardOut {
+            out: &out,
+            shard,
+            command,
+            t_wall,
+        };
+        return run_shard(
+            &job,
+            &shard_out,
+            &mut *a.source,
+            &mut b_sources,
+            &chunks,
+            timing,
+            b_text,
+        );
+    }
     let total: u64 = chunks.iter().map(|c| c.scored() as u64).sum();
     if total == 0 {
         return Err(usage!(
@@ -428,14 +472,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
         timing,
         positions,
     };
-    // Compact: a corpus run holds tens of thousands of candidates.
-    output::write_atomic(&out.join(COMPARE_JSON), |w| {
-        serde_json::to_writer(&mut *w, &report)?;
-        w.write_all(b"\n")?;
-        Ok(())
-    })?;
-    write_csv(&out.join(COMPARE_CSV), &report)?;
-    report::write_compare_report(&out, &report).context("drawing the compare plots")?;
+    compare::write_files(&out, &report)?;
 
     print!("{}", compare::summary_table(&report));
     let t = &report.timing;
@@ -464,59 +501,131 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
     Ok(())
 }
 
-/// Per-position CSV: one row per position and B.
-fn write_csv(path: &Path, report: &CompareReport) -> anyhow::Result<()> {
-    output::write_atomic(path, |w| {
-        let mut csv = csv::Writer::from_writer(w);
-        csv.write_record([
-            "b",
-            "index",
-            "chunk",
-            "pos",
-            "token_id",
-            "token",
-            "kld",
-            "top1_same",
-            "p_a",
-            "p_b",
-            "delta_p",
-            "logprob_a",
-            "logprob_b",
-            "b_rank_of_a_top1",
-            "entropy_a",
-            "entropy_b",
-            "delta_entropy",
-            "k_used_a",
-            "k_used_b",
-            "jaccard",
-        ])?;
-        for p in &report.positions {
-            for (bi, b) in p.b.iter().enumerate() {
-                csv.write_record([
-                    (bi + 1).to_string(),
-                    p.index.to_string(),
-                    p.chunk.to_string(),
-                    p.pos.to_string(),
-                    p.token_id.to_string(),
-                    p.token.clone(),
-                    format!("{:e}", b.kld),
-                    b.top1_same.to_string(),
-                    p.a.prob.to_string(),
-                    b.prob.to_string(),
-                    b.delta_p.to_string(),
-                    p.a.logprob.to_string(),
-                    b.logprob.to_string(),
-                    b.b_rank_of_a_top1.to_string(),
-                    p.a.entropy.to_string(),
-                    b.entropy.to_string(),
-                    b.delta_entropy.to_string(),
-                    p.a.k_used.to_string(),
-                    b.k_used.to_string(),
-                    b.jaccard.to_string(),
-                ])?;
+/// What decides a sharded comparison's outputs.
+struct CompareJob<'a> {
+    args: &'a CompareArgs,
+    engines: &'a [logitprobe_backends::EngineOptions; 2],
+    a: &'a SideInfo,
+    b: &'a [SideInfo],
+    input: &'a InputInfo,
+    probe: &'a crate::probe::ProbeConfig,
+}
+
+impl CompareJob<'_> {
+    /// The models and their digests, the corpus's digest, the chunking and the probe, and
+    /// the engine options that move logits (not the thread counts).
+    fn fingerprint(&self) -> anyhow::Result<serde_json::Value> {
+        let side = |s: &SideInfo| serde_json::json!({"label": s.label, "sha256": s.model_sha256});
+        let mut engines = serde_json::to_value(self.engines)?;
+        if let Some(list) = engines.as_array_mut() {
+            for e in list.iter_mut().filter_map(|e| e.as_object_mut()) {
+                e.remove("threads");
+                e.remove("threads_batch");
             }
         }
-        csv.flush()?;
-        Ok(())
-    })
+        Ok(serde_json::json!({
+            "a": side(self.a),
+            "b": self.b.iter().map(side).collect::<Vec<_>>(),
+            "text_sha256": self.args.text_file.as_deref().and_then(crate::models::sha256_file),
+            "ctx_size": self.input.ctx_size,
+            "chunks": self.input.chunks,
+            "score_all": self.input.score_all,
+            "probe": self.probe,
+            "engines": engines,
+        }))
+    }
+}
+
+struct ShardOut<'a> {
+    out: &'a Path,
+    shard: crate::shard::Shard,
+    command: Vec<String>,
+    t_wall: Instant,
+}
+
+/// Scores this shard's chunks that an earlier run of it did not, one record per chunk, then
+/// the shard's record; `logitprobe merge` computes the statistics from all of them.
+fn run_shard(
+    job: &CompareJob,
+    so: &ShardOut,
+    a: &mut dyn LogitSource,
+    bs: &mut [Box<dyn LogitSource>],
+    chunks: &[Chunk],
+    mut timing: Timing,
+    b_text: Option<(BTokenize, Vec<TokenId>)>,
+) -> anyhow::Result<()> {
+    let shard = so.shard;
+    crate::shard::Plan {
+        kind: "compare".into(),
+        shards: shard.count,
+        units: (0..chunks.len()).collect(),
+        index_space: chunks.len(),
+        job: job.fingerprint()?,
+    }
+    .claim(so.out)?;
+    let dir = shard.dir(so.out);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let firsts = compare::first_indices(chunks);
+    let mine: Vec<usize> = (0..chunks.len()).filter(|&c| shard.takes(c)).collect();
+    let todo: Vec<usize> = mine
+        .iter()
+        .copied()
+        .filter(|&c| !compare::chunk_record_path(&dir, c).is_file())
+        .collect();
+    eprintln!(
+        "{}: {} of {} chunks, {} done before",
+        shard.describe(),
+        mine.len(),
+        chunks.len(),
+        mine.len() - todo.len()
+    );
+    let t_score = Instant::now();
+    for &c in &todo {
+        let positions = compare::compare_some_chunks(
+            a,
+            bs,
+            &[(c, &chunks[c])],
+            firsts[c],
+            job.probe,
+            &mut timing,
+            &|_| {},
+        )?;
+        compare::write_chunk_record(&dir, c, &positions)?;
+    }
+    let score_s = t_score.elapsed().as_secs_f64();
+    timing.positions_per_s = timing.positions_scored as f64 / score_s.max(1e-9);
+    let mut b_text_out = Vec::new();
+    if let Some((b_tokenize, ids_a)) = &b_text {
+        for b in bs.iter() {
+            let ids_b = b_tokenize(&**b)?;
+            b_text_out.push(compare::BText {
+                b_tokens: ids_b.len(),
+                tokenizer_positions_differ: compare::tokenization_difference(ids_a, &ids_b),
+            });
+        }
+    }
+    timing.wall_s = so.t_wall.elapsed().as_secs_f64();
+    let record = compare::ShardRecord {
+        kind: compare::SHARD_KIND.into(),
+        shard,
+        chunks: mine.len(),
+        done_before: mine.len() - todo.len(),
+        logitprobe_version: env!("CARGO_PKG_VERSION").into(),
+        finished_at: trace::now_rfc3339(),
+        command: so.command.clone(),
+        a: job.a.clone(),
+        b: job.b.to_vec(),
+        input: job.input.clone(),
+        probe: job.probe.clone(),
+        timing,
+        b_text: b_text_out,
+    };
+    output::write_json(&dir.join(compare::SHARD_JSON), &record)?;
+    eprintln!(
+        "wrote {} ({} chunks scored now); when every shard has finished: logitprobe merge {}",
+        dir.display(),
+        todo.len(),
+        so.out.display()
+    );
+    Ok(())
 }

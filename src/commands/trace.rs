@@ -8,6 +8,7 @@ use crate::output::{self, PromptDirs, StepsJsonl, TraceWriter};
 use crate::prompts::{self, PromptList, PromptSpec, PromptsFile};
 use crate::sampler::{self, SamplingConfig};
 use crate::trace::{self, RunRecord};
+use anyhow::Context;
 use logitprobe_backends::{usage, Backend, LogitSource};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -32,6 +33,8 @@ pub struct TracePlan {
     pub gen: GenerateConfig,
     pub seed_given: bool,
     pub out: PathBuf,
+    /// The part of a sharded run this process does.
+    pub shard: Option<crate::shard::Shard>,
 }
 
 impl TracePlan {
@@ -155,6 +158,26 @@ impl TracePlan {
         if args.parallel == Some(0) {
             return Err(usage!("--parallel 0 decodes nothing: use 1 or more"));
         }
+        let shard = match (args.shard.resolve()?, &prompts) {
+            (Some(s), PromptList::File(_)) => Some(s),
+            (Some(s), PromptList::Given(_)) if args.shard.asked() => {
+                return Err(usage!(
+                    "--shard {}/{} needs --prompts-file: a sharded trace splits a file's prompts",
+                    s.index,
+                    s.count
+                ))
+            }
+            // A Slurm array task running a --prompt of its own is not a shard of anything.
+            _ => None,
+        };
+        if let Some(s) = &shard {
+            if args.sampling.seed.is_none() {
+                return Err(usage!(
+                    "{} needs --seed: every shard must sample with the same seed (or run the whole file with --shard 0/1)",
+                    s.describe()
+                ));
+            }
+        }
         Ok(TracePlan {
             backend,
             model,
@@ -180,8 +203,47 @@ impl TracePlan {
             },
             seed_given: args.sampling.seed.is_some(),
             out: args.out.clone().unwrap_or_else(|| PathBuf::from("outputs")),
+            shard,
         })
     }
+}
+
+/// What decides a sharded trace's outputs, so shards of two jobs never share a folder: the
+/// model and its digest, the prompts file's digest, every setting of sampling, probe and
+/// format, and the engine options that move logits (not the thread counts).
+fn job_fingerprint(
+    plan: &TracePlan,
+    args: &TraceArgs,
+    opts: &logitprobe_backends::EngineOptions,
+    model_sha256: Option<String>,
+) -> anyhow::Result<serde_json::Value> {
+    let PromptList::File(file) = &plan.prompts else {
+        anyhow::bail!("a sharded trace reads a prompts file");
+    };
+    let mut engine = serde_json::to_value(opts)?;
+    if let Some(m) = engine.as_object_mut() {
+        m.remove("threads");
+        m.remove("threads_batch");
+    }
+    Ok(serde_json::json!({
+        "backend": plan.backend.name(),
+        "model": plan.model,
+        "model_file": plan.model_file,
+        "model_sha256": model_sha256,
+        "prompts_sha256": crate::models::sha256_file(&file.path),
+        "system_prompt": file.default_system,
+        "format": plan.format,
+        "chat_template": plan.format.chat_template,
+        "seed": plan.gen.seed,
+        "sampling": plan.gen.sampling,
+        "probe": plan.gen.probe,
+        "probe_enabled": plan.gen.probe_enabled,
+        "max_new_tokens": plan.gen.max_new_tokens,
+        "stop": plan.stop,
+        "plots": plan.plots,
+        "ctx_size": args.engine.ctx_size,
+        "engine": engine,
+    }))
 }
 
 /// llama.cpp's threads spin waiting for each other at every op: on a machine already busy,
@@ -284,12 +346,18 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     // Every prompt is rendered and tokenized once before anything is written, so a bad one
     // fails the run at once instead of after hours; the loop tokenizes each again when it
     // takes it, so no list of ids is held.
+    // A shard checks them all too: a bad prompt anywhere fails every shard at once, and all
+    // shards size their context alike.
     let n_ctx = source.info().n_ctx;
     let mut longest = 0;
+    let mut indices = Vec::new();
     for spec in plan.prompts.iter()? {
         let input = prompts::prepare(&*source, &spec?, &plan.format)?;
         generate::check_prompt(&input, n_ctx)?;
         longest = longest.max(input.ids.len());
+        if plan.shard.is_some() {
+            indices.push(input.index);
+        }
     }
     // Without --ctx-size, each slot's context holds what this job needs, not the model's
     // whole context (a KV cache of 4096 tokens per slot for 16-token answers).
@@ -297,7 +365,63 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         source.fit_context(longest + plan.gen.max_new_tokens)?;
     }
     let n = plan.prompts.len();
-    let parallel = open_slots(&mut *source, plan.parallel, n)?;
+    let model_sha256 = if plan.backend == Backend::Test {
+        None
+    } else {
+        crate::models::sha256_file(Path::new(&resolved.path))
+    };
+    let dirs = PromptDirs::new(&plan.out, n, plan.prompts.index_space());
+    // A shard's own prompts, less those an earlier run of it finished.
+    let todo: Option<std::collections::BTreeSet<usize>> = plan.shard.map(|s| {
+        indices
+            .iter()
+            .copied()
+            .filter(|&i| s.takes(i) && !output::prompt_done(&dirs.dir(i)))
+            .collect()
+    });
+    let mut shard_record = None;
+    if let (Some(shard), Some(todo)) = (plan.shard, &todo) {
+        let mine = indices.iter().filter(|&&i| shard.takes(i)).count();
+        crate::shard::Plan {
+            kind: "trace".into(),
+            shards: shard.count,
+            units: indices.clone(),
+            index_space: plan.prompts.index_space(),
+            job: job_fingerprint(&plan, args, &opts, model_sha256.clone())?,
+        }
+        .claim(&plan.out)?;
+        let dir = shard.dir(&plan.out);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // What an earlier, interrupted run of this shard left: the steps and rows of the
+        // prompts it finished stay, those of the prompts it had begun go.
+        let done =
+            |i: usize| shard.takes(i) && !todo.contains(&i) && indices.binary_search(&i).is_ok();
+        crate::shard::filter_lines(&dir.join(output::STEPS_JSONL), |l| {
+            output::step_line_prompt(l).is_some_and(done)
+        })?;
+        let mut header = true;
+        crate::shard::filter_lines(&dir.join(output::SUMMARY_CSV), |l| {
+            std::mem::take(&mut header) && l.starts_with(b"index,")
+                || std::str::from_utf8(l)
+                    .ok()
+                    .and_then(|l| l.split(',').next()?.parse().ok())
+                    .is_some_and(done)
+        })?;
+        eprintln!(
+            "{}: {} of {} prompts, {} done before",
+            shard.describe(),
+            mine,
+            n,
+            mine - todo.len()
+        );
+        shard_record = Some(trace::ShardRecord {
+            shard,
+            prompts: mine,
+            done_before: mine - todo.len(),
+        });
+    }
+    let n_run = todo.as_ref().map_or(n, |t| t.len());
+    let parallel = open_slots(&mut *source, plan.parallel, n_run)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -306,7 +430,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         // the first one keeps working for the whole process.
         let _ = ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::Relaxed));
     }
-    let total = (n * plan.gen.max_new_tokens) as u64;
+    let total = (n_run * plan.gen.max_new_tokens) as u64;
     let bar = Bar(
         std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
             let b = indicatif::ProgressBar::new(total);
@@ -327,11 +451,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         backend: plan.backend.name(),
         model: plan.model.clone(),
         model_path: resolved.path.clone(),
-        model_sha256: if plan.backend == Backend::Test {
-            None
-        } else {
-            crate::models::sha256_file(Path::new(&resolved.path))
-        },
+        model_sha256,
         engine: info.engine.clone(),
         engine_version: info.engine_version.clone(),
         device: info.device.clone(),
@@ -358,22 +478,39 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         started_at,
         finished_at: String::new(),
         load_s,
+        shard: None,
         timings: None,
     };
-    let dirs = PromptDirs::new(&plan.out, n, plan.prompts.index_space());
-    let mut jsonl = StepsJsonl::create(&plan.out)?;
+    // A shard's steps, rows and record go in its own folder; the prompt folders are shared.
+    let top = match plan.shard {
+        Some(s) => s.dir(&plan.out),
+        None => plan.out.clone(),
+    };
+    let mut jsonl = if plan.shard.is_some() {
+        StepsJsonl::append(&top.join(output::STEPS_JSONL))?
+    } else {
+        StepsJsonl::create(&top)?
+    };
     let mut stops = StopStrings::new(&plan.stop);
     let mut writer = TraceWriter::new(
-        dirs,
+        dirs.clone(),
         &plan.model,
         &plan.gen,
         plan.format.use_chat_template,
         record.clone(),
         plan.plots,
+        (!dirs.single).then(|| output::SummaryFile {
+            path: top.join(output::SUMMARY_CSV),
+            append: plan.shard.is_some(),
+        }),
     )?;
     let mut console = Console { several: n > 1 };
+    let specs = plan.prompts.iter()?;
     let mut inputs = prompts::Prepared {
-        specs: plan.prompts.iter()?,
+        specs: specs.filter(|spec| match (spec, &todo) {
+            (Ok(s), Some(todo)) => todo.contains(&s.index),
+            _ => true,
+        }),
         format: plan.format.clone(),
     };
     let result = {
@@ -412,16 +549,23 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     let tokens = timings.generated_tokens;
     let tps = timings.decode_tokens_per_s;
     record.timings = Some(timings);
-    output::write_json(&plan.out.join(output::RUN_JSON), &record)?;
+    record.shard = shard_record;
+    output::write_json(&top.join(output::RUN_JSON), &record)?;
     eprintln!(
         "wrote {} ({} prompt{}, {} tokens, {:.1} tok/s decode, {} parallel)",
-        plan.out.display(),
-        n,
-        if n == 1 { "" } else { "s" },
+        top.display(),
+        n_run,
+        if n_run == 1 { "" } else { "s" },
         tokens,
         tps,
         parallel
     );
+    if plan.shard.is_some() {
+        eprintln!(
+            "when every shard has finished: logitprobe merge {}",
+            plan.out.display()
+        );
+    }
     Ok(interrupted)
 }
 

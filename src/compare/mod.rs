@@ -7,7 +7,10 @@
 //! 16 bits: A and every B are loaded at once and each chunk is scored by A once, then by each
 //! B, and compared row by row.
 
+mod files;
 pub mod stats;
+
+pub use files::{write_csv, write_files, COMPARE_CSV, COMPARE_JSON};
 
 use crate::probe::{Distribution, Probe, ProbeConfig};
 use crate::text::Pieces;
@@ -298,6 +301,56 @@ pub struct CompareReport {
     pub positions: Vec<Position>,
 }
 
+/// What a shard of a sharded comparison writes when it finishes, next to its chunks'
+/// records: everything the merged `compare.json` needs besides the positions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardRecord {
+    pub kind: String,
+    pub shard: crate::shard::Shard,
+    /// Chunks of this shard, and of those the ones an earlier run of it had scored.
+    pub chunks: usize,
+    pub done_before: usize,
+    pub logitprobe_version: String,
+    pub finished_at: String,
+    pub command: Vec<String>,
+    pub a: SideInfo,
+    pub b: Vec<SideInfo>,
+    pub input: InputInfo,
+    pub probe: ProbeConfig,
+    pub timing: Timing,
+    /// B's own tokenization of the whole corpus, per B.
+    pub b_text: Vec<BText>,
+}
+
+pub const SHARD_KIND: &str = "logitprobe-compare-shard";
+pub const SHARD_JSON: &str = "shard.json";
+
+/// How B's own tokenizer splits the corpus.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BText {
+    pub b_tokens: usize,
+    pub tokenizer_positions_differ: usize,
+}
+
+/// The record of chunk `c`'s scored positions in a shard's folder.
+pub fn chunk_record_path(shard_dir: &std::path::Path, c: usize) -> std::path::PathBuf {
+    shard_dir.join(format!("chunk-{c:06}.json"))
+}
+
+/// Writes chunk `c`'s positions, through a temporary name: the file's presence marks the
+/// chunk done.
+pub fn write_chunk_record(
+    shard_dir: &std::path::Path,
+    c: usize,
+    positions: &[Position],
+) -> anyhow::Result<()> {
+    crate::output::write_atomic(&chunk_record_path(shard_dir, c), |w| {
+        serde_json::to_writer(&mut *w, positions)?;
+        w.write_all(b"\n")?;
+        Ok(())
+    })
+}
+
 /// A token sequence to score: rows `first..ids.len() - 1` are scored, row `j` predicting
 /// `ids[j + 1]`.
 #[derive(Debug, Clone)]
@@ -482,12 +535,43 @@ pub fn compare_chunks(
     timing: &mut Timing,
     progress: &dyn Fn(u64),
 ) -> anyhow::Result<Vec<Position>> {
+    let numbered: Vec<(usize, &Chunk)> = chunks.iter().enumerate().collect();
+    compare_some_chunks(a, bs, &numbered, 0, probe, timing, progress)
+}
+
+/// The global index of the first scored position of each chunk: positions are numbered
+/// over all chunks in order, so a shard that scores some of them numbers its positions as
+/// a run over all would.
+pub fn first_indices(chunks: &[Chunk]) -> Vec<usize> {
+    chunks
+        .iter()
+        .scan(0, |next, c| {
+            let first = *next;
+            *next += c.scored();
+            Some(first)
+        })
+        .collect()
+}
+
+/// [`compare_chunks`] of chunks given with their numbers; positions are numbered from
+/// `first_index` on.
+pub fn compare_some_chunks(
+    a: &mut dyn LogitSource,
+    bs: &mut [Box<dyn LogitSource>],
+    chunks: &[(usize, &Chunk)],
+    first_index: usize,
+    probe: &ProbeConfig,
+    timing: &mut Timing,
+    progress: &dyn Fn(u64),
+) -> anyhow::Result<Vec<Position>> {
     let n_vocab = a.info().n_vocab;
     let mut pieces_a = Pieces::default();
     let mut pieces_b: Vec<Pieces> = bs.iter().map(|_| Pieces::default()).collect();
-    timing.score_b_s = vec![0.0; bs.len()];
-    let mut positions = Vec::with_capacity(chunks.iter().map(Chunk::scored).sum());
-    for (c, chunk) in chunks.iter().enumerate() {
+    if timing.score_b_s.len() != bs.len() {
+        timing.score_b_s = vec![0.0; bs.len()];
+    }
+    let mut positions = Vec::with_capacity(chunks.iter().map(|(_, c)| c.scored()).sum());
+    for &(c, chunk) in chunks {
         if chunk.scored() == 0 {
             continue;
         }
@@ -520,7 +604,7 @@ pub fn compare_chunks(
             let j = first + r;
             let next = chunk.ids[j + 1];
             positions.push(Position {
-                index: positions.len(),
+                index: first_index + positions.len(),
                 chunk: c,
                 pos: j,
                 token_id: next,
@@ -593,7 +677,7 @@ pub fn compare_chunks(
         }
         progress(n_rows as u64);
     }
-    timing.positions_scored = positions.len();
+    timing.positions_scored += positions.len();
     Ok(positions)
 }
 

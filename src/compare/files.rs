@@ -1,0 +1,79 @@
+//! The files of a comparison: `compare.json`, `compare.csv`, the plots and `report.html`.
+
+use super::CompareReport;
+use crate::output;
+use anyhow::Context;
+use std::path::Path;
+
+pub const COMPARE_JSON: &str = "compare.json";
+pub const COMPARE_CSV: &str = "compare.csv";
+
+/// Writes every file of `report` into `out`, each through a temporary name.
+pub fn write_files(out: &Path, report: &CompareReport) -> anyhow::Result<()> {
+    // Compact: a corpus run holds tens of thousands of candidates.
+    output::write_atomic(&out.join(COMPARE_JSON), |w| {
+        serde_json::to_writer(&mut *w, report)?;
+        w.write_all(b"\n")?;
+        Ok(())
+    })?;
+    write_csv(&out.join(COMPARE_CSV), report)?;
+    crate::report::write_compare_report(out, report).context("drawing the compare plots")?;
+    Ok(())
+}
+
+/// Per-position CSV: one row per position and B.
+pub fn write_csv(path: &Path, report: &CompareReport) -> anyhow::Result<()> {
+    output::write_atomic(path, |w| {
+        let mut csv = csv::Writer::from_writer(w);
+        csv.write_record([
+            "b",
+            "index",
+            "chunk",
+            "pos",
+            "token_id",
+            "token",
+            "kld",
+            "top1_same",
+            "p_a",
+            "p_b",
+            "delta_p",
+            "logprob_a",
+            "logprob_b",
+            "b_rank_of_a_top1",
+            "entropy_a",
+            "entropy_b",
+            "delta_entropy",
+            "k_used_a",
+            "k_used_b",
+            "jaccard",
+        ])?;
+        for p in &report.positions {
+            for (bi, b) in p.b.iter().enumerate() {
+                csv.write_record([
+                    (bi + 1).to_string(),
+                    p.index.to_string(),
+                    p.chunk.to_string(),
+                    p.pos.to_string(),
+                    p.token_id.to_string(),
+                    p.token.clone(),
+                    format!("{:e}", b.kld),
+                    b.top1_same.to_string(),
+                    p.a.prob.to_string(),
+                    b.prob.to_string(),
+                    b.delta_p.to_string(),
+                    p.a.logprob.to_string(),
+                    b.logprob.to_string(),
+                    b.b_rank_of_a_top1.to_string(),
+                    p.a.entropy.to_string(),
+                    b.entropy.to_string(),
+                    b.delta_entropy.to_string(),
+                    p.a.k_used.to_string(),
+                    b.k_used.to_string(),
+                    b.jaccard.to_string(),
+                ])?;
+            }
+        }
+        csv.flush()?;
+        Ok(())
+    })
+}
