@@ -272,8 +272,6 @@ pub struct CompareArgs {
     /// Output folder [default: outputs/compare]
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: Option<PathBuf>,
-    #[command(flatten)]
-    pub shard: ShardArgs,
     /// Engine flags for both sides; --ctx-size is also the corpus chunk length [default: 512]
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -281,6 +279,8 @@ pub struct CompareArgs {
     pub a_engine: AEngineArgs,
     #[command(flatten)]
     pub b_engine: BEngineArgs,
+    #[command(flatten)]
+    pub shard: ShardArgs,
 }
 
 /// Which part of a job this process runs (see "On a cluster" in the README).
@@ -606,13 +606,13 @@ pub struct TraceArgs {
     /// YAML file of options (our long flag names with underscores); flags override it
     #[arg(long, value_name = "FILE.yaml")]
     pub config: Option<PathBuf>,
-    #[command(flatten)]
-    pub shard: ShardArgs,
     /// Sample without probing (for benchmarks: the trace then holds no distributions)
     #[arg(long, hide = true)]
     pub no_probe: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub shard: ShardArgs,
 }
 
 /// `logitprobe serve`.
