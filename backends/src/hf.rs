@@ -17,6 +17,8 @@ pub struct HfFolder {
     tokenizer_plain: tokenizers::Tokenizer,
     byte_level: bool,
     special: Vec<bool>,
+    /// `get_vocab_size` builds the whole vocabulary map on every call: counted once.
+    n_vocab: usize,
     pub config: Value,
     pub genai: Value,
     pub bos: Option<TokenId>,
@@ -103,6 +105,7 @@ impl HfFolder {
         }
         Ok(HfFolder {
             dir: dir.to_path_buf(),
+            n_vocab: tokenizer.get_vocab_size(true),
             tokenizer,
             tokenizer_plain,
             byte_level,
@@ -120,7 +123,7 @@ impl HfFolder {
 
     /// Number of ids the tokenizer defines (added tokens included).
     pub fn vocab_size(&self) -> usize {
-        self.tokenizer.get_vocab_size(true)
+        self.n_vocab
     }
 
     /// A config value by JSON pointer, looked for in `genai_config.json`, then `config.json`.
