@@ -64,6 +64,64 @@ pub fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
 
 pub const SUMMARY_CSV: &str = "summary.csv";
 
+/// Whether `name` is a file a trace writes into a run's or a prompt's folder.
+fn is_trace_output(name: &str) -> bool {
+    use crate::report::{ENTROPY_PNG, RAW_VS_PROCESSED_PNG, REPORT_HTML, SELECTED_PROBABILITY_PNG};
+    [
+        RUN_JSON,
+        SUMMARY_CSV,
+        STEPS_JSONL,
+        TRACE_JSON,
+        TRACE_CSV,
+        GENERATED_TXT,
+        REPORT_HTML,
+        ENTROPY_PNG,
+        SELECTED_PROBABILITY_PNG,
+        RAW_VS_PROCESSED_PNG,
+    ]
+    .contains(&name)
+        // The heatmap and its pages (adaptive_heatmap_2.png, ...).
+        || (name.starts_with("adaptive_heatmap") && name.ends_with(".png"))
+}
+
+/// Removes the files an earlier trace left in `dir` and in its `prompt-NNN` folders (an
+/// emptied prompt folder goes too), run.json first: a run killed before it finished must not
+/// leave the earlier run's complete-looking trace and report beside its own steps. Files
+/// that are not a trace's are left alone.
+pub fn clear_previous_run(dir: &Path) -> anyhow::Result<()> {
+    fn clear(dir: &Path) -> anyhow::Result<()> {
+        let marker = dir.join(RUN_JSON);
+        if marker.is_file() {
+            fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))?;
+        }
+        for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let e = e?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if e.file_type()?.is_file() && is_trace_output(&name) {
+                fs::remove_file(e.path())
+                    .with_context(|| format!("removing {}", e.path().display()))?;
+            }
+        }
+        Ok(())
+    }
+    clear(dir)?;
+    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        let name = e.file_name();
+        let is_prompt_dir = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("prompt-"))
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+        if is_prompt_dir && e.file_type()?.is_dir() {
+            clear(&e.path())?;
+            // Left when it holds something of the user's.
+            let _ = fs::remove_dir(e.path());
+        }
+    }
+    Ok(())
+}
+
 /// Where each prompt's files go.
 #[derive(Debug, Clone)]
 pub struct PromptDirs {

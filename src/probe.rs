@@ -152,6 +152,7 @@ pub struct Probe {
 }
 
 /// The numbers that describe one row under one temperature, from the row pass.
+#[derive(Clone, Copy)]
 pub(crate) struct RowSums<'a> {
     pub(crate) logits: &'a [f32],
     pub(crate) max: f32,
@@ -162,7 +163,39 @@ pub(crate) struct RowSums<'a> {
     pub(crate) sz: f64,
 }
 
-impl RowSums<'_> {
+impl<'a> RowSums<'a> {
+    /// The same row's sums taken relative to `max` (≥ the row's own maximum): a penalty that
+    /// lifts a logit far above the row's maximum (a repeat penalty of 0.001 multiplies a
+    /// positive logit by 1000) would make e^z overflow relative to the raw maximum, and the
+    /// processed distribution NaN. The raw sums shrink by e^(−d); what underflows was
+    /// negligible next to the lifted logit.
+    pub(crate) fn shifted_to(&self, max: f32) -> RowSums<'a> {
+        if max == self.max {
+            return *self;
+        }
+        if max < self.max {
+            // A penalty lowered the maximum: the sums come from the penalized row itself
+            // (`Sampler::penalized_sums`), not from these.
+            return RowSums {
+                max,
+                s: f64::NAN,
+                sz: f64::NAN,
+                ..*self
+            };
+        }
+        let d = (f64::from(max) - f64::from(self.max)) * self.inv_t64;
+        let scale = (-d).exp();
+        RowSums {
+            logits: self.logits,
+            max,
+            inv_t: self.inv_t,
+            inv_t64: self.inv_t64,
+            s: self.s * scale,
+            // Σ (z − d) e^(z − d) = e^(−d) (Σ z e^z − d Σ e^z)
+            sz: scale * (self.sz - d * self.s),
+        }
+    }
+
     #[inline]
     pub(crate) fn z(&self, l: f32) -> f32 {
         (l - self.max) * self.inv_t
@@ -271,7 +304,8 @@ impl Probe {
             s,
             sz,
         };
-        let (s_p, sz_p) = self.sampler.penalized_sums(&row);
+        let prow = row.shifted_to(self.sampler.penalized_max(&row));
+        let (s_p, sz_p) = self.sampler.penalized_sums(&prow);
 
         loop {
             let everything = t == f32::NEG_INFINITY;
@@ -287,7 +321,7 @@ impl Probe {
                 Some(Kept::Prefix(1))
             } else {
                 self.sampler
-                    .fill_weights(&row, &self.order_proc, valid_proc);
+                    .fill_weights(&prow, &self.order_proc, valid_proc);
                 self.sampler.kept(s_p, valid_proc, everything, sampling)
             };
             let need_k = if probe { self.config.max_k } else { 0 }.max(top_n);
@@ -309,7 +343,7 @@ impl Probe {
                 (None, Kept::Prefix(n)) => {
                     self.sampler.draw_prefix(&self.order_proc, *n, greedy, rng)
                 }
-                (None, Kept::All) => self.sampler.draw_all(&row, s_p, &self.order_proc, rng),
+                (None, Kept::All) => self.sampler.draw_all(&prow, s_p, &self.order_proc, rng),
             };
             let describe_processed = |cfg: &ProbeConfig| {
                 if greedy {
@@ -319,7 +353,7 @@ impl Probe {
                         cfg,
                         &self.sampler,
                         &self.order_proc,
-                        &row,
+                        &prow,
                         t,
                         valid_proc,
                         &kept,

@@ -57,6 +57,12 @@ impl std::error::Error for BadSetting {}
 /// The smallest temperature above 0 (greedy) that sampling takes.
 pub const MIN_TEMPERATURE: f64 = 1e-4;
 
+/// Bounds of the repetition penalty (a divisor or factor of the logit).
+pub const MIN_REPEAT_PENALTY: f32 = 1e-3;
+pub const MAX_REPEAT_PENALTY: f32 = 1e3;
+/// Bound of the presence and frequency penalties' magnitude.
+pub const MAX_ADDITIVE_PENALTY: f32 = 1e3;
+
 /// Sampling settings; the defaults are the Token Heatmap tool's.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SamplingConfig {
@@ -145,22 +151,25 @@ impl SamplingConfig {
                 "is outside [0, 1): use e.g. 0.05, or 0 to turn min-p off",
             );
         }
-        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
+        // Bounds that keep every penalized logit finite in f32 after the temperature (a
+        // penalty of -3.4e38 overflows to infinity, and infinity minus infinity is NaN), far
+        // beyond what changes a choice: llama.cpp's users set 1.1, OpenAI allows ±2.
+        if !(MIN_REPEAT_PENALTY..=MAX_REPEAT_PENALTY).contains(&self.repeat_penalty) {
             return bad(
                 "repeat_penalty",
                 self.repeat_penalty.to_string(),
-                "must be a positive number (1 turns it off)",
+                "is outside [0.001, 1000]: use e.g. 1.1, or 1 to turn it off",
             );
         }
         for (name, v) in [
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
         ] {
-            if !v.is_finite() {
+            if !(-MAX_ADDITIVE_PENALTY..=MAX_ADDITIVE_PENALTY).contains(&v) {
                 return bad(
                     name,
                     v.to_string(),
-                    "must be a finite number (0 turns it off)",
+                    "is outside [-1000, 1000]: use e.g. 0.5, or 0 to turn it off",
                 );
             }
         }
@@ -206,6 +215,11 @@ pub struct Sampler {
     /// Penalized logits of the exactly ordered processed prefix, and their sampling weights.
     lp_buf: Vec<f32>,
     weights: Vec<f32>,
+    /// The whole penalized row, made only when a penalty lowered the row's maximum: the
+    /// processed sums are then taken over it relative to its own maximum (relative to the
+    /// raw one, every processed weight could underflow at a low temperature).
+    pen_row: Vec<f32>,
+    use_pen_row: bool,
 }
 
 impl Sampler {
@@ -216,6 +230,7 @@ impl Sampler {
         sampling: &SamplingConfig,
     ) {
         self.penalized.clear();
+        self.use_pen_row = false;
         if !sampling.has_penalties() || history.is_empty() {
             return;
         }
@@ -254,9 +269,41 @@ impl Sampler {
     }
 
     /// Σe^z' and Σz'·e^z' of the penalized row.
+    /// The maximum of the penalized row (`row.max` without penalties). When a penalty
+    /// lowered the raw maximum, the whole penalized row is made once, and the processed
+    /// sums and the draw use it.
+    pub(crate) fn penalized_max(&mut self, row: &RowSums) -> f32 {
+        let lifted = self
+            .penalized
+            .iter()
+            .map(|&(_, lp)| lp)
+            .fold(f32::NEG_INFINITY, f32::max);
+        let lowered = self
+            .penalized
+            .iter()
+            .any(|&(id, lp)| row.logits[id as usize] == row.max && lp < row.max);
+        if !lowered {
+            return lifted.max(row.max);
+        }
+        self.pen_row.clear();
+        self.pen_row.extend_from_slice(row.logits);
+        for &(id, lp) in &self.penalized {
+            self.pen_row[id as usize] = lp;
+        }
+        self.use_pen_row = true;
+        self.pen_row
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max)
+    }
+
+    /// Σe^z and Σz·e^z of the penalized row; `row` is shifted to the penalized maximum.
     pub(crate) fn penalized_sums(&self, row: &RowSums) -> (f64, f64) {
         if self.penalized.is_empty() {
             return (row.s, row.sz);
+        }
+        if self.use_pen_row {
+            return kernels::exp_sums(&self.pen_row, row.max, row.inv_t);
         }
         let (mut removed, mut added, mut removed_z, mut added_z) = (0f64, 0f64, 0f64, 0f64);
         for &(t, lp) in &self.penalized {
@@ -393,11 +440,16 @@ impl Sampler {
     ) -> TokenId {
         let target = rng.next_f64() * s_p;
         let len = kernels::CHUNK_LEN;
-        kernels::chunk_sums(row.logits, row.max, row.inv_t, &mut self.chunk_sums);
-        for &(id, l_pen) in &self.penalized {
-            let l = row.logits[id as usize];
-            if l != f32::NEG_INFINITY {
-                self.chunk_sums[id as usize / len] += f64::from(row.w(l_pen)) - f64::from(row.w(l));
+        if self.use_pen_row {
+            kernels::chunk_sums(&self.pen_row, row.max, row.inv_t, &mut self.chunk_sums);
+        } else {
+            kernels::chunk_sums(row.logits, row.max, row.inv_t, &mut self.chunk_sums);
+            for &(id, l_pen) in &self.penalized {
+                let l = row.logits[id as usize];
+                if l != f32::NEG_INFINITY {
+                    self.chunk_sums[id as usize / len] +=
+                        f64::from(row.w(l_pen)) - f64::from(row.w(l));
+                }
             }
         }
         let mut cum = 0f64;

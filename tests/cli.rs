@@ -374,6 +374,84 @@ fn ctrl_c_keeps_the_finished_steps() {
     );
 }
 
+/// Issue 15 D13: a run killed in a reused --out left the earlier run's complete-looking trace,
+/// run.json and report beside its own steps.jsonl.
+#[test]
+fn a_killed_run_leaves_no_earlier_final_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = common::run(&[
+        "trace",
+        "--backend",
+        "test",
+        "--model",
+        "300:0",
+        "--prompt",
+        "first run",
+        "--seed",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(out.join("report.html").is_file() && out.join("entropy.png").is_file());
+    fs::write(out.join("notes.txt"), "mine").unwrap();
+    // So that the steps waited for below are the second run's.
+    fs::remove_file(out.join("steps.jsonl")).unwrap();
+    let mut child = bin()
+        .args([
+            "trace",
+            "--backend",
+            "test",
+            "--model",
+            "151936:1:-100",
+            "--prompt",
+            "second run",
+            "--max-new-tokens",
+            "1000000",
+            "--seed",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while fs::read_to_string(out.join("steps.jsonl"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(start.elapsed().as_secs() < 60, "no steps written");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for f in [
+        "run.json",
+        "adaptive_token_trace.json",
+        "adaptive_token_trace.csv",
+        "generated.txt",
+        "report.html",
+        "entropy.png",
+        "adaptive_heatmap.png",
+    ] {
+        assert!(
+            !out.join(f).exists(),
+            "{f} of the earlier run is still there"
+        );
+    }
+    assert_eq!(
+        fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine",
+        "not ours: kept"
+    );
+}
+
 fn bad(extra: &[&str], needle: &str) {
     common::assert_trace_fails("test", "300:0", "hi", extra, needle);
 }
@@ -408,6 +486,75 @@ fn bad_temperature() {
     bad(&["--temperature", "-1"], "--temperature -1");
     // Issue 15 D8: a tiny temperature was blamed on the engine (exit 1).
     bad(&["--temperature", "1e-40"], "is too small to sample with");
+}
+
+/// Issue 15 D7: extreme penalties were accepted and wrote NaN (as `null`) into the trace.
+#[test]
+fn bad_extreme_penalties() {
+    bad(&["--repeat-penalty", "1e-10"], "is outside [0.001, 1000]");
+    bad(&["--presence-penalty=-3.4e38"], "is outside [-1000, 1000]");
+    bad(&["--frequency-penalty", "1e9"], "--frequency-penalty");
+}
+
+/// At the bounds, the arithmetic stays finite: every probability in the trace is a number.
+#[test]
+fn penalties_at_their_bounds_keep_the_trace_finite() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (flag, v) in [
+        ("--repeat-penalty", "0.001"),
+        ("--repeat-penalty", "1000"),
+        // An ordinary penalty on the top token at a low temperature: relative to the raw
+        // maximum every processed weight underflowed.
+        ("--repeat-penalty", "1.3"),
+        ("--presence-penalty", "-1000"),
+        ("--frequency-penalty", "-1000"),
+        ("--frequency-penalty", "1000"),
+    ] {
+        let out = tmp.path().join(format!("{flag}{v}"));
+        let o = common::run(&[
+            "trace",
+            "--backend",
+            "test",
+            "--model",
+            "300:0",
+            "--prompt",
+            "a b a b a b",
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "0.0001",
+            "--seed",
+            "1",
+            flag,
+            v,
+            "--no-plots",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{flag} {v}: {}", common::stderr(&o));
+        let text = std::fs::read_to_string(out.join("adaptive_token_trace.json")).unwrap();
+        let t: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for step in t["steps"].as_array().unwrap() {
+            for src in ["raw", "processed"] {
+                for k in ["entropy", "selected_prob", "selected_logprob"] {
+                    assert!(
+                        step[src][k].is_number(),
+                        "{flag} {v}: {src}.{k} = {}",
+                        step[src][k]
+                    );
+                }
+                let mut mass = 0.0;
+                for c in step[src]["candidates"].as_array().unwrap() {
+                    assert!(
+                        c["prob"].is_number() && c["logprob"].is_number(),
+                        "{flag} {v}: {src} candidate {c}"
+                    );
+                    mass += c["prob"].as_f64().unwrap();
+                }
+                assert!(mass <= 1.0 + 1e-9, "{flag} {v}: candidates hold {mass}");
+            }
+        }
+    }
 }
 
 /// Issue 15 D14: FIFOs made `inspect` and `report` hang.

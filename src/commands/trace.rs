@@ -489,6 +489,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     let mut jsonl = if plan.shard.is_some() {
         StepsJsonl::append(&top.join(output::STEPS_JSONL))?
     } else {
+        output::clear_previous_run(&top)?;
         StepsJsonl::create(&top)?
     };
     let mut stops = StopStrings::new(&plan.stop);
