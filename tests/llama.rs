@@ -323,3 +323,155 @@ fn threads_batch_is_recorded() {
     assert_eq!(run["engine_details"]["threads"], 1);
     assert_eq!(run["engine_details"]["threads_batch"], 2);
 }
+
+/// The tiny f32 GGUF rewritten by `change`, in its own folder.
+fn mutated(
+    change: impl FnOnce(&mut common::gguf::Gguf),
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = common::gguf::Gguf::read(&common::tiny("tiny-f32.gguf"));
+    change(&mut g);
+    let p = tmp.path().join("mutated.gguf");
+    g.write(&p);
+    (tmp, p)
+}
+
+/// Issue 15 D1 and D2: metadata the header check let through made llama.cpp abort (SIGABRT)
+/// or llama-cpp-2 panic. Each is now a one-line error, exit 2.
+#[test]
+fn bad_metadata_llama_cpp_would_abort_on() {
+    use common::gguf::Val;
+    type Change = Box<dyn Fn(&mut common::gguf::Gguf)>;
+    let cases: Vec<(&str, Change, &str)> = vec![
+        (
+            "no layers",
+            Box::new(|g| {
+                g.set("llama.block_count", Val::U32(0));
+            }),
+            "llama.block_count is 0, outside the 1 to 512 layers",
+        ),
+        (
+            "513 layers",
+            Box::new(|g| {
+                g.set("llama.block_count", Val::U32(513));
+            }),
+            "llama.block_count is 513",
+        ),
+        (
+            "alignment 1",
+            Box::new(|g| {
+                g.set("general.alignment", Val::U32(1));
+            }),
+            "general.alignment is 1, not a power of two of at least 8",
+        ),
+        (
+            "negative epsilon",
+            Box::new(|g| {
+                g.set("llama.attention.layer_norm_rms_epsilon", Val::F32(-1.0));
+            }),
+            "layer_norm_rms_epsilon is -1, not a positive number",
+        ),
+        (
+            "NaN epsilon",
+            Box::new(|g| {
+                g.set("llama.attention.layer_norm_rms_epsilon", Val::F32(f32::NAN));
+            }),
+            "layer_norm_rms_epsilon is NaN",
+        ),
+        (
+            "duplicate token",
+            Box::new(|g| {
+                let t = g.tokens_mut();
+                t[20] = t[19].clone();
+            }),
+            "token 20 of tokenizer.ggml.tokens repeats token 19",
+        ),
+        (
+            "non-UTF-8 token",
+            Box::new(|g| {
+                g.tokens_mut()[30] = Val::Str(vec![0xff, 0xfe]);
+            }),
+            "token 30 of tokenizer.ggml.tokens is not UTF-8",
+        ),
+        (
+            "no tokenizer",
+            Box::new(|g| {
+                g.set("tokenizer.ggml.model", Val::Str(b"none".to_vec()));
+            }),
+            "the file has no tokenizer",
+        ),
+        (
+            "SentencePiece on BPE",
+            Box::new(|g| {
+                g.set("tokenizer.ggml.model", Val::Str(b"llama".to_vec()));
+            }),
+            "lacks its byte tokens",
+        ),
+        (
+            "context 2^31",
+            Box::new(|g| {
+                g.set("llama.context_length", Val::U64(1 << 31));
+            }),
+            "llama.context_length is 2147483648",
+        ),
+    ];
+    for (what, change, needle) in cases {
+        let (_t, p) = mutated(change);
+        let o = run(&[
+            "trace",
+            "--model",
+            p.to_str().unwrap(),
+            "--prompt",
+            "a",
+            "--out",
+            _t.path().join("out").to_str().unwrap(),
+        ]);
+        assert!(o.status.code().is_some(), "{what}: killed by a signal");
+        common::assert_usage_error(&o, needle);
+        assert!(
+            !_t.path().join("out/run.json").exists(),
+            "{what}: nothing written"
+        );
+    }
+}
+
+/// Issue 15 D3: a corrupt key quoted raw put kilobytes of binary into the "one line".
+#[test]
+fn a_corrupt_key_is_quoted_short_and_escaped() {
+    use common::gguf::Val;
+    let (_t, p) = mutated(|g| {
+        let key: String = (0..5000).map(|i| char::from(1 + (i % 30) as u8)).collect();
+        g.kv.push((key, Val::Raw(99, Vec::new())));
+    });
+    let o = run(&["inspect", "--model", p.to_str().unwrap()]);
+    common::assert_usage_error(&o, "unknown metadata value type 99");
+    let err = common::stderr(&o);
+    assert!(err.len() < 600, "{} bytes: {err}", err.len());
+    assert!(err.contains("\\u{1}\\u{2}"), "escaped: {err}");
+    assert!(err.contains("(5000 bytes)"), "{err}");
+}
+
+/// Issue 15 D4: llama.cpp's refusals said only "null result from llama cpp"; its log line
+/// with the reason is in the message now.
+#[test]
+fn llama_cpp_s_own_reason_is_in_the_message() {
+    use common::gguf::Val;
+    let (_t, p) = mutated(|g| {
+        g.set("llama.embedding_length", Val::U32(32));
+    });
+    let o = run(&[
+        "trace",
+        "--model",
+        p.to_str().unwrap(),
+        "--prompt",
+        "a",
+        "--out",
+        _t.path().join("out").to_str().unwrap(),
+    ]);
+    common::assert_usage_error(&o, "invalid n_rot: 16, expected 8");
+    assert!(
+        !common::stderr(&o).contains("null result"),
+        "{}",
+        common::stderr(&o)
+    );
+}

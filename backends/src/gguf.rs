@@ -43,6 +43,37 @@ impl Value {
             _ => None,
         }
     }
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::Float(v) => Some(v),
+            Value::UInt(v) => Some(v as f64),
+            Value::Int(v) => Some(v as f64),
+            _ => None,
+        }
+    }
+}
+
+/// `s` for an error message: escaped, and cut to `max` characters (a corrupt length can make
+/// a key name megabytes of binary).
+pub fn quoted(s: &str, max: usize) -> String {
+    let escaped: String = s.chars().flat_map(char::escape_debug).collect();
+    if escaped.chars().count() <= max {
+        escaped
+    } else {
+        let cut: String = escaped.chars().take(max).collect();
+        format!("{cut}… ({} bytes)", s.len())
+    }
+}
+
+/// What the vocabulary's token list holds that llama.cpp cannot take.
+#[derive(Debug, Clone, Default)]
+pub struct TokenList {
+    /// The first token that is not UTF-8, by id.
+    pub not_utf8: Option<usize>,
+    /// The first token that repeats an earlier one: its id and the earlier id.
+    pub duplicate: Option<(usize, usize)>,
+    /// Whether SentencePiece's byte token for a newline (`<0x0A>`) is there.
+    pub has_newline_byte: bool,
 }
 
 /// One tensor's header entry.
@@ -68,6 +99,8 @@ pub struct GgufHeader {
     pub tensors: Vec<TensorInfo>,
     pub data_offset: u64,
     pub file_size: u64,
+    /// What `tokenizer.ggml.tokens` holds, when the file has one.
+    pub tokens: Option<TokenList>,
 }
 
 /// A ggml tensor type: name, elements per block, bytes per block.
@@ -309,6 +342,46 @@ impl<R: Read> Reader<R> {
         anyhow::ensure!(n < (1 << 30), "string of {n} bytes");
         Ok(String::from_utf8_lossy(&self.bytes(n)?).into_owned())
     }
+    /// A key or tensor name: GGUF bounds them at 65535 bytes.
+    fn name(&mut self) -> anyhow::Result<String> {
+        let n = self.u64()?;
+        anyhow::ensure!(n <= 65535, "a name of {n} bytes");
+        Ok(String::from_utf8_lossy(&self.bytes(n)?).into_owned())
+    }
+    /// The vocabulary (an array of strings), checked token by token; only its length is kept.
+    fn token_list(&mut self) -> anyhow::Result<(Value, TokenList)> {
+        let et = self.u32()?;
+        let n = self.u64()?;
+        anyhow::ensure!(
+            et == 8,
+            "tokenizer.ggml.tokens is an array of type {et}, not strings"
+        );
+        let mut list = TokenList::default();
+        let mut seen = std::collections::HashMap::new();
+        for id in 0..n as usize {
+            let len = self.u64()?;
+            anyhow::ensure!(len < (1 << 20), "token {id} of {len} bytes");
+            let bytes = self.bytes(len)?;
+            if std::str::from_utf8(&bytes).is_err() {
+                list.not_utf8.get_or_insert(id);
+            }
+            if bytes == b"<0x0A>" {
+                list.has_newline_byte = true;
+            }
+            if let Some(&first) = seen.get(&bytes) {
+                list.duplicate.get_or_insert((id, first));
+            } else {
+                seen.insert(bytes, id);
+            }
+        }
+        Ok((
+            Value::Array {
+                len: n,
+                items: Vec::new(),
+            },
+            list,
+        ))
+    }
     fn value(&mut self, ty: u32, keep: bool) -> anyhow::Result<Value> {
         Ok(match ty {
             0 => Value::UInt(u64::from(self.bytes(1)?[0])),
@@ -400,22 +473,31 @@ impl GgufHeader {
             ));
         }
         let mut metadata = BTreeMap::new();
+        let mut tokens = None;
         for _ in 0..n_kv {
-            let key = r.string().map_err(|e| truncated("metadata", e))?;
+            let key = r.name().map_err(|e| truncated("metadata", e))?;
             let ty = r.u32().map_err(|e| truncated("metadata", e))?;
-            let v = r
-                .value(ty, true)
-                .map_err(|e| truncated(&format!("metadata {key}"), e))?;
+            let shown_key = quoted(&key, 80);
+            let v = if key == "tokenizer.ggml.tokens" && ty == 9 {
+                let (v, list) = r
+                    .token_list()
+                    .map_err(|e| truncated(&format!("metadata {shown_key}"), e))?;
+                tokens = Some(list);
+                v
+            } else {
+                r.value(ty, true)
+                    .map_err(|e| truncated(&format!("metadata {shown_key}"), e))?
+            };
             metadata.insert(key, v);
         }
         let mut tensors = Vec::with_capacity(n_tensors as usize);
         for _ in 0..n_tensors {
-            let name = r.string().map_err(|e| truncated("tensor info", e))?;
+            let name = r.name().map_err(|e| truncated("tensor info", e))?;
             let nd = r.u32().map_err(|e| truncated("tensor info", e))?;
             if nd > 8 {
                 return Err(truncated(
                     "tensor info",
-                    anyhow::anyhow!("{name} has {nd} dimensions"),
+                    anyhow::anyhow!("{} has {nd} dimensions", quoted(&name, 80)),
                 ));
             }
             let dims = (0..nd)
@@ -443,13 +525,14 @@ impl GgufHeader {
             tensors,
             data_offset,
             file_size,
+            tokens,
         };
         let mut end = data_offset;
         for t in &header.tensors {
             let (_, blck, size) = ggml_type(t.ggml_type).ok_or_else(|| {
                 usage!(
                     "{shown}: tensor {} has ggml type {} that this logitprobe does not know; update logitprobe or requantize the model",
-                    t.name,
+                    quoted(&t.name, 80),
                     t.ggml_type
                 )
             })?;
@@ -465,6 +548,81 @@ impl GgufHeader {
 
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
+    }
+
+    /// Refuses what llama.cpp asserts on (an abort of the whole process, which no caller can
+    /// catch) rather than reports: a layer count outside 1..=512, an alignment that is not a
+    /// power of two of at least 8, a context length beyond 2^31 - 1, a norm epsilon that is
+    /// not a positive number, and a vocabulary with a non-UTF-8 or repeated token, no
+    /// tokenizer, or a SentencePiece tokenizer without its byte tokens.
+    pub fn check_for_llama_cpp(&self, arch: &str) -> Result<(), String> {
+        let key = |k: &str| format!("{arch}.{k}");
+        if let Some(v) = self.get(&key("block_count")) {
+            match v.as_u64() {
+                Some(n) if (1..=512).contains(&n) => {}
+                _ => {
+                    return Err(format!(
+                        "{arch}.block_count is {}, outside the 1 to 512 layers llama.cpp holds",
+                        shown_value(v)
+                    ))
+                }
+            }
+        }
+        if let Some(v) = self.get("general.alignment") {
+            match v.as_u64() {
+                Some(a) if a >= 8 && a.is_power_of_two() => {}
+                _ => {
+                    return Err(format!(
+                        "general.alignment is {}, not a power of two of at least 8",
+                        shown_value(v)
+                    ))
+                }
+            }
+        }
+        if let Some(v) = self.get(&key("context_length")) {
+            if v.as_u64().is_none_or(|n| n > i32::MAX as u64) {
+                return Err(format!(
+                    "{arch}.context_length is {}, beyond the 2^31 - 1 tokens llama.cpp counts",
+                    shown_value(v)
+                ));
+            }
+        }
+        for k in [
+            "attention.layer_norm_rms_epsilon",
+            "attention.layer_norm_epsilon",
+        ] {
+            if let Some(v) = self.get(&key(k)) {
+                if !v.as_f64().is_some_and(|e| e.is_finite() && e > 0.0) {
+                    return Err(format!(
+                        "{arch}.{k} is {}, not a positive number",
+                        shown_value(v)
+                    ));
+                }
+            }
+        }
+        let model = self.get("tokenizer.ggml.model").and_then(Value::as_str);
+        if matches!(model, Some("none") | Some("no_vocab")) {
+            return Err(format!(
+                "tokenizer.ggml.model is {:?}: the file has no tokenizer, and logitprobe needs one",
+                model.unwrap_or("")
+            ));
+        }
+        if let Some(t) = &self.tokens {
+            if let Some(id) = t.not_utf8 {
+                return Err(format!("token {id} of tokenizer.ggml.tokens is not UTF-8"));
+            }
+            if let Some((id, first)) = t.duplicate {
+                return Err(format!(
+                    "token {id} of tokenizer.ggml.tokens repeats token {first}"
+                ));
+            }
+            if model == Some("llama") && !t.has_newline_byte {
+                return Err(
+                    "tokenizer.ggml.model is \"llama\" (SentencePiece) but the vocabulary lacks its byte tokens (<0x0A>): a BPE vocabulary needs \"gpt2\"".into(),
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn architecture(&self) -> Option<&str> {
@@ -493,6 +651,18 @@ impl GgufHeader {
                 0.0
             },
         }
+    }
+}
+
+/// A metadata value for an error message.
+fn shown_value(v: &Value) -> String {
+    match v {
+        Value::Int(i) => i.to_string(),
+        Value::UInt(u) => u.to_string(),
+        Value::Float(f) => f.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Str(s) => format!("\"{}\"", quoted(s, 80)),
+        Value::Array { len, .. } => format!("an array of {len}"),
     }
 }
 

@@ -26,16 +26,48 @@ static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
 fn backend(verbose: bool) -> anyhow::Result<&'static LlamaBackend> {
     BACKEND
         .get_or_init(|| {
-            let mut b = LlamaBackend::init().map_err(|e| e.to_string())?;
+            let b = LlamaBackend::init().map_err(|e| e.to_string())?;
             if verbose {
                 llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
             } else {
-                b.void_logs();
+                // SAFETY: `keep_errors` matches llama.cpp's log callback type, needs no user
+                // data, and stays valid for the whole process (a plain function).
+                unsafe { llama_cpp_sys_2::llama_log_set(Some(keep_errors), std::ptr::null_mut()) };
             }
             Ok(b)
         })
         .as_ref()
         .map_err(|e| anyhow::anyhow!("llama.cpp backend failed to start: {e}"))
+}
+
+/// llama.cpp's error lines since the last [`take_errors`], kept (the first few) instead of
+/// printed: its null result on a bad file says nothing, its log says why.
+static ERRORS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+unsafe extern "C" fn keep_errors(
+    level: llama_cpp_sys_2::ggml_log_level,
+    text: *const std::os::raw::c_char,
+    _user_data: *mut std::os::raw::c_void,
+) {
+    if level != llama_cpp_sys_2::GGML_LOG_LEVEL_ERROR || text.is_null() {
+        return;
+    }
+    // SAFETY: llama.cpp passes a NUL-terminated string that lives for this call.
+    let line = unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy();
+    if let Ok(mut errors) = ERRORS.lock() {
+        if errors.len() < 8 {
+            errors.push(line.trim().to_string());
+        }
+    }
+}
+
+/// The first of llama.cpp's error lines since the last call (the cause; the later ones say
+/// what failed because of it), shortened for a one-line message.
+fn take_errors() -> Option<String> {
+    let mut errors = ERRORS.lock().ok()?;
+    let first = errors.iter().find(|l| !l.is_empty()).cloned();
+    errors.clear();
+    first.map(|l| crate::gguf::quoted(&l, 200))
 }
 
 type Ctx<'a> = LlamaContext<'a>;
@@ -118,6 +150,13 @@ impl LlamaSource {
                 path.display()
             ));
         }
+        // What llama.cpp asserts on (an abort, not an error) is refused here.
+        header.check_for_llama_cpp(&arch).map_err(|why| {
+            usage!(
+                "{}: {why}; the file is damaged: download or convert it again",
+                path.display()
+            )
+        })?;
         let backend = backend(opts.verbose)?;
         if opts.n_gpu_layers > 0 && !backend.supports_gpu_offload() {
             return Err(crate::Error::NeedsGpuBuild {
@@ -143,11 +182,15 @@ impl LlamaSource {
         let params = LlamaModelParams::default()
             .with_n_gpu_layers(opts.n_gpu_layers)
             .with_use_mmap(true);
+        take_errors();
         let model = LlamaModel::load_from_file(backend, path, &params).map_err(|e| {
-            usage!(
-                "llama.cpp could not load {}: {e} (run with -v for its log)",
-                path.display()
-            )
+            match take_errors() {
+                Some(why) => usage!("llama.cpp could not load {}: {why}", path.display()),
+                None => usage!(
+                    "llama.cpp could not load {}: {e} (run with -v for its log)",
+                    path.display()
+                ),
+            }
         })?;
 
         let n_ctx_train = model.n_ctx_train() as usize;
