@@ -203,6 +203,28 @@ fn bad_unpaired_kv() {
     bad(&bad_onnx("unpaired-kv"), &[], "do not pair");
 }
 
+/// Issue 15 D9: logits of an unexpected shape (no position; a batch of 2 for 1 sequence)
+/// panicked with `index < dim`.
+#[test]
+fn bad_logits_shape_is_an_error_not_a_panic() {
+    bad(
+        &bad_onnx("empty-logits"),
+        &[],
+        "the model's logits have shape [1, 0, 8] for a batch of 1 and 2 tokens",
+    );
+    bad(
+        &bad_onnx("batch2-logits"),
+        &[],
+        "the model's logits have shape [2, 2, 8] for a batch of 1 and 2 tokens",
+    );
+}
+
+/// Issue 15 D10: ONNX Runtime's own coloured log lines leaked into stderr beside the error.
+#[test]
+fn bad_renamed_input_is_one_line() {
+    bad(&bad_onnx("renamed-input"), &[], "has no 'input_ids' input");
+}
+
 #[test]
 fn bad_tokenizer_larger_than_logits() {
     bad(

@@ -63,6 +63,25 @@ fn newest_lib(dir: &Path) -> Option<PathBuf> {
     libs.pop()
 }
 
+fn ort_log(
+    level: ort::logging::LogLevel,
+    category: &str,
+    _id: &str,
+    location: &str,
+    message: &str,
+) {
+    use ort::logging::LogLevel;
+    match level {
+        LogLevel::Verbose => {
+            tracing::trace!(target: "onnxruntime", %category, %location, "{message}")
+        }
+        LogLevel::Info => tracing::debug!(target: "onnxruntime", %category, "{message}"),
+        LogLevel::Warning | LogLevel::Error | LogLevel::Fatal => {
+            tracing::info!(target: "onnxruntime", %category, ?level, "{message}")
+        }
+    }
+}
+
 pub(super) fn environment(
     opts: &EngineOptions,
 ) -> anyhow::Result<(&'static ort::environment::Environment, &'static Path)> {
@@ -78,7 +97,14 @@ pub(super) fn environment(
                 ort::MINOR_VERSION
             )
         })?;
-        let env = builder.with_name("logitprobe").build().map_err(|e| e.to_string())?;
+        // ONNX Runtime's own logger writes ANSI-coloured lines to stderr; its messages go to
+        // `tracing` instead (shown with -v). Its errors also come back as the call's error,
+        // so none of its lines is needed for the one-line message.
+        let env = builder
+            .with_name("logitprobe")
+            .with_logger(std::sync::Arc::new(ort_log))
+            .build()
+            .map_err(|e| e.to_string())?;
         Ok((env, lib.clone()))
     });
     match got {
