@@ -115,6 +115,59 @@ fn trace_writes_every_plot_and_they_are_drawn() {
     );
 }
 
+/// Issue 15 D11: one step with 200,000 candidates asked for a 7 GB heatmap and aborted. The
+/// heatmap draws the first 256 ranks and its title says so.
+#[test]
+fn a_step_with_200000_candidates_draws_a_bounded_heatmap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let trace_dir = tmp.path().join("trace");
+    let o = run(&[
+        "trace",
+        "--backend",
+        "test",
+        "--model",
+        "200000:1:-100",
+        "--prompt",
+        "wide",
+        "--seed",
+        "1",
+        "--max-new-tokens",
+        "1",
+        "--temperature",
+        "50",
+        "--top-p",
+        "1",
+        "--min-k",
+        "200000",
+        "--max-k",
+        "200000",
+        "--mass-threshold",
+        "1",
+        "--no-plots",
+        "--out",
+        trace_dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let t = trace_of(&trace_dir);
+    assert_eq!(t["steps"][0]["raw"]["k_used"], 200000);
+    let out = tmp.path().join("report");
+    let o = run(&[
+        "report",
+        trace_dir
+            .join("adaptive_token_trace.json")
+            .to_str()
+            .unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_plot(
+        &out.join("adaptive_heatmap.png"),
+        // A one-step heatmap is its minimum width; 256 ranks high.
+        (720, 40 + 256 * 16 + 44),
+    );
+}
+
 #[test]
 fn long_traces_split_the_heatmap_into_pages() {
     let tmp = tempfile::tempdir().unwrap();

@@ -134,7 +134,7 @@ fn columns(
             let d = pick(s);
             d.candidates
                 .iter()
-                .take(d.k_used)
+                .take(d.k_used.min(MAX_HEATMAP_ROWS))
                 .map(|c| HeatCell {
                     token: c.token.clone(),
                     logprob: c.logprob,
@@ -145,8 +145,12 @@ fn columns(
         .collect()
 }
 
+/// The most ranks a heatmap draws: a step can keep 200,000 candidates (max_k is the user's),
+/// and a row per candidate would be a 7 GB image. The titles say when ranks were left out.
+pub const MAX_HEATMAP_ROWS: usize = 256;
+
 /// Heatmap rows: rank 1 … the largest k_used of the trace (never more than max_k), so a
-/// trace that never needs 64 candidates is not mostly blank.
+/// trace that never needs 64 candidates is not mostly blank; at most [`MAX_HEATMAP_ROWS`].
 fn heatmap_rows(trace: &Trace) -> usize {
     let used = trace
         .steps
@@ -165,13 +169,19 @@ fn heatmap_rows(trace: &Trace) -> usize {
 /// Draws the four plots of a trace into `dir`; returns the files written.
 pub fn trace_plots(dir: &Path, trace: &Trace) -> anyhow::Result<Vec<PathBuf>> {
     let model = &short_name(&trace.metadata.model);
-    let rows = heatmap_rows(trace);
+    let needed = heatmap_rows(trace);
+    let rows = needed.min(MAX_HEATMAP_ROWS);
+    let cut = if needed > rows {
+        format!(" · ranks 1–{rows} of {needed}")
+    } else {
+        String::new()
+    };
     let raw = columns(trace, |s| &s.raw);
     let processed = columns(trace, |s| &s.processed);
     let mut written = Vec::new();
 
     let heat = dir.join(ADAPTIVE_HEATMAP_PNG);
-    let title = format!("adaptive top-k (raw) · {model}");
+    let title = format!("adaptive top-k (raw) · {model}{cut}");
     // Pages after the first are written directly: only the first carries the seed's name.
     let pages = atomic_png(&heat, |tmp| {
         let files = plot::adaptive_heatmap(tmp, &title, &raw, rows)?;
@@ -245,7 +255,7 @@ pub fn trace_plots(dir: &Path, trace: &Trace) -> anyhow::Result<Vec<PathBuf>> {
     atomic_png(&path, |tmp| {
         plot::side_by_side_heatmaps(
             tmp,
-            &format!("raw vs processed · {model}"),
+            &format!("raw vs processed · {model}{cut}"),
             [("raw", &raw), ("processed", &processed)],
             [("raw k_used", &k_used[0]), ("processed k_used", &k_used[1])],
             rows,
