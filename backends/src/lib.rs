@@ -39,6 +39,22 @@ pub mod onnx;
 /// A token id as the model's vocabulary numbers it.
 pub type TokenId = u32;
 
+/// The most sequences one engine decodes together: llama.cpp's own limit (`LLAMA_MAX_SEQ`),
+/// and the bound for every engine, so a `--parallel` of 10^19 is an error and not an
+/// allocation of that many slots.
+pub const MAX_SLOTS: usize = 256;
+
+/// Refuses more slots than [`MAX_SLOTS`].
+pub fn check_slots(n_slots: usize) -> Result<(), Error> {
+    if n_slots > MAX_SLOTS {
+        return Err(Error::TooManySlots {
+            slots: n_slots,
+            max: MAX_SLOTS,
+        });
+    }
+    Ok(())
+}
+
 /// What a source tells about the model it runs.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelInfo {

@@ -170,6 +170,7 @@ impl LogitSource for TestSource {
     }
 
     fn begin(&mut self, n_slots: usize) -> anyhow::Result<()> {
+        crate::check_slots(n_slots)?;
         self.seqs = vec![Vec::new(); n_slots];
         Ok(())
     }

@@ -63,14 +63,54 @@ pub fn read(path: &Path) -> anyhow::Result<ReportInput> {
                 "{} is not a logitprobe compare.json: at {}: {}",
                 path.display(),
                 e.path(),
-                e.inner()
+                short(&e.inner().to_string())
             )
         })?;
+        // The plots index each position's B entries by the report's sides.
+        let n_b = report.b.len();
+        if n_b == 0 {
+            return Err(usage!(
+                "{} is not a logitprobe compare.json: at b: no side B",
+                path.display()
+            ));
+        }
+        if let Some((i, p)) = report
+            .positions
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.b.len() != n_b)
+        {
+            return Err(usage!(
+                "{} is not a logitprobe compare.json: at positions[{i}].b: {} entries for {n_b} sides B",
+                path.display(),
+                p.b.len()
+            ));
+        }
+        if report.summaries.len() != n_b {
+            return Err(usage!(
+                "{} is not a logitprobe compare.json: at summaries: {} entries for {n_b} sides B",
+                path.display(),
+                report.summaries.len()
+            ));
+        }
         return Ok(ReportInput::Compare(Box::new(report)));
     }
     trace_from_value(&value)
         .map_err(|e| usage!("{}: {e}", path.display()))
         .map(|t| ReportInput::Trace(Box::new(t)))
+}
+
+/// A validation message for a one-line error: the schema's messages quote the offending
+/// value whole, which can be megabytes.
+fn short(msg: &str) -> String {
+    const MAX: usize = 240;
+    let flat = msg.replace(['\n', '\r'], " ");
+    if flat.chars().count() <= MAX {
+        flat
+    } else {
+        let cut: String = flat.chars().take(MAX).collect();
+        format!("{cut}… ({} characters)", flat.chars().count())
+    }
 }
 
 /// Checks and converts a parsed trace document.
@@ -83,10 +123,16 @@ pub fn trace_from_value(value: &Value) -> Result<Trace, String> {
         .split('.')
         .next()
         .and_then(|m| m.parse().ok())
-        .ok_or_else(|| format!("schema_version {version:?} is not a semantic version"))?;
+        .ok_or_else(|| {
+            format!(
+                "schema_version \"{}\" is not a semantic version",
+                logitprobe_backends::gguf::quoted(version, 40)
+            )
+        })?;
     if !KNOWN_MAJORS.contains(&major) {
         return Err(format!(
-            "trace schema major version {major} ({version}) is unknown to this build (it reads 1.x and 2.x); upgrade logitprobe or re-export the trace"
+            "trace schema major version {major} ({}) is unknown to this build (it reads 1.x and 2.x); upgrade logitprobe or re-export the trace",
+            logitprobe_backends::gguf::quoted(version, 40)
         ));
     }
     static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
@@ -97,9 +143,19 @@ pub fn trace_from_value(value: &Value) -> Result<Trace, String> {
     if let Some(e) = validator.iter_errors(value).next() {
         let at = e.instance_path().to_string();
         let at = if at.is_empty() { "/".to_string() } else { at };
-        return Err(format!("not a valid trace: at {at}: {e}"));
+        return Err(format!(
+            "not a valid trace: at {at}: {}",
+            short(&e.to_string())
+        ));
     }
-    serde_json::from_value(value.clone()).map_err(|e| format!("not a valid trace: {e}"))
+    // What the schema cannot say (an id beyond u32) still names its place.
+    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let at = e.path().to_string();
+        format!(
+            "not a valid trace: at {at}: {}",
+            short(&e.inner().to_string())
+        )
+    })
 }
 
 /// Writes a PNG through a temporary sibling and a rename, so a failed drawing never leaves a

@@ -355,6 +355,7 @@ impl LogitSource for OnnxSource {
     }
 
     fn begin(&mut self, n_slots: usize) -> anyhow::Result<()> {
+        crate::check_slots(n_slots)?;
         self.slots.clear();
         self.slots.resize_with(n_slots, || None);
         Ok(())
