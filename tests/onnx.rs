@@ -334,3 +334,38 @@ fn the_engine_follows_the_model_path() {
         "use --backend onnx",
     );
 }
+
+/// A copy of the tiny optimum export with `file` replaced by `content`.
+fn tiny_with(file: &str, content: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("m");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(common::tiny("optimum")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    std::fs::write(dst.join(file), content).unwrap();
+    (tmp, dst)
+}
+
+/// Issue 15 D16: an id above u32 wrapped around to another token (4294967303 became 7); a
+/// config that is JSON but not an object, or not UTF-8, was taken as absent.
+#[test]
+fn bad_config_files_are_named_not_ignored() {
+    let (_t, m) = tiny_with("config.json", br#"{"eos_token_id": 4294967303}"#);
+    bad(
+        &m,
+        &[],
+        "config.json eos_token_id 4294967303 is not a token id",
+    );
+    let (_t, m) = tiny_with("generation_config.json", br#"{"eos_token_id": [2, -1]}"#);
+    bad(
+        &m,
+        &[],
+        "generation_config.json eos_token_id -1 is not a token id",
+    );
+    let (_t, m) = tiny_with("config.json", b"[]");
+    bad(&m, &[], "config.json is JSON but not an object (an array)");
+    let (_t, m) = tiny_with("tokenizer_config.json", b"{\"bos_token\": \"\xff\"}");
+    bad(&m, &[], "tokenizer_config.json is not UTF-8");
+}

@@ -307,6 +307,11 @@ fn bad_report_inputs_fail_on_one_line() {
     v["steps"][0]["processed"]["entropy"] = "high".into();
     assert_report_fails(&write("entropy.json", &v), "/steps/0/processed/entropy");
 
+    // Issue 15 D16: an integer beyond u32 failed without saying where.
+    let mut v = good.clone();
+    v["steps"][0]["selected"]["token_id"] = (1u64 << 40).into();
+    assert_report_fails(&write("huge-id.json", &v), "at steps[0].selected.token_id");
+
     // Statistics are not re-derived: a trace whose numbers disagree with each other is drawn.
     let mut v = good;
     v["steps"][0]["raw"]["top_mass_used"] = 0.01.into();

@@ -50,13 +50,21 @@ impl HfFolder {
         let tok_config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
 
         let token_id = |t: Option<String>| t.and_then(|t| tokenizer.token_to_id(&t));
+        let config_bos = ids_of(config.get("bos_token_id"), "config.json bos_token_id")?;
+        let config_eos = ids_of(config.get("eos_token_id"), "config.json eos_token_id")?;
         let bos = token_id(token_text(tok_config.get("bos_token")))
-            .or_else(|| ids_of(config.get("bos_token_id")).first().copied());
+            .or_else(|| config_bos.first().copied());
         let eos = token_id(token_text(tok_config.get("eos_token")))
-            .or_else(|| ids_of(config.get("eos_token_id")).first().copied());
-        let mut eog: Vec<TokenId> = ids_of(gen_config.get("eos_token_id"));
-        eog.extend(ids_of(config.get("eos_token_id")));
-        eog.extend(ids_of(genai.pointer("/model/eos_token_id")));
+            .or_else(|| config_eos.first().copied());
+        let mut eog: Vec<TokenId> = ids_of(
+            gen_config.get("eos_token_id"),
+            "generation_config.json eos_token_id",
+        )?;
+        eog.extend(config_eos);
+        eog.extend(ids_of(
+            genai.pointer("/model/eos_token_id"),
+            "genai_config.json eos_token_id",
+        )?);
         eog.extend(eos);
         eog.sort_unstable();
         eog.dedup();
@@ -197,26 +205,63 @@ impl HfFolder {
     }
 }
 
+/// A configuration file of the folder: `None` when there is none; an error when it is not a
+/// UTF-8 JSON object (a broken file is never taken as an absent one).
 fn read_json(path: &Path) -> anyhow::Result<Option<Value>> {
-    match std::fs::read_to_string(path) {
-        Ok(t) => {
-            Ok(Some(serde_json::from_str(&t).map_err(|e| {
-                usage!("{} is not valid JSON: {e}", path.display())
-            })?))
-        }
-        Err(_) => Ok(None),
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(usage!("cannot read {}: {e}", path.display())),
+    };
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        usage!(
+            "{} is not UTF-8 ({e}); restore the file from the model's repository",
+            path.display()
+        )
+    })?;
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| usage!("{} is not valid JSON: {e}", path.display()))?;
+    if !v.is_object() {
+        return Err(usage!(
+            "{} is JSON but not an object ({}); restore the file from the model's repository",
+            path.display(),
+            match v {
+                Value::Array(_) => "an array",
+                Value::Null => "null",
+                Value::String(_) => "a string",
+                Value::Number(_) => "a number",
+                _ => "a boolean",
+            }
+        ));
     }
+    Ok(Some(v))
 }
 
-fn ids_of(v: Option<&Value>) -> Vec<TokenId> {
+/// Token ids of a config entry (a number or a list); an id no token id can hold (above
+/// u32, negative) is an error rather than wrapped around to another token.
+fn ids_of(v: Option<&Value>, what: &str) -> anyhow::Result<Vec<TokenId>> {
+    let one = |x: &Value| -> anyhow::Result<Option<TokenId>> {
+        match x {
+            Value::Number(n) => match n.as_u64().and_then(|n| TokenId::try_from(n).ok()) {
+                Some(id) => Ok(Some(id)),
+                None => Err(usage!(
+                    "{what} {n} is not a token id (0 to {}); fix the model's configuration",
+                    TokenId::MAX
+                )),
+            },
+            _ => Ok(None),
+        }
+    };
     match v {
-        Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as TokenId]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
+        Some(Value::Array(a)) => Ok(a
             .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|n| n as TokenId)
-            .collect(),
-        _ => Vec::new(),
+            .map(one)
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect()),
+        Some(x) => Ok(one(x)?.into_iter().collect()),
+        None => Ok(Vec::new()),
     }
 }
 
