@@ -82,6 +82,8 @@ fn is_trace_output(name: &str) -> bool {
     .contains(&name)
         // The heatmap and its pages (adaptive_heatmap_2.png, ...).
         || (name.starts_with("adaptive_heatmap") && name.ends_with(".png"))
+        // What a killed run left under a temporary name.
+        || (name.starts_with('.') && (name.ends_with(".partial") || name.ends_with(".partial.png")))
 }
 
 /// Removes the files an earlier trace left in `dir` and in its `prompt-NNN` folders (an
@@ -186,7 +188,10 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
 
 /// Streams each finished step to `steps.jsonl`.
 pub struct StepsJsonl {
-    file: BufWriter<File>,
+    file: File,
+    /// One line, written with a single `write` so a kill never leaves half a step (a
+    /// buffered writer splits a long line into several).
+    line: Vec<u8>,
 }
 
 impl StepsJsonl {
@@ -194,7 +199,8 @@ impl StepsJsonl {
         let path = dir.join(STEPS_JSONL);
         let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(StepsJsonl {
-            file: BufWriter::new(file),
+            file,
+            line: Vec::new(),
         })
     }
 
@@ -206,7 +212,8 @@ impl StepsJsonl {
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
         Ok(StepsJsonl {
-            file: BufWriter::new(file),
+            file,
+            line: Vec::new(),
         })
     }
 }
@@ -241,9 +248,10 @@ impl Sink for StepsJsonl {
             prompt_index: prompt.index,
             step,
         };
-        serde_json::to_writer(&mut self.file, &line)?;
-        self.file.write_all(b"\n")?;
-        self.file.flush()?;
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, &line)?;
+        self.line.push(b'\n');
+        self.file.write_all(&self.line)?;
         Ok(Control::Continue)
     }
 }
@@ -351,6 +359,18 @@ impl SummaryRow {
     }
 }
 
+/// What the writer writes besides each prompt's trace files.
+#[derive(Debug, Clone, Default)]
+pub struct WriterFiles {
+    /// Each prompt's PNGs and report.html.
+    pub plots: bool,
+    /// Where the rows go (none for a run of one prompt).
+    pub summary: Option<SummaryFile>,
+    /// Set by Ctrl-C: plots not drawn yet are skipped (drawing a 20,000-step trace takes
+    /// half a minute), the trace files are still written.
+    pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
 /// Where a run's `summary.csv` goes, and whether rows already there are kept.
 #[derive(Debug, Clone)]
 pub struct SummaryFile {
@@ -377,17 +397,20 @@ pub struct TraceWriter {
 
 impl TraceWriter {
     /// `run` is the run's record without prompts or timings; each prompt's run.json is it
-    /// with that prompt. `plots` draws the PNGs and report.html of each prompt. `summary`
-    /// is where the rows go (none for a run of one prompt).
+    /// with that prompt.
     pub fn new(
         dirs: PromptDirs,
         model_label: &str,
         gen: &GenerateConfig,
         use_chat_template: bool,
         run: RunRecord,
-        plots: bool,
-        summary: Option<SummaryFile>,
+        files: WriterFiles,
     ) -> anyhow::Result<Self> {
+        let WriterFiles {
+            plots,
+            summary,
+            interrupt,
+        } = files;
         let mut summary = match &summary {
             Some(s) => {
                 let p = &s.path;
@@ -414,7 +437,10 @@ impl TraceWriter {
                 for job in rx {
                     let what = || format!("writing the outputs of prompt {}", job.row.index);
                     write_prompt_files(&job.dir, &job.trace).with_context(what)?;
-                    if plots {
+                    let interrupted = interrupt
+                        .as_ref()
+                        .is_some_and(|i| i.load(std::sync::atomic::Ordering::Relaxed));
+                    if plots && !interrupted {
                         crate::report::write_trace_report(&job.dir, &job.trace).with_context(
                             || format!("drawing the plots of prompt {}", job.row.index),
                         )?;

@@ -499,11 +499,14 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         &plan.gen,
         plan.format.use_chat_template,
         record.clone(),
-        plan.plots,
-        (!dirs.single).then(|| output::SummaryFile {
-            path: top.join(output::SUMMARY_CSV),
-            append: plan.shard.is_some(),
-        }),
+        output::WriterFiles {
+            plots: plan.plots,
+            summary: (!dirs.single).then(|| output::SummaryFile {
+                path: top.join(output::SUMMARY_CSV),
+                append: plan.shard.is_some(),
+            }),
+            interrupt: Some(stop.clone()),
+        },
     )?;
     let mut console = Console { several: n > 1 };
     let specs = plan.prompts.iter()?;
@@ -538,9 +541,12 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     let timings = result?;
     closed?;
 
+    // Ctrl-C after the last step, while plots were drawn, interrupts too: the plots not yet
+    // drawn were skipped.
     let interrupted = writer
         .stop_reasons
-        .contains_key(StopReason::Interrupted.name());
+        .contains_key(StopReason::Interrupted.name())
+        || stop.load(std::sync::atomic::Ordering::Relaxed);
     record.interrupted = interrupted;
     record.finished_at = trace::now_rfc3339();
     record.stop_reasons = Some(writer.stop_reasons.clone());
