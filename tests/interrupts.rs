@@ -1,0 +1,234 @@
+//! Interrupts at random times (issue 15): 50 SIGINTs, each ending as exit 130 with
+//! `interrupted: true` and a trace that equals steps.jsonl (or, before the handler exists or
+//! after the run, as a clean kill or a normal finish); and 50 SIGKILLs into one reused --out,
+//! each leaving a steps.jsonl whose every line parses and no final file that is half-written
+//! or left from an earlier run.
+
+mod common;
+
+use common::bin;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+use std::fs;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+fn seed() -> u64 {
+    let s = std::env::var("INTERRUPT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    println!("interrupt seed {s} (INTERRUPT_SEED={s} to repeat)");
+    s
+}
+
+/// A trace that takes a while: a wide vocabulary, EOS suppressed, plots on.
+fn spawn(out: &Path, prompt: &str, tokens: u32, plots: bool) -> std::process::Child {
+    let mut c = bin();
+    c.args([
+        "trace",
+        "--backend",
+        "test",
+        "--model",
+        "151936:1:-100",
+        "--prompt",
+        prompt,
+        "--seed",
+        "1",
+        "--max-new-tokens",
+        &tokens.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    if !plots {
+        c.arg("--no-plots");
+    }
+    c.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+/// Every line of steps.jsonl parses; returns their number.
+fn steps_lines(out: &Path) -> usize {
+    let Ok(text) = fs::read_to_string(out.join("steps.jsonl")) else {
+        return 0;
+    };
+    for (i, l) in text.lines().enumerate() {
+        let v: Result<Value, _> = serde_json::from_str(l);
+        assert!(
+            v.is_ok(),
+            "steps.jsonl line {} does not parse: {l:.200}",
+            i + 1
+        );
+    }
+    assert!(text.is_empty() || text.ends_with('\n'), "a cut last line");
+    text.lines().count()
+}
+
+#[test]
+fn fifty_sigints_at_random_times() {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut interrupted, mut finished, mut early) = (0, 0, 0);
+    for i in 0..50 {
+        let out = tmp.path().join(format!("int-{i}"));
+        let tokens = rng.random_range(40..400);
+        let mut child = spawn(&out, "interrupt me", tokens, rng.random_bool(0.5));
+        // A step takes about 2.5 ms: most signals land mid-run, some at the start or end.
+        std::thread::sleep(Duration::from_millis(
+            rng.random_range(0..tokens as u64 * 5 / 2),
+        ));
+        signal(&child, libc::SIGINT);
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(130), _) => {
+                interrupted += 1;
+                let run: Value =
+                    serde_json::from_slice(&fs::read(out.join("run.json")).unwrap()).unwrap();
+                assert_eq!(run["interrupted"], true, "case {i}");
+                let trace: Value = serde_json::from_slice(
+                    &fs::read(out.join("adaptive_token_trace.json")).unwrap(),
+                )
+                .unwrap();
+                assert_eq!(
+                    trace["steps"].as_array().unwrap().len(),
+                    steps_lines(&out),
+                    "case {i}: the trace covers exactly the steps in steps.jsonl"
+                );
+            }
+            (Some(0), _) => {
+                finished += 1;
+                let run: Value =
+                    serde_json::from_slice(&fs::read(out.join("run.json")).unwrap()).unwrap();
+                assert_eq!(run["interrupted"], false, "case {i}");
+                steps_lines(&out);
+            }
+            // Before the handler is installed SIGINT ends the process as it would any other;
+            // nothing final may exist then.
+            (None, Some(libc::SIGINT)) => {
+                early += 1;
+                assert!(
+                    !out.join("run.json").exists(),
+                    "case {i}: killed early, yet a run.json"
+                );
+            }
+            other => panic!("case {i}: ended as {other:?}"),
+        }
+    }
+    println!("SIGINT: {interrupted} interrupted (exit 130), {finished} finished first, {early} before the handler");
+    assert!(interrupted >= 25, "most signals land mid-run");
+}
+
+#[test]
+fn fifty_sigkills_into_one_reused_folder() {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let (mut complete, mut cut) = (0, 0);
+    for i in 0..50 {
+        let prompt = format!("run number {i}");
+        let tokens = rng.random_range(40..400);
+        let mut child = spawn(&out, &prompt, tokens, rng.random_bool(0.7));
+        let start = Instant::now();
+        let wait = Duration::from_millis(rng.random_range(0..tokens as u64 * 5 / 2));
+        while start.elapsed() < wait {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        steps_lines(&out);
+        // Each final file is this run's, whole, or absent.
+        let trace = out.join("adaptive_token_trace.json");
+        if trace.exists() {
+            let t: Value = serde_json::from_slice(&fs::read(&trace).unwrap())
+                .unwrap_or_else(|e| panic!("case {i}: the trace is half-written: {e}"));
+            assert_eq!(
+                t["metadata"]["prompt"],
+                prompt.as_str(),
+                "case {i}: a stale trace"
+            );
+        }
+        let run = out.join("run.json");
+        if run.exists() {
+            let r: Value = serde_json::from_slice(&fs::read(&run).unwrap())
+                .unwrap_or_else(|e| panic!("case {i}: run.json is half-written: {e}"));
+            assert_eq!(
+                r["prompts"][0]["prompt"],
+                prompt.as_str(),
+                "case {i}: a stale run.json"
+            );
+        }
+        for f in ["generated.txt", "adaptive_token_trace.csv", "report.html"] {
+            if out.join(f).exists() {
+                assert!(
+                    trace.exists(),
+                    "case {i}: {f} without the trace it belongs to"
+                );
+            }
+        }
+        for e in fs::read_dir(&out).unwrap() {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            assert!(
+                !name.ends_with(".partial") && !name.ends_with(".partial.png") || !status.success(),
+                "case {i}: a finished run left {name}"
+            );
+        }
+        if status.success() {
+            complete += 1;
+        } else {
+            cut += 1;
+        }
+    }
+    println!("SIGKILL: {cut} killed mid-run, {complete} finished first");
+    assert!(cut >= 25, "most kills land mid-run");
+}
+
+/// Issue 15 D16: Ctrl-C after the last step, while the plots were drawn, was ignored (exit 0,
+/// `interrupted: false`, half a minute of plotting for a long trace). The plots not drawn yet
+/// are skipped, the trace files are written, and the run ends as interrupted.
+#[test]
+fn sigint_while_plots_are_drawn_ends_the_run_as_interrupted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let n = 1500;
+    let mut child = spawn(&out, "plot me", n, true);
+    let start = Instant::now();
+    while steps_lines(&out) < n as usize {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the steps never finished"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the plots could be interrupted"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(&child, libc::SIGINT);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let run: Value = serde_json::from_slice(&fs::read(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["interrupted"], true);
+    let trace: Value =
+        serde_json::from_slice(&fs::read(out.join("adaptive_token_trace.json")).unwrap()).unwrap();
+    assert_eq!(
+        trace["steps"].as_array().unwrap().len(),
+        n as usize,
+        "every step is kept"
+    );
+    assert!(!out.join("report.html").exists(), "the plots were skipped");
+}
