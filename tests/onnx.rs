@@ -219,10 +219,47 @@ fn bad_logits_shape_is_an_error_not_a_panic() {
     );
 }
 
-/// Issue 15 D10: ONNX Runtime's own coloured log lines leaked into stderr beside the error.
+/// Issue 15 D10: ONNX Runtime's own coloured log lines leaked into stderr beside the error
+/// (an export whose attention_mask input was renamed fails inside a kernel, and ONNX
+/// Runtime's default logger printed two ANSI-coloured lines before our one).
 #[test]
 fn bad_renamed_input_is_one_line() {
     bad(&bad_onnx("renamed-input"), &[], "has no 'input_ids' input");
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("m");
+    fs::create_dir_all(&dst).unwrap();
+    for e in fs::read_dir(common::tiny("optimum")).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    let model = fs::read(dst.join("model.onnx")).unwrap();
+    let (from, to) = (b"attention_mask", b"attention_masq");
+    let mut renamed = model.clone();
+    for i in 0..model.len() - from.len() {
+        if &model[i..i + from.len()] == from {
+            renamed[i..i + from.len()].copy_from_slice(to);
+        }
+    }
+    fs::write(dst.join("model.onnx"), renamed).unwrap();
+    let o = run(&[
+        "trace",
+        "--backend",
+        "onnx",
+        "--model",
+        dst.to_str().unwrap(),
+        "--prompt",
+        "t1",
+        "--out",
+        tmp.path().join("out").to_str().unwrap(),
+    ]);
+    let err = common::stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "an engine failure: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("Missing Input: attention_masq"),
+        "{err}"
+    );
+    assert!(!err.contains('\x1b'), "no ANSI colours: {err}");
 }
 
 #[test]
