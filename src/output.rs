@@ -441,9 +441,19 @@ impl TraceWriter {
                         .as_ref()
                         .is_some_and(|i| i.load(std::sync::atomic::Ordering::Relaxed));
                     if plots && !interrupted {
-                        crate::report::write_trace_report(&job.dir, &job.trace).with_context(
-                            || format!("drawing the plots of prompt {}", job.row.index),
-                        )?;
+                        let marks = crate::report::TraceMarks {
+                            degenerate_steps: job
+                                .record
+                                .prompts
+                                .iter()
+                                .flatten()
+                                .flat_map(|p| p.degenerate_steps.iter().copied())
+                                .collect(),
+                        };
+                        crate::report::write_trace_report(&job.dir, &job.trace, &marks)
+                            .with_context(|| {
+                                format!("drawing the plots of prompt {}", job.row.index)
+                            })?;
                     }
                     if let Some(w) = &mut summary {
                         w.serialize(&job.row)?;

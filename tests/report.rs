@@ -168,6 +168,39 @@ fn a_step_with_200000_candidates_draws_a_bounded_heatmap() {
     );
 }
 
+/// Issue 15 D16: a step whose logits row had no finite entry showed probability 1.0 and entropy
+/// 0 like any certain step; only run.json said so. report.html marks it (from the run, or the
+/// run.json beside a trace).
+#[test]
+fn degenerate_steps_are_marked_in_the_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    test_trace(tmp.path(), 10);
+    let run_path = tmp.path().join("run.json");
+    let mut run_json: Value = serde_json::from_slice(&fs::read(&run_path).unwrap()).unwrap();
+    run_json["prompts"][0]["degenerate_steps"] = serde_json::json!([3]);
+    fs::write(&run_path, serde_json::to_vec(&run_json).unwrap()).unwrap();
+    let out = tmp.path().join("again");
+    let o = run(&[
+        "report",
+        tmp.path()
+            .join("adaptive_token_trace.json")
+            .to_str()
+            .unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let html = fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        html.contains(r#"{"degenerate_steps":[3]}"#),
+        "marks in the page"
+    );
+    assert!(html.contains("No finite logit at this step"));
+    // A trace of its own run: nothing marked.
+    let first = fs::read_to_string(tmp.path().join("report.html")).unwrap();
+    assert!(first.contains(r#"{"degenerate_steps":[]}"#));
+}
+
 #[test]
 fn long_traces_split_the_heatmap_into_pages() {
     let tmp = tempfile::tempdir().unwrap();

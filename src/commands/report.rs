@@ -10,7 +10,10 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("report"));
     output::prepare_dir(&out)?;
     let files = match &input {
-        ReportInput::Trace(t) => report::write_trace_report(&out, t)?,
+        ReportInput::Trace(t) => {
+            let marks = report::TraceMarks::beside(&args.input, t);
+            report::write_trace_report(&out, t, &marks)?
+        }
         ReportInput::Compare(c) => report::write_compare_report(&out, c)?,
     };
     for f in &files {

@@ -326,11 +326,12 @@ pub fn write_html(
     dir: &Path,
     title: &str,
     data: &impl serde::Serialize,
+    marks: &TraceMarks,
 ) -> anyhow::Result<PathBuf> {
-    let json = serde_json::to_string(data)?;
     // `<` appears only inside JSON strings, where \u003c means the same; this keeps `</script>`
     // inside a token from closing the data block.
-    let json = json.replace('<', "\\u003c");
+    let json = serde_json::to_string(data)?.replace('<', "\\u003c");
+    let marks = serde_json::to_string(marks)?.replace('<', "\\u003c");
     let mut env = minijinja::Environment::new();
     env.add_template("report.html", TEMPLATE)?;
     let html = env
@@ -339,6 +340,7 @@ pub fn write_html(
             title => title,
             version => env!("CARGO_PKG_VERSION"),
             data => minijinja::Value::from_safe_string(json),
+            marks => minijinja::Value::from_safe_string(marks),
         })?;
     let path = dir.join(REPORT_HTML);
     crate::output::write_atomic(&path, |w| {
@@ -361,11 +363,53 @@ pub fn short_name(name: &str) -> String {
 }
 
 /// Plots and HTML of one trace.
-pub fn write_trace_report(dir: &Path, trace: &Trace) -> anyhow::Result<Vec<PathBuf>> {
+pub fn write_trace_report(
+    dir: &Path,
+    trace: &Trace,
+    marks: &TraceMarks,
+) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = trace_plots(dir, trace)?;
     let title = format!("logitprobe · {}", short_name(&trace.metadata.model));
-    files.push(write_html(dir, &title, trace)?);
+    files.push(write_html(dir, &title, trace, marks)?);
     Ok(files)
+}
+
+/// What the report shows about a trace's steps that Token Heatmap's schema has no room for
+/// (its steps take no other fields): from the run, or from the run.json beside a trace.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TraceMarks {
+    /// Steps whose logits row had no finite entry: the probabilities shown (1.0, entropy 0)
+    /// are the greedy fallback's, not the model's.
+    pub degenerate_steps: Vec<usize>,
+}
+
+impl TraceMarks {
+    /// The marks in the `run.json` of a trace's folder, if it has one for this prompt.
+    pub fn beside(trace_path: &Path, trace: &Trace) -> TraceMarks {
+        let run = trace_path.with_file_name(crate::output::RUN_JSON);
+        let Some(v) = std::fs::read(&run)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        else {
+            return TraceMarks::default();
+        };
+        let p = &v["prompts"][0];
+        if p["prompt"].as_str() != Some(trace.metadata.prompt.as_str()) {
+            return TraceMarks::default();
+        }
+        let steps = p["degenerate_steps"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64().map(|n| n as usize))
+                    .filter(|&n| n < trace.steps.len())
+                    .collect()
+            })
+            .unwrap_or_default();
+        TraceMarks {
+            degenerate_steps: steps,
+        }
+    }
 }
 
 pub const KLD_PER_POSITION_PNG: &str = "kld_per_position.png";
@@ -438,6 +482,11 @@ pub fn write_compare_report(dir: &Path, report: &CompareReport) -> anyhow::Resul
         )
     })?;
     written.push(path);
-    written.push(write_html(dir, "logitprobe compare", report)?);
+    written.push(write_html(
+        dir,
+        "logitprobe compare",
+        report,
+        &TraceMarks::default(),
+    )?);
     Ok(written)
 }
