@@ -815,3 +815,197 @@ fn the_viewer_streams_and_shows_candidates_in_chromium() {
     b.screenshot(&shot);
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
 }
+
+/// A valid request with one value removed, retyped or made extreme.
+fn mutated_request(rng: &mut rand_chacha::ChaCha8Rng) -> (String, String) {
+    use rand::Rng;
+    let chat = rng.random_bool(0.5);
+    let mut v = if chat {
+        json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+               "max_tokens": 3, "logprobs": true, "top_logprobs": 3, "temperature": 0.7, "seed": 1,
+               "stream": false, "stop": ["\n"], "n": 1, "probe": true})
+    } else {
+        json!({"prompt": "The capital of France is", "max_tokens": 3, "logprobs": 3, "echo": false,
+               "temperature": 0.0, "top_p": 0.9, "seed": 2, "stream": false, "n": 1})
+    };
+    let extremes = [
+        Value::Null,
+        json!(-1),
+        json!(0),
+        json!(u64::MAX),
+        json!(1e308),
+        json!("x"),
+        json!([]),
+        json!({}),
+        json!(true),
+        json!("\u{0}\u{1F600}"),
+        json!([1, 2, 99999999]),
+        json!("word ".repeat(400)),
+    ];
+    let obj = v.as_object_mut().unwrap();
+    let keys: Vec<String> = obj.keys().cloned().collect();
+    for _ in 0..rng.random_range(1..4) {
+        let k = &keys[rng.random_range(0..keys.len())];
+        match rng.random_range(0..5) {
+            0 => {
+                obj.remove(k);
+            }
+            1 => {
+                obj.insert(format!("unknown_{k}"), json!(1));
+            }
+            _ => {
+                obj.insert(
+                    k.clone(),
+                    extremes[rng.random_range(0..extremes.len())].clone(),
+                );
+            }
+        }
+    }
+    let path = if chat {
+        "/v1/chat/completions"
+    } else {
+        "/v1/completions"
+    };
+    (path.to_string(), v.to_string())
+}
+
+/// The server under malformed, truncated, oversized and slow requests and clients that leave
+/// mid-stream (issue 15): every answer is an HTTP response with an OpenAI-shaped error or a
+/// result, never a 500, and the server goes on serving.
+#[test]
+fn the_server_survives_fuzzed_requests() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("MUTATION_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    println!("server fuzz seed {seed}");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let model = common::tiny("tiny-f32.gguf");
+    let server = Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--ctx-size",
+        "128",
+        "--max-body-bytes",
+        "4000",
+    ]);
+    let a = server.addr.clone();
+    // Slow-loris connections held open through the whole run.
+    let mut held = Vec::new();
+    for i in 0..20 {
+        let mut s = TcpStream::connect(&a).unwrap();
+        let partial: &[u8] = if i % 2 == 0 {
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le"
+        } else {
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"prompt\": \"a"
+        };
+        s.write_all(partial).unwrap();
+        held.push(s);
+    }
+    let mut by_status = std::collections::BTreeMap::new();
+    for i in 0..300 {
+        let (path, body) = mutated_request(&mut rng);
+        let kind = rng.random_range(0..10);
+        let (status, text) = match kind {
+            // Truncated: the declared length is longer than what is sent, then the client
+            // closes its side.
+            0 => {
+                let cut = rng.random_range(0..body.len());
+                let mut s = TcpStream::connect(&a).unwrap();
+                let req = format!(
+                    "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+                    body.len(),
+                    &body[..cut]
+                );
+                s.write_all(req.as_bytes()).unwrap();
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut buf = Vec::new();
+                let _ = s.read_to_end(&mut buf);
+                let t = String::from_utf8_lossy(&buf).into_owned();
+                let st = t
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
+                (st, t)
+            }
+            // Garbage bytes as the body.
+            1 => {
+                let junk: Vec<u8> = (0..rng.random_range(1..300))
+                    .map(|_| rng.random())
+                    .collect();
+                let mut req = format!(
+                    "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    junk.len()
+                )
+                .into_bytes();
+                req.extend(junk);
+                http_raw(&a, &req)
+            }
+            // A stream left after its first bytes.
+            2 => {
+                let mut v: Value = serde_json::from_str(&body).unwrap();
+                v["stream"] = json!(true);
+                v["max_tokens"] = json!(8);
+                let b = v.to_string();
+                let mut s = TcpStream::connect(&a).unwrap();
+                let req = format!(
+                    "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+                    b.len()
+                );
+                s.write_all(req.as_bytes()).unwrap();
+                let mut first = [0u8; 64];
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let n = s.read(&mut first).unwrap_or(0);
+                drop(s);
+                let t = String::from_utf8_lossy(&first[..n]).into_owned();
+                let st = t
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
+                (st, String::new())
+            }
+            // Oversized.
+            3 => http(
+                &a,
+                "POST",
+                &path,
+                &[],
+                &json!({"prompt": "y".repeat(5000)}).to_string(),
+            ),
+            // A wrong method or content type.
+            4 => http(&a, "GET", &path, &[], &body),
+            _ => http(&a, "POST", &path, &[], &body),
+        };
+        *by_status.entry(status).or_insert(0) += 1;
+        assert!(
+            matches!(status, 200 | 400 | 404 | 405 | 413 | 415 | 422 | 503)
+                || (kind == 2 && status == 0),
+            "case {i} (seed {seed}): status {status} for {path} {body:.300}: {text:.300}"
+        );
+        if status >= 400 && kind != 2 {
+            let b = text.split_once("\r\n\r\n").map_or(text.as_str(), |x| x.1);
+            let v: Value = serde_json::from_str(b).unwrap_or_else(|_| {
+                panic!("case {i} kind {kind} status {status} {path}: not JSON: {text:.300}")
+            });
+            assert!(v["error"]["message"].is_string(), "case {i}: {b:.300}");
+        }
+    }
+    println!("server fuzz: {by_status:?}");
+    // Still serving, with the slow clients still connected.
+    let (s, b) = http(
+        &a,
+        "POST",
+        "/v1/completions",
+        &[],
+        r#"{"prompt": "ok", "max_tokens": 2}"#,
+    );
+    assert_eq!(s, 200, "{b}");
+    let (s, _) = http(&a, "GET", "/health", &[], "");
+    assert_eq!(s, 200);
+    drop(held);
+    assert_eq!(server.stop(), Some(0), "a clean exit: no panic inside");
+}

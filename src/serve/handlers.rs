@@ -40,6 +40,19 @@ pub async fn not_found() -> ApiError {
     }
 }
 
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    let want = match uri.path() {
+        "/v1/models" | "/metrics" | "/health" | "/" => "GET",
+        _ => "POST",
+    };
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!("{} takes {want}, not {method}", uri.path()),
+        param: None,
+        code: Some("method_not_allowed"),
+    }
+}
+
 pub async fn viewer() -> Html<&'static str> {
     Html(include_str!("viewer.html"))
 }

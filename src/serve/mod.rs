@@ -214,6 +214,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(handlers::health))
         .merge(authed)
         .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         // A client that sends its body slower than this is cut off (slow-loris).
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
