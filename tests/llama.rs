@@ -475,3 +475,57 @@ fn llama_cpp_s_own_reason_is_in_the_message() {
         common::stderr(&o)
     );
 }
+
+/// Issue 15 D5: more sequences in one decode than --batch-size aborted llama.cpp
+/// (`n_outputs_max <= cparams.n_outputs_max`), also when the batch is clamped to the context.
+#[test]
+fn more_sequences_than_the_batch_size_decode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny("tiny-f32.gguf");
+    let out = tmp.path().join("three");
+    let o = run(&[
+        "trace",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a",
+        "--prompt",
+        "b",
+        "--prompt",
+        "c",
+        "--max-new-tokens",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-plots",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(out.join("prompt-002/run.json").is_file());
+    let prompts = tmp.path().join("p.txt");
+    fs::write(
+        &prompts,
+        (0..129).map(|i| format!("p {i}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let out = tmp.path().join("many");
+    let o = run(&[
+        "trace",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts-file",
+        prompts.to_str().unwrap(),
+        "--parallel",
+        "129",
+        "--max-new-tokens",
+        "2",
+        "--ctx-size",
+        "128",
+        "--no-plots",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(out.join("prompt-128/run.json").is_file());
+}
