@@ -315,6 +315,9 @@ pub fn side_by_side_heatmaps(
             .disable_mesh()
             .x_desc("generation step")
             .y_desc("rank")
+            // Whole numbers: step i's column and rank r's row start at the tick.
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format!("{:.0}", v + 1.0))
             .label_style((FONT, 13))
             .axis_desc_style((FONT, 13))
             .draw()
@@ -418,17 +421,27 @@ fn draw_lines(
         (0.0, 1.0)
     };
     let pad = ((hi - lo) * 0.05).max(1e-9);
+    // Counts (k_used) get whole-number ticks, not "10.0".
+    let whole = finite().all(|v| v.fract() == 0.0) && hi - lo >= 5.0;
     let mut chart = ChartBuilder::on(area)
         .caption(title, (FONT, 16))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(64)
         .build_cartesian_2d(0f64..(n - 1) as f64, lo..hi + pad)?;
+    // Enough decimals to tell the ticks apart.
+    let decimals = if whole {
+        0
+    } else {
+        ((1.0 / (hi - lo + pad)).log10().ceil().max(0.0) as usize + 1).min(6)
+    };
+    let y_fmt = move |v: &f64| format!("{v:.decimals$}");
     chart
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc(y_desc)
         .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&y_fmt)
         .label_style((FONT, 13))
         .axis_desc_style((FONT, 13))
         .light_line_style(WHITE.mix(0.0))
@@ -551,6 +564,47 @@ mod tests {
         assert_eq!(label("日本"), "<U+65E5><U+672C>");
         assert_eq!(label("🙂"), "<U+1F642>");
         assert_eq!(fit("abcdefghijkl", 5), "abcd…");
+    }
+
+    /// The ink columns of `text` drawn at x = 0 in a 200 × 60 image.
+    fn ink_columns(text: &str) -> (usize, usize) {
+        font();
+        let (w, h) = (200usize, 60usize);
+        let mut buf = vec![255u8; w * h * 3];
+        {
+            let root =
+                BitMapBackend::with_buffer(&mut buf, (w as u32, h as u32)).into_drawing_area();
+            root.draw(&Text::new(
+                text.to_string(),
+                (0, 10),
+                (FONT, 40).into_font(),
+            ))
+            .unwrap();
+            root.present().unwrap();
+        }
+        let inked: Vec<usize> = (0..w)
+            .filter(|&x| (0..h).any(|y| buf[(y * w + x) * 3] < 128))
+            .collect();
+        (inked[0], *inked.last().unwrap())
+    }
+
+    /// Issue 14 point 12: plotters drew each glyph flush left in its advance (its side
+    /// bearing dropped), so "3.5" read "3. 5". The patched plotters (vendor/plotters) places
+    /// the ink at the bearing: a monospace '.' sits in the middle of its cell.
+    #[test]
+    fn narrow_glyphs_sit_at_their_side_bearing() {
+        let (dot_start, dot_end) = ink_columns(".");
+        let (m_start, m_end) = ink_columns("M");
+        let cell = m_end + m_start; // about the advance: M's ink spans nearly all of it
+        assert!(
+            dot_start * 4 >= cell,
+            "'.' ink starts at x = {dot_start} of a {cell} px cell: drawn flush left"
+        );
+        let centre = (dot_start + dot_end) as f64 / 2.0;
+        assert!(
+            (centre - cell as f64 / 2.0).abs() <= cell as f64 * 0.15,
+            "'.' centred in its cell: {dot_start}..{dot_end} of {cell}"
+        );
     }
 
     #[test]
