@@ -9,6 +9,15 @@ fn main() -> ExitCode {
         Err(e) => return clap_error(e),
     };
     init_logging(cli.verbose);
+    if !matches!(cli.command, Command::Serve(_)) {
+        // `logitprobe models | head -1`: a closed stdout ends the process quietly, as it ends
+        // `ls` or `grep`, instead of a panic in println!. The server keeps Rust's default
+        // (ignored), where a client that hangs up must not end it.
+        // SAFETY: signal(2) with SIG_DFL before any other thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let command: Vec<String> = std::env::args().collect();
     let verbose = cli.verbose > 0;
     let result = match cli.command {

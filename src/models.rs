@@ -34,6 +34,43 @@ pub struct CatalogEntry {
     pub gated: Option<String>,
     pub gguf: Option<HubFile>,
     pub onnx: Option<HubFile>,
+    /// A model that `models/fetch` (PyPI) or `models/export-onnx` puts in logitprobe's own
+    /// cache rather than one from the Hugging Face Hub.
+    #[serde(default)]
+    pub fetched: Option<Fetched>,
+}
+
+/// Files of a catalogue model in logitprobe's cache (`models/fetch`), and the commands that
+/// put them there.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Fetched {
+    pub gguf: Option<String>,
+    pub onnx: Option<String>,
+    pub fetch_gguf: Option<String>,
+    pub fetch_onnx: Option<String>,
+}
+
+/// logitprobe's own cache, where `models/fetch` writes: `$LOGITPROBE_CACHE`, else
+/// `$XDG_CACHE_HOME/logitprobe`, else `~/.cache/logitprobe`.
+pub fn logitprobe_cache() -> PathBuf {
+    std::env::var_os("LOGITPROBE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("logitprobe")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/logitprobe")))
+        .unwrap_or_else(|| PathBuf::from(".cache/logitprobe"))
+}
+
+impl CatalogEntry {
+    /// The model's file in logitprobe's cache for `backend`, and the command that fetches it.
+    pub fn fetched_for(&self, backend: Backend) -> Option<(PathBuf, String)> {
+        let f = self.fetched.as_ref()?;
+        let (name, how) = match backend {
+            Backend::Llama => (f.gguf.as_ref()?, f.fetch_gguf.clone()?),
+            Backend::Onnx => (f.onnx.as_ref()?, f.fetch_onnx.clone()?),
+            Backend::Test => return None,
+        };
+        Some((logitprobe_cache().join(name), how))
+    }
 }
 
 #[derive(Deserialize)]
@@ -227,6 +264,25 @@ pub fn resolve(
         .into_iter()
         .find(|e| e.alias.eq_ignore_ascii_case(model))
     {
+        if let Some((path, how)) = entry.fetched_for(backend) {
+            if path.exists() {
+                return Ok(Resolved {
+                    path: path.display().to_string(),
+                });
+            }
+            let hub_too = match backend {
+                Backend::Llama => entry.gguf.is_some(),
+                _ => entry.onnx.is_some(),
+            };
+            if !hub_too {
+                return Err(usage!(
+                    "{} ({}) is not in logitprobe's cache ({}): run `{how}` first",
+                    entry.alias,
+                    backend.name(),
+                    path.display()
+                ));
+            }
+        }
         let hub = match backend {
             Backend::Llama => entry.gguf.as_ref(),
             Backend::Onnx => entry.onnx.as_ref(),

@@ -755,3 +755,66 @@ fn chat_template_flags_replace_the_models_template() {
     );
     bad(&["--chat-template", "nosuch"], "neither a known name");
 }
+
+/// `logitprobe models | head -1` panicked in println! ("failed printing to stdout: Broken
+/// pipe"); a closed stdout now ends the process quietly, as it ends `ls`.
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    use std::io::BufRead;
+    // More lines than a pipe holds (64 KiB), so the writer is still writing when the reader
+    // leaves.
+    let text = "hello world ".repeat(8000);
+    let model = common::tiny("tiny-f32.gguf");
+    let mut child = bin()
+        .args(["tokenize", "--model", model.to_str().unwrap(), &text])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    // The reader is gone: the rest of the listing goes to a closed pipe.
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(first.contains("tokens"), "{first}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Issue 14 point 7: `--model smollm2` named the model `models/fetch smollm2` gets, and was
+/// not found.
+#[test]
+fn the_fetched_models_have_aliases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = common::run(&[
+        "trace",
+        "--model",
+        "smollm2",
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "1",
+        "--seed",
+        "1",
+        "--threads",
+        "1",
+        "--no-plots",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let run: Value =
+        serde_json::from_str(&fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(
+        run["model_path"].as_str().unwrap(),
+        common::smollm2().to_str().unwrap()
+    );
+    let o = bin()
+        .args(["trace", "--model", "smollm2", "--prompt", "Hi"])
+        .env("LOGITPROBE_CACHE", tmp.path().join("empty"))
+        .output()
+        .unwrap();
+    common::assert_usage_error(&o, "run `models/fetch smollm2` first");
+}

@@ -2,6 +2,7 @@
 
 use crate::models::{catalog, hub_cache_dir, HubFile};
 use hf_hub::{Cache, Repo, RepoType};
+use logitprobe_backends::Backend;
 
 fn cached(h: &HubFile) -> bool {
     Cache::new(hub_cache_dir())
@@ -31,6 +32,30 @@ pub fn run() -> anyhow::Result<()> {
         hub_cache_dir().display()
     );
     for e in catalog() {
+        if e.fetched.is_some() {
+            let line = |b: Backend| match e.fetched_for(b) {
+                Some((path, how)) => format!(
+                    "{}{}",
+                    path.file_name()
+                        .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
+                    if path.exists() {
+                        "  [cached]".to_string()
+                    } else {
+                        format!("  (run: {how})")
+                    }
+                ),
+                None => "-".into(),
+            };
+            println!(
+                "{:<14} {:<26} {:<11} gguf: {}",
+                e.alias,
+                e.name,
+                "llama,onnx",
+                line(Backend::Llama)
+            );
+            println!("{:<53} onnx: {}", "", line(Backend::Onnx));
+            continue;
+        }
         let backends = match (&e.gguf, &e.onnx) {
             (Some(_), Some(_)) => "llama,onnx",
             (Some(_), None) => "llama",
