@@ -80,6 +80,11 @@ fn a_model_against_itself_is_identical() {
     assert_eq!(s["ppl_ratio"], 1.0);
     assert_eq!(s["tokenizer_positions_differ"], 0);
     assert!(stdout.contains("Same top p"), "{stdout}");
+    // llama-perplexity's rows that were missing (issue 14 point 13).
+    for row in ["PPL(B)-PPL(A)", "75.0% Δp", "25.0% Δp"] {
+        assert!(stdout.contains(row), "{row} in {stdout}");
+    }
+    assert_eq!(s["delta_p"]["p75"], 0.0);
     // --score-all scores every position of a chunk.
     let (all, _, _t2) = compare(&[
         "--a",

@@ -261,6 +261,16 @@ pub struct Summary {
     pub tokenizer_positions_differ: Option<usize>,
 }
 
+impl Summary {
+    /// PPL(B) − PPL(A) and its uncertainty, as llama-perplexity prints "Mean PPL(Q)-PPL(base)":
+    /// the two PPLs' errors with their covariance, Cor · σ_lnA · σ_lnB · PPL(A) · PPL(B).
+    pub fn ppl_difference(&self) -> (f64, f64) {
+        let cov = self.cor_ln_ppl * self.ppl_a_err * self.ppl_b_err;
+        let var = self.ppl_a_err.powi(2) + self.ppl_b_err.powi(2) - 2.0 * cov;
+        (self.ppl_b - self.ppl_a, var.max(0.0).sqrt())
+    }
+}
+
 /// Where the time went.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Timing {
@@ -779,6 +789,10 @@ pub fn summary_table(report: &CompareReport) -> String {
     row("PPL(B)/PPL(A)", &|x| {
         format!("{:.6} ± {:.6}", x.ppl_ratio, x.ppl_ratio_err)
     });
+    row("PPL(B)-PPL(A)", &|x| {
+        let (d, e) = x.ppl_difference();
+        format!("{d:.6} ± {e:.6}")
+    });
     row("Mean KLD", &|x| {
         format!("{} ± {}", num(x.kld.mean), num(x.kld.stderr))
     });
@@ -793,10 +807,12 @@ pub fn summary_table(report: &CompareReport) -> String {
             100.0 * x.delta_p.stderr
         )
     });
-    // Δp is printed in percent as llama-perplexity does.
-    for i in 0..11 {
-        let name = format!("{} Δp", s[0].delta_p.rows()[i].0);
-        row(&name, &|x| format!("{:.3}%", 100.0 * x.delta_p.rows()[i].1));
+    // Δp is printed in percent as llama-perplexity does, with its quartiles.
+    for i in 0..13 {
+        let name = format!("{} Δp", s[0].delta_p.rows_with_quartiles()[i].0);
+        row(&name, &|x| {
+            format!("{:.3}%", 100.0 * x.delta_p.rows_with_quartiles()[i].1)
+        });
     }
     row("RMS Δp", &|x| {
         format!(
@@ -827,6 +843,20 @@ pub fn summary_table(report: &CompareReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ppl_difference_uses_the_covariance() {
+        let mut s = summarize(&[], 0, "B");
+        (s.ppl_a, s.ppl_b, s.ppl_a_err, s.ppl_b_err) = (10.0, 11.0, 0.3, 0.4);
+        s.cor_ln_ppl = 0.0;
+        let (d, e) = s.ppl_difference();
+        assert!((d - 1.0).abs() < 1e-12 && (e - 0.5).abs() < 1e-12);
+        s.cor_ln_ppl = 1.0;
+        assert!(
+            (s.ppl_difference().1 - 0.1).abs() < 1e-12,
+            "fully correlated: |0.4 - 0.3|"
+        );
+    }
 
     #[test]
     fn one_position_summaries_survive_a_json_round_trip() {

@@ -146,6 +146,10 @@ pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * frac
 }
 
+fn nan() -> f64 {
+    f64::NAN
+}
+
 /// llama-perplexity's distribution summary of a per-position value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Spread {
@@ -163,8 +167,14 @@ pub struct Spread {
     pub p95: f64,
     #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub p90: f64,
+    /// 75th and 25th percentiles: llama-perplexity prints them for Δp (older compare.json
+    /// files lack them: NaN).
+    #[serde(default = "nan", deserialize_with = "crate::compare::f64_or_nan")]
+    pub p75: f64,
     #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub median: f64,
+    #[serde(default = "nan", deserialize_with = "crate::compare::f64_or_nan")]
+    pub p25: f64,
     #[serde(deserialize_with = "crate::compare::f64_or_nan")]
     pub p10: f64,
     #[serde(deserialize_with = "crate::compare::f64_or_nan")]
@@ -191,13 +201,24 @@ impl Spread {
             p99: q(0.99),
             p95: q(0.95),
             p90: q(0.90),
+            p75: q(0.75),
             median: q(0.5),
+            p25: q(0.25),
             p10: q(0.10),
             p5: q(0.05),
             p1: q(0.01),
             p0_1: q(0.001),
             min: s.first().copied().unwrap_or(f64::NAN),
         }
+    }
+
+    /// Δp's rows in llama-perplexity's order: [`Spread::rows`] with the 75th and 25th
+    /// percentiles.
+    pub fn rows_with_quartiles(&self) -> Vec<(&'static str, f64)> {
+        let mut v = self.rows().to_vec();
+        v.insert(5, ("75.0%", self.p75));
+        v.insert(7, ("25.0%", self.p25));
+        v
     }
 
     /// (name, value) rows in llama-perplexity's order.
@@ -221,6 +242,19 @@ impl Spread {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quartiles_for_delta_p_and_older_files_without_them() {
+        let v: Vec<f64> = (0..=100).map(f64::from).collect();
+        let sp = Spread::of(&v);
+        assert_eq!((sp.p75, sp.median, sp.p25), (75.0, 50.0, 25.0));
+        let names: Vec<&str> = sp.rows_with_quartiles().iter().map(|r| r.0).collect();
+        assert_eq!(&names[4..9], ["90.0%", "75.0%", "Median", "25.0%", "10.0%"]);
+        let mut json = serde_json::to_value(&sp).unwrap();
+        json.as_object_mut().unwrap().remove("p75");
+        let back: Spread = serde_json::from_value(json).unwrap();
+        assert!(back.p75.is_nan() && back.p25 == 25.0);
+    }
 
     #[test]
     fn exp_matches_std_to_a_few_ulps() {
