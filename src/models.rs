@@ -239,6 +239,118 @@ pub fn fetch_repo(backend: Backend, repo: &str, file: Option<&str>) -> anyhow::R
     }
 }
 
+/// Whether `file` is part 2 or later of a split GGUF (`-00002-of-00003.gguf`).
+fn is_later_part(file: &str) -> bool {
+    let Some(stem) = file.strip_suffix(".gguf") else {
+        return false;
+    };
+    let Some((head, total)) = stem.rsplit_once("-of-") else {
+        return false;
+    };
+    let part = head.rsplit_once('-').map(|(_, p)| p);
+    total.parse::<usize>().is_ok()
+        && part
+            .and_then(|p| p.parse::<usize>().ok())
+            .is_some_and(|p| p > 1)
+}
+
+/// `user/repo:QUANT` split, when `model` has that shape.
+fn repo_and_quant(model: &str) -> Option<(&str, &str)> {
+    let (repo, quant) = model.rsplit_once(':')?;
+    let ok = repo.split('/').count() == 2
+        && !repo.starts_with('.')
+        && !repo.starts_with('/')
+        && !quant.is_empty()
+        && quant.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    ok.then_some((repo, quant))
+}
+
+/// The repo's file names: those in the local cache's snapshot, and (online) the Hub's list.
+fn repo_files(repo: &str) -> anyhow::Result<Vec<String>> {
+    let mut names = Vec::new();
+    let dir = hub_cache_dir().join(format!("models--{}", repo.replace('/', "--")));
+    if let Ok(rev) = std::fs::read_to_string(dir.join("refs/main")) {
+        let snap = dir.join("snapshots").join(rev.trim());
+        let mut stack = vec![snap.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if let Ok(rel) = p.strip_prefix(&snap) {
+                    names.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    if !offline() {
+        let mut builder = ApiBuilder::from_cache(Cache::new(hub_cache_dir()))
+            .with_token(token())
+            .with_retries(1);
+        if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+            builder = builder.with_endpoint(endpoint);
+        }
+        let api = builder
+            .build()
+            .map_err(|e| anyhow::anyhow!("Hugging Face client: {e}"))?;
+        match api.model(repo.to_string()).info() {
+            Ok(info) => names.extend(info.siblings.into_iter().map(|s| s.rfilename)),
+            // What the cache holds still answers; with nothing there, say why.
+            Err(e) if names.is_empty() => {
+                return Err(usage!(
+                    "cannot list the files of {repo} on the Hugging Face Hub ({e}); name the file with --model {repo} --model-file FILE.gguf"
+                ))
+            }
+            Err(_) => {}
+        }
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// The GGUF of `repo` whose name holds `quant` (case-insensitive, as a whole part of the
+/// name); of a split file, its first part.
+pub fn gguf_of_quant(repo: &str, quant: &str) -> anyhow::Result<String> {
+    let names = repo_files(repo)?;
+    let ggufs: Vec<&String> = names
+        .iter()
+        .filter(|n| n.to_ascii_lowercase().ends_with(".gguf"))
+        .collect();
+    let q = quant.to_ascii_lowercase();
+    let holds = |n: &str| {
+        let n = n.to_ascii_lowercase();
+        n.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .any(|part| part == q)
+    };
+    let mut hits: Vec<&String> = ggufs
+        .iter()
+        .copied()
+        .filter(|n| holds(n))
+        .filter(|n| !is_later_part(n))
+        .collect();
+    hits.sort_by_key(|n| n.len());
+    match hits.first() {
+        Some(f) => Ok((*f).clone()),
+        None if ggufs.is_empty() => Err(usage!(
+            "{repo} has no GGUF file (in the cache{}): check the repo id",
+            if offline() {
+                ", and HF_HUB_OFFLINE=1 keeps the Hub out"
+            } else {
+                " or on the Hub"
+            }
+        )),
+        None => Err(usage!(
+            "{repo} has no {quant} GGUF; it has: {}",
+            ggufs
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
 /// Resolves `--model`: a local path, a catalogue alias, or a Hugging Face repo id.
 pub fn resolve(
     backend: Backend,
@@ -297,6 +409,24 @@ pub fn resolve(
             )
         })?;
         let path = fetch_repo(backend, &hub.repo, Some(model_file.unwrap_or(&hub.file)))?;
+        return Ok(Resolved {
+            path: path.display().to_string(),
+        });
+    }
+    // llama.cpp's `-hf user/repo:Q4_K_M`: the repo's GGUF of that quantization.
+    if let Some((repo, quant)) = repo_and_quant(model) {
+        if backend != Backend::Llama {
+            return Err(usage!(
+                "{model} names a GGUF quantization: use --backend llama (or leave --backend out)"
+            ));
+        }
+        if model_file.is_some() {
+            return Err(usage!(
+                "{model} names its file by quantization and --model-file names one too: give one of them"
+            ));
+        }
+        let file = gguf_of_quant(repo, quant)?;
+        let path = fetch_repo(backend, repo, Some(&file))?;
         return Ok(Resolved {
             path: path.display().to_string(),
         });

@@ -269,3 +269,37 @@ fn models_lists_the_catalogue_and_what_is_cached() {
     }
     assert!(out.contains("phi-2.Q4_K_M.gguf  [cached]"), "{out}");
 }
+
+/// Issue 14 point 7: llama.cpp's `user/repo:QUANT` shorthand picks the repo's GGUF of that
+/// quantization (here from the cache, offline); a quantization the repo lacks names the
+/// ones it has.
+#[cfg(feature = "llama")]
+#[test]
+fn repo_colon_quant_picks_the_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
+    cache_repo(
+        tmp.path(),
+        "someone/tiny-GGUF",
+        &[
+            ("tiny-F32.gguf", &tiny("tiny-f32.gguf")),
+            ("tiny-Q8_0.gguf", &tiny("tiny-q8_0.gguf")),
+        ],
+    );
+    let o = trace(
+        tmp.path(),
+        &[("HF_HUB_OFFLINE", "1")],
+        &["--model", "someone/tiny-GGUF:q8_0"],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let run = fs::read_to_string(tmp.path().join("out/run.json")).unwrap();
+    assert!(run.contains("tiny-Q8_0.gguf"), "{run}");
+    let o = trace(
+        tmp.path(),
+        &[("HF_HUB_OFFLINE", "1")],
+        &["--model", "someone/tiny-GGUF:Q4_K_M"],
+    );
+    assert_usage_error(
+        &o,
+        "someone/tiny-GGUF has no Q4_K_M GGUF; it has: tiny-F32.gguf, tiny-Q8_0.gguf",
+    );
+}
