@@ -123,6 +123,20 @@ fn token() -> Option<String> {
         .filter(|t| !t.is_empty())
 }
 
+/// The Hub client over `cache`: the user's token, one retry, `HF_ENDPOINT` for a mirror.
+fn hub_api(cache: Cache, progress: bool) -> anyhow::Result<hf_hub::api::sync::Api> {
+    let mut builder = ApiBuilder::from_cache(cache)
+        .with_token(token())
+        .with_progress(progress)
+        .with_retries(1);
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+        builder = builder.with_endpoint(endpoint);
+    }
+    builder
+        .build()
+        .map_err(|e| anyhow::anyhow!("Hugging Face client: {e}"))
+}
+
 /// One file of a repo: from the cache when present, else downloaded (with a progress bar on a
 /// terminal). `Ok(None)` for an optional file the repo does not have.
 pub fn hub_file(repo: &str, file: &str, required: bool) -> anyhow::Result<Option<PathBuf>> {
@@ -143,16 +157,7 @@ pub fn hub_file(repo: &str, file: &str, required: bool) -> anyhow::Result<Option
             Ok(None)
         };
     }
-    let mut builder = ApiBuilder::from_cache(cache)
-        .with_token(token())
-        .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_retries(1);
-    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
-        builder = builder.with_endpoint(endpoint);
-    }
-    let api = builder
-        .build()
-        .map_err(|e| anyhow::anyhow!("Hugging Face client: {e}"))?;
+    let api = hub_api(cache, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
     match api.model(repo.to_string()).get(file) {
         Ok(p) => Ok(Some(p)),
         Err(e) => {
@@ -284,15 +289,7 @@ fn repo_files(repo: &str) -> anyhow::Result<Vec<String>> {
         }
     }
     if !offline() {
-        let mut builder = ApiBuilder::from_cache(Cache::new(hub_cache_dir()))
-            .with_token(token())
-            .with_retries(1);
-        if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
-            builder = builder.with_endpoint(endpoint);
-        }
-        let api = builder
-            .build()
-            .map_err(|e| anyhow::anyhow!("Hugging Face client: {e}"))?;
+        let api = hub_api(Cache::new(hub_cache_dir()), false)?;
         match api.model(repo.to_string()).info() {
             Ok(info) => names.extend(info.siblings.into_iter().map(|s| s.rfilename)),
             // What the cache holds still answers; with nothing there, say why.
