@@ -288,17 +288,19 @@ pub fn write_csv(path: &Path, trace: &Trace) -> anyhow::Result<()> {
     })
 }
 
-/// Writes one prompt's trace files: generated text, CSV and JSON trace. Its `run.json` is
-/// written last of all its files (after the plots), so it marks a finished prompt.
+/// Writes one prompt's trace files: JSON trace, CSV and generated text, the trace first so
+/// that a kill between two of them never leaves the others without the trace they come
+/// from. Its `run.json` is written last of all its files (after the plots), so it marks a
+/// finished prompt.
 pub fn write_prompt_files(dir: &Path, trace: &Trace) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_json(&dir.join(TRACE_JSON), trace)?;
+    write_csv(&dir.join(TRACE_CSV), trace)?;
     write_atomic(&dir.join(GENERATED_TXT), |w| {
         w.write_all(trace.metadata.generated_text.as_bytes())?;
         w.write_all(b"\n")?;
         Ok(())
     })?;
-    write_csv(&dir.join(TRACE_CSV), trace)?;
-    write_json(&dir.join(TRACE_JSON), trace)?;
     Ok(())
 }
 
