@@ -44,6 +44,7 @@ fn decode_tps(src: &mut dyn LogitSource, new_tokens: usize, probe: bool) -> f64 
         probe_enabled: probe,
         logprobs: None,
         prompt_logprobs: false,
+        inside: None,
     };
     let (_, t) = generate(src, &prompts, &cfg, &mut [], &AtomicBool::new(false), &()).unwrap();
     t.decode_tokens_per_s

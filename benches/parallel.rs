@@ -53,6 +53,7 @@ fn loop_tps(src: &mut dyn LogitSource, parallel: usize) -> (f64, f64) {
         probe_enabled: true,
         logprobs: None,
         prompt_logprobs: false,
+        inside: None,
     };
     // End-of-generation is left on: both settings decode exactly the same tokens.
     let mut feed = prompts.into_iter().map(Ok);

@@ -283,6 +283,79 @@ pub struct CompareArgs {
     pub shard: ShardArgs,
 }
 
+/// Looking inside the model (Token Heatmap's flags and trace blocks).
+#[derive(Args, Debug, Default, Clone)]
+#[command(next_help_heading = "Inside the model")]
+pub struct InsideArgs {
+    /// Record the logit lens at each step: each decoder layer's output read through the
+    /// model's final norm and output head (top-k, entropy, the selected token's rank and
+    /// probability at that layer); costs a head product per layer per step
+    #[arg(long)]
+    pub capture_logit_lens: bool,
+    /// Layers the lens reads: all, or numbers such as 0,3,7 [default: all]
+    #[arg(long, value_name = "all|LIST", requires = "capture_logit_lens")]
+    pub lens_layers: Option<String>,
+    /// Candidates kept per lens layer [default: 8]
+    #[arg(long, value_name = "K", requires = "capture_logit_lens")]
+    pub lens_top_k: Option<usize>,
+    /// The lens over every prompt position too (the trace's prompt_logit_lens)
+    #[arg(long, requires = "capture_logit_lens")]
+    pub lens_prompt: bool,
+    /// The step logit_lens.png shows [default: 0]
+    #[arg(long, value_name = "STEP")]
+    pub lens_step: Option<usize>,
+    /// Record attention summaries at each step (per layer: entropy, weight on the current
+    /// and the first position, most-attended positions, each head's numbers); llama.cpp
+    /// runs without flash attention then, ONNX needs an export with standard-op attention
+    #[arg(long)]
+    pub capture_attention: bool,
+    /// Layers whose attention is summarized: all, or numbers such as 0,3,7 [default: all]
+    #[arg(long, value_name = "all|LIST", requires = "capture_attention")]
+    pub attention_layers: Option<String>,
+    /// Most-attended positions kept per layer [default: 8]
+    #[arg(long, value_name = "K", requires = "capture_attention")]
+    pub attention_top_k: Option<usize>,
+}
+
+impl InsideArgs {
+    /// The look inside the model the flags ask for; errors name the flag.
+    pub fn config(&self) -> anyhow::Result<crate::inside::InsideConfig> {
+        use crate::inside::Layers;
+        let layers = |flag: &str, v: &Option<String>| -> anyhow::Result<Layers> {
+            match v {
+                Some(s) => Layers::parse(s).map_err(|e| usage!("{flag} {e}")),
+                None => Ok(Layers::All),
+            }
+        };
+        let top_k = |flag: &str, v: Option<usize>| -> anyhow::Result<usize> {
+            match v {
+                Some(0) => Err(usage!("{flag} 0 keeps nothing: use 1 or more")),
+                Some(k) => Ok(k),
+                None => Ok(8),
+            }
+        };
+        Ok(crate::inside::InsideConfig {
+            lens: if self.capture_logit_lens {
+                Some((
+                    layers("--lens-layers", &self.lens_layers)?,
+                    top_k("--lens-top-k", self.lens_top_k)?,
+                ))
+            } else {
+                None
+            },
+            lens_prompt: self.capture_logit_lens && self.lens_prompt,
+            attention: if self.capture_attention {
+                Some((
+                    layers("--attention-layers", &self.attention_layers)?,
+                    top_k("--attention-top-k", self.attention_top_k)?,
+                ))
+            } else {
+                None
+            },
+        })
+    }
+}
+
 /// Which part of a job this process runs (see "On a cluster" in the README).
 #[derive(Args, Debug, Default, Clone)]
 #[command(next_help_heading = "Sharding")]
@@ -610,6 +683,8 @@ pub struct TraceArgs {
     #[arg(long, hide = true)]
     pub no_probe: bool,
     #[command(flatten)]
+    pub inside: InsideArgs,
+    #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
     pub shard: ShardArgs,
@@ -716,12 +791,62 @@ impl TraceArgs {
         };
         for (key, v) in &map {
             let k = key.as_str();
+            let ins = &mut self.inside;
+            match k {
+                "capture_logit_lens" => {
+                    ins.capture_logit_lens |= from_value::<Option<bool>>(k, v)?.unwrap_or(false);
+                    continue;
+                }
+                "capture_attention" => {
+                    ins.capture_attention |= from_value::<Option<bool>>(k, v)?.unwrap_or(false);
+                    continue;
+                }
+                // Token Heatmap's YAML writes a layer spec as text, or one number.
+                "lens_layers" | "attention_layers" => {
+                    let spec =
+                        match v {
+                            Value::String(s) => s.clone(),
+                            Value::Number(n) => n.to_string(),
+                            _ => return Err(usage!(
+                                "config key '{k}': give all or a list such as \"0,3,7\", not {v}"
+                            )),
+                        };
+                    crate::inside::Layers::parse(&spec)
+                        .map_err(|e| usage!("config key '{k}': {e}"))?;
+                    let slot = if k == "lens_layers" {
+                        &mut ins.lens_layers
+                    } else {
+                        &mut ins.attention_layers
+                    };
+                    if slot.is_none() {
+                        *slot = Some(spec);
+                    }
+                    continue;
+                }
+                "lens_top_k" => {
+                    fill!(ins.lens_top_k, k, v);
+                    continue;
+                }
+                "attention_top_k" => {
+                    fill!(ins.attention_top_k, k, v);
+                    continue;
+                }
+                "lens_step" => {
+                    fill!(ins.lens_step, k, v);
+                    continue;
+                }
+                "lens_prompt" => {
+                    ins.lens_prompt |= from_value::<bool>(k, v)?;
+                    continue;
+                }
+                _ => {}
+            }
             if let Some(what) = k.strip_prefix("capture_") {
                 match v {
                     Value::Bool(false) | Value::Null => continue,
                     _ => {
                         return Err(usage!(
-                            "config key '{k}': capturing {what} is not available on these engines yet; set it to false or remove it"
+                            "config key '{k}': capturing {what} is not available (logitprobe captures the logit lens and attention: capture_logit_lens, capture_attention); set it to false or remove it"
                         ))
                     }
                 }

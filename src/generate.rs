@@ -6,6 +6,7 @@
 //! random stream) and the settings: never on how many slots there are, what else passes
 //! through them, or the order in which they finish.
 
+use crate::inside::{Inside, PromptLogitLens};
 use crate::logprobs::{LogprobsMode, TokenLogprobs};
 use crate::probe::{Probe, ProbeConfig, StepOptions};
 use crate::sampler::{Rng, SamplingConfig};
@@ -59,6 +60,9 @@ pub struct GenerateConfig {
     /// Also the logprobs (and, with `probe_enabled`, the probe) of every prompt token after
     /// the first, teacher-forced, in [`Generation::prompt_logprobs`]: OpenAI's `echo`.
     pub prompt_logprobs: bool,
+    /// The logit lens and attention at each step ([`Inside::prepare`] made the engine
+    /// capture them); `None`: off.
+    pub inside: Option<Arc<Inside>>,
 }
 
 /// Which logprobs a sequence reports, and how many top ones.
@@ -132,6 +136,8 @@ pub struct Generation {
     pub prompt_logprobs: Vec<TokenLogprobs>,
     /// The probe of each prompt token after the first, with prompt logprobs and probing on.
     pub prompt_steps: Vec<Step>,
+    /// The logit lens over the prompt positions, when asked.
+    pub prompt_lens: Option<PromptLogitLens>,
 }
 
 impl Generation {
@@ -147,6 +153,7 @@ impl Generation {
             logprobs: Vec::new(),
             prompt_logprobs: Vec::new(),
             prompt_steps: Vec::new(),
+            prompt_lens: None,
         }
     }
 
@@ -396,12 +403,19 @@ pub fn run(
                 .as_ref()
                 .is_some_and(|a| a.generation.steps.is_empty())
         });
-        // A prompt with prompt logprobs gets a row for each of its positions.
+        // A prompt with prompt logprobs (or the lens over its positions) gets a row for each
+        // of its positions.
         let every: Vec<bool> = active
             .iter()
             .map(|&s| {
                 let a = slots[s].as_ref().expect("active");
-                a.generation.steps.is_empty() && a.input.settings(cfg).prompt_logprobs
+                let settings = a.input.settings(cfg);
+                a.generation.steps.is_empty()
+                    && (settings.prompt_logprobs
+                        || settings
+                            .inside
+                            .as_ref()
+                            .is_some_and(|i| i.config.lens_prompt))
             })
             .collect();
         let logits = {
@@ -417,13 +431,36 @@ pub fn run(
         };
 
         let t_probe = Instant::now();
+        let captured = source.take_captured();
+        let inside_on = active.iter().any(|&s| {
+            slots[s]
+                .as_ref()
+                .is_some_and(|a| a.input.settings(cfg).inside.is_some())
+        });
+        anyhow::ensure!(
+            !inside_on || captured.len() == logits.nrows(),
+            "the engine captured {} rows for {} logits rows",
+            captured.len(),
+            logits.nrows()
+        );
         let mut sampled = Vec::with_capacity(active.len());
         let mut row = 0;
         for (&s, &every) in active.iter().zip(&every) {
             let a = slots[s].as_mut().expect("active");
             let settings = a.input.settings(cfg);
             let n_rows = if every { a.pending.len() } else { 1 };
-            if every {
+            if let Some(inside) = settings.inside.as_deref() {
+                if every && inside.config.lens_prompt {
+                    a.generation.prompt_lens = Some(prompt_lens(
+                        inside,
+                        &captured[row..row + n_rows],
+                        &a.input.ids,
+                        &*source,
+                        &mut pieces,
+                    )?);
+                }
+            }
+            if every && settings.prompt_logprobs {
                 let rows = logits.slice(ndarray::s![row..row + n_rows - 1, ..]);
                 describe_prompt(
                     &mut probe,
@@ -439,7 +476,7 @@ pub fn run(
             row += n_rows;
             if settings.max_new_tokens == 0 {
                 // Scoring only: the prompt's rows were all that was asked.
-                sampled.push(None);
+                sampled.push((None, row - 1));
                 continue;
             }
             let row_logits = logits.row(row - 1);
@@ -476,12 +513,12 @@ pub fn run(
                 };
                 a.generation.logprobs.push(lp);
             }
-            sampled.push(Some(sp));
+            sampled.push((Some(sp), row - 1));
         }
         probe_time += t_probe.elapsed();
 
         let mut stop_all = false;
-        for (&s, sp) in active.iter().zip(sampled) {
+        for (&s, (sp, last_row)) in active.iter().zip(sampled) {
             let mut a = slots[s].take().expect("active");
             let src: &dyn LogitSource = &*source;
             let Some(sp) = sp else {
@@ -494,6 +531,22 @@ pub fn run(
             if sp.degenerate {
                 a.generation.degenerate_steps.push(step_idx);
             }
+            let (logit_lens, attention) = match a.input.settings(cfg).inside.as_deref() {
+                Some(inside) => {
+                    let t = Instant::now();
+                    let got = inside_step(
+                        inside,
+                        &captured[last_row],
+                        &a.history,
+                        tok,
+                        src,
+                        &mut pieces,
+                    )?;
+                    probe_time += t.elapsed();
+                    got
+                }
+                None => (None, None),
+            };
             let step = Step {
                 step: step_idx,
                 selected: SelectedToken {
@@ -502,6 +555,8 @@ pub fn run(
                 },
                 raw: describe(sp.raw.as_ref(), src, &mut pieces),
                 processed: describe(sp.processed.as_ref(), src, &mut pieces),
+                logit_lens,
+                attention,
             };
             let g = &mut a.generation;
             g.generated_ids.push(tok);
@@ -632,6 +687,8 @@ fn describe_prompt(
                     },
                     raw: describe(sp.raw.as_ref(), source, pieces),
                     processed: describe(sp.processed.as_ref(), source, pieces),
+                    logit_lens: None,
+                    attention: None,
                 });
             }
             if processed_top > 0 {
@@ -645,6 +702,100 @@ fn describe_prompt(
         g.prompt_logprobs.push(lp_probe.raw(row, top, next));
     }
     Ok(())
+}
+
+/// A step's lens (its layers' logits through the lens head, with `selected` as the chosen
+/// token) and attention summaries (`history` is the sequence up to the query position).
+fn inside_step(
+    inside: &Inside,
+    captured: &logitprobe_backends::Captured,
+    history: &[TokenId],
+    selected: TokenId,
+    source: &dyn LogitSource,
+    pieces: &mut Pieces,
+) -> anyhow::Result<(
+    Option<Vec<crate::inside::LogitLensLayer>>,
+    Option<Vec<crate::inside::AttentionLayerEntry>>,
+)> {
+    let lens = match (&inside.head, &captured.hidden) {
+        (Some(head), Some(hidden)) => {
+            let logits = head.logits(hidden.view());
+            Some(crate::inside::lens_step(
+                logits.view(),
+                &inside.lens_layers,
+                selected,
+                inside.lens_top_k(),
+                source,
+                pieces,
+            ))
+        }
+        (Some(_), None) => anyhow::bail!("the engine captured no layer outputs for the lens"),
+        _ => None,
+    };
+    let attention = if inside.attention_layers.is_empty() {
+        None
+    } else {
+        anyhow::ensure!(
+            captured.attention.len() == inside.attention_layers.len(),
+            "the engine captured {} attention layers of {}",
+            captured.attention.len(),
+            inside.attention_layers.len()
+        );
+        Some(
+            inside
+                .attention_layers
+                .iter()
+                .zip(&captured.attention)
+                .map(|(&layer, w)| {
+                    let n = w.ncols().min(history.len());
+                    crate::inside::attention_entry(
+                        layer,
+                        w.view(),
+                        &history[..n],
+                        inside.attention_top_k(),
+                    )
+                })
+                .collect(),
+        )
+    };
+    Ok((lens, attention))
+}
+
+/// The lens over a prompt's positions from their captures (`captured[p]` is position `p`).
+fn prompt_lens(
+    inside: &Inside,
+    captured: &[logitprobe_backends::Captured],
+    ids: &[TokenId],
+    source: &dyn LogitSource,
+    pieces: &mut Pieces,
+) -> anyhow::Result<PromptLogitLens> {
+    let head = inside
+        .head
+        .as_ref()
+        .context("the prompt lens needs the lens on")?;
+    let mut positions = Vec::with_capacity(captured.len());
+    for (p, (c, &id)) in captured.iter().zip(ids).enumerate() {
+        let hidden = c
+            .hidden
+            .as_ref()
+            .context("the engine captured no layer outputs for the prompt lens")?;
+        let logits = head.logits(hidden.view());
+        positions.push(crate::inside::lens_prompt_position(
+            logits.view(),
+            &inside.lens_layers,
+            p,
+            id,
+            inside.lens_top_k(),
+            source,
+            pieces,
+        ));
+    }
+    Ok(PromptLogitLens {
+        schema_version: "1.0".into(),
+        top_k: inside.lens_top_k(),
+        num_layers: inside.arch.n_layer,
+        positions,
+    })
 }
 
 /// Checks that a prompt has tokens and leaves room in the context for one more.

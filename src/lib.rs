@@ -11,6 +11,7 @@ pub mod commands;
 pub mod compare;
 pub mod describe;
 pub mod generate;
+pub mod inside;
 pub mod kernels;
 pub mod logprobs;
 pub mod merge;

@@ -110,6 +110,32 @@ fn fix_for(e: &logitprobe_backends::Error) -> Option<String> {
             Some(format!("rebuild logitprobe with `--features {engine}`"))
         }
         Error::BadTestModel { .. } => Some("e.g. --model 300:0".into()),
+        Error::LayerOutOfRange { part, n_layer, .. } => Some(format!(
+            "give {} layers between 0 and {} (or all)",
+            match part {
+                logitprobe_backends::InsidePart::LogitLens => "--lens-layers",
+                logitprobe_backends::InsidePart::Attention => "--attention-layers",
+            },
+            n_layer.saturating_sub(1)
+        )),
+        Error::AttentionNeedsFlashAttnOff => {
+            Some("use --flash-attn off (or auto) with --capture-attention".into())
+        }
+        Error::AttentionFused { .. } => {
+            Some("drop --capture-attention (the logit lens still works)".into())
+        }
+        Error::AttentionWindowed { n_swa, .. } => {
+            Some(format!("use --ctx-size {n_swa} or less with --capture-attention"))
+        }
+        Error::LensUnknownArchitecture { .. } | Error::LensHeadUnreadable { .. } => {
+            Some("drop --capture-logit-lens for this model".into())
+        }
+        Error::GraphNotUnderstood { .. } => Some(
+            "drop --capture-logit-lens and --capture-attention for this export".into(),
+        ),
+        Error::CaptureUnsupported { .. } => Some(
+            "drop --capture-logit-lens and --capture-attention, or use --backend llama or onnx".into(),
+        ),
         _ => None,
     }
 }

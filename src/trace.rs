@@ -20,6 +20,12 @@ pub const SCHEMA_VERSION: &str = "2.0.0";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Trace {
     pub schema_version: String,
+    /// Present when attention was captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_metadata: Option<crate::inside::AttentionMetadata>,
+    /// Present when the lens read the prompt positions too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logit_lens: Option<crate::inside::PromptLogitLens>,
     pub metadata: Metadata,
     pub tokens: PromptTokens,
     pub steps: Vec<Step>,
@@ -74,6 +80,12 @@ pub struct Step {
     pub selected: SelectedToken,
     pub raw: DistributionOut,
     pub processed: DistributionOut,
+    /// Each lens layer's view of this step, ascending by layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_lens: Option<Vec<crate::inside::LogitLensLayer>>,
+    /// Each captured layer's attention at this step, ascending by layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention: Option<Vec<crate::inside::AttentionLayerEntry>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -225,6 +237,8 @@ pub fn build_trace(
     text.extend_from_slice(&generation.text[..generation.text_len]);
     Trace {
         schema_version: SCHEMA_VERSION.into(),
+        attention_metadata: gen.inside.as_ref().and_then(|i| i.attention_metadata()),
+        prompt_logit_lens: generation.prompt_lens.clone(),
         metadata: Metadata {
             model: model_label.to_string(),
             prompt: input.prompt.clone(),
@@ -297,6 +311,34 @@ pub struct RunRecord {
     /// run ends).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timings: Option<Timings>,
+    /// The logit lens and attention settings, when the run looked inside the model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inside: Option<InsideRecord>,
+}
+
+/// How a run looked inside the model.
+#[derive(Debug, Clone, Serialize)]
+pub struct InsideRecord {
+    pub lens_layers: Vec<usize>,
+    pub lens_top_k: usize,
+    pub lens_prompt: bool,
+    /// Bytes of the f32 output head the lens holds.
+    pub lens_head_bytes: Option<usize>,
+    pub attention_layers: Vec<usize>,
+    pub attention_top_k: usize,
+}
+
+impl From<&crate::inside::Inside> for InsideRecord {
+    fn from(i: &crate::inside::Inside) -> Self {
+        InsideRecord {
+            lens_layers: i.lens_layers.clone(),
+            lens_top_k: i.lens_top_k(),
+            lens_prompt: i.config.lens_prompt,
+            lens_head_bytes: i.head.as_ref().map(|h| h.bytes()),
+            attention_layers: i.attention_layers.clone(),
+            attention_top_k: i.attention_top_k(),
+        }
+    }
 }
 
 /// A shard's part of a sharded run.

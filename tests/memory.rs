@@ -53,6 +53,7 @@ fn two_thousand_steps_stay_small() {
         probe_enabled: true,
         logprobs: None,
         prompt_logprobs: false,
+        inside: None,
     };
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);

@@ -21,13 +21,16 @@
 //! assert_eq!(logits.shape(), &[1, 300]);
 //! ```
 
+pub use inside::{Architecture, CaptureSpec, Captured, LensHead};
 use ndarray::Array2;
 use serde::Serialize;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub mod gguf;
 #[cfg(feature = "onnx")]
 pub mod hf;
+pub mod inside;
 pub mod onnx_proto;
 pub mod test_source;
 
@@ -152,6 +155,40 @@ pub trait LogitSource {
     /// decoding.
     fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>>;
 
+    /// The decoder's shape (layers, heads, widths), where the engine knows it.
+    fn architecture(&self) -> Option<Architecture> {
+        None
+    }
+
+    /// Looks inside the model from the next decode on: each decoder layer's output (the
+    /// residual stream the logit lens reads) and attention weights, for the layers `spec`
+    /// names; an empty spec turns it off. Call it before [`LogitSource::begin`]. An engine
+    /// that cannot read a part says why (a typed [`Error`]).
+    fn set_capture(&mut self, spec: &CaptureSpec) -> anyhow::Result<()> {
+        if spec.is_empty() {
+            return Ok(());
+        }
+        Err(Error::CaptureUnsupported {
+            engine: self.info().engine.clone(),
+        }
+        .into())
+    }
+
+    /// What the last [`LogitSource::decode_rows`] or [`LogitSource::score`] captured, one
+    /// entry per logits row it returned, in the same order; empty when capture is off.
+    fn take_captured(&mut self) -> Vec<Captured> {
+        Vec::new()
+    }
+
+    /// The model's final norm and output head, which turn a captured layer output into
+    /// logits (the logit lens). Read from the model once, on the first call.
+    fn lens_head(&mut self) -> anyhow::Result<Arc<LensHead>> {
+        Err(Error::CaptureUnsupported {
+            engine: self.info().engine.clone(),
+        }
+        .into())
+    }
+
     /// Decoded text of `ids`; special tokens are skipped when `skip_special`.
     fn detokenize(&self, ids: &[TokenId], skip_special: bool) -> String {
         let mut bytes = Vec::new();
@@ -209,6 +246,18 @@ impl<T: LogitSource + ?Sized> LogitSource for Box<T> {
     }
     fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
         (**self).score(tokens)
+    }
+    fn architecture(&self) -> Option<Architecture> {
+        (**self).architecture()
+    }
+    fn set_capture(&mut self, spec: &CaptureSpec) -> anyhow::Result<()> {
+        (**self).set_capture(spec)
+    }
+    fn take_captured(&mut self) -> Vec<Captured> {
+        (**self).take_captured()
+    }
+    fn lens_head(&mut self) -> anyhow::Result<Arc<LensHead>> {
+        (**self).lens_head()
     }
     fn detokenize(&self, ids: &[TokenId], skip_special: bool) -> String {
         (**self).detokenize(ids, skip_special)
@@ -277,6 +326,34 @@ pub enum Error {
     EngineNotBuilt { engine: &'static str },
     /// The test source's model spec is malformed.
     BadTestModel { spec: String, min_vocab: usize },
+    /// The engine cannot look inside the model (no logit lens, no attention).
+    CaptureUnsupported { engine: String },
+    /// A layer asked for (by the lens, or attention) beyond the model's decoder layers.
+    LayerOutOfRange {
+        part: InsidePart,
+        layer: usize,
+        n_layer: usize,
+    },
+    /// Attention weights asked for while flash attention fuses them away (llama.cpp).
+    AttentionNeedsFlashAttnOff,
+    /// The export computes attention in one fused node whose weights are not an output.
+    AttentionFused { op: String },
+    /// Sliding-window layers reuse KV cells past the window, so a weight's column is no
+    /// longer its position (llama.cpp's SWA cache).
+    AttentionWindowed { n_swa: usize, n_ctx: usize },
+    /// The logit lens does not know how this architecture turns a layer output into logits.
+    LensUnknownArchitecture { arch: String, known: &'static str },
+    /// The model's final norm or output head cannot be read for the lens.
+    LensHeadUnreadable { reason: String },
+    /// The export's graph does not show its decoder layers the way the lens finds them.
+    GraphNotUnderstood { reason: String },
+}
+
+/// Which look inside the model a setting is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsidePart {
+    LogitLens,
+    Attention,
 }
 
 impl std::fmt::Display for Error {
@@ -350,6 +427,46 @@ impl std::fmt::Display for Error {
             Error::BadTestModel { spec, min_vocab } => write!(
                 f,
                 "test backend model '{spec}' is invalid: use VOCAB[:SEED[:EOS_BIAS]] with VOCAB >= {min_vocab}"
+            ),
+            Error::CaptureUnsupported { engine } => write!(
+                f,
+                "the {engine} engine cannot look inside the model (no logit lens, no attention)"
+            ),
+            Error::LayerOutOfRange {
+                part,
+                layer,
+                n_layer,
+            } => write!(
+                f,
+                "{} layer {layer} is beyond the model's {n_layer} decoder layers (0 to {})",
+                match part {
+                    InsidePart::LogitLens => "logit lens",
+                    InsidePart::Attention => "attention",
+                },
+                n_layer.saturating_sub(1)
+            ),
+            Error::AttentionNeedsFlashAttnOff => write!(
+                f,
+                "flash attention fuses the attention softmax, so its weights cannot be read"
+            ),
+            Error::AttentionFused { op } => write!(
+                f,
+                "this export computes attention in fused {op} nodes, whose weights are not an output; attention needs an export with standard ops (optimum)"
+            ),
+            Error::AttentionWindowed { n_swa, n_ctx } => write!(
+                f,
+                "the model's sliding-window layers ({n_swa} tokens) reuse KV cells in a context of {n_ctx}, so attention positions cannot be told apart; use a context of {n_swa} tokens or less"
+            ),
+            Error::LensUnknownArchitecture { arch, known } => write!(
+                f,
+                "the logit lens does not know how architecture '{arch}' turns a layer's output into logits (it knows {known})"
+            ),
+            Error::LensHeadUnreadable { reason } => {
+                write!(f, "the logit lens cannot read the model's output head: {reason}")
+            }
+            Error::GraphNotUnderstood { reason } => write!(
+                f,
+                "cannot find the decoder layers in this export's graph: {reason}"
             ),
         }
     }

@@ -6,6 +6,7 @@
 //! with distinct sequence ids, asking logits only for each sequence's last token.
 
 use crate::gguf::{GgufHeader, LLAMA_CPP_ARCHS};
+use crate::inside::{Architecture, CaptureSpec, Captured, FinalNorm, LensHead};
 use crate::{usage, EngineOptions, FlashAttn, LogitSource, ModelInfo, TokenId};
 use anyhow::Context as _;
 use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
@@ -17,8 +18,8 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use ndarray::Array2;
 use std::num::NonZeroU32;
-use std::path::Path;
-use std::sync::OnceLock;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// llama.cpp's backend may be initialized once per process.
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
@@ -83,7 +84,18 @@ self_cell::self_cell!(
 
 /// A GGUF model in llama.cpp.
 pub struct LlamaSource {
+    /// Declared first, so dropped first: a context made with the eval callback holds a
+    /// pointer to `capture`.
     state: State,
+    /// What the eval callback looks for and copies (shared with it, see [`eval_callback`]).
+    capture: Arc<Mutex<CaptureState>>,
+    /// What the last decode captured, one entry per logits row.
+    captured: Vec<Captured>,
+    lens: Option<Arc<LensHead>>,
+    path: PathBuf,
+    arch: Architecture,
+    /// Sliding-window size of the model's SWA layers (0: none).
+    n_swa: usize,
     info: ModelInfo,
     opts: EngineOptions,
     /// Context length of each sequence.
@@ -290,8 +302,30 @@ impl LlamaSource {
             logits_dtype: "float32".into(),
             details,
         };
+        let head_dim = header
+            .get(&format!("{arch}.attention.key_length"))
+            .and_then(|v| v.as_u64())
+            .map(|d| d as usize)
+            .unwrap_or(model.n_embd() as usize / (model.n_head() as usize).max(1));
+        let architecture = Architecture {
+            n_layer: model.n_layer() as usize,
+            n_head: model.n_head() as usize,
+            n_head_kv: model.n_head_kv() as usize,
+            head_dim,
+            n_embd: model.n_embd() as usize,
+        };
+        // SAFETY: the model pointer is valid for this call (the model is alive and owned).
+        let n_swa =
+            usize::try_from(unsafe { llama_cpp_sys_2::llama_model_n_swa(model_ptr(&model)) })
+                .unwrap_or(0);
         let mut src = LlamaSource {
             state: State::Model(model),
+            capture: Arc::default(),
+            captured: Vec::new(),
+            lens: None,
+            path: path.to_path_buf(),
+            arch: architecture,
+            n_swa,
             info,
             opts: opts.clone(),
             n_ctx,
@@ -352,12 +386,18 @@ impl LlamaSource {
         // Every slot may ask for its logits in one decode: llama.cpp sizes its output buffer
         // by n_batch and aborts past it.
         let n_batch = self.n_batch.max(n_slots) as u32;
+        let (capturing, attention) = match self.capture.lock() {
+            Ok(c) => (!c.spec.is_empty(), !c.spec.attention_layers.is_empty()),
+            Err(_) => anyhow::bail!("the capture state was poisoned by a panic"),
+        };
+        // Attention weights exist only without flash attention (set_capture refused `on`).
         let flash = match self.opts.flash_attn {
+            _ if attention => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
             FlashAttn::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
             FlashAttn::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
             FlashAttn::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
         };
-        let params = LlamaContextParams::default()
+        let mut params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(total))
             .with_n_batch(n_batch)
             .with_n_ubatch(n_batch)
@@ -372,6 +412,16 @@ impl LlamaSource {
                 self.opts.cache_type_v.as_deref().unwrap_or("f16"),
             )?)
             .with_flash_attention_policy(flash);
+        if capturing {
+            let user_data = Arc::as_ptr(&self.capture)
+                .cast_mut()
+                .cast::<std::ffi::c_void>();
+            // SAFETY: `user_data` points into `self.capture`, an Arc this source holds for
+            // as long as the context lives (the context is dropped first, see the field
+            // order), and the callback only takes shared references to the Mutex in it;
+            // `eval_callback` catches panics.
+            params = unsafe { params.with_cb_eval(Some(eval_callback), user_data) };
+        }
         match ModelCtx::try_new_or_recover(model, |m| m.new_context(backend, params)) {
             Ok(cell) => {
                 self.state = State::Ready(cell);
@@ -419,7 +469,18 @@ impl LlamaSource {
         &mut self,
         items: &[(i32, i32, TokenId, Option<usize>)],
         out: &mut Array2<f32>,
+        attention_rows: bool,
     ) -> anyhow::Result<()> {
+        self.captured.clear();
+        let capturing = !self
+            .capture
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the capture state was poisoned by a panic"))?
+            .spec
+            .is_empty();
+        if capturing {
+            return self.run_capturing(items, out, attention_rows);
+        }
         let n_vocab = self.info.n_vocab;
         let n_batch = self.n_batch_ctx;
         let n_seqs = self.n_seqs.max(1) as i32;
@@ -447,6 +508,61 @@ impl LlamaSource {
             }
             Ok(())
         })
+    }
+
+    /// [`LlamaSource::run`] with the eval callback on: one sequence per `llama_decode`, so
+    /// that a ubatch is that sequence's tokens in order and the callback's rows map to
+    /// positions; each logits row gets its [`Captured`].
+    fn run_capturing(
+        &mut self,
+        items: &[(i32, i32, TokenId, Option<usize>)],
+        out: &mut Array2<f32>,
+        attention_rows: bool,
+    ) -> anyhow::Result<()> {
+        let n_vocab = self.info.n_vocab;
+        let n_batch = self.n_batch_ctx;
+        let n_seqs = self.n_seqs.max(1) as i32;
+        let capture = Arc::clone(&self.capture);
+        let poisoned = || anyhow::anyhow!("the capture state was poisoned by a panic");
+        let State::Ready(cell) = &mut self.state else {
+            anyhow::bail!("llama.cpp context missing");
+        };
+        let captured = &mut self.captured;
+        let mut start = 0;
+        while start < items.len() {
+            let seq = items[start].0;
+            let end = start + items[start..].iter().take_while(|i| i.0 == seq).count();
+            let entry = &items[start..end];
+            for (c, chunk) in entry.chunks(n_batch).enumerate() {
+                let last_chunk = (c + 1) * n_batch >= entry.len();
+                {
+                    let mut st = capture.lock().map_err(|_| poisoned())?;
+                    st.begin_decode((attention_rows && last_chunk).then(|| chunk.len() - 1));
+                }
+                cell.with_dependent_mut(|_, ctx| -> anyhow::Result<()> {
+                    let mut batch = LlamaBatch::new(n_batch, n_seqs);
+                    for &(seq, pos, tok, row) in chunk {
+                        batch.add(LlamaToken(tok as i32), pos, &[seq], row.is_some())?;
+                    }
+                    ctx.decode(&mut batch)
+                        .map_err(|e| anyhow::anyhow!("llama_decode failed: {e}"))?;
+                    for (i, &(_, _, _, row)) in chunk.iter().enumerate() {
+                        if let Some(r) = row {
+                            let logits = ctx.get_logits_ith(i as i32);
+                            out.row_mut(r)
+                                .as_slice_mut()
+                                .expect("standard layout")
+                                .copy_from_slice(&logits[..n_vocab]);
+                        }
+                    }
+                    Ok(())
+                })?;
+                let st = capture.lock().map_err(|_| poisoned())?;
+                st.rows_of(chunk, captured)?;
+            }
+            start = end;
+        }
+        Ok(())
     }
 
     fn clear_kv(&mut self) {
@@ -580,8 +696,60 @@ impl LogitSource for LlamaSource {
             self.pos[seq] = start + tokens.len() as i32;
         }
         let mut out = Array2::zeros((row, self.info.n_vocab));
-        self.run(&items, &mut out)?;
+        self.run(&items, &mut out, true)?;
         Ok(out)
+    }
+
+    fn architecture(&self) -> Option<Architecture> {
+        Some(self.arch)
+    }
+
+    fn set_capture(&mut self, spec: &CaptureSpec) -> anyhow::Result<()> {
+        spec.check(self.arch.n_layer)?;
+        if !spec.attention_layers.is_empty() {
+            if self.opts.flash_attn == FlashAttn::On {
+                return Err(crate::Error::AttentionNeedsFlashAttnOff.into());
+            }
+            // Past the window, sliding-window layers reuse cells: a column is no longer a
+            // position.
+            if self.n_swa > 0 && self.n_ctx > self.n_swa {
+                return Err(crate::Error::AttentionWindowed {
+                    n_swa: self.n_swa,
+                    n_ctx: self.n_ctx,
+                }
+                .into());
+            }
+        }
+        {
+            let mut st = self
+                .capture
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the capture state was poisoned by a panic"))?;
+            if st.spec == *spec {
+                return Ok(());
+            }
+            st.spec = spec.clone();
+        }
+        if !spec.attention_layers.is_empty() {
+            self.info
+                .details
+                .insert("flash_attn".into(), "off (attention capture)".into());
+        }
+        // The callback is a context parameter: a new context picks it up.
+        self.make_context(self.n_seqs.max(1))
+    }
+
+    fn take_captured(&mut self) -> Vec<Captured> {
+        std::mem::take(&mut self.captured)
+    }
+
+    fn lens_head(&mut self) -> anyhow::Result<Arc<LensHead>> {
+        if let Some(h) = &self.lens {
+            return Ok(Arc::clone(h));
+        }
+        let head = Arc::new(read_lens_head(&self.path)?);
+        self.lens = Some(Arc::clone(&head));
+        Ok(head)
     }
 
     fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
@@ -606,7 +774,7 @@ impl LogitSource for LlamaSource {
             .map(|(i, &t)| (0, i as i32, t, Some(i)))
             .collect();
         let mut out = Array2::zeros((tokens.len(), self.info.n_vocab));
-        self.run(&items, &mut out)?;
+        self.run(&items, &mut out, false)?;
         // The KV cache now holds this sequence: the next decode must begin() again.
         self.clear_kv();
         Ok(out)
@@ -640,4 +808,478 @@ fn mem_available() -> Option<u64> {
 /// llama.cpp's own default: the physical cores.
 fn default_threads() -> usize {
     crate::physical_cores()
+}
+
+/// The raw model pointer of a llama-cpp-2 model, for the few calls it does not wrap.
+fn model_ptr(model: &LlamaModel) -> *mut llama_cpp_sys_2::llama_model {
+    // SAFETY: `LlamaModel` is `#[repr(transparent)]` over a non-null `*mut llama_model`
+    // (llama-cpp-2's `Ptr`), so reading the first pointer-sized field reads that pointer.
+    unsafe { *(model as *const LlamaModel).cast::<*mut llama_cpp_sys_2::llama_model>() }
+}
+
+/// What the eval callback looks for in the graph, and what it copied during one decode call.
+#[derive(Debug, Default)]
+struct CaptureState {
+    spec: CaptureSpec,
+    /// The ubatch row whose attention weights are copied (the sequence's last token), if any.
+    attention_row: Option<usize>,
+    /// Per asked hidden layer: (rows, the `[rows, n_embd]` data of `l_out-<layer>`).
+    l_out: Vec<Option<(usize, Vec<f32>)>>,
+    /// Per asked attention layer: (n_kv, n_head, `[n_head, n_kv]` weights of the row).
+    kq: Vec<Option<(usize, usize, Vec<f32>)>>,
+    /// The first thing that went wrong inside the callback (it cannot return an error).
+    error: Option<String>,
+}
+
+/// A graph tensor the capture wants: the index of its layer in the asked lists.
+#[derive(Debug, Clone, Copy)]
+enum Wanted {
+    Hidden(usize),
+    Attention(usize),
+}
+
+impl CaptureState {
+    fn begin_decode(&mut self, attention_row: Option<usize>) {
+        self.attention_row = attention_row;
+        self.l_out = vec![None; self.spec.hidden_layers.len()];
+        self.kq = vec![None; self.spec.attention_layers.len()];
+        self.error = None;
+    }
+
+    /// Layer outputs are named `l_out-<layer>`, attention weights `kq_soft_max-<layer>`
+    /// (llama.cpp's `cb(cur, name, il)` in every architecture's graph).
+    fn wanted(&self, name: &[u8]) -> Option<Wanted> {
+        let layer = |prefix: &[u8]| -> Option<usize> {
+            std::str::from_utf8(name.strip_prefix(prefix)?)
+                .ok()?
+                .parse()
+                .ok()
+        };
+        if let Some(l) = layer(b"l_out-") {
+            return self
+                .spec
+                .hidden_layers
+                .binary_search(&l)
+                .ok()
+                .map(Wanted::Hidden);
+        }
+        if self.attention_row.is_some() {
+            if let Some(l) = layer(b"kq_soft_max-") {
+                return self
+                    .spec
+                    .attention_layers
+                    .binary_search(&l)
+                    .ok()
+                    .map(Wanted::Attention);
+            }
+        }
+        None
+    }
+
+    /// Copies what `wanted` asks of `t` out of llama.cpp's buffer (valid only during the
+    /// callback).
+    fn copy(&mut self, wanted: Wanted, t: &llama_cpp_sys_2::ggml_tensor) -> Result<(), String> {
+        // SAFETY: `t` is the live tensor llama.cpp passed to this callback.
+        let contiguous = unsafe { llama_cpp_sys_2::ggml_is_contiguous(t) };
+        if t.type_ != llama_cpp_sys_2::GGML_TYPE_F32 || !contiguous {
+            return Err(format!(
+                "llama.cpp's {} is not a contiguous f32 tensor",
+                String::from_utf8_lossy(tensor_name(t))
+            ));
+        }
+        let ne = t.ne.map(|n| usize::try_from(n).unwrap_or(0));
+        match wanted {
+            Wanted::Hidden(i) => {
+                let mut data = vec![0f32; ne[0] * ne[1]];
+                // SAFETY: `data` holds exactly the tensor's ne0 * ne1 f32 values (checked
+                // contiguous f32 of that shape, ne2 = ne3 = 1 for a layer output).
+                if ne[2] * ne[3] != 1 {
+                    return Err("a layer output with more than two dimensions".into());
+                }
+                unsafe {
+                    llama_cpp_sys_2::ggml_backend_tensor_get(
+                        t,
+                        data.as_mut_ptr().cast(),
+                        0,
+                        data.len() * 4,
+                    )
+                };
+                self.l_out[i] = Some((ne[1], data));
+            }
+            Wanted::Attention(i) => {
+                let row = self.attention_row.unwrap_or(0);
+                let (n_kv, n_tokens, n_head) = (ne[0], ne[1], ne[2]);
+                if ne[3] != 1 || row >= n_tokens {
+                    return Err(format!(
+                        "attention weights of shape {ne:?} have no row {row} of one sequence"
+                    ));
+                }
+                let mut data = vec![0f32; n_head * n_kv];
+                for h in 0..n_head {
+                    let offset = h * t.nb[2] + row * t.nb[1];
+                    // SAFETY: the head's row of n_kv f32 values lies inside the tensor
+                    // (row < ne1, h < ne2, contiguous), and the destination slice holds them.
+                    unsafe {
+                        llama_cpp_sys_2::ggml_backend_tensor_get(
+                            t,
+                            data[h * n_kv..].as_mut_ptr().cast(),
+                            offset,
+                            n_kv * 4,
+                        )
+                    };
+                }
+                self.kq[i] = Some((n_kv, n_head, data));
+            }
+        }
+        Ok(())
+    }
+
+    /// The captures of the logits rows of one decoded chunk (one sequence's tokens in order),
+    /// appended to `out` in row order.
+    fn rows_of(
+        &self,
+        chunk: &[(i32, i32, TokenId, Option<usize>)],
+        out: &mut Vec<Captured>,
+    ) -> anyhow::Result<()> {
+        if let Some(e) = &self.error {
+            anyhow::bail!("reading inside the model failed: {e}");
+        }
+        let n_out = chunk.iter().filter(|i| i.3.is_some()).count();
+        let mut k = 0;
+        for (i, &(_, pos, _, row)) in chunk.iter().enumerate() {
+            if row.is_none() {
+                continue;
+            }
+            let mut got = Captured::default();
+            if !self.spec.hidden_layers.is_empty() {
+                let mut rows = Vec::with_capacity(self.spec.hidden_layers.len());
+                for (j, layer) in self.spec.hidden_layers.iter().enumerate() {
+                    let Some((n_rows, data)) = &self.l_out[j] else {
+                        anyhow::bail!("llama.cpp's graph has no output of layer {layer}");
+                    };
+                    // The last layer keeps only the rows whose logits were asked for.
+                    let r = if *n_rows == chunk.len() {
+                        i
+                    } else if *n_rows == n_out {
+                        k
+                    } else {
+                        anyhow::bail!(
+                            "layer {layer}'s output has {n_rows} rows for {} tokens ({n_out} with logits)",
+                            chunk.len()
+                        );
+                    };
+                    let width = data.len() / n_rows.max(&1);
+                    rows.push(&data[r * width..(r + 1) * width]);
+                }
+                let width = rows[0].len();
+                let mut hidden = Array2::zeros((rows.len(), width));
+                for (mut dst, src) in hidden.outer_iter_mut().zip(rows) {
+                    dst.assign(&ndarray::ArrayView1::from(src));
+                }
+                got.hidden = Some(hidden);
+            }
+            if self.attention_row == Some(i) {
+                let n_pos = pos as usize + 1;
+                for (j, layer) in self.spec.attention_layers.iter().enumerate() {
+                    let Some((n_kv, n_head, data)) = &self.kq[j] else {
+                        anyhow::bail!("llama.cpp's graph has no attention weights of layer {layer} (is flash attention on?)");
+                    };
+                    anyhow::ensure!(
+                        *n_kv >= n_pos,
+                        "layer {layer}'s attention covers {n_kv} cells for position {pos}"
+                    );
+                    let mut w = Array2::zeros((*n_head, n_pos));
+                    for (h, mut dst) in w.outer_iter_mut().enumerate() {
+                        dst.assign(&ndarray::ArrayView1::from(
+                            &data[h * n_kv..h * n_kv + n_pos],
+                        ));
+                    }
+                    got.attention.push(w);
+                }
+            }
+            out.push(got);
+            k += 1;
+        }
+        Ok(())
+    }
+}
+
+/// The NUL-terminated name of a ggml tensor.
+fn tensor_name(t: &llama_cpp_sys_2::ggml_tensor) -> &[u8] {
+    // SAFETY: `name` is a plain array of 64 c_char; reading it as bytes is always valid.
+    let bytes: &[u8] = unsafe { std::slice::from_raw_parts(t.name.as_ptr().cast(), t.name.len()) };
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    &bytes[..end]
+}
+
+/// llama.cpp's eval callback (`cb_eval`): answers whether a graph node is one the capture
+/// wants (ask phase), and copies it when llama.cpp has computed it (data phase).
+unsafe extern "C" fn eval_callback(
+    t: *mut llama_cpp_sys_2::ggml_tensor,
+    ask: bool,
+    user_data: *mut std::ffi::c_void,
+) -> bool {
+    // In the data phase, `false` would cancel the rest of the graph: always go on.
+    if t.is_null() || user_data.is_null() {
+        return !ask;
+    }
+    // SAFETY: `user_data` is the `Mutex<CaptureState>` inside the Arc the source keeps for
+    // as long as this context lives (see `make_context`); `t` is valid for this call.
+    let (state, t) = unsafe {
+        (
+            &*user_data.cast_const().cast::<Mutex<CaptureState>>(),
+            &*t.cast_const(),
+        )
+    };
+    // A panic must not unwind into C++.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let Ok(mut st) = state.lock() else {
+            return !ask;
+        };
+        let Some(wanted) = st.wanted(tensor_name(t)) else {
+            return !ask;
+        };
+        if ask {
+            return true;
+        }
+        if let Err(e) = st.copy(wanted, t) {
+            st.error.get_or_insert(e);
+        }
+        true
+    }))
+    .unwrap_or(!ask)
+}
+
+/// Architectures whose graph ends in RMSNorm(`output_norm`) → `output` (or the tied
+/// `token_embd`), as the vendored llama.cpp builds them (`src/models/<arch>.cpp`), with what
+/// each does to the logits after the head.
+const LENS_ARCHS: &str = "llama, mistral3, qwen2, qwen2moe, qwen3, qwen3moe, gemma, gemma2, gemma3, phi3, granite, olmo2, smollm3";
+
+/// The lens head of a GGUF: the final norm and output head, dequantized to f32 with ggml's
+/// own routines.
+fn read_lens_head(path: &Path) -> anyhow::Result<LensHead> {
+    let header = GgufHeader::read(path)?;
+    let arch = header.architecture().unwrap_or_default().to_string();
+    let key = |k: &str| header.get(&format!("{arch}.{k}")).and_then(|v| v.as_f64());
+    let (scale, softcap) = match arch.as_str() {
+        "llama" | "mistral3" | "qwen2" | "qwen2moe" | "qwen3" | "qwen3moe" | "gemma" | "phi3"
+        | "olmo2" | "smollm3" => (1.0, None),
+        "gemma2" => (1.0, Some(key("final_logit_softcapping").unwrap_or(30.0))),
+        "gemma3" => (1.0, key("final_logit_softcapping").filter(|&c| c != 0.0)),
+        "granite" => match key("logit_scale") {
+            Some(s) if s != 0.0 => (1.0 / s, None),
+            _ => {
+                return Err(crate::Error::LensHeadUnreadable {
+                    reason: "granite's logit_scale is missing or 0".into(),
+                }
+                .into())
+            }
+        },
+        _ => {
+            return Err(crate::Error::LensUnknownArchitecture {
+                arch,
+                known: LENS_ARCHS,
+            }
+            .into())
+        }
+    };
+    let eps =
+        key("attention.layer_norm_rms_epsilon").ok_or_else(|| crate::Error::LensHeadUnreadable {
+            reason: format!("{arch}.attention.layer_norm_rms_epsilon is missing"),
+        })? as f32;
+    let norm = read_tensor(path, &header, "output_norm.weight")?.ok_or_else(|| {
+        crate::Error::LensHeadUnreadable {
+            reason: "the GGUF has no output_norm.weight".into(),
+        }
+    })?;
+    // Tied embeddings: llama.cpp uses token_embd.weight when there is no output.weight.
+    let head = match GgmlRows::read(path, &header, "output.weight")? {
+        Some(h) => Some(h),
+        None => GgmlRows::read(path, &header, "token_embd.weight")?,
+    };
+    let mut lens = LensHead::new(
+        FinalNorm::Rms {
+            weight: norm.into_raw_vec_and_offset().0,
+            eps,
+        },
+        head.ok_or_else(|| crate::Error::LensHeadUnreadable {
+            reason: "the GGUF has neither output.weight nor token_embd.weight".into(),
+        })?,
+    )?
+    .with_scale(scale as f32);
+    if let Some(bias) = read_tensor(path, &header, "output.bias")? {
+        lens = lens.with_bias(bias.into_raw_vec_and_offset().0)?;
+    }
+    if let Some(cap) = softcap {
+        lens = lens.with_softcap(cap as f32);
+    }
+    Ok(lens)
+}
+
+/// An output head as llama.cpp keeps it: its rows in the GGUF's own type, multiplied as
+/// llama.cpp's CPU kernels do (the input row quantized to the type's `vec_dot_type`, then
+/// `vec_dot` per vocabulary row). A quantized head thus gives the lens the engine's own
+/// activation quantization, and the last layer's lens equals its logits.
+#[derive(Debug)]
+struct GgmlRows {
+    n_vocab: usize,
+    n_embd: usize,
+    row_bytes: usize,
+    data: Vec<u8>,
+    /// Bytes of one input row in the vec_dot type.
+    input_bytes: usize,
+    from_float: unsafe extern "C" fn(*const f32, *mut std::ffi::c_void, i64),
+    vec_dot: unsafe extern "C" fn(
+        std::os::raw::c_int,
+        *mut f32,
+        usize,
+        *const std::ffi::c_void,
+        usize,
+        *const std::ffi::c_void,
+        usize,
+        std::os::raw::c_int,
+    ),
+}
+
+impl GgmlRows {
+    /// The tensor `name` of the GGUF, `None` when the file has none.
+    fn read(path: &Path, header: &GgufHeader, name: &str) -> anyhow::Result<Option<GgmlRows>> {
+        let unreadable = |reason: String| crate::Error::LensHeadUnreadable { reason };
+        let Some(info) = header.tensors.iter().find(|t| t.name == name) else {
+            return Ok(None);
+        };
+        let ty = info.ggml_type;
+        if ty >= llama_cpp_sys_2::GGML_TYPE_COUNT {
+            return Err(unreadable(format!("{name} has type {ty}, unknown to ggml")).into());
+        }
+        let n_embd = *info.dims.first().unwrap_or(&1) as usize;
+        let n_vocab = info.n_elements() as usize / n_embd.max(1);
+        // SAFETY: ggml_cpu_init only fills ggml's CPU tables (idempotent); a type id below
+        // GGML_TYPE_COUNT indexes those static tables.
+        let (cpu, dot_type) = unsafe {
+            llama_cpp_sys_2::ggml_cpu_init();
+            let cpu = &*llama_cpp_sys_2::ggml_get_type_traits_cpu(ty);
+            (cpu, &*llama_cpp_sys_2::ggml_get_type_traits_cpu(cpu.vec_dot_type))
+        };
+        let (Some(vec_dot), Some(from_float)) = (cpu.vec_dot, dot_type.from_float) else {
+            return Err(unreadable(format!("ggml's CPU backend cannot multiply {name} (type {ty})")).into());
+        };
+        // SAFETY: as above, valid type ids.
+        let (row_bytes, input_bytes) = unsafe {
+            (
+                llama_cpp_sys_2::ggml_row_size(ty, n_embd as i64),
+                llama_cpp_sys_2::ggml_row_size(cpu.vec_dot_type, n_embd as i64),
+            )
+        };
+        if n_embd == 0 || row_bytes == 0 {
+            return Err(unreadable(format!("{name} has rows of {n_embd}")).into());
+        }
+        use std::io::{Read as _, Seek as _};
+        let mut file = std::fs::File::open(path)?;
+        file.seek(std::io::SeekFrom::Start(header.data_offset + info.offset))?;
+        let mut data = vec![0u8; row_bytes * n_vocab];
+        file.read_exact(&mut data)
+            .map_err(|e| unreadable(format!("{name} cannot be read: {e}")))?;
+        Ok(Some(GgmlRows {
+            n_vocab,
+            n_embd,
+            row_bytes,
+            data,
+            input_bytes,
+            from_float,
+            vec_dot,
+        }))
+    }
+}
+
+impl crate::inside::HeadMatrix for GgmlRows {
+    fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+    fn n_embd(&self) -> usize {
+        self.n_embd
+    }
+    fn bytes(&self) -> usize {
+        self.data.len()
+    }
+    fn product(&self, x: ndarray::ArrayView2<'_, f32>) -> Array2<f32> {
+        let mut out = Array2::zeros((x.nrows(), self.n_vocab));
+        let mut q = vec![0u8; self.input_bytes];
+        for (xr, mut yr) in x.outer_iter().zip(out.outer_iter_mut()) {
+            let xr = xr.as_standard_layout();
+            // SAFETY: `xr` holds n_embd f32 values and `q` the bytes of n_embd values in the
+            // vec_dot type, what from_float reads and writes for k = n_embd.
+            unsafe { (self.from_float)(xr.as_ptr(), q.as_mut_ptr().cast(), self.n_embd as i64) };
+            for (v, y) in yr.iter_mut().enumerate() {
+                let row = &self.data[v * self.row_bytes..(v + 1) * self.row_bytes];
+                // SAFETY: `row` is one row of n_embd values of the head's type and `q` one of
+                // its vec_dot type; one result (nrc 1) goes to `y`.
+                unsafe {
+                    (self.vec_dot)(
+                        self.n_embd as std::os::raw::c_int,
+                        y,
+                        0,
+                        row.as_ptr().cast(),
+                        0,
+                        q.as_ptr().cast(),
+                        0,
+                        1,
+                    )
+                };
+            }
+        }
+        out
+    }
+}
+
+/// A tensor of the GGUF as `[rows, ne0]` f32 (a vector is one row), dequantized by ggml's
+/// `to_float`; `None` when the file has no tensor of that name.
+fn read_tensor(
+    path: &Path,
+    header: &GgufHeader,
+    name: &str,
+) -> anyhow::Result<Option<Array2<f32>>> {
+    use std::io::{Read as _, Seek as _};
+    let Some(info) = header.tensors.iter().find(|t| t.name == name) else {
+        return Ok(None);
+    };
+    let unreadable = |reason: String| crate::Error::LensHeadUnreadable { reason };
+    let ne0 = *info.dims.first().unwrap_or(&1) as usize;
+    let rows = (info.n_elements() as usize) / ne0.max(1);
+    let (type_name, block, block_bytes) = crate::gguf::ggml_type(info.ggml_type)
+        .ok_or_else(|| unreadable(format!("{name} has an unknown type {}", info.ggml_type)))?;
+    if ne0 as u64 % block != 0 {
+        return Err(unreadable(format!(
+            "{name} rows of {ne0} are not whole {type_name} blocks"
+        ))
+        .into());
+    }
+    let row_bytes = ne0 / block as usize * block_bytes as usize;
+    let mut file = std::fs::File::open(path)?;
+    file.seek(std::io::SeekFrom::Start(header.data_offset + info.offset))?;
+    let mut bytes = vec![0u8; row_bytes * rows];
+    file.read_exact(&mut bytes)
+        .map_err(|e| unreadable(format!("{name} cannot be read: {e}")))?;
+    let mut out = Array2::<f32>::zeros((rows, ne0));
+    let dst = out.as_slice_mut().expect("standard layout");
+    if info.ggml_type == llama_cpp_sys_2::GGML_TYPE_F32 {
+        for (d, s) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+            *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+        }
+        return Ok(Some(out));
+    }
+    if info.ggml_type >= llama_cpp_sys_2::GGML_TYPE_COUNT {
+        return Err(unreadable(format!("{name} has type {type_name}, unknown to ggml")).into());
+    }
+    // SAFETY: a type id below GGML_TYPE_COUNT indexes ggml's static table of type traits.
+    let traits = unsafe { &*llama_cpp_sys_2::ggml_get_type_traits(info.ggml_type) };
+    let to_float = traits
+        .to_float
+        .ok_or_else(|| unreadable(format!("ggml cannot dequantize {name} ({type_name})")))?;
+    for (src, dst) in bytes.chunks_exact(row_bytes).zip(dst.chunks_exact_mut(ne0)) {
+        // SAFETY: `src` holds one row of ne0 / block whole blocks of this type, `dst` ne0
+        // floats: what to_float reads and writes for k = ne0.
+        unsafe { to_float(src.as_ptr().cast(), dst.as_mut_ptr(), ne0 as i64) };
+    }
+    Ok(Some(out))
 }

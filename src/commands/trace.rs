@@ -35,6 +35,10 @@ pub struct TracePlan {
     pub out: PathBuf,
     /// The part of a sharded run this process does.
     pub shard: Option<crate::shard::Shard>,
+    /// The logit lens and attention, when asked.
+    pub inside: crate::inside::InsideConfig,
+    /// The step logit_lens.png shows.
+    pub lens_step: usize,
 }
 
 impl TracePlan {
@@ -200,7 +204,10 @@ impl TracePlan {
                 probe_enabled: !args.no_probe,
                 logprobs: None,
                 prompt_logprobs: false,
+                inside: None,
             },
+            inside: args.inside.config()?,
+            lens_step: args.inside.lens_step.unwrap_or(0),
             seed_given: args.sampling.seed.is_some(),
             out: args.out.clone().unwrap_or_else(|| PathBuf::from("outputs")),
             shard,
@@ -241,6 +248,7 @@ fn job_fingerprint(
         "max_new_tokens": plan.gen.max_new_tokens,
         "stop": plan.stop,
         "plots": plan.plots,
+        "inside": format!("{:?}", plan.inside),
         "ctx_size": args.engine.ctx_size,
         "engine": engine,
     }))
@@ -364,6 +372,13 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     if opts.ctx_size.is_none() {
         source.fit_context(longest + plan.gen.max_new_tokens)?;
     }
+    let mut gen = plan.gen.clone();
+    if !plan.inside.is_off() {
+        gen.inside = Some(Arc::new(crate::inside::Inside::prepare(
+            &mut *source,
+            &plan.inside,
+        )?));
+    }
     let n = plan.prompts.len();
     let model_sha256 = if plan.backend == Backend::Test {
         None
@@ -480,6 +495,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         load_s,
         shard: None,
         timings: None,
+        inside: gen.inside.as_deref().map(trace::InsideRecord::from),
     };
     // A shard's steps, rows and record go in its own folder; the prompt folders are shared.
     let top = match plan.shard {
@@ -496,7 +512,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     let mut writer = TraceWriter::new(
         dirs.clone(),
         &plan.model,
-        &plan.gen,
+        &gen,
         plan.format.use_chat_template,
         record.clone(),
         output::WriterFiles {
@@ -527,7 +543,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         generate::run(
             &mut *source,
             &mut inputs,
-            &plan.gen,
+            &gen,
             parallel,
             &mut sinks,
             &stop,

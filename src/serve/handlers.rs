@@ -510,6 +510,7 @@ fn generate_config(state: &AppState, s: JobSettings) -> GenerateConfig {
         probe_enabled: s.probe,
         logprobs: s.logprobs,
         prompt_logprobs: s.echo,
+        inside: None,
     }
 }
 

@@ -126,6 +126,7 @@ pub fn run(
                     probe_enabled: false,
                     logprobs: None,
                     prompt_logprobs: false,
+                    inside: None,
                 };
                 engine::run(&mut *source, job_rx, &base, n_slots, metrics, shutdown);
             })?

@@ -14,22 +14,26 @@
 //! numbers would otherwise depend on what else is decoding; one row per run keeps them equal
 //! to a run of that prompt alone.
 
+mod graph;
 mod layout;
 mod runtime;
 
 pub use runtime::find_ort_lib;
 
 use crate::hf::HfFolder;
+use crate::inside::{Architecture, CaptureSpec, Captured, LensHead};
 use crate::{usage, EngineOptions, LogitSource, ModelInfo, TokenId};
 use anyhow::Context as _;
+use graph::{Decoder, Graph, Hidden};
 use half::f16;
 use layout::{dtype_name, read_layout, tensor_dims, KvHint, Layout};
 use ndarray::{Array2, ArrayViewD, Axis};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType};
-use runtime::{build_session, environment};
+use runtime::{build_session, environment, ModelBytes};
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// One slot's KV cache: `[1, kv_heads, t, head_dim]` per layer.
 struct SlotKv {
@@ -44,6 +48,26 @@ pub struct OnnxSource {
     info: ModelInfo,
     folder: HfFolder,
     slots: Vec<Option<SlotKv>>,
+    model_file: PathBuf,
+    env: &'static ort::environment::Environment,
+    device: String,
+    threads: usize,
+    arch: Architecture,
+    /// The graph's decoder, read on the first look inside.
+    decoder: Option<(Graph, Decoder)>,
+    /// The extra outputs the session was built with, when capture is on.
+    capture: Option<CaptureOutputs>,
+    captured: Vec<Captured>,
+    lens: Option<Arc<LensHead>>,
+}
+
+/// What the capturing session outputs beyond logits and the KV cache.
+#[derive(Debug, Clone)]
+struct CaptureOutputs {
+    /// Each asked layer's output.
+    hidden: Vec<Hidden>,
+    /// Each asked layer's attention softmax, `[1, n_head, seq, total]`.
+    attention: Vec<String>,
 }
 
 impl OnnxSource {
@@ -75,7 +99,8 @@ impl OnnxSource {
         let (env, lib) = environment(opts)?;
         let device = opts.device.as_deref().unwrap_or("cpu");
         let threads = opts.threads.unwrap_or(0);
-        let (session, provider) = build_session(env, &model_file, device, threads)?;
+        let (session, provider) =
+            build_session(env, ModelBytes::File(&model_file), device, threads)?;
 
         let n_heads = folder.size(
             "/model/decoder/num_attention_heads",
@@ -174,7 +199,23 @@ impl OnnxSource {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let arch = Architecture {
+            n_layer: layout.kv.len(),
+            n_head: n_heads.unwrap_or(layout.kv_heads),
+            n_head_kv: layout.kv_heads,
+            head_dim: layout.head_dim,
+            n_embd: hidden.unwrap_or(n_heads.unwrap_or(layout.kv_heads) * layout.head_dim),
+        };
         Ok(OnnxSource {
+            model_file: model_file.clone(),
+            env,
+            device: device.to_string(),
+            threads,
+            arch,
+            decoder: None,
+            capture: None,
+            captured: Vec::new(),
+            lens: None,
             info: ModelInfo {
                 name,
                 engine: "onnxruntime".into(),
@@ -226,6 +267,7 @@ impl OnnxSource {
         kv: &mut SlotKv,
         ids: &[TokenId],
         want: &[usize],
+        attention: bool,
     ) -> anyhow::Result<Array2<f32>> {
         let len = ids.len();
         let start = kv.t;
@@ -298,6 +340,10 @@ impl OnnxSource {
                 out.row_mut(i)
                     .assign(&lv.index_axis(Axis(0), 0).index_axis(Axis(0), p));
             }
+        }
+        if let Some(cap) = &self.capture {
+            let got = captured_rows(&mut outputs, cap, want, len, start, attention)?;
+            self.captured.extend(got);
         }
         let mut past = Vec::with_capacity(self.layout.kv.len());
         for names in &self.layout.kv {
@@ -388,6 +434,7 @@ impl LogitSource for OnnxSource {
             }
         }
         let n_rows = crate::rows_of(batch, every_position);
+        self.captured.clear();
         let mut out = Array2::<f32>::zeros((n_rows, self.info.n_vocab));
         let mut row = 0;
         for (entry, &(seq, tokens)) in batch.iter().enumerate() {
@@ -405,7 +452,7 @@ impl LogitSource for OnnxSource {
             } else {
                 vec![tokens.len() - 1]
             };
-            let logits = self.forward(&mut kv, tokens, &want)?;
+            let logits = self.forward(&mut kv, tokens, &want, true)?;
             self.slots[seq] = Some(kv);
             out.slice_mut(ndarray::s![row..row + want.len(), ..])
                 .assign(&logits);
@@ -414,21 +461,194 @@ impl LogitSource for OnnxSource {
         Ok(out)
     }
 
+    fn architecture(&self) -> Option<Architecture> {
+        Some(self.arch)
+    }
+
+    fn set_capture(&mut self, spec: &CaptureSpec) -> anyhow::Result<()> {
+        spec.check(self.arch.n_layer)?;
+        if spec.is_empty() {
+            if self.capture.take().is_some() {
+                self.session = build_session(
+                    self.env,
+                    ModelBytes::File(&self.model_file),
+                    &self.device,
+                    self.threads,
+                )?
+                .0;
+            }
+            return Ok(());
+        }
+        let bytes = std::fs::read(&self.model_file)
+            .with_context(|| format!("reading {} to look inside it", self.model_file.display()))?;
+        if self.decoder.is_none() {
+            let graph = Graph::parse(&bytes, &self.model_file)?;
+            let decoder = graph.decoder(self.arch.n_layer)?;
+            self.decoder = Some((graph, decoder));
+        }
+        let (graph, decoder) = self.decoder.as_ref().expect("just read");
+        let hidden: Vec<Hidden> = spec
+            .hidden_layers
+            .iter()
+            .map(|&l| decoder.layers[l].clone())
+            .collect();
+        let attention: Vec<String> = if spec.attention_layers.is_empty() {
+            Vec::new()
+        } else {
+            let softmax = decoder.softmax.clone()?;
+            spec.attention_layers
+                .iter()
+                .map(|&l| softmax[l].clone())
+                .collect()
+        };
+        let mut names: Vec<String> = Vec::new();
+        for v in hidden
+            .iter()
+            .flat_map(Hidden::values)
+            .chain(attention.iter().map(String::as_str))
+        {
+            if !names.iter().any(|n| n == v) && !graph.outputs.iter().any(|o| o == v) {
+                names.push(v.to_string());
+            }
+        }
+        let model = graph.with_outputs(&bytes, &names);
+        drop(bytes);
+        let dir = self.model_file.parent().unwrap_or(Path::new("."));
+        self.session = build_session(
+            self.env,
+            ModelBytes::Memory {
+                bytes: &model,
+                dir,
+                external_data: graph.has_external_data(),
+            },
+            &self.device,
+            self.threads,
+        )?
+        .0;
+        self.capture = Some(CaptureOutputs { hidden, attention });
+        Ok(())
+    }
+
+    fn take_captured(&mut self) -> Vec<Captured> {
+        std::mem::take(&mut self.captured)
+    }
+
+    fn lens_head(&mut self) -> anyhow::Result<Arc<LensHead>> {
+        if let Some(h) = &self.lens {
+            return Ok(Arc::clone(h));
+        }
+        let graph = match &self.decoder {
+            Some((g, _)) => g.clone(),
+            None => {
+                let bytes = std::fs::read(&self.model_file)?;
+                Graph::parse(&bytes, &self.model_file)?
+            }
+        };
+        let head = Arc::new(graph.lens_head()?);
+        self.lens = Some(Arc::clone(&head));
+        Ok(head)
+    }
+
     fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
         self.check_ctx(0, tokens.len())?;
         let mut kv = SlotKv {
             past: self.empty_past()?,
             t: 0,
         };
+        self.captured.clear();
         let mut out = Array2::<f32>::zeros((tokens.len(), self.info.n_vocab));
         // Chunks keep the [1, len, vocab] logits tensor small on long texts.
         const CHUNK: usize = 512;
         for (c, chunk) in tokens.chunks(CHUNK).enumerate() {
             let want: Vec<usize> = (0..chunk.len()).collect();
-            let logits = self.forward(&mut kv, chunk, &want)?;
+            let logits = self.forward(&mut kv, chunk, &want, false)?;
             out.slice_mut(ndarray::s![c * CHUNK..c * CHUNK + chunk.len(), ..])
                 .assign(&logits);
         }
         Ok(out)
     }
+}
+
+/// A float output as f32 values with its shape (float16 outputs widened).
+fn float_output(v: &DynValue, name: &str) -> anyhow::Result<ndarray::ArrayD<f32>> {
+    match v.try_extract_array::<f32>() {
+        Ok(a) => Ok(a.to_owned()),
+        Err(_) => Ok(v
+            .try_extract_array::<f16>()
+            .with_context(|| format!("{name} is neither float32 nor float16"))?
+            .mapv(f32::from)),
+    }
+}
+
+/// The captures of the positions `want` of one forward pass of `len` tokens starting at
+/// position `start`: each asked layer's output, and at the last position (when `attention`)
+/// each asked layer's attention weights.
+fn captured_rows(
+    outputs: &mut ort::session::SessionOutputs<'_>,
+    cap: &CaptureOutputs,
+    want: &[usize],
+    len: usize,
+    start: usize,
+    attention: bool,
+) -> anyhow::Result<Vec<Captured>> {
+    let fetch = |name: &str| -> anyhow::Result<ndarray::ArrayD<f32>> {
+        let v = outputs
+            .get(name)
+            .with_context(|| format!("the capturing session has no output {name}"))?;
+        float_output(v, name)
+    };
+    let mut layers = Vec::with_capacity(cap.hidden.len());
+    for h in &cap.hidden {
+        let a = match h {
+            Hidden::Value(v) => fetch(v)?,
+            Hidden::Sum(a, b) => fetch(a)? + fetch(b)?,
+        };
+        anyhow::ensure!(
+            a.ndim() == 3 && a.shape()[0] == 1 && a.shape()[1] == len,
+            "a layer output has shape {:?} for a batch of 1 and {len} tokens",
+            a.shape()
+        );
+        layers.push(a);
+    }
+    let mut weights = Vec::with_capacity(cap.attention.len());
+    if attention {
+        for name in &cap.attention {
+            let a = fetch(name)?;
+            anyhow::ensure!(
+                a.ndim() == 4
+                    && a.shape()[0] == 1
+                    && a.shape()[2] == len
+                    && a.shape()[3] == start + len,
+                "attention weights {name} have shape {:?} for {len} new of {} tokens",
+                a.shape(),
+                start + len
+            );
+            weights.push(a);
+        }
+    }
+    let mut out = Vec::with_capacity(want.len());
+    for &p in want {
+        let mut c = Captured::default();
+        if !layers.is_empty() {
+            let width = layers[0].shape()[2];
+            let mut h = Array2::zeros((layers.len(), width));
+            for (mut row, a) in h.outer_iter_mut().zip(&layers) {
+                row.assign(&a.index_axis(Axis(0), 0).index_axis(Axis(0), p));
+            }
+            c.hidden = Some(h);
+        }
+        if attention && p == len - 1 {
+            for a in &weights {
+                let w = a.index_axis(Axis(0), 0);
+                let n_head = w.shape()[0];
+                let mut m = Array2::zeros((n_head, start + len));
+                for (hd, mut row) in m.outer_iter_mut().enumerate() {
+                    row.assign(&w.index_axis(Axis(0), hd).index_axis(Axis(0), p));
+                }
+                c.attention.push(m);
+            }
+        }
+        out.push(c);
+    }
+    Ok(out)
 }

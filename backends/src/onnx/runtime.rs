@@ -113,17 +113,30 @@ pub(super) fn environment(
     }
 }
 
+/// Where a session's model comes from.
+#[derive(Clone, Copy)]
+pub(super) enum ModelBytes<'a> {
+    File(&'a Path),
+    /// A model changed in memory (the logit lens adds outputs); external weights are read
+    /// from `dir`, where the export keeps them.
+    Memory {
+        bytes: &'a [u8],
+        dir: &'a Path,
+        external_data: bool,
+    },
+}
+
 /// Builds the session on the asked device. `ort::Error<SessionBuilder>` is not Send, so the
 /// builder chain stays inside an `ort::Result` function.
 pub(super) fn build_session(
     env: &ort::environment::Environment,
-    model: &Path,
+    model: ModelBytes<'_>,
     device: &str,
     threads: usize,
 ) -> anyhow::Result<(Session, String)> {
     fn build(
         env: &ort::environment::Environment,
-        model: &Path,
+        model: ModelBytes<'_>,
         cuda: bool,
         threads: usize,
     ) -> ort::Result<Session> {
@@ -138,8 +151,29 @@ pub(super) fn build_session(
                 .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
                 .map_err(ort::Error::<()>::from)?;
         }
-        b.commit_from_file(model)
+        match model {
+            ModelBytes::File(path) => b.commit_from_file(path),
+            ModelBytes::Memory {
+                bytes,
+                dir,
+                external_data,
+            } => {
+                if external_data {
+                    b = b
+                        .with_config_entry(
+                            "session.model_external_initializers_file_folder_path",
+                            dir.to_string_lossy(),
+                        )
+                        .map_err(ort::Error::<()>::from)?;
+                }
+                b.commit_from_memory(bytes)
+            }
+        }
     }
+    let model_path = match model {
+        ModelBytes::File(p) => p,
+        ModelBytes::Memory { dir, .. } => dir,
+    };
     let fail = |e: ort::Error| {
         let msg = e.to_string();
         if msg.contains("Protobuf parsing failed")
@@ -148,13 +182,13 @@ pub(super) fn build_session(
         {
             usage!(
                 "{} is not a valid ONNX model: {}",
-                model.display(),
+                model_path.display(),
                 msg.lines().next().unwrap_or("")
             )
         } else {
             usage!(
                 "ONNX Runtime could not load {}: {}",
-                model.display(),
+                model_path.display(),
                 msg.lines().next().unwrap_or("")
             )
         }
