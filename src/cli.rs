@@ -412,6 +412,9 @@ pub struct ReportArgs {
     /// Output folder [default: report]
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// The step logit_lens.png shows, for a trace with the logit lens
+    #[arg(long, value_name = "STEP", default_value_t = 0)]
+    pub lens_step: usize,
 }
 
 #[derive(Args, Debug)]

@@ -178,12 +178,25 @@ pub struct LogitLensLayer {
     pub selected_token_prob: f64,
 }
 
+/// A candidate of a prompt position's lens (Token Heatmap writes no logprob there).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptCandidate {
+    pub rank: usize,
+    pub token_id: TokenId,
+    pub token: String,
+    pub prob: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprob: Option<f64>,
+}
+
 /// One layer of a prompt position's lens.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PromptLensLayer {
     pub layer_idx: usize,
-    pub top_k: Vec<LensCandidate>,
-    pub entropy: f64,
+    pub top_k: Vec<PromptCandidate>,
+    /// Ours only: Token Heatmap's prompt lens has no entropy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<f64>,
 }
 
 /// The lens at one prompt position (its prediction of the next token).
@@ -365,8 +378,17 @@ pub fn lens_prompt_position(
                 let st = row_stats(row, top_k);
                 PromptLensLayer {
                     layer_idx,
-                    top_k: candidates(row, &st, source, pieces),
-                    entropy: st.entropy,
+                    top_k: candidates(row, &st, source, pieces)
+                        .into_iter()
+                        .map(|c| PromptCandidate {
+                            rank: c.rank,
+                            token_id: c.token_id,
+                            token: c.token,
+                            prob: c.prob,
+                            logprob: Some(c.logprob),
+                        })
+                        .collect(),
+                    entropy: Some(st.entropy),
                 }
             })
             .collect(),

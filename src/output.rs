@@ -66,9 +66,15 @@ pub const SUMMARY_CSV: &str = "summary.csv";
 
 /// Whether `name` is a file a trace writes into a run's or a prompt's folder.
 fn is_trace_output(name: &str) -> bool {
-    use crate::report::{ENTROPY_PNG, RAW_VS_PROCESSED_PNG, REPORT_HTML, SELECTED_PROBABILITY_PNG};
+    use crate::report::{
+        ATTENTION_GRID_PNG, ENTROPY_PNG, LOGIT_LENS_PNG, RAW_VS_PROCESSED_PNG, REPORT_HTML,
+        SELECTED_PROBABILITY_PNG, SELECTED_RANK_PNG,
+    };
     [
         RUN_JSON,
+        LOGIT_LENS_PNG,
+        SELECTED_RANK_PNG,
+        ATTENTION_GRID_PNG,
         SUMMARY_CSV,
         STEPS_JSONL,
         TRACE_JSON,
@@ -371,6 +377,8 @@ pub struct WriterFiles {
     /// Set by Ctrl-C: plots not drawn yet are skipped (drawing a 20,000-step trace takes
     /// half a minute), the trace files are still written.
     pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The step logit_lens.png shows.
+    pub lens_step: usize,
 }
 
 /// Where a run's `summary.csv` goes, and whether rows already there are kept.
@@ -412,6 +420,7 @@ impl TraceWriter {
             plots,
             summary,
             interrupt,
+            lens_step,
         } = files;
         let mut summary = match &summary {
             Some(s) => {
@@ -451,6 +460,7 @@ impl TraceWriter {
                                 .flatten()
                                 .flat_map(|p| p.degenerate_steps.iter().copied())
                                 .collect(),
+                            lens_step,
                         };
                         crate::report::write_trace_report(&job.dir, &job.trace, &marks)
                             .with_context(|| {

@@ -551,6 +551,161 @@ pub fn log_histogram(
     Ok(())
 }
 
+/// How a grid maps values to colours: viridis over `[lo, hi]`, on a log scale or not, and
+/// reversed (low values bright) or not.
+#[derive(Debug, Clone, Copy)]
+pub struct GridScale {
+    pub lo: f64,
+    pub hi: f64,
+    pub log: bool,
+    pub reversed: bool,
+}
+
+impl GridScale {
+    /// Where `v` falls in the colour ramp, 0 to 1.
+    fn t(&self, v: f64) -> f64 {
+        let f = |x: f64| if self.log { x.max(1e-300).log10() } else { x };
+        let (a, b) = (f(self.lo), f(self.hi));
+        let t = if b > a { (f(v.clamp(self.lo, self.hi)) - a) / (b - a) } else { 0.5 };
+        if self.reversed {
+            1.0 - t
+        } else {
+            t
+        }
+    }
+
+    fn color(&self, v: f64) -> RGBColor {
+        ViridisRGB.get_color_normalized(self.t(v) as f32, 0.0, 1.0)
+    }
+}
+
+/// One cell of a [`grid`]: its value, an optional label, and whether to outline it.
+#[derive(Debug, Clone, Default)]
+pub struct GridCell {
+    pub value: Option<f64>,
+    pub text: Option<String>,
+    pub outlined: bool,
+}
+
+/// A labelled grid chart (rows top to bottom, columns left to right), each cell coloured by
+/// its value on `scale` and written with its label, a colour bar at the right. Cells without
+/// a value are light grey. Wide grids shrink their cells and drop the labels.
+#[allow(clippy::too_many_arguments)]
+pub fn grid(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    x_labels: &[String],
+    y_labels: &[String],
+    cells: &[Vec<GridCell>],
+    scale: GridScale,
+    bar_name: &str,
+) -> anyhow::Result<()> {
+    font();
+    let n_rows = y_labels.len().max(1) as u32;
+    let n_cols = x_labels.len().max(1) as u32;
+    let labelled = cells.iter().flatten().any(|c| c.text.is_some());
+    // Cells wide enough for a 9-character label, narrower past 4,000 px of grid.
+    let want_w = if labelled { CELL_W } else { 28 };
+    let cell_w = want_w.min((4000 / n_cols).max(3));
+    let show_text = labelled && cell_w >= 40;
+    let cell_h = if n_rows > 120 { 8 } else { 18 };
+    let (left, top, bottom, bar_w) = (64u32, 44u32, 52u32, 110u32);
+    let grid_w = n_cols * cell_w;
+    let grid_h = n_rows * cell_h;
+    // Wide enough for the title too (about 10 px a character at 16 px).
+    let title_w = left + 10 * title.chars().count() as u32;
+    let width = (left + grid_w + bar_w).max(MIN_WIDTH).max(title_w);
+    let height = top + grid_h.max(MIN_GRID_H) + bottom;
+    let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(path, e))?;
+    let text = |size: f64| TextStyle::from((FONT, size).into_font());
+    root.draw(&Text::new(title.to_string(), (left as i32, 12), text(16.0)))
+        .map_err(|e| err(path, e))?;
+    let every = |n: u32, px: u32, need: u32| (need.div_ceil(px.max(1))).max(1).min(n.max(1));
+    let y_every = every(n_rows, cell_h, 14);
+    for (r, l) in y_labels.iter().enumerate() {
+        if r as u32 % y_every == 0 {
+            let y = (top + r as u32 * cell_h) as i32 + (cell_h as i32 - 11) / 2;
+            root.draw(&Text::new(fit(l, 7), (8, y), text(11.0)))
+                .map_err(|e| err(path, e))?;
+        }
+    }
+    let x_every = every(n_cols, cell_w, 30);
+    for (c, l) in x_labels.iter().enumerate() {
+        if c as u32 % x_every == 0 {
+            let x = (left + c as u32 * cell_w) as i32 + 2;
+            root.draw(&Text::new(fit(l, 5), (x, (top + grid_h) as i32 + 4), text(11.0)))
+                .map_err(|e| err(path, e))?;
+        }
+    }
+    root.draw(&Text::new(x_desc.to_string(), (left as i32, (top + grid_h) as i32 + 24), text(12.0)))
+        .map_err(|e| err(path, e))?;
+    root.draw(&Text::new(y_desc.to_string(), (8, top as i32 - 16), text(11.0).color(&BLACK.mix(0.7))))
+        .map_err(|e| err(path, e))?;
+    for (r, row) in cells.iter().enumerate().take(n_rows as usize) {
+        for (c, cell) in row.iter().enumerate().take(n_cols as usize) {
+            let x = (left + c as u32 * cell_w) as i32;
+            let y = (top + r as u32 * cell_h) as i32;
+            let rect = [(x, y), (x + cell_w as i32 - 1, y + cell_h as i32 - 1)];
+            let fill = match cell.value {
+                Some(v) if v.is_finite() => scale.color(v),
+                _ => RGBColor(232, 232, 232),
+            };
+            root.draw(&Rectangle::new(rect, fill.filled()))
+                .map_err(|e| err(path, e))?;
+            if let (true, Some(t)) = (show_text, &cell.text) {
+                let light = (fill.0 as u32 + fill.1 as u32 + fill.2 as u32) > 380;
+                let fg = if light { BLACK } else { WHITE };
+                let chars = ((cell_w - 4) / 7) as usize;
+                root.draw(&Text::new(fit(t, chars.max(1)), (x + 2, y + (cell_h as i32 - 11) / 2), text(10.0).color(&fg)))
+                    .map_err(|e| err(path, e))?;
+            }
+            if cell.outlined {
+                root.draw(&Rectangle::new(rect, ShapeStyle::from(&RED).stroke_width(2)))
+                    .map_err(|e| err(path, e))?;
+            }
+        }
+    }
+    // The colour bar, with its ticks in the scale's own terms.
+    let (bx, bh) = ((left + grid_w + 16) as i32, grid_h.max(MIN_GRID_H) as i32);
+    for i in 0..bh {
+        let t = 1.0 - i as f64 / (bh - 1).max(1) as f64;
+        let t = if scale.reversed { 1.0 - t } else { t };
+        root.draw(&Rectangle::new(
+            [(bx, top as i32 + i), (bx + 16, top as i32 + i + 1)],
+            ViridisRGB.get_color_normalized(t as f32, 0.0, 1.0).filled(),
+        ))
+        .map_err(|e| err(path, e))?;
+    }
+    root.draw(&Rectangle::new([(bx, top as i32), (bx + 16, top as i32 + bh)], BLACK.stroke_width(1)))
+        .map_err(|e| err(path, e))?;
+    for k in 0..=4 {
+        let f = k as f64 / 4.0;
+        let v = if scale.log {
+            let (a, b) = (scale.lo.max(1e-300).log10(), scale.hi.max(1e-300).log10());
+            10f64.powf(b - (b - a) * f)
+        } else {
+            scale.hi - (scale.hi - scale.lo) * f
+        };
+        let label = if v.abs() >= 1000.0 || (scale.log && v >= 1.0) {
+            format!("{v:.0}")
+        } else if v.abs() >= 10.0 {
+            format!("{v:.1}")
+        } else {
+            format!("{v:.2}")
+        };
+        let ty = top as i32 + ((bh - 1) as f64 * f) as i32;
+        root.draw(&Text::new(label, (bx + 20, ty - 5), text(10.0)))
+            .map_err(|e| err(path, e))?;
+    }
+    root.draw(&Text::new(bar_name.to_string(), (bx - 4, top as i32 + bh + 8), text(10.0)))
+        .map_err(|e| err(path, e))?;
+    root.present().map_err(|e| err(path, e))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

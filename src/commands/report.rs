@@ -11,7 +11,8 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     output::prepare_dir(&out)?;
     let files = match &input {
         ReportInput::Trace(t) => {
-            let marks = report::TraceMarks::beside(&args.input, t);
+            let mut marks = report::TraceMarks::beside(&args.input, t);
+            marks.lens_step = args.lens_step;
             report::write_trace_report(&out, t, &marks)?
         }
         ReportInput::Compare(c) => report::write_compare_report(&out, c)?,

@@ -522,6 +522,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
                 append: plan.shard.is_some(),
             }),
             interrupt: Some(stop.clone()),
+            lens_step: plan.lens_step,
         },
     )?;
     let mut console = Console { several: n > 1 };

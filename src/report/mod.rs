@@ -22,6 +22,9 @@ pub const ENTROPY_PNG: &str = "entropy.png";
 pub const SELECTED_PROBABILITY_PNG: &str = "selected_probability.png";
 pub const RAW_VS_PROCESSED_PNG: &str = "raw_vs_processed.png";
 pub const REPORT_HTML: &str = "report.html";
+pub const LOGIT_LENS_PNG: &str = "logit_lens.png";
+pub const SELECTED_RANK_PNG: &str = "selected_rank_heatmap.png";
+pub const ATTENTION_GRID_PNG: &str = "attention_layer_head_grid.png";
 
 static READ_SCHEMA: &str = include_str!("trace-read.schema.json");
 static TEMPLATE: &str = include_str!("report.html");
@@ -321,6 +324,168 @@ pub fn trace_plots(dir: &Path, trace: &Trace) -> anyhow::Result<Vec<PathBuf>> {
     Ok(written)
 }
 
+/// The plots of what the trace saw inside the model, drawn when its steps carry them:
+/// `logit_lens.png` (each lens layer's top candidates at `lens_step`), the selected token's
+/// rank by layer and step (`selected_rank_heatmap.png`), and each captured layer's heads'
+/// attention entropy at `lens_step` (`attention_layer_head_grid.png`).
+pub fn inside_plots(dir: &Path, trace: &Trace, lens_step: usize) -> anyhow::Result<Vec<PathBuf>> {
+    use crate::plot::{GridCell, GridScale};
+    let model = short_name(&trace.metadata.model);
+    let mut written = Vec::new();
+    let lens_steps: Vec<&crate::trace::Step> =
+        trace.steps.iter().filter(|s| s.logit_lens.is_some()).collect();
+    if let Some(first) = lens_steps.first() {
+        let at = lens_steps
+            .iter()
+            .find(|s| s.step == lens_step)
+            .copied()
+            .unwrap_or(first);
+        let layers = at.logit_lens.as_deref().unwrap_or_default();
+        let k = layers.iter().map(|l| l.top_k.len()).max().unwrap_or(0).clamp(1, 64);
+        let cells: Vec<Vec<GridCell>> = layers
+            .iter()
+            .map(|l| {
+                (0..k)
+                    .map(|r| match l.top_k.get(r) {
+                        Some(c) => GridCell {
+                            value: Some(c.prob),
+                            text: Some(c.token.clone()),
+                            outlined: c.token_id == at.selected.token_id,
+                        },
+                        None => GridCell::default(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let path = dir.join(LOGIT_LENS_PNG);
+        atomic_png(&path, |tmp| {
+            crate::plot::grid(
+                tmp,
+                &format!(
+                    "logit lens at step {} (selected {}) · {model}",
+                    at.step,
+                    crate::plot::label(&at.selected.token)
+                ),
+                "top-k rank",
+                "layer",
+                &(1..=k).map(|r| r.to_string()).collect::<Vec<_>>(),
+                &layers.iter().map(|l| l.layer_idx.to_string()).collect::<Vec<_>>(),
+                &cells,
+                GridScale { lo: 0.0, hi: 1.0, log: false, reversed: false },
+                "probability",
+            )
+        })?;
+        written.push(path);
+
+        let mut ids: Vec<usize> = lens_steps
+            .iter()
+            .flat_map(|s| s.logit_lens.iter().flatten().map(|l| l.layer_idx))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let max_rank = lens_steps
+            .iter()
+            .flat_map(|s| s.logit_lens.iter().flatten().map(|l| l.selected_token_rank))
+            .max()
+            .unwrap_or(1)
+            .max(2);
+        let cells: Vec<Vec<GridCell>> = ids
+            .iter()
+            .map(|&layer| {
+                lens_steps
+                    .iter()
+                    .map(|s| {
+                        let l = s.logit_lens.iter().flatten().find(|l| l.layer_idx == layer);
+                        GridCell {
+                            value: l.map(|l| l.selected_token_rank as f64),
+                            text: l.map(|l| compact(l.selected_token_rank)),
+                            outlined: false,
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let path = dir.join(SELECTED_RANK_PNG);
+        atomic_png(&path, |tmp| {
+            crate::plot::grid(
+                tmp,
+                &format!("selected token's rank by layer (log scale) · {model}"),
+                "generation step",
+                "layer",
+                &lens_steps.iter().map(|s| s.step.to_string()).collect::<Vec<_>>(),
+                &ids.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
+                &cells,
+                GridScale { lo: 1.0, hi: max_rank as f64, log: true, reversed: true },
+                "rank",
+            )
+        })?;
+        written.push(path);
+    }
+    let attention_steps: Vec<&crate::trace::Step> =
+        trace.steps.iter().filter(|s| s.attention.is_some()).collect();
+    if let Some(first) = attention_steps.first() {
+        let at = attention_steps
+            .iter()
+            .find(|s| s.step == lens_step)
+            .copied()
+            .unwrap_or(first);
+        let layers = at.attention.as_deref().unwrap_or_default();
+        let heads = layers
+            .iter()
+            .map(|l| l.per_head.as_ref().map_or(1, |p| p.entropy.len()))
+            .max()
+            .unwrap_or(1);
+        let values: Vec<Vec<f64>> = layers
+            .iter()
+            .map(|l| match &l.per_head {
+                Some(p) => p.entropy.clone(),
+                // Without per-head numbers, the layer mean stands for every head.
+                None => vec![l.entropy; heads],
+            })
+            .collect();
+        let lo = values.iter().flatten().copied().fold(f64::INFINITY, f64::min);
+        let hi = values.iter().flatten().copied().fold(f64::NEG_INFINITY, f64::max);
+        let (lo, hi) = if lo.is_finite() && hi > lo { (lo, hi) } else { (0.0, hi.max(1.0)) };
+        let cells: Vec<Vec<GridCell>> = values
+            .iter()
+            .map(|row| {
+                (0..heads)
+                    .map(|h| GridCell {
+                        value: row.get(h).copied(),
+                        text: row.get(h).map(|v| format!("{v:.2}")),
+                        outlined: false,
+                    })
+                    .collect()
+            })
+            .collect();
+        let path = dir.join(ATTENTION_GRID_PNG);
+        atomic_png(&path, |tmp| {
+            crate::plot::grid(
+                tmp,
+                &format!("attention entropy by layer and head at step {} · {model}", at.step),
+                "head",
+                "layer",
+                &(0..heads).map(|h| h.to_string()).collect::<Vec<_>>(),
+                &layers.iter().map(|l| l.layer.to_string()).collect::<Vec<_>>(),
+                &cells,
+                GridScale { lo, hi, log: false, reversed: false },
+                "entropy (nats)",
+            )
+        })?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// A rank in at most 5 characters: 42, 1234, 12k, 262k.
+fn compact(rank: usize) -> String {
+    if rank < 10_000 {
+        rank.to_string()
+    } else {
+        format!("{}k", rank / 1000)
+    }
+}
+
 /// Writes `report.html`: the template with `data` (a trace or a compare report) inlined.
 pub fn write_html(
     dir: &Path,
@@ -369,6 +534,7 @@ pub fn write_trace_report(
     marks: &TraceMarks,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = trace_plots(dir, trace)?;
+    files.extend(inside_plots(dir, trace, marks.lens_step)?);
     let title = format!("logitprobe · {}", short_name(&trace.metadata.model));
     files.push(write_html(dir, &title, trace, marks)?);
     Ok(files)
@@ -381,6 +547,8 @@ pub struct TraceMarks {
     /// Steps whose logits row had no finite entry: the probabilities shown (1.0, entropy 0)
     /// are the greedy fallback's, not the model's.
     pub degenerate_steps: Vec<usize>,
+    /// The step the logit-lens table (logit_lens.png) and the attention grid show.
+    pub lens_step: usize,
 }
 
 impl TraceMarks {
@@ -408,6 +576,7 @@ impl TraceMarks {
             .unwrap_or_default();
         TraceMarks {
             degenerate_steps: steps,
+            lens_step: 0,
         }
     }
 }
