@@ -258,6 +258,13 @@ pub struct CompareArgs {
     /// Score at most this many chunks of the corpus [default: all]
     #[arg(long, value_name = "N")]
     pub chunks: Option<usize>,
+    /// Also compare the logit lens: at each scored position, KL(A‖B) of the two sides' lens
+    /// distributions at each layer, summarized per layer (where in the depth they part ways)
+    #[arg(long)]
+    pub lens: bool,
+    /// Layers --lens compares: all, or numbers such as 0,3,7 [default: all]
+    #[arg(long, value_name = "all|LIST", requires = "lens")]
+    pub lens_layers: Option<String>,
     /// Wrap --prompt in A's chat template
     #[arg(long)]
     pub use_chat_template: bool,
@@ -806,14 +813,15 @@ impl TraceArgs {
                 }
                 // Token Heatmap's YAML writes a layer spec as text, or one number.
                 "lens_layers" | "attention_layers" => {
-                    let spec =
-                        match v {
-                            Value::String(s) => s.clone(),
-                            Value::Number(n) => n.to_string(),
-                            _ => return Err(usage!(
+                    let spec = match v {
+                        Value::String(s) => s.clone(),
+                        Value::Number(n) => n.to_string(),
+                        _ => {
+                            return Err(usage!(
                                 "config key '{k}': give all or a list such as \"0,3,7\", not {v}"
-                            )),
-                        };
+                            ))
+                        }
+                    };
                     crate::inside::Layers::parse(&spec)
                         .map_err(|e| usage!("config key '{k}': {e}"))?;
                     let slot = if k == "lens_layers" {

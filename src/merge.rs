@@ -355,6 +355,9 @@ fn merge_compare(dir: &Path, plan: &Plan) -> anyhow::Result<Merged> {
     let mut summaries = Vec::new();
     for (bi, b) in first.b.iter().enumerate() {
         let mut s = compare::summarize(&positions, bi, &b.label);
+        if let Some(layers) = &first.lens_layers {
+            s.lens = compare::summarize_lens(&positions, bi, layers);
+        }
         if let Some(t) = first.b_text.get(bi) {
             s.b_tokens = Some(t.b_tokens);
             s.tokenizer_positions_differ = Some(t.tokenizer_positions_differ);
@@ -397,6 +400,7 @@ fn merge_compare(dir: &Path, plan: &Plan) -> anyhow::Result<Merged> {
         probe: first.probe.clone(),
         summaries,
         timing,
+        lens_layers: first.lens_layers.clone(),
         positions,
     };
     compare::write_files(dir, &report)?;

@@ -566,7 +566,11 @@ impl GridScale {
     fn t(&self, v: f64) -> f64 {
         let f = |x: f64| if self.log { x.max(1e-300).log10() } else { x };
         let (a, b) = (f(self.lo), f(self.hi));
-        let t = if b > a { (f(v.clamp(self.lo, self.hi)) - a) / (b - a) } else { 0.5 };
+        let t = if b > a {
+            (f(v.clamp(self.lo, self.hi)) - a) / (b - a)
+        } else {
+            0.5
+        };
         if self.reversed {
             1.0 - t
         } else {
@@ -636,14 +640,26 @@ pub fn grid(
     for (c, l) in x_labels.iter().enumerate() {
         if c as u32 % x_every == 0 {
             let x = (left + c as u32 * cell_w) as i32 + 2;
-            root.draw(&Text::new(fit(l, 5), (x, (top + grid_h) as i32 + 4), text(11.0)))
-                .map_err(|e| err(path, e))?;
+            root.draw(&Text::new(
+                fit(l, 5),
+                (x, (top + grid_h) as i32 + 4),
+                text(11.0),
+            ))
+            .map_err(|e| err(path, e))?;
         }
     }
-    root.draw(&Text::new(x_desc.to_string(), (left as i32, (top + grid_h) as i32 + 24), text(12.0)))
-        .map_err(|e| err(path, e))?;
-    root.draw(&Text::new(y_desc.to_string(), (8, top as i32 - 16), text(11.0).color(&BLACK.mix(0.7))))
-        .map_err(|e| err(path, e))?;
+    root.draw(&Text::new(
+        x_desc.to_string(),
+        (left as i32, (top + grid_h) as i32 + 24),
+        text(12.0),
+    ))
+    .map_err(|e| err(path, e))?;
+    root.draw(&Text::new(
+        y_desc.to_string(),
+        (8, top as i32 - 16),
+        text(11.0).color(&BLACK.mix(0.7)),
+    ))
+    .map_err(|e| err(path, e))?;
     for (r, row) in cells.iter().enumerate().take(n_rows as usize) {
         for (c, cell) in row.iter().enumerate().take(n_cols as usize) {
             let x = (left + c as u32 * cell_w) as i32;
@@ -659,12 +675,19 @@ pub fn grid(
                 let light = (fill.0 as u32 + fill.1 as u32 + fill.2 as u32) > 380;
                 let fg = if light { BLACK } else { WHITE };
                 let chars = ((cell_w - 4) / 7) as usize;
-                root.draw(&Text::new(fit(t, chars.max(1)), (x + 2, y + (cell_h as i32 - 11) / 2), text(10.0).color(&fg)))
-                    .map_err(|e| err(path, e))?;
+                root.draw(&Text::new(
+                    fit(t, chars.max(1)),
+                    (x + 2, y + (cell_h as i32 - 11) / 2),
+                    text(10.0).color(&fg),
+                ))
+                .map_err(|e| err(path, e))?;
             }
             if cell.outlined {
-                root.draw(&Rectangle::new(rect, ShapeStyle::from(&RED).stroke_width(2)))
-                    .map_err(|e| err(path, e))?;
+                root.draw(&Rectangle::new(
+                    rect,
+                    ShapeStyle::from(&RED).stroke_width(2),
+                ))
+                .map_err(|e| err(path, e))?;
             }
         }
     }
@@ -679,8 +702,11 @@ pub fn grid(
         ))
         .map_err(|e| err(path, e))?;
     }
-    root.draw(&Rectangle::new([(bx, top as i32), (bx + 16, top as i32 + bh)], BLACK.stroke_width(1)))
-        .map_err(|e| err(path, e))?;
+    root.draw(&Rectangle::new(
+        [(bx, top as i32), (bx + 16, top as i32 + bh)],
+        BLACK.stroke_width(1),
+    ))
+    .map_err(|e| err(path, e))?;
     for k in 0..=4 {
         let f = k as f64 / 4.0;
         let v = if scale.log {
@@ -700,8 +726,12 @@ pub fn grid(
         root.draw(&Text::new(label, (bx + 20, ty - 5), text(10.0)))
             .map_err(|e| err(path, e))?;
     }
-    root.draw(&Text::new(bar_name.to_string(), (bx - 4, top as i32 + bh + 8), text(10.0)))
-        .map_err(|e| err(path, e))?;
+    root.draw(&Text::new(
+        bar_name.to_string(),
+        (bx - 4, top as i32 + bh + 8),
+        text(10.0),
+    ))
+    .map_err(|e| err(path, e))?;
     root.present().map_err(|e| err(path, e))?;
     Ok(())
 }

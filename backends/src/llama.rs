@@ -1159,10 +1159,16 @@ impl GgmlRows {
         let (cpu, dot_type) = unsafe {
             llama_cpp_sys_2::ggml_cpu_init();
             let cpu = &*llama_cpp_sys_2::ggml_get_type_traits_cpu(ty);
-            (cpu, &*llama_cpp_sys_2::ggml_get_type_traits_cpu(cpu.vec_dot_type))
+            (
+                cpu,
+                &*llama_cpp_sys_2::ggml_get_type_traits_cpu(cpu.vec_dot_type),
+            )
         };
         let (Some(vec_dot), Some(from_float)) = (cpu.vec_dot, dot_type.from_float) else {
-            return Err(unreadable(format!("ggml's CPU backend cannot multiply {name} (type {ty})")).into());
+            return Err(unreadable(format!(
+                "ggml's CPU backend cannot multiply {name} (type {ty})"
+            ))
+            .into());
         };
         // SAFETY: as above, valid type ids.
         let (row_bytes, input_bytes) = unsafe {

@@ -367,13 +367,26 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
         }
     }
 
+    let mut b_sources: Vec<Box<dyn LogitSource>> = Vec::new();
+    let mut b_infos = Vec::new();
+    for b in bs {
+        b_sources.push(b.source);
+        b_infos.push(b.info);
+    }
+    let lens = if args.lens {
+        let layers = match &args.lens_layers {
+            Some(l) => crate::inside::Layers::parse(l).map_err(|e| usage!("--lens-layers {e}"))?,
+            None => crate::inside::Layers::All,
+        };
+        Some(compare::LensCompare::prepare(
+            &mut *a.source,
+            &mut b_sources,
+            &layers,
+        )?)
+    } else {
+        None
+    };
     if let Some(shard) = shard {
-        let mut b_sources: Vec<Box<dyn LogitSource>> = Vec::new();
-        let mut b_infos = Vec::new();
-        for b in bs {
-            b_sources.push(b.source);
-            b_infos.push(b.info);
-        }
         let engine_options = [engines[0].options(false)?, engines[1].options(false)?];
         let job = CompareJob {
             args,
@@ -395,6 +408,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
             &mut *a.source,
             &mut b_sources,
             &chunks,
+            lens.as_ref(),
             timing,
             b_text,
         );
@@ -423,17 +437,12 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
         b
     });
     let t_score = Instant::now();
-    let mut b_sources: Vec<Box<dyn LogitSource>> = Vec::new();
-    let mut b_infos = Vec::new();
-    for b in bs {
-        b_sources.push(b.source);
-        b_infos.push(b.info);
-    }
     let positions = compare::compare_chunks(
         &mut *a.source,
         &mut b_sources,
         &chunks,
         &probe,
+        lens.as_ref(),
         &mut timing,
         &|n| {
             if let Some(b) = &bar {
@@ -450,6 +459,9 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
     let mut summaries = Vec::new();
     for (bi, b) in b_sources.iter().enumerate() {
         let mut s = compare::summarize(&positions, bi, &b_infos[bi].label);
+        if let Some(lc) = &lens {
+            s.lens = compare::summarize_lens(&positions, bi, &lc.layers);
+        }
         if let Some((b_tokenize, ids_a)) = &b_text {
             let ids_b = b_tokenize(&**b)?;
             s.b_tokens = Some(ids_b.len());
@@ -470,6 +482,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
         probe,
         summaries,
         timing,
+        lens_layers: lens.as_ref().map(|l| l.layers.clone()),
         positions,
     };
     compare::write_files(&out, &report)?;
@@ -532,6 +545,7 @@ impl CompareJob<'_> {
             "score_all": self.input.score_all,
             "probe": self.probe,
             "engines": engines,
+            "lens": self.args.lens.then(|| self.args.lens_layers.clone().unwrap_or_else(|| "all".into())),
         }))
     }
 }
@@ -551,6 +565,7 @@ fn run_shard(
     a: &mut dyn LogitSource,
     bs: &mut [Box<dyn LogitSource>],
     chunks: &[Chunk],
+    lens: Option<&compare::LensCompare>,
     mut timing: Timing,
     b_text: Option<(BTokenize, Vec<TokenId>)>,
 ) -> anyhow::Result<()> {
@@ -587,6 +602,7 @@ fn run_shard(
             &[(c, &chunks[c])],
             firsts[c],
             job.probe,
+            lens,
             &mut timing,
             &|_| {},
         )?;
@@ -619,6 +635,7 @@ fn run_shard(
         probe: job.probe.clone(),
         timing,
         b_text: b_text_out,
+        lens_layers: lens.map(|l| l.layers.clone()),
     };
     output::write_json(&dir.join(compare::SHARD_JSON), &record)?;
     eprintln!(

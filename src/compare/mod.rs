@@ -14,6 +14,7 @@ pub use files::{write_csv, write_files, COMPARE_CSV, COMPARE_JSON};
 
 use crate::probe::{Distribution, Probe, ProbeConfig};
 use crate::text::Pieces;
+use anyhow::Context as _;
 use logitprobe_backends::{usage, LogitSource, TokenId};
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
@@ -202,6 +203,119 @@ pub struct BAt {
     /// |top-k_A ∩ top-k_B| / |top-k_A ∪ top-k_B| of the adaptive sets.
     #[serde(deserialize_with = "f64_or_nan")]
     pub jaccard: f64,
+    /// With `--lens`: KL(A‖B) of the two sides' logit-lens distributions at each lens layer
+    /// (the report's `lens_layers`), nats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lens_kld: Option<Vec<f64>>,
+    /// With `--lens`: whether both sides' lens top-1 tokens agree at each lens layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lens_top1_same: Option<Vec<bool>>,
+}
+
+/// How far apart two sides' lens distributions are at one layer, over every position.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LensLayerSummary {
+    pub layer: usize,
+    /// KL(A‖B) of the lens distributions: mean ± error and percentiles, nats.
+    pub kld: Spread,
+    /// Fraction of positions where both sides' lens top-1 tokens agree.
+    #[serde(deserialize_with = "f64_or_nan")]
+    pub same_top1: f64,
+}
+
+/// What `compare --lens` reads on both sides: the layers, and each side's lens head.
+#[derive(Debug)]
+pub struct LensCompare {
+    pub layers: Vec<usize>,
+    pub head_a: std::sync::Arc<logitprobe_backends::LensHead>,
+    pub heads_b: Vec<std::sync::Arc<logitprobe_backends::LensHead>>,
+}
+
+impl LensCompare {
+    /// Turns the lens on for `layers` (every layer when `None`) on A and every B; the sides
+    /// must have the same depth, since layer l of A is compared with layer l of B.
+    pub fn prepare(
+        a: &mut dyn LogitSource,
+        bs: &mut [Box<dyn LogitSource>],
+        layers: &crate::inside::Layers,
+    ) -> anyhow::Result<LensCompare> {
+        let depth = |s: &dyn LogitSource| -> anyhow::Result<usize> {
+            Ok(s.architecture()
+                .ok_or(logitprobe_backends::Error::CaptureUnsupported {
+                    engine: s.info().engine.clone(),
+                })?
+                .n_layer)
+        };
+        let n_layer = depth(&*a)?;
+        for (i, b) in bs.iter().enumerate() {
+            let nb = depth(&**b)?;
+            if nb != n_layer {
+                return Err(logitprobe_backends::usage!(
+                    "the lens compares layer by layer, but A has {n_layer} layers and {} has {nb}",
+                    b_name(i, bs.len())
+                ));
+            }
+        }
+        let layers = layers.resolve(n_layer);
+        let spec = logitprobe_backends::CaptureSpec {
+            hidden_layers: layers.clone(),
+            attention_layers: Vec::new(),
+        };
+        spec.check(n_layer)?;
+        let head_a = a.lens_head()?;
+        a.set_capture(&spec)?;
+        let mut heads_b = Vec::new();
+        for b in bs.iter_mut() {
+            heads_b.push(b.lens_head()?);
+            b.set_capture(&spec)?;
+        }
+        Ok(LensCompare {
+            layers,
+            head_a,
+            heads_b,
+        })
+    }
+}
+
+/// Per lens layer, how far B number `bi` is from A over `positions` (`None` without `--lens`).
+pub fn summarize_lens(
+    positions: &[Position],
+    bi: usize,
+    layers: &[usize],
+) -> Option<Vec<LensLayerSummary>> {
+    if positions
+        .iter()
+        .any(|p| p.b.get(bi).is_none_or(|b| b.lens_kld.is_none()))
+        || positions.is_empty()
+    {
+        return None;
+    }
+    Some(
+        layers
+            .iter()
+            .enumerate()
+            .map(|(l, &layer)| {
+                let kld: Vec<f64> = positions
+                    .iter()
+                    .map(|p| p.b[bi].lens_kld.as_ref().map_or(f64::NAN, |v| v[l]))
+                    .collect();
+                let same = positions
+                    .iter()
+                    .filter(|p| {
+                        p.b[bi]
+                            .lens_top1_same
+                            .as_ref()
+                            .is_some_and(|v| v.get(l).copied().unwrap_or(false))
+                    })
+                    .count();
+                LensLayerSummary {
+                    layer,
+                    kld: Spread::of(&kld),
+                    same_top1: same as f64 / positions.len() as f64,
+                }
+            })
+            .collect(),
+    )
 }
 
 /// One scored position: the logits at `pos` of chunk `chunk` predicting `token_id`.
@@ -259,6 +373,9 @@ pub struct Summary {
     pub b_tokens: Option<usize>,
     /// Positions where B's own tokenization differs from A's ids.
     pub tokenizer_positions_differ: Option<usize>,
+    /// With `--lens`: per lens layer, how far B's lens is from A's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lens: Option<Vec<LensLayerSummary>>,
 }
 
 impl Summary {
@@ -308,6 +425,9 @@ pub struct CompareReport {
     pub probe: ProbeConfig,
     pub summaries: Vec<Summary>,
     pub timing: Timing,
+    /// The layers `--lens` compared (each position's `lens_kld` follows this order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lens_layers: Option<Vec<usize>>,
     pub positions: Vec<Position>,
 }
 
@@ -330,6 +450,9 @@ pub struct ShardRecord {
     pub timing: Timing,
     /// B's own tokenization of the whole corpus, per B.
     pub b_text: Vec<BText>,
+    /// The layers `--lens` compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lens_layers: Option<Vec<usize>>,
 }
 
 pub const SHARD_KIND: &str = "logitprobe-compare-shard";
@@ -542,11 +665,12 @@ pub fn compare_chunks(
     bs: &mut [Box<dyn LogitSource>],
     chunks: &[Chunk],
     probe: &ProbeConfig,
+    lens: Option<&LensCompare>,
     timing: &mut Timing,
     progress: &dyn Fn(u64),
 ) -> anyhow::Result<Vec<Position>> {
     let numbered: Vec<(usize, &Chunk)> = chunks.iter().enumerate().collect();
-    compare_some_chunks(a, bs, &numbered, 0, probe, timing, progress)
+    compare_some_chunks(a, bs, &numbered, 0, probe, lens, timing, progress)
 }
 
 /// The global index of the first scored position of each chunk: positions are numbered
@@ -565,12 +689,14 @@ pub fn first_indices(chunks: &[Chunk]) -> Vec<usize> {
 
 /// [`compare_chunks`] of chunks given with their numbers; positions are numbered from
 /// `first_index` on.
+#[allow(clippy::too_many_arguments)]
 pub fn compare_some_chunks(
     a: &mut dyn LogitSource,
     bs: &mut [Box<dyn LogitSource>],
     chunks: &[(usize, &Chunk)],
     first_index: usize,
     probe: &ProbeConfig,
+    lens: Option<&LensCompare>,
     timing: &mut Timing,
     progress: &dyn Fn(u64),
 ) -> anyhow::Result<Vec<Position>> {
@@ -587,6 +713,7 @@ pub fn compare_some_chunks(
         }
         let t = Instant::now();
         let la = a.score(&chunk.ids)?;
+        let captured_a = a.take_captured();
         timing.score_a_s += t.elapsed().as_secs_f64();
         timing.tokens_evaluated += chunk.ids.len();
         check_shape("A", &la, chunk, n_vocab)?;
@@ -634,8 +761,23 @@ pub fn compare_some_chunks(
         for (bi, b) in bs.iter_mut().enumerate() {
             let t = Instant::now();
             let lb = b.score(&chunk.ids)?;
+            let captured_b = b.take_captured();
             timing.score_b_s[bi] += t.elapsed().as_secs_f64();
             check_shape("B", &lb, chunk, n_vocab)?;
+            let t_lens = Instant::now();
+            let lens_rows = match lens {
+                Some(lc) => Some(lens_rows(
+                    lc,
+                    bi,
+                    &captured_a,
+                    &captured_b,
+                    first,
+                    n_rows,
+                    chunk.ids.len(),
+                )?),
+                None => None,
+            };
+            timing.metrics_s += t_lens.elapsed().as_secs_f64();
             let t = Instant::now();
             let rows_b = par_rows(n_rows, probe, |prober, r| {
                 let j = first + r;
@@ -653,8 +795,13 @@ pub fn compare_some_chunks(
                     dist,
                 })
             })?;
+            let mut lens_rows = lens_rows.map(Vec::into_iter);
             for (r, rb) in rows_b.into_iter().enumerate() {
                 let ra = &rows_a[r];
+                let (lens_kld, lens_top1_same) = match lens_rows.as_mut().and_then(Iterator::next) {
+                    Some((k, s)) => (Some(k), Some(s)),
+                    None => (None, None),
+                };
                 let pos = &mut positions[start + r];
                 let top1_b = rb.dist.candidates.first().map_or(0, |c| c.token_id);
                 let inter = ra
@@ -681,6 +828,8 @@ pub fn compare_some_chunks(
                     } else {
                         inter as f64 / union as f64
                     },
+                    lens_kld,
+                    lens_top1_same,
                 });
             }
             timing.metrics_s += t.elapsed().as_secs_f64();
@@ -689,6 +838,83 @@ pub fn compare_some_chunks(
     }
     timing.positions_scored += positions.len();
     Ok(positions)
+}
+
+/// Each scored row's lens KL(A‖B) and top-1 agreement per lens layer, from both sides'
+/// captured layer outputs, the rows split across the CPU's threads.
+fn lens_rows(
+    lc: &LensCompare,
+    bi: usize,
+    captured_a: &[logitprobe_backends::Captured],
+    captured_b: &[logitprobe_backends::Captured],
+    first: usize,
+    n_rows: usize,
+    n_tokens: usize,
+) -> anyhow::Result<Vec<(Vec<f64>, Vec<bool>)>> {
+    anyhow::ensure!(
+        captured_a.len() == n_tokens && captured_b.len() == n_tokens,
+        "the lens captured {} and {} rows for {n_tokens} tokens",
+        captured_a.len(),
+        captured_b.len()
+    );
+    let hidden = |c: &logitprobe_backends::Captured| -> anyhow::Result<ndarray::Array2<f32>> {
+        c.hidden
+            .clone()
+            .context("the engine captured no layer outputs for the lens")
+    };
+    let head_b = &lc.heads_b[bi];
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(n_rows)
+        .max(1);
+    let per = n_rows.div_ceil(threads);
+    let parts: Vec<anyhow::Result<Vec<(Vec<f64>, Vec<bool>)>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    (t * per..((t + 1) * per).min(n_rows))
+                        .map(|r| {
+                            let j = first + r;
+                            let xa = lc.head_a.logits(hidden(&captured_a[j])?.view());
+                            let xb = head_b.logits(hidden(&captured_b[j])?.view());
+                            let mut kld = Vec::with_capacity(lc.layers.len());
+                            let mut same = Vec::with_capacity(lc.layers.len());
+                            for (ra, rb) in xa.outer_iter().zip(xb.outer_iter()) {
+                                let (ra, rb) = (
+                                    ra.to_slice().expect("standard layout"),
+                                    rb.to_slice().expect("standard layout"),
+                                );
+                                let (la, lb) = (stats::log_sum_exp(ra), stats::log_sum_exp(rb));
+                                kld.push(stats::kl_divergence(ra, rb, la, lb));
+                                same.push(argmax(ra) == argmax(rb));
+                            }
+                            Ok((kld, same))
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("lens thread panicked"))
+            .collect()
+    });
+    let mut out = Vec::with_capacity(n_rows);
+    for p in parts {
+        out.extend(p?);
+    }
+    Ok(out)
+}
+
+/// The first index of the largest entry.
+fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
 }
 
 /// llama-perplexity's statistics of B number `bi` against A.
@@ -736,6 +962,7 @@ pub fn summarize(positions: &[Position], bi: usize, label: &str) -> Summary {
         },
         b_tokens: None,
         tokenizer_positions_differ: None,
+        lens: None,
     }
 }
 
@@ -836,6 +1063,30 @@ pub fn summary_table(report: &CompareReport) -> String {
                 _ => "–".into(),
             },
         );
+    }
+    if let Some(layers) = &report.lens_layers {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "logit lens, per layer: mean KLD(A‖B) of the lens distributions ± error, and same lens top-1"
+        );
+        for (l, layer) in layers.iter().enumerate() {
+            let name = format!("layer {layer}");
+            let _ = write!(out, "{name:<26}");
+            for x in s {
+                let cell = match x.lens.as_ref().and_then(|v| v.get(l)) {
+                    Some(ls) => format!(
+                        "{} ± {} {:>5.1}%",
+                        num(ls.kld.mean),
+                        num(ls.kld.stderr),
+                        100.0 * ls.same_top1
+                    ),
+                    None => "–".into(),
+                };
+                let _ = write!(out, "{cell:>w$}");
+            }
+            let _ = writeln!(out);
+        }
     }
     out
 }

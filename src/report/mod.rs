@@ -332,8 +332,11 @@ pub fn inside_plots(dir: &Path, trace: &Trace, lens_step: usize) -> anyhow::Resu
     use crate::plot::{GridCell, GridScale};
     let model = short_name(&trace.metadata.model);
     let mut written = Vec::new();
-    let lens_steps: Vec<&crate::trace::Step> =
-        trace.steps.iter().filter(|s| s.logit_lens.is_some()).collect();
+    let lens_steps: Vec<&crate::trace::Step> = trace
+        .steps
+        .iter()
+        .filter(|s| s.logit_lens.is_some())
+        .collect();
     if let Some(first) = lens_steps.first() {
         let at = lens_steps
             .iter()
@@ -341,7 +344,12 @@ pub fn inside_plots(dir: &Path, trace: &Trace, lens_step: usize) -> anyhow::Resu
             .copied()
             .unwrap_or(first);
         let layers = at.logit_lens.as_deref().unwrap_or_default();
-        let k = layers.iter().map(|l| l.top_k.len()).max().unwrap_or(0).clamp(1, 64);
+        let k = layers
+            .iter()
+            .map(|l| l.top_k.len())
+            .max()
+            .unwrap_or(0)
+            .clamp(1, 64);
         let cells: Vec<Vec<GridCell>> = layers
             .iter()
             .map(|l| {
@@ -369,9 +377,17 @@ pub fn inside_plots(dir: &Path, trace: &Trace, lens_step: usize) -> anyhow::Resu
                 "top-k rank",
                 "layer",
                 &(1..=k).map(|r| r.to_string()).collect::<Vec<_>>(),
-                &layers.iter().map(|l| l.layer_idx.to_string()).collect::<Vec<_>>(),
+                &layers
+                    .iter()
+                    .map(|l| l.layer_idx.to_string())
+                    .collect::<Vec<_>>(),
                 &cells,
-                GridScale { lo: 0.0, hi: 1.0, log: false, reversed: false },
+                GridScale {
+                    lo: 0.0,
+                    hi: 1.0,
+                    log: false,
+                    reversed: false,
+                },
                 "probability",
             )
         })?;
@@ -412,17 +428,28 @@ pub fn inside_plots(dir: &Path, trace: &Trace, lens_step: usize) -> anyhow::Resu
                 &format!("selected token's rank by layer (log scale) · {model}"),
                 "generation step",
                 "layer",
-                &lens_steps.iter().map(|s| s.step.to_string()).collect::<Vec<_>>(),
+                &lens_steps
+                    .iter()
+                    .map(|s| s.step.to_string())
+                    .collect::<Vec<_>>(),
                 &ids.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
                 &cells,
-                GridScale { lo: 1.0, hi: max_rank as f64, log: true, reversed: true },
+                GridScale {
+                    lo: 1.0,
+                    hi: max_rank as f64,
+                    log: true,
+                    reversed: true,
+                },
                 "rank",
             )
         })?;
         written.push(path);
     }
-    let attention_steps: Vec<&crate::trace::Step> =
-        trace.steps.iter().filter(|s| s.attention.is_some()).collect();
+    let attention_steps: Vec<&crate::trace::Step> = trace
+        .steps
+        .iter()
+        .filter(|s| s.attention.is_some())
+        .collect();
     if let Some(first) = attention_steps.first() {
         let at = attention_steps
             .iter()
@@ -443,9 +470,21 @@ pub fn inside_plots(dir: &Path, trace: &Trace, lens_step: usize) -> anyhow::Resu
                 None => vec![l.entropy; heads],
             })
             .collect();
-        let lo = values.iter().flatten().copied().fold(f64::INFINITY, f64::min);
-        let hi = values.iter().flatten().copied().fold(f64::NEG_INFINITY, f64::max);
-        let (lo, hi) = if lo.is_finite() && hi > lo { (lo, hi) } else { (0.0, hi.max(1.0)) };
+        let lo = values
+            .iter()
+            .flatten()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+        let hi = values
+            .iter()
+            .flatten()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
+        let (lo, hi) = if lo.is_finite() && hi > lo {
+            (lo, hi)
+        } else {
+            (0.0, hi.max(1.0))
+        };
         let cells: Vec<Vec<GridCell>> = values
             .iter()
             .map(|row| {
@@ -462,13 +501,24 @@ pub fn inside_plots(dir: &Path, trace: &Trace, lens_step: usize) -> anyhow::Resu
         atomic_png(&path, |tmp| {
             crate::plot::grid(
                 tmp,
-                &format!("attention entropy by layer and head at step {} · {model}", at.step),
+                &format!(
+                    "attention entropy by layer and head at step {} · {model}",
+                    at.step
+                ),
                 "head",
                 "layer",
                 &(0..heads).map(|h| h.to_string()).collect::<Vec<_>>(),
-                &layers.iter().map(|l| l.layer.to_string()).collect::<Vec<_>>(),
+                &layers
+                    .iter()
+                    .map(|l| l.layer.to_string())
+                    .collect::<Vec<_>>(),
                 &cells,
-                GridScale { lo, hi, log: false, reversed: false },
+                GridScale {
+                    lo,
+                    hi,
+                    log: false,
+                    reversed: false,
+                },
                 "entropy (nats)",
             )
         })?;
@@ -584,6 +634,7 @@ impl TraceMarks {
 pub const KLD_PER_POSITION_PNG: &str = "kld_per_position.png";
 pub const KLD_HISTOGRAM_PNG: &str = "kld_histogram.png";
 pub const DELTA_ENTROPY_PNG: &str = "delta_entropy_per_position.png";
+pub const LENS_KLD_PNG: &str = "lens_kld_per_layer.png";
 
 /// Colours for up to a handful of B sides; they repeat past that.
 const B_COLORS: [plotters::style::RGBColor; 5] = [
@@ -651,6 +702,39 @@ pub fn write_compare_report(dir: &Path, report: &CompareReport) -> anyhow::Resul
         )
     })?;
     written.push(path);
+    if let Some(layers) = &report.lens_layers {
+        // log10 of each layer's mean KL: the early layers differ by orders of magnitude.
+        let lens: Vec<Vec<f64>> = report
+            .summaries
+            .iter()
+            .map(|s| {
+                s.lens
+                    .iter()
+                    .flatten()
+                    .map(|l| l.kld.mean.max(1e-12).log10())
+                    .collect()
+            })
+            .collect();
+        let path = dir.join(LENS_KLD_PNG);
+        let x = if layers.iter().enumerate().all(|(i, &l)| i == l) {
+            "layer".to_string()
+        } else {
+            format!(
+                "lens layer (layers {})",
+                crate::inside::Layers::List(layers.clone())
+            )
+        };
+        atomic_png(&path, |tmp| {
+            plot::lines(
+                tmp,
+                "logit lens: mean KL(A‖B) per layer",
+                &x,
+                "log10 mean KLD (nats)",
+                &b_series(&names, &lens),
+            )
+        })?;
+        written.push(path);
+    }
     written.push(write_html(
         dir,
         "logitprobe compare",
