@@ -3,7 +3,10 @@
 - optimum layout: standard ops only; inputs input_ids, attention_mask, position_ids,
   past_key_values.{i}.key|value; outputs logits, present.{i}.key|value.
 - genai layout (onnxruntime-genai model builder): com.microsoft GroupQueryAttention, no
-  position_ids input (positions come from the attention mask inside the op).
+  position_ids input (positions come from the attention mask inside the op), the residual
+  stream carried by (Skip)SimplifiedLayerNormalization as the builder writes it (the final
+  norm keeps no sum), and KV dims named as the builder names them, the head size symbolic
+  (['batch_size', kv_heads, 'past_sequence_length', 'kv_cache_dim']).
 
 Weights come in llama.cpp's order: Q and K rows are stored for interleaved ("normal") RoPE,
 rotating pairs (2i, 2i+1), exactly as llama.cpp applies it to a GGUF. The optimum graph
@@ -87,12 +90,16 @@ def build(weights: Weights, layout: str, fp16: bool = False) -> onnx.ModelProto:
     ]
     if layout == "optimum":
         inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]))
-    past_dim = "past" if layout == "optimum" else "kv_cache_dim"
     outputs = [helper.make_tensor_value_info("logits", kv_type, ["batch", "seq", vocab])]
     for i in range(len(weights.layers)):
         for kv in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", kv_type, ["batch", KVH, past_dim, D]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", kv_type, ["batch", KVH, "total", D]))
+            if layout == "optimum":
+                past, present = ["batch", KVH, "past", D], ["batch", KVH, "total", D]
+            else:
+                past = ["batch_size", KVH, "past_sequence_length", "kv_cache_dim"]
+                present = ["batch_size", KVH, "total_sequence_length", "kv_cache_dim"]
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", kv_type, past))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", kv_type, present))
 
     x = g.op("Gather", [g.init(weights.embed, "embed"), "input_ids"], axis=0)  # [B,S,hidden]
     shape_bsx = g.op("Shape", ["input_ids"])  # [B, S]
@@ -144,8 +151,29 @@ def build(weights: Weights, layout: str, fp16: bool = False) -> onnx.ModelProto:
                              g.op("Unsqueeze", [ro, g.const(np.array([-1], np.int64))])], axis=-1)
         return g.op("Reshape", [st, shp])
 
+    genai = layout == "genai"
+
+    def skip_norm(branch, residual, w, final=False):
+        """The builder's SkipSimplifiedLayerNormalization: RMSNorm(branch + residual) and,
+        except for the final norm, the sum itself (output 3) as the next residual."""
+        out = g.name("skipnorm")
+        if final:
+            outs = [out]
+        else:
+            outs = [out, "", "", g.name("residual")]
+        g.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [branch, residual, g.init(w, "norm")],
+                                        outs, domain="com.microsoft", epsilon=float(c["rms_eps"])))
+        return out, (None if final else outs[3])
+
+    branch = None  # genai: the last block's output, not yet added to the stream
     for i, L in enumerate(weights.layers):
-        h = rms_norm(g, x, L["attn_norm"], c["rms_eps"])
+        if not genai:
+            h = rms_norm(g, x, L["attn_norm"], c["rms_eps"])
+        elif i == 0:
+            h = g.op("SimplifiedLayerNormalization", [x, g.init(L["attn_norm"], "norm")], axis=-1,
+                     epsilon=float(c["rms_eps"]), stash_type=1)
+        else:
+            h, x = skip_norm(branch, x, L["attn_norm"])
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         if layout == "optimum":
             def heads(t, n):
@@ -197,12 +225,21 @@ def build(weights: Weights, layout: str, fp16: bool = False) -> onnx.ModelProto:
             g.nodes.append(helper.make_node("Identity", [pv], [f"present.{i}.value"]))
             if fp16:
                 attn = g.op("Cast", [attn], to=TensorProto.FLOAT)
-        x = g.op("Add", [x, linear(g, attn, L["wo"])])
-        h = rms_norm(g, x, L["ffn_norm"], c["rms_eps"])
+        if genai:
+            h, x = skip_norm(linear(g, attn, L["wo"]), x, L["ffn_norm"])
+        else:
+            x = g.op("Add", [x, linear(g, attn, L["wo"])])
+            h = rms_norm(g, x, L["ffn_norm"], c["rms_eps"])
         gate = linear(g, h, L["w_gate"])
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), linear(g, h, L["w_up"])])
-        x = g.op("Add", [x, linear(g, act, L["w_down"])])
-    x = rms_norm(g, x, weights.norm, c["rms_eps"])
+        if genai:
+            branch = linear(g, act, L["w_down"])
+        else:
+            x = g.op("Add", [x, linear(g, act, L["w_down"])])
+    if genai:
+        x, _ = skip_norm(branch, x, weights.norm, final=True)
+    else:
+        x = rms_norm(g, x, weights.norm, c["rms_eps"])
     logits = linear(g, x, weights.lm_head)
     g.nodes.append(helper.make_node("Cast" if fp16 else "Identity", [logits], ["logits"], **({"to": TensorProto.FLOAT16} if fp16 else {})))
 

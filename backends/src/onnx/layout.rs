@@ -17,6 +17,8 @@ pub(super) struct Layout {
     pub(super) kv_dtype: TensorElementType,
     pub(super) kv_heads: usize,
     pub(super) head_dim: usize,
+    /// KV sizes the graph leaves symbolic, taken from the folder's config files instead.
+    pub(super) from_config: Vec<&'static str>,
 }
 
 pub(super) fn tensor_dims(vt: &ValueType) -> Option<(TensorElementType, Vec<i64>)> {
@@ -127,7 +129,17 @@ pub(super) fn read_layout(session: &Session, model: &Path, hint: KvHint) -> anyh
         ));
     }
     kv.sort_by_key(|(i, _)| *i);
+    let mut from_config = Vec::new();
+    if let [_, h, _, d] = shape.as_slice() {
+        if *h <= 0 {
+            from_config.push("kv_heads");
+        }
+        if *d <= 0 {
+            from_config.push("head_dim");
+        }
+    }
     Ok(Layout {
+        from_config,
         attention_mask: inputs.contains(&"attention_mask"),
         position_ids: inputs.contains(&"position_ids"),
         kv: kv.into_iter().map(|(_, n)| n).collect(),

@@ -179,6 +179,13 @@ impl OnnxSource {
         details.insert("n_layer".into(), layout.kv.len().into());
         details.insert("kv_heads".into(), layout.kv_heads.into());
         details.insert("head_dim".into(), layout.head_dim.into());
+        if !layout.from_config.is_empty() {
+            // The builder's graphs name the head size symbolically ('kv_cache_dim').
+            details.insert(
+                "kv_sizes_from_config".into(),
+                serde_json::to_value(&layout.from_config)?,
+            );
+        }
         details.insert("kv_dtype".into(), dtype_name(layout.kv_dtype).into());
         details.insert("ort_library".into(), lib.display().to_string().into());
         details.insert("n_ctx".into(), n_ctx.into());
