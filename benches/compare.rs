@@ -64,9 +64,16 @@ fn main() {
 
         let t = Instant::now();
         let mut timing = Timing::default();
-        let positions =
-            compare::compare_chunks(&mut *a, &mut bs, &chunks, &probe, &mut timing, &|_| {})
-                .unwrap();
+        let positions = compare::compare_chunks(
+            &mut *a,
+            &mut bs,
+            &chunks,
+            &probe,
+            None,
+            &mut timing,
+            &|_| {},
+        )
+        .unwrap();
         whole.push(t.elapsed().as_secs_f64());
         math.push(timing.metrics_s);
         eprintln!(

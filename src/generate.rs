@@ -704,6 +704,12 @@ fn describe_prompt(
     Ok(())
 }
 
+/// A step's lens layers and attention layers, when captured.
+type InsideStep = (
+    Option<Vec<crate::inside::LogitLensLayer>>,
+    Option<Vec<crate::inside::AttentionLayerEntry>>,
+);
+
 /// A step's lens (its layers' logits through the lens head, with `selected` as the chosen
 /// token) and attention summaries (`history` is the sequence up to the query position).
 fn inside_step(
@@ -713,10 +719,7 @@ fn inside_step(
     selected: TokenId,
     source: &dyn LogitSource,
     pieces: &mut Pieces,
-) -> anyhow::Result<(
-    Option<Vec<crate::inside::LogitLensLayer>>,
-    Option<Vec<crate::inside::AttentionLayerEntry>>,
-)> {
+) -> anyhow::Result<InsideStep> {
     let lens = match (&inside.head, &captured.hidden) {
         (Some(head), Some(hidden)) => {
             let logits = head.logits(hidden.view());

@@ -630,7 +630,7 @@ pub fn grid(
     let every = |n: u32, px: u32, need: u32| (need.div_ceil(px.max(1))).max(1).min(n.max(1));
     let y_every = every(n_rows, cell_h, 14);
     for (r, l) in y_labels.iter().enumerate() {
-        if r as u32 % y_every == 0 {
+        if (r as u32).is_multiple_of(y_every) {
             let y = (top + r as u32 * cell_h) as i32 + (cell_h as i32 - 11) / 2;
             root.draw(&Text::new(fit(l, 7), (8, y), text(11.0)))
                 .map_err(|e| err(path, e))?;
@@ -638,7 +638,7 @@ pub fn grid(
     }
     let x_every = every(n_cols, cell_w, 30);
     for (c, l) in x_labels.iter().enumerate() {
-        if c as u32 % x_every == 0 {
+        if (c as u32).is_multiple_of(x_every) {
             let x = (left + c as u32 * cell_w) as i32 + 2;
             root.draw(&Text::new(
                 fit(l, 5),

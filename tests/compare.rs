@@ -445,6 +445,8 @@ fn summary_statistics_of_known_positions() {
         b_rank_of_a_top1: 1,
         delta_entropy: 0.0,
         jaccard: 1.0,
+        lens_kld: None,
+        lens_top1_same: None,
     };
     let pos = |i: usize, pa: f64, pb: f64, kld: f64, same: bool| compare::Position {
         index: i,
@@ -537,6 +539,7 @@ fn a_is_scored_once_per_chunk_whatever_the_number_of_bs() {
         &mut bs,
         &chunks,
         &ProbeConfig::default(),
+        None,
         &mut timing,
         &|_| {},
     )

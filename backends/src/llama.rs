@@ -1254,7 +1254,7 @@ fn read_tensor(
     let rows = (info.n_elements() as usize) / ne0.max(1);
     let (type_name, block, block_bytes) = crate::gguf::ggml_type(info.ggml_type)
         .ok_or_else(|| unreadable(format!("{name} has an unknown type {}", info.ggml_type)))?;
-    if ne0 as u64 % block != 0 {
+    if !(ne0 as u64).is_multiple_of(block) {
         return Err(unreadable(format!(
             "{name} rows of {ne0} are not whole {type_name} blocks"
         ))

@@ -559,6 +559,7 @@ struct ShardOut<'a> {
 
 /// Scores this shard's chunks that an earlier run of it did not, one record per chunk, then
 /// the shard's record; `logitprobe merge` computes the statistics from all of them.
+#[allow(clippy::too_many_arguments)]
 fn run_shard(
     job: &CompareJob,
     so: &ShardOut,

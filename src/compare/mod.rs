@@ -161,6 +161,12 @@ pub(crate) fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, 
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
+/// A list of numbers where JSON's `null` (how serde_json writes NaN and ±∞) reads as NaN.
+fn vec_f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<f64>>, D::Error> {
+    let v = Option::<Vec<Option<f64>>>::deserialize(d)?;
+    Ok(v.map(|v| v.into_iter().map(|x| x.unwrap_or(f64::NAN)).collect()))
+}
+
 /// One side's view of one position.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SideAt {
@@ -205,7 +211,11 @@ pub struct BAt {
     pub jaccard: f64,
     /// With `--lens`: KL(A‖B) of the two sides' logit-lens distributions at each lens layer
     /// (the report's `lens_layers`), nats.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "vec_f64_or_nan"
+    )]
     pub lens_kld: Option<Vec<f64>>,
     /// With `--lens`: whether both sides' lens top-1 tokens agree at each lens layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -840,6 +850,9 @@ pub fn compare_some_chunks(
     Ok(positions)
 }
 
+/// One scored row's lens KL(A‖B) and top-1 agreement, per lens layer.
+type LensRow = (Vec<f64>, Vec<bool>);
+
 /// Each scored row's lens KL(A‖B) and top-1 agreement per lens layer, from both sides'
 /// captured layer outputs, the rows split across the CPU's threads.
 fn lens_rows(
@@ -850,7 +863,7 @@ fn lens_rows(
     first: usize,
     n_rows: usize,
     n_tokens: usize,
-) -> anyhow::Result<Vec<(Vec<f64>, Vec<bool>)>> {
+) -> anyhow::Result<Vec<LensRow>> {
     anyhow::ensure!(
         captured_a.len() == n_tokens && captured_b.len() == n_tokens,
         "the lens captured {} and {} rows for {n_tokens} tokens",
@@ -868,7 +881,7 @@ fn lens_rows(
         .min(n_rows)
         .max(1);
     let per = n_rows.div_ceil(threads);
-    let parts: Vec<anyhow::Result<Vec<(Vec<f64>, Vec<bool>)>>> = std::thread::scope(|s| {
+    let parts: Vec<anyhow::Result<Vec<LensRow>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 s.spawn(move || {
@@ -1137,13 +1150,21 @@ mod tests {
                 b_rank_of_a_top1: 2,
                 delta_entropy: 0.0,
                 jaccard: 0.0,
+                lens_kld: Some(vec![0.25, f64::INFINITY]),
+                lens_top1_same: Some(vec![true, false]),
             }],
         };
         let s = summarize(std::slice::from_ref(&p), 0, "B");
+        let lens = summarize_lens(std::slice::from_ref(&p), 0, &[3, 7]).unwrap();
+        assert_eq!((lens[0].layer, lens[1].layer), (3, 7));
+        assert_eq!(lens[0].kld.mean, 0.25);
+        assert_eq!((lens[0].same_top1, lens[1].same_top1), (1.0, 0.0));
         assert!(s.kld.stderr.is_nan());
         let back: Summary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert!(back.kld.stderr.is_nan() && back.same_top_p_err.is_nan());
         let back: Position = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         assert!(back.b[0].kld.is_nan() && back.b[0].logprob.is_nan());
+        let lens_back = back.b[0].lens_kld.as_ref().unwrap();
+        assert!(lens_back[0] == 0.25 && lens_back[1].is_nan());
     }
 }

@@ -303,11 +303,8 @@ impl Graph {
         let mut graph = None;
         while model.pos < model.end {
             let field_start = model.pos;
-            match model.next().expect("not at the end")? {
-                (7, Wire::Bytes(b, at)) => {
-                    graph = Some((field_start..at + b.len(), at..at + b.len()));
-                }
-                _ => {}
+            if let (7, Wire::Bytes(b, at)) = model.next().expect("not at the end")? {
+                graph = Some((field_start..at + b.len(), at..at + b.len()));
             }
         }
         let (field, body) = graph.ok_or_else(|| bad("no graph"))?;
