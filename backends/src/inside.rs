@@ -115,9 +115,44 @@ impl HeadMatrix for Array2<f32> {
         self.len() * 4
     }
     fn product(&self, x: ArrayView2<'_, f32>) -> Array2<f32> {
-        // One matrix product for every row: the head is read once per call, not per layer.
-        x.dot(&self.t())
+        // One matrix product for every row (the head is read once per call, not per layer),
+        // its vocabulary split across the CPU's threads: the engine waits meanwhile.
+        let mut out = Array2::zeros((x.nrows(), self.nrows()));
+        split_vocab(self.nrows(), &mut out, |range, mut part| {
+            part.assign(&x.dot(&self.slice(ndarray::s![range, ..]).t()));
+        });
+        out
     }
+}
+
+/// Calls `f(rows, out[.., rows])` for a split of `0..n_vocab` into one range per CPU thread,
+/// each on its own thread.
+pub fn split_vocab(
+    n_vocab: usize,
+    out: &mut Array2<f32>,
+    f: impl Fn(std::ops::Range<usize>, ndarray::ArrayViewMut2<'_, f32>) + Sync,
+) {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 16)
+        .min(n_vocab.div_ceil(1024).max(1));
+    let per = n_vocab.div_ceil(threads);
+    let mut parts = Vec::with_capacity(threads);
+    let mut rest = out.view_mut();
+    let mut start = 0;
+    while start < n_vocab {
+        let end = (start + per).min(n_vocab);
+        let (part, tail) = rest.split_at(Axis(1), end - start);
+        parts.push((start..end, part));
+        rest = tail;
+        start = end;
+    }
+    std::thread::scope(|s| {
+        for (range, part) in parts {
+            let f = &f;
+            s.spawn(move || f(range, part));
+        }
+    });
 }
 
 /// The final norm and the output head: a layer's output through them is that layer's

@@ -87,6 +87,8 @@ pub struct LlamaSource {
     /// Declared first, so dropped first: a context made with the eval callback holds a
     /// pointer to `capture`.
     state: State,
+    /// The threadpools attached to a capturing context, dropped after it (field order).
+    threadpools: Option<Threadpools>,
     /// What the eval callback looks for and copies (shared with it, see [`eval_callback`]).
     capture: Arc<Mutex<CaptureState>>,
     /// What the last decode captured, one entry per logits row.
@@ -320,6 +322,7 @@ impl LlamaSource {
                 .unwrap_or(0);
         let mut src = LlamaSource {
             state: State::Model(model),
+            threadpools: None,
             capture: Arc::default(),
             captured: Vec::new(),
             lens: None,
@@ -422,8 +425,30 @@ impl LlamaSource {
             // `eval_callback` catches panics.
             params = unsafe { params.with_cb_eval(Some(eval_callback), user_data) };
         }
+        // The old context is gone: so can its threadpools be.
+        self.threadpools = None;
         match ModelCtx::try_new_or_recover(model, |m| m.new_context(backend, params)) {
-            Ok(cell) => {
+            Ok(mut cell) => {
+                if capturing {
+                    // Each node the callback asks for ends a graph compute, and without a
+                    // threadpool ggml starts and joins its threads for every one: 31 times a
+                    // token with the lens on 30 layers, where one late thread stalls the
+                    // others at the barrier (tens of ms on a busy machine). Persistent
+                    // threads that sleep between computes avoid both.
+                    let pools = Threadpools::new(threads, threads_batch)?;
+                    cell.with_dependent_mut(|_, ctx| {
+                        // SAFETY: both pools live in `self.threadpools`, dropped after this
+                        // context (field order, and make_context drops the context first).
+                        unsafe {
+                            llama_cpp_sys_2::llama_attach_threadpool(
+                                ctx.as_raw_mut(),
+                                pools.decode,
+                                pools.batch,
+                            )
+                        }
+                    });
+                    self.threadpools = Some(pools);
+                }
                 self.state = State::Ready(cell);
                 self.n_seqs = n_slots;
                 self.n_batch_ctx = n_batch as usize;
@@ -808,6 +833,47 @@ fn mem_available() -> Option<u64> {
 /// llama.cpp's own default: the physical cores.
 fn default_threads() -> usize {
     crate::physical_cores()
+}
+
+/// ggml threadpools for decoding and for prompt batches, freed on drop.
+struct Threadpools {
+    decode: *mut llama_cpp_sys_2::ggml_threadpool,
+    batch: *mut llama_cpp_sys_2::ggml_threadpool,
+}
+
+impl Threadpools {
+    fn new(threads: i32, threads_batch: i32) -> anyhow::Result<Threadpools> {
+        let make = |n: i32| {
+            // SAFETY: plain value initialization of the params, then a pool made from them.
+            unsafe {
+                let mut p = llama_cpp_sys_2::ggml_threadpool_params_default(n);
+                // Workers sleep between computes instead of spinning: the lens works on the
+                // same cores right after a decode.
+                p.poll = 0;
+                llama_cpp_sys_2::ggml_threadpool_new(&mut p)
+            }
+        };
+        let decode = make(threads);
+        let batch = make(threads_batch);
+        let pools = Threadpools { decode, batch };
+        anyhow::ensure!(
+            !pools.decode.is_null() && !pools.batch.is_null(),
+            "ggml could not start a threadpool"
+        );
+        Ok(pools)
+    }
+}
+
+impl Drop for Threadpools {
+    fn drop(&mut self) {
+        for p in [self.decode, self.batch] {
+            if !p.is_null() {
+                // SAFETY: made by ggml_threadpool_new, freed once, after the context using
+                // it is gone.
+                unsafe { llama_cpp_sys_2::ggml_threadpool_free(p) };
+            }
+        }
+    }
 }
 
 /// The raw model pointer of a llama-cpp-2 model, for the few calls it does not wrap.
@@ -1209,31 +1275,42 @@ impl crate::inside::HeadMatrix for GgmlRows {
         self.data.len()
     }
     fn product(&self, x: ndarray::ArrayView2<'_, f32>) -> Array2<f32> {
-        let mut out = Array2::zeros((x.nrows(), self.n_vocab));
-        let mut q = vec![0u8; self.input_bytes];
-        for (xr, mut yr) in x.outer_iter().zip(out.outer_iter_mut()) {
-            let xr = xr.as_standard_layout();
-            // SAFETY: `xr` holds n_embd f32 values and `q` the bytes of n_embd values in the
-            // vec_dot type, what from_float reads and writes for k = n_embd.
-            unsafe { (self.from_float)(xr.as_ptr(), q.as_mut_ptr().cast(), self.n_embd as i64) };
-            for (v, y) in yr.iter_mut().enumerate() {
-                let row = &self.data[v * self.row_bytes..(v + 1) * self.row_bytes];
-                // SAFETY: `row` is one row of n_embd values of the head's type and `q` one of
-                // its vec_dot type; one result (nrc 1) goes to `y`.
+        // Each input row in the vec_dot type, once; then the vocabulary split across threads.
+        let q: Vec<Vec<u8>> = x
+            .outer_iter()
+            .map(|xr| {
+                let xr = xr.as_standard_layout();
+                let mut q = vec![0u8; self.input_bytes];
+                // SAFETY: `xr` holds n_embd f32 values and `q` the bytes of n_embd values in
+                // the vec_dot type, what from_float reads and writes for k = n_embd.
                 unsafe {
-                    (self.vec_dot)(
-                        self.n_embd as std::os::raw::c_int,
-                        y,
-                        0,
-                        row.as_ptr().cast(),
-                        0,
-                        q.as_ptr().cast(),
-                        0,
-                        1,
-                    )
+                    (self.from_float)(xr.as_ptr(), q.as_mut_ptr().cast(), self.n_embd as i64)
                 };
+                q
+            })
+            .collect();
+        let mut out = Array2::zeros((x.nrows(), self.n_vocab));
+        crate::inside::split_vocab(self.n_vocab, &mut out, |range, mut part| {
+            for (q, mut yr) in q.iter().zip(part.outer_iter_mut()) {
+                for (v, y) in range.clone().zip(yr.iter_mut()) {
+                    let row = &self.data[v * self.row_bytes..(v + 1) * self.row_bytes];
+                    // SAFETY: `row` is one row of n_embd values of the head's type and `q`
+                    // one of its vec_dot type; one result (nrc 1) goes to `y`.
+                    unsafe {
+                        (self.vec_dot)(
+                            self.n_embd as std::os::raw::c_int,
+                            y,
+                            0,
+                            row.as_ptr().cast(),
+                            0,
+                            q.as_ptr().cast(),
+                            0,
+                            1,
+                        )
+                    };
+                }
             }
-        }
+        });
         out
     }
 }

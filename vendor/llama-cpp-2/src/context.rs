@@ -78,6 +78,13 @@ impl<'model> LlamaContext<'model> {
         unsafe { llama_cpp_sys_2::llama_get_model(self.context.as_ptr()) }
     }
 
+    /// The raw llama.cpp context, for calls this crate does not wrap. Patched in for
+    /// logitprobe, which attaches a threadpool to it (see `PATCHED.md`).
+    #[must_use]
+    pub fn as_raw_mut(&mut self) -> *mut llama_cpp_sys_2::llama_context {
+        self.context.as_mut_ptr()
+    }
+
     /// Gets the max number of logical tokens that can be submitted to decode. Must be greater than or equal to [`Self::n_ubatch`].
     #[must_use]
     pub fn n_batch(&self) -> u32 {
