@@ -424,6 +424,7 @@ pub struct ReportArgs {
     pub lens_step: usize,
 }
 
+/// `logitprobe inspect`: reads metadata only, never the weights.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
     /// GGUF file, ONNX folder, Hugging Face repo id or catalogue alias
@@ -435,8 +436,6 @@ pub struct InspectArgs {
     /// Engine [default: llama for .gguf, onnx for folders and .onnx]
     #[arg(long, value_enum)]
     pub backend: Option<BackendArg>,
-    #[command(flatten)]
-    pub engine: EngineArgs,
 }
 
 #[derive(Args, Debug)]

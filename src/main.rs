@@ -31,7 +31,7 @@ fn main() -> ExitCode {
             }),
         Command::Models => logitprobe::commands::models::run().map(|_| ExitCode::SUCCESS),
         Command::Inspect(args) => {
-            logitprobe::commands::inspect::run(&args, verbose).map(|_| ExitCode::SUCCESS)
+            logitprobe::commands::inspect::run(&args).map(|_| ExitCode::SUCCESS)
         }
         Command::Compare(args) => {
             logitprobe::commands::compare::run(&args, verbose, command).map(|_| ExitCode::SUCCESS)

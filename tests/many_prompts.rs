@@ -8,7 +8,6 @@ use common::{assert_usage_error, run, smollm2, stderr};
 use serde_json::Value;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn tiny(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -135,30 +134,6 @@ fn parallel_does_not_change_traces_smollm2() {
     parallel_does_not_change_traces("llama", &smollm2());
 }
 
-/// Runs the binary and returns its peak RSS in KB (wait4's rusage of that child alone).
-// wait4 reaps the child (Child::wait would not give its rusage).
-#[allow(clippy::zombie_processes)]
-fn peak_rss_kb(args: &[&str]) -> i64 {
-    let child = Command::new(env!("CARGO_BIN_EXE_logitprobe"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our own child, not yet waited for; status and usage are valid pointers.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(r, pid, "wait4 failed");
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "logitprobe {args:?} failed with status {status}"
-    );
-    usage.ru_maxrss
-}
-
 fn memory_does_not_grow_with_the_prompt_count(backend: &str, model: &Path) {
     let tmp = tempfile::tempdir().unwrap();
     let mut peaks = Vec::new();
@@ -167,7 +142,7 @@ fn memory_does_not_grow_with_the_prompt_count(backend: &str, model: &Path) {
         fs::create_dir(&dir).unwrap();
         let file = prompts_file(&dir, n);
         let out = dir.join("out");
-        let peak = peak_rss_kb(&[
+        let peak = common::peak_rss_kb(&[
             "trace",
             "--backend",
             backend,
@@ -426,7 +401,7 @@ fn the_context_fits_the_job_unless_ctx_size_says() {
         if let Some(c) = ctx {
             args.extend(["--ctx-size", c]);
         }
-        peaks.push(peak_rss_kb(&args));
+        peaks.push(common::peak_rss_kb(&args));
     }
     let run: Value =
         serde_json::from_str(&fs::read_to_string(tmp.path().join("fitted/run.json")).unwrap())

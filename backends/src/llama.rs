@@ -136,41 +136,7 @@ impl LlamaSource {
     /// Loads a GGUF file. The header is checked first (magic, truncation, architecture,
     /// tensor types), so bad files fail with a one-line error before llama.cpp sees them.
     pub fn open(path: &Path, opts: &EngineOptions) -> anyhow::Result<Self> {
-        if !path.is_file() {
-            return Err(usage!(
-                "model {} not found: give the path of a .gguf file",
-                path.display()
-            ));
-        }
-        let header = GgufHeader::read(path)?;
-        let arch = header
-            .architecture()
-            .ok_or_else(|| {
-                usage!(
-                    "{} has no general.architecture: not a model GGUF",
-                    path.display()
-                )
-            })?
-            .to_string();
-        if !LLAMA_CPP_ARCHS.contains(&arch.as_str()) {
-            return Err(usage!(
-                "{}: architecture '{arch}' is unknown to the llama.cpp built into this logitprobe; update logitprobe or convert the model",
-                path.display()
-            ));
-        }
-        if header.get(&format!("{arch}.block_count")).is_none() {
-            return Err(usage!(
-                "{}: architecture '{arch}' metadata is incomplete (no {arch}.block_count)",
-                path.display()
-            ));
-        }
-        // What llama.cpp asserts on (an abort, not an error) is refused here.
-        header.check_for_llama_cpp(&arch).map_err(|why| {
-            usage!(
-                "{}: {why}; the file is damaged: download or convert it again",
-                path.display()
-            )
-        })?;
+        let (header, arch) = checked_header(path)?;
         let backend = backend(opts.verbose)?;
         if opts.n_gpu_layers > 0 && !backend.supports_gpu_offload() {
             return Err(crate::Error::NeedsGpuBuild {
@@ -874,6 +840,96 @@ impl Drop for Threadpools {
             }
         }
     }
+}
+
+/// The GGUF's header and architecture, once every check that keeps llama.cpp from aborting
+/// on it has passed.
+fn checked_header(path: &Path) -> anyhow::Result<(GgufHeader, String)> {
+    if !path.is_file() {
+        return Err(usage!(
+            "model {} not found: give the path of a .gguf file",
+            path.display()
+        ));
+    }
+    let header = GgufHeader::read(path)?;
+    let arch = header
+        .architecture()
+        .ok_or_else(|| {
+            usage!(
+                "{} has no general.architecture: not a model GGUF",
+                path.display()
+            )
+        })?
+        .to_string();
+    if !LLAMA_CPP_ARCHS.contains(&arch.as_str()) {
+        return Err(usage!(
+            "{}: architecture '{arch}' is unknown to the llama.cpp built into this logitprobe; update logitprobe or convert the model",
+            path.display()
+        ));
+    }
+    if header.get(&format!("{arch}.block_count")).is_none() {
+        return Err(usage!(
+            "{}: architecture '{arch}' metadata is incomplete (no {arch}.block_count)",
+            path.display()
+        ));
+    }
+    // What llama.cpp asserts on (an abort, not an error) is refused here.
+    header.check_for_llama_cpp(&arch).map_err(|why| {
+        usage!(
+            "{}: {why}; the file is damaged: download or convert it again",
+            path.display()
+        )
+    })?;
+    Ok((header, arch))
+}
+
+/// What a GGUF's vocabulary says, as llama.cpp reads it.
+#[derive(Debug, Clone)]
+pub struct VocabFacts {
+    pub n_tokens: usize,
+    /// BOS and EOS with their pieces.
+    pub bos: Option<(TokenId, Vec<u8>)>,
+    pub eos: Option<(TokenId, Vec<u8>)>,
+    pub add_bos: bool,
+    /// Every id that ends a generation, with its piece.
+    pub eog: Vec<(TokenId, Vec<u8>)>,
+    pub chat_template: Option<String>,
+}
+
+/// The vocabulary facts of a GGUF, loaded by llama.cpp without its weights (`vocab_only`): the
+/// same end-of-generation set and template the engine uses, in milliseconds.
+pub fn vocab_facts(path: &Path) -> anyhow::Result<VocabFacts> {
+    checked_header(path)?;
+    let backend = backend(false)?;
+    let params = LlamaModelParams::default().with_vocab_only(true);
+    take_errors();
+    let model =
+        LlamaModel::load_from_file(backend, path, &params).map_err(|e| match take_errors() {
+            Some(why) => usage!("llama.cpp could not read {}: {why}", path.display()),
+            None => usage!("llama.cpp could not read {}: {e}", path.display()),
+        })?;
+    let vocab = model.vocab();
+    let n = vocab.n_tokens() as usize;
+    let with_piece = |t: LlamaToken| {
+        (t.0 >= 0 && (t.0 as usize) < n)
+            .then(|| (t.0 as TokenId, vocab.token_to_piece(t, true, None)))
+    };
+    let eog = (0..n as i32)
+        .map(LlamaToken)
+        .filter(|&t| vocab.is_eog(t))
+        .map(|t| (t.0 as TokenId, vocab.token_to_piece(t, true, None)))
+        .collect();
+    Ok(VocabFacts {
+        n_tokens: n,
+        bos: with_piece(vocab.bos()),
+        eos: with_piece(vocab.eos()),
+        add_bos: vocab.should_add_bos(),
+        eog,
+        chat_template: model
+            .chat_template(None)
+            .ok()
+            .and_then(|t| t.to_string().ok()),
+    })
 }
 
 /// The raw model pointer of a llama-cpp-2 model, for the few calls it does not wrap.

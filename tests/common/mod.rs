@@ -125,3 +125,27 @@ pub fn assert_trace_fails(backend: &str, model: &str, prompt: &str, extra: &[&st
         "nothing that looks complete"
     );
 }
+
+/// Runs the binary and returns its peak RSS in KB (wait4's rusage of that child alone).
+// wait4 reaps the child (Child::wait would not give its rusage).
+#[allow(clippy::zombie_processes)]
+pub fn peak_rss_kb(args: &[&str]) -> i64 {
+    let child = bin()
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our own child, not yet waited for; status and usage are valid pointers.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4 failed");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "logitprobe {args:?} failed with status {status}"
+    );
+    usage.ru_maxrss
+}
