@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{run, smollm2, trace_json};
+use common::{run, smollm2, stderr, tiny, trace_json};
 use logitprobe::backends::llama::LlamaSource;
 use logitprobe::backends::{EngineOptions, LogitSource};
 use serde_json::Value;
@@ -528,4 +528,40 @@ fn more_sequences_than_the_batch_size_decode() {
     ]);
     assert!(o.status.success(), "{}", common::stderr(&o));
     assert!(out.join("prompt-128/run.json").is_file());
+}
+
+/// Issue 14 point 6: run.json names the llama.cpp this build carries, and the name cannot go
+/// stale: the crate version it states is the one Cargo.lock pins.
+#[test]
+fn run_json_names_the_llama_cpp_build() {
+    let lock =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.lock")).unwrap();
+    let pinned = lock
+        .split("[[package]]")
+        .find(|p| p.contains("name = \"llama-cpp-sys-2\""))
+        .and_then(|p| p.lines().find_map(|l| l.strip_prefix("version = \"")))
+        .map(|v| v.trim_end_matches('"').to_string())
+        .expect("llama-cpp-sys-2 in Cargo.lock");
+    assert_eq!(pinned, logitprobe::backends::llama::LLAMA_CPP_SYS_VERSION);
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run(&[
+        "trace",
+        "--model",
+        tiny("tiny-f32.gguf").to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "1",
+        "--no-plots",
+        "--out",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("run.json")).unwrap()).unwrap();
+    let b = &r["engine_details"]["llama_cpp_build"];
+    assert_eq!(b["crate"], format!("llama-cpp-sys-2 {pinned}"));
+    assert_eq!(b["llamafile"], "OFF");
+    assert!(b["ggml_version"].as_str().unwrap().starts_with("0."), "{b}");
+    assert!(b["system_info"].as_str().unwrap().contains("CPU"), "{b}");
 }

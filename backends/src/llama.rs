@@ -244,6 +244,7 @@ impl LlamaSource {
                 .and_then(|v| v.as_u64())
                 .into(),
         );
+        details.insert("llama_cpp_build".into(), build_info());
         details.insert("tensor_types".into(), serde_json::to_value(&types.by_type)?);
         details.insert("bits_per_weight".into(), types.bits_per_weight.into());
         details.insert("params".into(), types.params.into());
@@ -254,7 +255,9 @@ impl LlamaSource {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             engine: "llama.cpp".into(),
-            engine_version: "llama-cpp-2 0.1.160 (llama.cpp from llama-cpp-sys-2 0.1.161)".into(),
+            engine_version: format!(
+                "llama-cpp-2 0.1.160 (llama.cpp from llama-cpp-sys-2 {LLAMA_CPP_SYS_VERSION})"
+            ),
             device: if opts.n_gpu_layers > 0 {
                 "gpu".into()
             } else {
@@ -840,6 +843,40 @@ impl Drop for Threadpools {
             }
         }
     }
+}
+
+/// The llama.cpp this logitprobe carries (`llama-cpp-sys-2` vendors its sources without git
+/// metadata, so llama.cpp's own build number reads 0 and its commit "unknown"): the crate and
+/// the llama-cpp-rs commit it was published from, ggml's version as the library reports it,
+/// its build options, and the CPU features the build uses.
+pub const LLAMA_CPP_SYS_VERSION: &str = "0.1.161";
+const LLAMA_CPP_RS_COMMIT: &str = "e7af607ebd5ec2932709ef918c17cca2f9b0fce4";
+
+fn build_info() -> serde_json::Value {
+    let text = |p: *const std::os::raw::c_char| {
+        if p.is_null() {
+            return String::new();
+        }
+        // SAFETY: ggml and llama.cpp return static NUL-terminated strings.
+        unsafe { std::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .trim()
+            .to_string()
+    };
+    // SAFETY: both return pointers to static strings; no arguments.
+    let (ggml, system) = unsafe {
+        (
+            text(llama_cpp_sys_2::ggml_version()),
+            text(llama_cpp_sys_2::llama_print_system_info()),
+        )
+    };
+    serde_json::json!({
+        "crate": format!("llama-cpp-sys-2 {LLAMA_CPP_SYS_VERSION}"),
+        "llama_cpp_rs_commit": LLAMA_CPP_RS_COMMIT,
+        "ggml_version": ggml,
+        "llamafile": option_env!("GGML_LLAMAFILE").unwrap_or("ON (llama.cpp's default)"),
+        "system_info": system,
+    })
 }
 
 /// The GGUF's header and architecture, once every check that keeps llama.cpp from aborting
