@@ -605,10 +605,37 @@ fn bad_config_unreadable_or_unknown_key() {
         &["--config", cfg.to_str().unwrap()],
         "unknown key 'tempreature'",
     );
+    // Token Heatmap's capture keys: the lens and attention are taken (the test engine cannot
+    // look inside, and says so), the others are refused by name.
     fs::write(&cfg, "capture_attention: true\n").unwrap();
     bad(
         &["--config", cfg.to_str().unwrap()],
-        "not available on these engines yet",
+        "cannot look inside the model",
+    );
+    fs::write(&cfg, "capture_activations: true\n").unwrap();
+    bad(
+        &["--config", cfg.to_str().unwrap()],
+        "config key 'capture_activations': capturing activations is not available",
+    );
+    fs::write(&cfg, "capture_full_attention: false\nlens_layers: all\n").unwrap();
+    let o = run(&[
+        "trace",
+        "--backend",
+        "test",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+        "--no-plots",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        tmp.path().join("ok").to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success(),
+        "keys set off are accepted: {}",
+        common::stderr(&o)
     );
     fs::write(&cfg, "temperature: [1, 2\n").unwrap();
     bad(&["--config", cfg.to_str().unwrap()], "not valid YAML");
