@@ -78,6 +78,11 @@ fn with(src: &mut dyn LogitSource, lens: bool, attention: bool) -> Arc<Inside> {
 }
 
 fn main() {
+    // `cargo test --all-targets` also runs benches, without --bench: do nothing then.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("inside bench: run with `cargo bench --bench inside`");
+        return;
+    }
     let (runs, threads) = runs_and_threads(3);
     let gguf = cache().join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let onnx = cache().join("SmolLM2-135M-Instruct-onnx");

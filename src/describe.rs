@@ -112,7 +112,9 @@ pub(crate) fn from_order(
     let mut cum = 0f64;
     let mut k_mass = None;
     for &id in order.iter().take(cfg.max_k) {
-        let p = row.p(logit(id), s);
+        // e^z / Σe^z of the top token can round a hair above 1 (1 + 1e-15) when it holds all
+        // the mass: a probability is at most 1, as the schema says.
+        let p = row.p(logit(id), s).min(1.0);
         // Sorted order: the first zero ends the tokens with non-zero probability.
         if p == 0.0 {
             break;

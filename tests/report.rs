@@ -192,13 +192,13 @@ fn degenerate_steps_are_marked_in_the_report() {
     assert!(o.status.success(), "{}", common::stderr(&o));
     let html = fs::read_to_string(out.join("report.html")).unwrap();
     assert!(
-        html.contains(r#"{"degenerate_steps":[3]}"#),
+        html.contains(r#"{"degenerate_steps":[3],"#),
         "marks in the page"
     );
     assert!(html.contains("No finite logit at this step"));
     // A trace of its own run: nothing marked.
     let first = fs::read_to_string(tmp.path().join("report.html")).unwrap();
-    assert!(first.contains(r#"{"degenerate_steps":[]}"#));
+    assert!(first.contains(r#"{"degenerate_steps":[],"#));
 }
 
 #[test]

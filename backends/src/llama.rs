@@ -484,21 +484,7 @@ impl LlamaSource {
         cell.with_dependent_mut(|_, ctx| -> anyhow::Result<()> {
             let mut batch = LlamaBatch::new(n_batch, n_seqs);
             for chunk in items.chunks(n_batch) {
-                batch.clear();
-                for &(seq, pos, tok, row) in chunk {
-                    batch.add(LlamaToken(tok as i32), pos, &[seq], row.is_some())?;
-                }
-                ctx.decode(&mut batch)
-                    .map_err(|e| anyhow::anyhow!("llama_decode failed: {e}"))?;
-                for (i, &(_, _, _, row)) in chunk.iter().enumerate() {
-                    if let Some(r) = row {
-                        let logits = ctx.get_logits_ith(i as i32);
-                        out.row_mut(r)
-                            .as_slice_mut()
-                            .expect("standard layout")
-                            .copy_from_slice(&logits[..n_vocab]);
-                    }
-                }
+                decode_chunk(ctx, &mut batch, chunk, out, n_vocab)?;
             }
             Ok(())
         })
@@ -533,23 +519,9 @@ impl LlamaSource {
                     let mut st = capture.lock().map_err(|_| poisoned())?;
                     st.begin_decode((attention_rows && last_chunk).then(|| chunk.len() - 1));
                 }
-                cell.with_dependent_mut(|_, ctx| -> anyhow::Result<()> {
+                cell.with_dependent_mut(|_, ctx| {
                     let mut batch = LlamaBatch::new(n_batch, n_seqs);
-                    for &(seq, pos, tok, row) in chunk {
-                        batch.add(LlamaToken(tok as i32), pos, &[seq], row.is_some())?;
-                    }
-                    ctx.decode(&mut batch)
-                        .map_err(|e| anyhow::anyhow!("llama_decode failed: {e}"))?;
-                    for (i, &(_, _, _, row)) in chunk.iter().enumerate() {
-                        if let Some(r) = row {
-                            let logits = ctx.get_logits_ith(i as i32);
-                            out.row_mut(r)
-                                .as_slice_mut()
-                                .expect("standard layout")
-                                .copy_from_slice(&logits[..n_vocab]);
-                        }
-                    }
-                    Ok(())
+                    decode_chunk(ctx, &mut batch, chunk, out, n_vocab)
                 })?;
                 let st = capture.lock().map_err(|_| poisoned())?;
                 st.rows_of(chunk, captured)?;
@@ -564,6 +536,33 @@ impl LlamaSource {
             cell.with_dependent_mut(|_, ctx| ctx.clear_kv_cache());
         }
     }
+}
+
+/// One `llama_decode` of `chunk` (sequence, position, token, logits row wanted), each wanted
+/// row copied into `out` at once: the next call overwrites llama.cpp's logits buffer.
+fn decode_chunk(
+    ctx: &mut Ctx<'_>,
+    batch: &mut LlamaBatch,
+    chunk: &[(i32, i32, TokenId, Option<usize>)],
+    out: &mut Array2<f32>,
+    n_vocab: usize,
+) -> anyhow::Result<()> {
+    batch.clear();
+    for &(seq, pos, tok, row) in chunk {
+        batch.add(LlamaToken(tok as i32), pos, &[seq], row.is_some())?;
+    }
+    ctx.decode(batch)
+        .map_err(|e| anyhow::anyhow!("llama_decode failed: {e}"))?;
+    for (i, &(_, _, _, row)) in chunk.iter().enumerate() {
+        if let Some(r) = row {
+            let logits = ctx.get_logits_ith(i as i32);
+            out.row_mut(r)
+                .as_slice_mut()
+                .expect("standard layout")
+                .copy_from_slice(&logits[..n_vocab]);
+        }
+    }
+    Ok(())
 }
 
 enum State {

@@ -174,6 +174,12 @@ impl Reader {
         Ok(b)
     }
 
+    /// A length-delimited string field whose key was just read.
+    fn string(&mut self) -> io::Result<String> {
+        let n = self.varint()?;
+        Ok(String::from_utf8_lossy(&self.bytes(n)?).into_owned())
+    }
+
     /// A ValueInfoProto whose key was just read.
     fn value_info(&mut self) -> io::Result<ValueInfo> {
         let n = self.varint()?;
@@ -185,8 +191,7 @@ impl Reader {
         };
         self.fields(end, |field, wire, r| match (field, wire) {
             (1, 2) => {
-                let n = r.varint()?;
-                v.name = String::from_utf8_lossy(&r.bytes(n)?).into_owned();
+                v.name = r.string()?;
                 Ok(())
             }
             // TypeProto { tensor_type = 1: { elem_type = 1, shape = 2: { dim = 1 } } }
@@ -220,10 +225,7 @@ impl Reader {
                                         Ok(())
                                     }
                                     (2, 2) => {
-                                        let n = r.varint()?;
-                                        d = Dim::Named(
-                                            String::from_utf8_lossy(&r.bytes(n)?).into_owned(),
-                                        );
+                                        d = Dim::Named(r.string()?);
                                         Ok(())
                                     }
                                     _ => r.skip_field(wire),
@@ -273,13 +275,11 @@ pub fn graph_io(path: &Path) -> io::Result<GraphIo> {
                 let (mut op, mut domain) = (String::new(), String::new());
                 r.fields(end, |field, wire, r| match (field, wire) {
                     (4, 2) => {
-                        let n = r.varint()?;
-                        op = String::from_utf8_lossy(&r.bytes(n)?).into_owned();
+                        op = r.string()?;
                         Ok(())
                     }
                     (7, 2) => {
-                        let n = r.varint()?;
-                        domain = String::from_utf8_lossy(&r.bytes(n)?).into_owned();
+                        domain = r.string()?;
                         Ok(())
                     }
                     _ => r.skip_field(wire),
