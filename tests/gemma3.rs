@@ -179,3 +179,60 @@ fn gemma3_compared_with_itself_moves_nothing() {
     let ppl = s["ppl_a"].as_f64().unwrap();
     assert!((1.0..100.0).contains(&ppl), "{ppl}");
 }
+
+/// Issue 14 point 6: llama-perplexity tokenizes its file with BOS in front on models that add
+/// one (`common_tokenize(ctx, text, true)`), and `compare` did not: every chunk started one
+/// token earlier, so Gemma 3's PPL differed from llama-perplexity's in the third decimal while
+/// SmolLM2's (no BOS) agreed. The chunks now cover the tokens llama-perplexity's do.
+#[test]
+fn gemma3_corpus_chunks_are_llama_perplexitys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = gemma3();
+    let text: String = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/corpus/genesis-kjv.txt"),
+    )
+    .unwrap()
+    .chars()
+    .take(1500)
+    .collect();
+    let file = tmp.path().join("t.txt");
+    fs::write(&file, &text).unwrap();
+    // `tokenize` follows the model's own BOS rule, as llama-perplexity does.
+    let o = run(&["tokenize", "--model", m.to_str().unwrap(), &text]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ids: Vec<u64> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(ids[0], 2, "BOS first");
+    let side = format!("llama:{}", m.display());
+    let out = tmp.path().join("cmp");
+    let o = run(&[
+        "compare",
+        "--a",
+        &side,
+        "--b",
+        &side,
+        "--text-file",
+        file.to_str().unwrap(),
+        "--ctx-size",
+        "64",
+        "--chunks",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_slice(&fs::read(out.join("compare.json")).unwrap()).unwrap();
+    for p in r["positions"].as_array().unwrap() {
+        let (c, pos) = (p["chunk"].as_u64().unwrap(), p["pos"].as_u64().unwrap());
+        // Chunk c is tokens [64c, 64c + 64) of the BOS-led stream; position pos predicts the
+        // token after it.
+        assert_eq!(
+            p["token_id"].as_u64().unwrap(),
+            ids[(64 * c + pos + 1) as usize],
+            "chunk {c} position {pos}"
+        );
+    }
+}

@@ -233,7 +233,12 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
     // The ids both sides score, and what B's own tokenizer makes of the same text.
     let (chunks, input_info, b_text) = match input {
         Input::TextFile { path, text } => {
-            let ids = a.source.tokenize(&text, false, false)?;
+            // As llama-perplexity tokenizes its file (`common_tokenize(ctx, text, true)`): with
+            // BOS in front when the model adds one, so the chunks cover the same tokens (a
+            // text without it starts every chunk one token earlier on BOS models: Gemma 3's
+            // PPL differed in the third decimal, SmolLM2's, which adds none, did not).
+            let add_bos = a.source.info().add_bos;
+            let ids = a.source.tokenize(&text, add_bos, false)?;
             if ids.is_empty() {
                 return Err(usage!("--text-file {} holds no tokens", path.display()));
             }
@@ -272,7 +277,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
             };
             let text = text.clone();
             let b_tok: BTokenize =
-                Box::new(move |b: &dyn LogitSource| b.tokenize(&text, false, false));
+                Box::new(move |b: &dyn LogitSource| b.tokenize(&text, b.info().add_bos, false));
             (chunks, info, Some((b_tok, ids)))
         }
         Input::Prompt(plan) => {
