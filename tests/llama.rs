@@ -565,3 +565,45 @@ fn run_json_names_the_llama_cpp_build() {
     assert!(b["ggml_version"].as_str().unwrap().starts_with("0."), "{b}");
     assert!(b["system_info"].as_str().unwrap().contains("CPU"), "{b}");
 }
+
+/// Issue 14 point 3: after a run with several threads, logitprobe measures one thread's decode
+/// rate on the machine as it is now, and says to use --threads 1 when the run was far slower
+/// (at a terminal; LOGITPROBE_HINTS=1 asks for it, and prints both rates).
+#[test]
+fn several_threads_are_measured_against_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = common::bin()
+        .env("LOGITPROBE_HINTS", "1")
+        .args([
+            "trace",
+            "--model",
+            tiny("tiny-f32.gguf").to_str().unwrap(),
+            "--prompt",
+            "In the beginning",
+            "--max-new-tokens",
+            "8",
+            "--threads",
+            "2",
+            "--no-plots",
+            "--out",
+            tmp.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("threads: 2 decoded "))
+        .unwrap_or_else(|| panic!("no measurement in: {err}"));
+    let one: f64 = line
+        .split("one thread decodes ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(one > 0.0, "{line}");
+    // The trace itself is untouched by the measurement.
+    let t = trace_json(tmp.path());
+    assert_eq!(t["steps"].as_array().unwrap().len(), 8);
+}

@@ -160,6 +160,14 @@ pub trait LogitSource {
         None
     }
 
+    /// How fast this machine decodes one sequence at `threads` CPU threads right now: tokens
+    /// per second over `steps` single-token steps after a short prompt, in a slot of its own
+    /// (call [`LogitSource::begin`] again afterwards). `None`: the engine has no thread
+    /// setting to try.
+    fn decode_rate(&mut self, _threads: usize, _steps: usize) -> anyhow::Result<Option<f64>> {
+        Ok(None)
+    }
+
     /// Looks inside the model from the next decode on: each decoder layer's output (the
     /// residual stream the logit lens reads) and attention weights, for the layers `spec`
     /// names; an empty spec turns it off. Call it before [`LogitSource::begin`]. An engine
@@ -249,6 +257,9 @@ impl<T: LogitSource + ?Sized> LogitSource for Box<T> {
     }
     fn architecture(&self) -> Option<Architecture> {
         (**self).architecture()
+    }
+    fn decode_rate(&mut self, threads: usize, steps: usize) -> anyhow::Result<Option<f64>> {
+        (**self).decode_rate(threads, steps)
     }
     fn set_capture(&mut self, spec: &CaptureSpec) -> anyhow::Result<()> {
         (**self).set_capture(spec)

@@ -697,6 +697,34 @@ impl LogitSource for LlamaSource {
         Some(self.arch)
     }
 
+    fn decode_rate(&mut self, threads: usize, steps: usize) -> anyhow::Result<Option<f64>> {
+        self.begin(1)?;
+        let set = |src: &mut LlamaSource, t: i32, tb: i32| {
+            if let State::Ready(cell) = &mut src.state {
+                // SAFETY: the context is alive for this call; thread counts are positive.
+                cell.with_dependent_mut(|_, ctx| unsafe {
+                    llama_cpp_sys_2::llama_set_n_threads(ctx.as_raw_mut(), t, tb)
+                });
+            }
+        };
+        let threads_now = self.opts.threads.unwrap_or_else(default_threads) as i32;
+        let batch_now = self.opts.threads_batch.map_or(threads_now, |t| t as i32);
+        set(self, threads.max(1) as i32, threads.max(1) as i32);
+        let prompt = self.tokenize("The quick brown fox jumps over the lazy dog", true, false)?;
+        let measured = (|| -> anyhow::Result<f64> {
+            self.decode(&[(0, prompt.as_slice())])?;
+            let tok = [*prompt.last().unwrap_or(&0)];
+            let start = std::time::Instant::now();
+            for _ in 0..steps.max(1) {
+                self.decode(&[(0, &tok)])?;
+            }
+            Ok(steps.max(1) as f64 / start.elapsed().as_secs_f64().max(1e-9))
+        })();
+        set(self, threads_now, batch_now);
+        self.clear_kv();
+        Ok(Some(measured?))
+    }
+
     fn set_capture(&mut self, spec: &CaptureSpec) -> anyhow::Result<()> {
         spec.check(self.arch.n_layer)?;
         if !spec.attention_layers.is_empty() {

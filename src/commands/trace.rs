@@ -280,6 +280,43 @@ fn busy_machine_hint(backend: Backend, opts: &logitprobe_backends::EngineOptions
     }
 }
 
+/// After a llama.cpp run with several threads (at a terminal, or with LOGITPROBE_HINTS=1):
+/// measures one thread's decode rate on this machine now, and when the run decoded at less
+/// than half of it, says so with the fix: llama.cpp's threads wait for each other at every
+/// op, and on a busy machine more threads can be many times slower than one.
+fn slow_threads_hint(
+    source: &mut dyn LogitSource,
+    backend: Backend,
+    opts: &logitprobe_backends::EngineOptions,
+    decode_tps: f64,
+) -> anyhow::Result<()> {
+    let asked = std::env::var_os("LOGITPROBE_HINTS").is_some_and(|v| v == "1");
+    let threads = opts
+        .threads
+        .unwrap_or_else(logitprobe_backends::physical_cores);
+    if backend != Backend::Llama
+        || threads < 2
+        || decode_tps <= 0.0
+        || !(asked || std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    {
+        return Ok(());
+    }
+    let Some(one) = source.decode_rate(1, 16)? else {
+        return Ok(());
+    };
+    if asked {
+        eprintln!(
+            "threads: {threads} decoded {decode_tps:.1} tok/s; one thread decodes {one:.1} tok/s here now"
+        );
+    }
+    if decode_tps < 0.5 * one {
+        eprintln!(
+            "hint: decoding ran at {decode_tps:.1} tok/s with {threads} threads, but one thread decodes {one:.1} tok/s on this machine now: its threads wait for each other when the cores are busy; try --threads 1"
+        );
+    }
+    Ok(())
+}
+
 /// Progress bar on stderr when it is a terminal.
 struct Bar(Option<indicatif::ProgressBar>);
 
@@ -572,6 +609,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     }
     let tokens = timings.generated_tokens;
     let tps = timings.decode_tokens_per_s;
+    slow_threads_hint(&mut *source, plan.backend, &opts, tps)?;
     record.timings = Some(timings);
     record.shard = shard_record;
     output::write_json(&top.join(output::RUN_JSON), &record)?;
