@@ -21,6 +21,28 @@ fn gemma3() -> PathBuf {
     p
 }
 
+/// `compare` of the model against itself on 2 chunks of `ctx` tokens of `text`: compare.json.
+fn compare_with_itself(model: &Path, text: &Path, ctx: &str, out: &Path) -> Value {
+    let side = format!("llama:{}", model.display());
+    let o = run(&[
+        "compare",
+        "--a",
+        &side,
+        "--b",
+        &side,
+        "--text-file",
+        text.to_str().unwrap(),
+        "--ctx-size",
+        ctx,
+        "--chunks",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_slice(&fs::read(out.join("compare.json")).unwrap()).unwrap()
+}
+
 #[test]
 fn gemma3_tokenizes_with_its_own_rules() {
     let m = gemma3();
@@ -145,28 +167,12 @@ fn gemma3_traces_and_its_lens_is_its_logits() {
 fn gemma3_compared_with_itself_moves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let m = gemma3();
-    let side = format!("llama:{}", m.display());
-    let out = tmp.path().join("cmp");
-    let o = run(&[
-        "compare",
-        "--a",
-        &side,
-        "--b",
-        &side,
-        "--text-file",
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("models/corpus/genesis-kjv.txt")
-            .to_str()
-            .unwrap(),
-        "--ctx-size",
+    let r = compare_with_itself(
+        &m,
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("models/corpus/genesis-kjv.txt"),
         "128",
-        "--chunks",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let r: Value = serde_json::from_slice(&fs::read(out.join("compare.json")).unwrap()).unwrap();
+        &tmp.path().join("cmp"),
+    );
     let s = &r["summaries"][0];
     println!(
         "Gemma 3 270M Q4_K_M on the Genesis corpus, 2 chunks of 128: PPL {:.4} ± {:.4}",
@@ -206,25 +212,7 @@ fn gemma3_corpus_chunks_are_llama_perplexitys() {
         .filter_map(|l| l.split_whitespace().next()?.parse().ok())
         .collect();
     assert_eq!(ids[0], 2, "BOS first");
-    let side = format!("llama:{}", m.display());
-    let out = tmp.path().join("cmp");
-    let o = run(&[
-        "compare",
-        "--a",
-        &side,
-        "--b",
-        &side,
-        "--text-file",
-        file.to_str().unwrap(),
-        "--ctx-size",
-        "64",
-        "--chunks",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let r: Value = serde_json::from_slice(&fs::read(out.join("compare.json")).unwrap()).unwrap();
+    let r = compare_with_itself(&m, &file, "64", &tmp.path().join("cmp"));
     for p in r["positions"].as_array().unwrap() {
         let (c, pos) = (p["chunk"].as_u64().unwrap(), p["pos"].as_u64().unwrap());
         // Chunk c is tokens [64c, 64c + 64) of the BOS-led stream; position pos predicts the

@@ -244,115 +244,125 @@ impl Reader {
     }
 }
 
-/// The inputs, outputs and op types of the ONNX model at `path`, its weights skipped by
-/// seeking (a 600 MB model is read in milliseconds).
-pub fn graph_io(path: &Path) -> io::Result<GraphIo> {
+/// Calls `f(field, wire, reader)` for each field of the model's graph (ModelProto.graph = 7),
+/// everything else skipped by seeking; `f` must consume the field.
+fn graph_fields(
+    path: &Path,
+    mut f: impl FnMut(u64, u64, &mut Reader) -> io::Result<()>,
+) -> io::Result<()> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     let mut r = Reader {
         r: BufReader::new(file),
         pos: 0,
     };
-    let mut out = GraphIo::default();
     r.fields(len, |field, wire, r| {
         if field != 7 || wire != 2 {
             return r.skip_field(wire);
         }
         let n = r.varint()?;
         let graph_end = r.pos + n;
-        r.fields(graph_end, |field, wire, r| match (field, wire) {
-            (11, 2) => {
-                out.inputs.push(r.value_info()?);
-                Ok(())
-            }
-            (12, 2) => {
-                out.outputs.push(r.value_info()?);
-                Ok(())
-            }
-            (1, 2) => {
-                let n = r.varint()?;
-                let end = r.pos + n;
-                let (mut op, mut domain) = (String::new(), String::new());
-                r.fields(end, |field, wire, r| match (field, wire) {
-                    (4, 2) => {
-                        op = r.string()?;
-                        Ok(())
-                    }
-                    (7, 2) => {
-                        domain = r.string()?;
-                        Ok(())
-                    }
-                    _ => r.skip_field(wire),
-                })?;
-                let key = if domain.is_empty() || domain == "ai.onnx" {
-                    op
-                } else {
-                    format!("{domain}:{op}")
-                };
-                *out.ops.entry(key).or_default() += 1;
-                Ok(())
-            }
-            _ => r.skip_field(wire),
-        })
+        r.fields(graph_end, &mut f)
+    })
+}
+
+/// The inputs, outputs and op types of the ONNX model at `path`, its weights skipped by
+/// seeking (a 600 MB model is read in milliseconds).
+pub fn graph_io(path: &Path) -> io::Result<GraphIo> {
+    let mut out = GraphIo::default();
+    let mut initializers = std::collections::HashSet::new();
+    graph_fields(path, |field, wire, r| match (field, wire) {
+        (11, 2) => {
+            out.inputs.push(r.value_info()?);
+            Ok(())
+        }
+        (12, 2) => {
+            out.outputs.push(r.value_info()?);
+            Ok(())
+        }
+        // An initializer's name (TensorProto.name = 8), its data skipped.
+        (5, 2) => {
+            let n = r.varint()?;
+            let end = r.pos + n;
+            r.fields(end, |field, wire, r| match (field, wire) {
+                (8, 2) => {
+                    initializers.insert(r.string()?);
+                    Ok(())
+                }
+                _ => r.skip_field(wire),
+            })
+        }
+        (1, 2) => {
+            let n = r.varint()?;
+            let end = r.pos + n;
+            let (mut op, mut domain) = (String::new(), String::new());
+            r.fields(end, |field, wire, r| match (field, wire) {
+                (4, 2) => {
+                    op = r.string()?;
+                    Ok(())
+                }
+                (7, 2) => {
+                    domain = r.string()?;
+                    Ok(())
+                }
+                _ => r.skip_field(wire),
+            })?;
+            let key = if domain.is_empty() || domain == "ai.onnx" {
+                op
+            } else {
+                format!("{domain}:{op}")
+            };
+            *out.ops.entry(key).or_default() += 1;
+            Ok(())
+        }
+        _ => r.skip_field(wire),
     })?;
-    // Initializers may be listed as inputs too (older exports): keep the graph's real inputs.
+    // Exports of IR version 3 and older list every initializer as an input too.
+    out.inputs.retain(|i| !initializers.contains(&i.name));
     Ok(out)
 }
 
 /// The weight types of the ONNX model at `path`.
 pub fn weight_types(path: &Path) -> io::Result<WeightTypes> {
-    let file = File::open(path)?;
-    let len = file.metadata()?.len();
-    let mut r = Reader {
-        r: BufReader::new(file),
-        pos: 0,
-    };
     let mut out = WeightTypes::default();
     let (mut bits, mut elems) = (0u128, 0u128);
-    r.fields(len, |field, wire, r| {
-        if field != 7 || wire != 2 {
+    graph_fields(path, |field, wire, r| {
+        if field != 5 || wire != 2 {
             return r.skip_field(wire);
         }
         let n = r.varint()?;
-        let graph_end = r.pos + n;
-        r.fields(graph_end, |field, wire, r| {
-            if field != 5 || wire != 2 {
-                return r.skip_field(wire);
+        let tensor_end = r.pos + n;
+        let (mut count, mut dtype) = (1u64, 0u64);
+        r.fields(tensor_end, |field, wire, r| match (field, wire) {
+            (1, 0) => {
+                count = count.saturating_mul(r.varint()?);
+                Ok(())
             }
-            let n = r.varint()?;
-            let tensor_end = r.pos + n;
-            let (mut count, mut dtype) = (1u64, 0u64);
-            r.fields(tensor_end, |field, wire, r| match (field, wire) {
-                (1, 0) => {
+            (1, 2) => {
+                let n = r.varint()?;
+                let end = r.pos + n;
+                while r.pos < end {
                     count = count.saturating_mul(r.varint()?);
-                    Ok(())
                 }
-                (1, 2) => {
-                    let n = r.varint()?;
-                    let end = r.pos + n;
-                    while r.pos < end {
-                        count = count.saturating_mul(r.varint()?);
-                    }
-                    Ok(())
-                }
-                (2, 0) => {
-                    dtype = r.varint()?;
-                    Ok(())
-                }
-                _ => r.skip_field(wire),
-            })?;
-            let (name, b) = data_type(dtype);
-            // Shapes, axes and indices, not weights (quantized weights are U8/I4/U4).
-            if matches!(name, "I64" | "I32" | "BOOL") {
-                return Ok(());
+                Ok(())
             }
-            let e = out.types.entry(name.to_string()).or_default();
-            e.params += count;
-            e.tensors += 1;
-            bits += u128::from(count) * u128::from(b);
-            elems += u128::from(count);
-            Ok(())
-        })
+            (2, 0) => {
+                dtype = r.varint()?;
+                Ok(())
+            }
+            _ => r.skip_field(wire),
+        })?;
+        let (name, b) = data_type(dtype);
+        // Shapes, axes and indices, not weights (quantized weights are U8/I4/U4).
+        if matches!(name, "I64" | "I32" | "BOOL") {
+            return Ok(());
+        }
+        let e = out.types.entry(name.to_string()).or_default();
+        e.params += count;
+        e.tensors += 1;
+        bits += u128::from(count) * u128::from(b);
+        elems += u128::from(count);
+        Ok(())
     })?;
     out.bits_per_weight = if elems > 0 {
         bits as f64 / elems as f64
