@@ -692,9 +692,9 @@ pub struct TraceArgs {
     #[arg(long, hide = true)]
     pub no_probe: bool,
     #[command(flatten)]
-    pub inside: InsideArgs,
-    #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub inside: InsideArgs,
     #[command(flatten)]
     pub shard: ShardArgs,
 }
