@@ -10,44 +10,13 @@
 
 mod common;
 
-use common::{cache, runs_and_threads};
+use common::{cache, decode_once, runs_and_threads, PROMPT};
 use logitprobe::backends::{EngineOptions, LogitSource, ModelInfo, TokenId};
-use logitprobe::generate::{generate, GenerateConfig, PromptInput};
-use logitprobe::probe::ProbeConfig;
-use logitprobe::sampler::SamplingConfig;
 use ndarray::Array2;
-use std::sync::atomic::AtomicBool;
-
-const PROMPT: &str =
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.";
 
 /// Decode tokens/s of one generation (the same loop as `trace`).
 fn decode_tps(src: &mut dyn LogitSource, new_tokens: usize, probe: bool) -> f64 {
-    let ids = src.tokenize(PROMPT, src.info().add_bos, false).unwrap();
-    let prompts = [PromptInput {
-        index: 0,
-        prompt: PROMPT.into(),
-        system_prompt: None,
-        rendered: PROMPT.into(),
-        ids,
-        ..Default::default()
-    }];
-    // A fixed seed: probing on and off decode the same tokens.
-    let cfg = GenerateConfig {
-        sampling: SamplingConfig {
-            temperature: 0.8,
-            ..Default::default()
-        },
-        probe: ProbeConfig::default(),
-        max_new_tokens: new_tokens,
-        seed: 1,
-        probe_enabled: probe,
-        logprobs: None,
-        prompt_logprobs: false,
-        inside: None,
-    };
-    let (_, t) = generate(src, &prompts, &cfg, &mut [], &AtomicBool::new(false), &()).unwrap();
-    t.decode_tokens_per_s
+    decode_once(src, new_tokens, probe, None).decode_tokens_per_s
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -12,44 +12,17 @@
 
 mod common;
 
-use common::{cache, runs_and_threads};
+use common::{cache, decode_once, runs_and_threads};
 use logitprobe::backends::{Backend, EngineOptions, FlashAttn, LogitSource};
-use logitprobe::generate::{generate, GenerateConfig, PromptInput};
 use logitprobe::inside::{Inside, InsideConfig, Layers};
-use logitprobe::probe::ProbeConfig;
-use logitprobe::sampler::SamplingConfig;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-const PROMPT: &str =
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.";
 const NEW_TOKENS: usize = 48;
 
 /// Decode tokens/s of one generation, and the seconds spent sampling, probing and in the lens.
 fn decode(src: &mut dyn LogitSource, inside: Option<Arc<Inside>>) -> (f64, f64) {
-    let ids = src.tokenize(PROMPT, src.info().add_bos, false).unwrap();
-    let prompts = [PromptInput {
-        index: 0,
-        prompt: PROMPT.into(),
-        rendered: PROMPT.into(),
-        ids,
-        ..Default::default()
-    }];
-    let cfg = GenerateConfig {
-        sampling: SamplingConfig {
-            temperature: 0.8,
-            ..Default::default()
-        },
-        probe: ProbeConfig::default(),
-        max_new_tokens: NEW_TOKENS,
-        seed: 1,
-        probe_enabled: true,
-        logprobs: None,
-        prompt_logprobs: false,
-        inside,
-    };
-    let (_, t) = generate(src, &prompts, &cfg, &mut [], &AtomicBool::new(false), &()).unwrap();
+    let t = decode_once(src, NEW_TOKENS, true, inside);
     (t.decode_tokens_per_s, t.probe_s)
 }
 

@@ -174,6 +174,16 @@ impl Reader {
         Ok(b)
     }
 
+    /// Calls `f` for each field of the embedded message whose key was just read.
+    fn message(
+        &mut self,
+        f: impl FnMut(u64, u64, &mut Reader) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let n = self.varint()?;
+        let end = self.pos + n;
+        self.fields(end, f)
+    }
+
     /// A length-delimited string field whose key was just read.
     fn string(&mut self) -> io::Result<String> {
         let n = self.varint()?;
@@ -182,62 +192,48 @@ impl Reader {
 
     /// A ValueInfoProto whose key was just read.
     fn value_info(&mut self) -> io::Result<ValueInfo> {
-        let n = self.varint()?;
-        let end = self.pos + n;
         let mut v = ValueInfo {
             name: String::new(),
             elem_type: "?".into(),
             dims: Vec::new(),
         };
-        self.fields(end, |field, wire, r| match (field, wire) {
+        self.message(|field, wire, r| match (field, wire) {
             (1, 2) => {
                 v.name = r.string()?;
                 Ok(())
             }
             // TypeProto { tensor_type = 1: { elem_type = 1, shape = 2: { dim = 1 } } }
-            (2, 2) => {
-                let n = r.varint()?;
-                let end = r.pos + n;
-                r.fields(end, |field, wire, r| {
-                    if (field, wire) != (1, 2) {
-                        return r.skip_field(wire);
+            (2, 2) => r.message(|field, wire, r| {
+                if (field, wire) != (1, 2) {
+                    return r.skip_field(wire);
+                }
+                r.message(|field, wire, r| match (field, wire) {
+                    (1, 0) => {
+                        v.elem_type = data_type(r.varint()?).0.to_string();
+                        Ok(())
                     }
-                    let n = r.varint()?;
-                    let end = r.pos + n;
-                    r.fields(end, |field, wire, r| match (field, wire) {
-                        (1, 0) => {
-                            v.elem_type = data_type(r.varint()?).0.to_string();
-                            Ok(())
+                    (2, 2) => r.message(|field, wire, r| {
+                        if (field, wire) != (1, 2) {
+                            return r.skip_field(wire);
                         }
-                        (2, 2) => {
-                            let n = r.varint()?;
-                            let end = r.pos + n;
-                            r.fields(end, |field, wire, r| {
-                                if (field, wire) != (1, 2) {
-                                    return r.skip_field(wire);
-                                }
-                                let n = r.varint()?;
-                                let end = r.pos + n;
-                                let mut d = Dim::Unknown;
-                                r.fields(end, |field, wire, r| match (field, wire) {
-                                    (1, 0) => {
-                                        d = Dim::Fixed(r.varint()? as i64);
-                                        Ok(())
-                                    }
-                                    (2, 2) => {
-                                        d = Dim::Named(r.string()?);
-                                        Ok(())
-                                    }
-                                    _ => r.skip_field(wire),
-                                })?;
-                                v.dims.push(d);
+                        let mut d = Dim::Unknown;
+                        r.message(|field, wire, r| match (field, wire) {
+                            (1, 0) => {
+                                d = Dim::Fixed(r.varint()? as i64);
                                 Ok(())
-                            })
-                        }
-                        _ => r.skip_field(wire),
-                    })
+                            }
+                            (2, 2) => {
+                                d = Dim::Named(r.string()?);
+                                Ok(())
+                            }
+                            _ => r.skip_field(wire),
+                        })?;
+                        v.dims.push(d);
+                        Ok(())
+                    }),
+                    _ => r.skip_field(wire),
                 })
-            }
+            }),
             _ => r.skip_field(wire),
         })?;
         Ok(v)
@@ -260,9 +256,7 @@ fn graph_fields(
         if field != 7 || wire != 2 {
             return r.skip_field(wire);
         }
-        let n = r.varint()?;
-        let graph_end = r.pos + n;
-        r.fields(graph_end, &mut f)
+        r.message(&mut f)
     })
 }
 
@@ -281,22 +275,16 @@ pub fn graph_io(path: &Path) -> io::Result<GraphIo> {
             Ok(())
         }
         // An initializer's name (TensorProto.name = 8), its data skipped.
-        (5, 2) => {
-            let n = r.varint()?;
-            let end = r.pos + n;
-            r.fields(end, |field, wire, r| match (field, wire) {
-                (8, 2) => {
-                    initializers.insert(r.string()?);
-                    Ok(())
-                }
-                _ => r.skip_field(wire),
-            })
-        }
+        (5, 2) => r.message(|field, wire, r| match (field, wire) {
+            (8, 2) => {
+                initializers.insert(r.string()?);
+                Ok(())
+            }
+            _ => r.skip_field(wire),
+        }),
         (1, 2) => {
-            let n = r.varint()?;
-            let end = r.pos + n;
             let (mut op, mut domain) = (String::new(), String::new());
-            r.fields(end, |field, wire, r| match (field, wire) {
+            r.message(|field, wire, r| match (field, wire) {
                 (4, 2) => {
                     op = r.string()?;
                     Ok(())
@@ -330,10 +318,8 @@ pub fn weight_types(path: &Path) -> io::Result<WeightTypes> {
         if field != 5 || wire != 2 {
             return r.skip_field(wire);
         }
-        let n = r.varint()?;
-        let tensor_end = r.pos + n;
         let (mut count, mut dtype) = (1u64, 0u64);
-        r.fields(tensor_end, |field, wire, r| match (field, wire) {
+        r.message(|field, wire, r| match (field, wire) {
             (1, 0) => {
                 count = count.saturating_mul(r.varint()?);
                 Ok(())

@@ -30,3 +30,43 @@ pub fn runs_and_threads(default_runs: usize) -> (usize, Vec<usize>) {
         .collect();
     (runs, threads)
 }
+
+/// The prompt the engine benchmarks decode from.
+pub const PROMPT: &str =
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.";
+
+/// One generation of `new_tokens` from [`PROMPT`] through the loop `trace` runs, at T 0.8
+/// with a fixed seed (probing on and off decode the same tokens); its timings.
+pub fn decode_once(
+    src: &mut dyn logitprobe::backends::LogitSource,
+    new_tokens: usize,
+    probe: bool,
+    inside: Option<std::sync::Arc<logitprobe::inside::Inside>>,
+) -> logitprobe::generate::Timings {
+    use logitprobe::generate::{generate, GenerateConfig, PromptInput};
+    let ids = src.tokenize(PROMPT, src.info().add_bos, false).unwrap();
+    let prompts = [PromptInput {
+        index: 0,
+        prompt: PROMPT.into(),
+        rendered: PROMPT.into(),
+        ids,
+        ..Default::default()
+    }];
+    let cfg = GenerateConfig {
+        sampling: logitprobe::sampler::SamplingConfig {
+            temperature: 0.8,
+            ..Default::default()
+        },
+        probe: logitprobe::probe::ProbeConfig::default(),
+        max_new_tokens: new_tokens,
+        seed: 1,
+        probe_enabled: probe,
+        logprobs: None,
+        prompt_logprobs: false,
+        inside,
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    generate(src, &prompts, &cfg, &mut [], &stop, &())
+        .unwrap()
+        .1
+}
