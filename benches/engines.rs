@@ -86,8 +86,8 @@ impl<S: LogitSource> LogitSource for RerunPrefix<S> {
         }
         Ok(out)
     }
-    fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
-        self.inner.score(tokens)
+    fn score_from(&mut self, tokens: &[TokenId], first: usize) -> anyhow::Result<Array2<f32>> {
+        self.inner.score_from(tokens, first)
     }
 }
 

@@ -474,7 +474,7 @@ fn summary_statistics_of_known_positions() {
 
 // ---------------------------------------------------------------- A is scored once
 
-/// A test source that counts its `score` calls.
+/// A test source that counts its scoring calls.
 struct Counting {
     inner: backends::test_source::TestSource,
     scores: usize,
@@ -514,9 +514,9 @@ impl LogitSource for Counting {
     ) -> anyhow::Result<Array2<f32>> {
         self.inner.decode_rows(batch, every_position)
     }
-    fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
+    fn score_from(&mut self, tokens: &[TokenId], first: usize) -> anyhow::Result<Array2<f32>> {
         self.scores += 1;
-        self.inner.score(tokens)
+        self.inner.score_from(tokens, first)
     }
 }
 

@@ -153,7 +153,16 @@ pub trait LogitSource {
     /// Teacher-forced scoring: `[tokens.len(), n_vocab]` logits where row `i` predicts
     /// `tokens[i + 1]`. Uses its own KV cache state: call [`LogitSource::begin`] again before
     /// decoding.
-    fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>>;
+    fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
+        self.score_from(tokens, 0)
+    }
+
+    /// [`LogitSource::score`] of the rows from `first` on: `[tokens.len() - first, n_vocab]`
+    /// logits where row `r` predicts `tokens[first + r + 1]`; the tokens before `first` are
+    /// context only. The engine computes no logits (and captures nothing) for them, as
+    /// llama-perplexity asks only for a chunk's scored half: the output head over a large
+    /// vocabulary is a good share of a forward pass. `first` ≤ `tokens.len()`.
+    fn score_from(&mut self, tokens: &[TokenId], first: usize) -> anyhow::Result<Array2<f32>>;
 
     /// The decoder's shape (layers, heads, widths), where the engine knows it.
     fn architecture(&self) -> Option<Architecture> {
@@ -254,6 +263,9 @@ impl<T: LogitSource + ?Sized> LogitSource for Box<T> {
     }
     fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
         (**self).score(tokens)
+    }
+    fn score_from(&mut self, tokens: &[TokenId], first: usize) -> anyhow::Result<Array2<f32>> {
+        (**self).score_from(tokens, first)
     }
     fn architecture(&self) -> Option<Architecture> {
         (**self).architecture()

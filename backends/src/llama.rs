@@ -773,7 +773,7 @@ impl LogitSource for LlamaSource {
         Ok(head)
     }
 
-    fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
+    fn score_from(&mut self, tokens: &[TokenId], first: usize) -> anyhow::Result<Array2<f32>> {
         if tokens.len() > self.n_ctx {
             return Err(crate::Error::ContextFull {
                 what: "scoring a text".into(),
@@ -789,12 +789,13 @@ impl LogitSource for LlamaSource {
         for p in &mut self.pos {
             *p = 0;
         }
+        let first = first.min(tokens.len());
         let items: Vec<_> = tokens
             .iter()
             .enumerate()
-            .map(|(i, &t)| (0, i as i32, t, Some(i)))
+            .map(|(i, &t)| (0, i as i32, t, i.checked_sub(first)))
             .collect();
-        let mut out = Array2::zeros((tokens.len(), self.info.n_vocab));
+        let mut out = Array2::zeros((tokens.len() - first, self.info.n_vocab));
         self.run(&items, &mut out, false)?;
         // The KV cache now holds this sequence: the next decode must begin() again.
         self.clear_kv();

@@ -221,12 +221,15 @@ impl LogitSource for TestSource {
         Ok(out)
     }
 
-    fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
-        let mut out = Array2::zeros((tokens.len(), self.info.n_vocab));
-        for i in 0..tokens.len() {
+    fn score_from(&mut self, tokens: &[TokenId], first: usize) -> anyhow::Result<Array2<f32>> {
+        let first = first.min(tokens.len());
+        let mut out = Array2::zeros((tokens.len() - first, self.info.n_vocab));
+        for i in first..tokens.len() {
             self.logits_after(
                 &tokens[..=i],
-                out.row_mut(i).as_slice_mut().expect("standard layout"),
+                out.row_mut(i - first)
+                    .as_slice_mut()
+                    .expect("standard layout"),
             );
         }
         Ok(out)

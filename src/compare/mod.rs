@@ -656,12 +656,13 @@ fn check_shape(
     chunk: &Chunk,
     n_vocab: usize,
 ) -> anyhow::Result<()> {
-    if logits.nrows() != chunk.ids.len() || logits.ncols() != n_vocab {
+    let rows = chunk.ids.len() - chunk.first;
+    if logits.nrows() != rows || logits.ncols() != n_vocab {
         anyhow::bail!(
-            "{side} returned logits of shape {:?} for {} tokens (expected [{}, {n_vocab}])",
+            "{side} returned logits of shape {:?} for {} tokens scored from {} (expected [{rows}, {n_vocab}])",
             logits.shape(),
             chunk.ids.len(),
-            chunk.ids.len()
+            chunk.first
         );
     }
     Ok(())
@@ -722,7 +723,8 @@ pub fn compare_some_chunks(
             continue;
         }
         let t = Instant::now();
-        let la = a.score(&chunk.ids)?;
+        // Rows of the scored half only; row r is position first + r.
+        let la = a.score_from(&chunk.ids, chunk.first)?;
         let captured_a = a.take_captured();
         timing.score_a_s += t.elapsed().as_secs_f64();
         timing.tokens_evaluated += chunk.ids.len();
@@ -733,7 +735,7 @@ pub fn compare_some_chunks(
         let n_rows = chunk.ids.len() - 1 - first;
         let rows_a = par_rows(n_rows, probe, |prober, r| {
             let j = first + r;
-            let x = row(&la, j, n_vocab);
+            let x = row(&la, r, n_vocab);
             let next = chunk.ids[j + 1];
             let dist = prober
                 .describe(x, 1.0, next)
@@ -770,7 +772,7 @@ pub fn compare_some_chunks(
 
         for (bi, b) in bs.iter_mut().enumerate() {
             let t = Instant::now();
-            let lb = b.score(&chunk.ids)?;
+            let lb = b.score_from(&chunk.ids, chunk.first)?;
             let captured_b = b.take_captured();
             timing.score_b_s[bi] += t.elapsed().as_secs_f64();
             check_shape("B", &lb, chunk, n_vocab)?;
@@ -781,9 +783,8 @@ pub fn compare_some_chunks(
                     bi,
                     &captured_a,
                     &captured_b,
-                    first,
                     n_rows,
-                    chunk.ids.len(),
+                    chunk.ids.len() - first,
                 )?),
                 None => None,
             };
@@ -791,7 +792,7 @@ pub fn compare_some_chunks(
             let t = Instant::now();
             let rows_b = par_rows(n_rows, probe, |prober, r| {
                 let j = first + r;
-                let (xa, xb) = (row(&la, j, n_vocab), row(&lb, j, n_vocab));
+                let (xa, xb) = (row(&la, r, n_vocab), row(&lb, r, n_vocab));
                 let next = chunk.ids[j + 1];
                 let dist = prober
                     .describe(xb, 1.0, next)
@@ -860,13 +861,12 @@ fn lens_rows(
     bi: usize,
     captured_a: &[logitprobe_backends::Captured],
     captured_b: &[logitprobe_backends::Captured],
-    first: usize,
     n_rows: usize,
-    n_tokens: usize,
+    n_logits_rows: usize,
 ) -> anyhow::Result<Vec<LensRow>> {
     anyhow::ensure!(
-        captured_a.len() == n_tokens && captured_b.len() == n_tokens,
-        "the lens captured {} and {} rows for {n_tokens} tokens",
+        captured_a.len() == n_logits_rows && captured_b.len() == n_logits_rows,
+        "the lens captured {} and {} rows for {n_logits_rows} logits rows",
         captured_a.len(),
         captured_b.len()
     );
@@ -887,9 +887,8 @@ fn lens_rows(
                 s.spawn(move || {
                     (t * per..((t + 1) * per).min(n_rows))
                         .map(|r| {
-                            let j = first + r;
-                            let xa = lc.head_a.logits(hidden(&captured_a[j])?.view());
-                            let xb = head_b.logits(hidden(&captured_b[j])?.view());
+                            let xa = lc.head_a.logits(hidden(&captured_a[r])?.view());
+                            let xb = head_b.logits(hidden(&captured_b[r])?.view());
                             let mut kld = Vec::with_capacity(lc.layers.len());
                             let mut same = Vec::with_capacity(lc.layers.len());
                             for (ra, rb) in xa.outer_iter().zip(xb.outer_iter()) {

@@ -556,21 +556,25 @@ impl LogitSource for OnnxSource {
         Ok(head)
     }
 
-    fn score(&mut self, tokens: &[TokenId]) -> anyhow::Result<Array2<f32>> {
+    fn score_from(&mut self, tokens: &[TokenId], first: usize) -> anyhow::Result<Array2<f32>> {
         self.check_ctx(0, tokens.len())?;
+        let first = first.min(tokens.len());
         let mut kv = SlotKv {
             past: self.empty_past()?,
             t: 0,
         };
         self.captured.clear();
-        let mut out = Array2::<f32>::zeros((tokens.len(), self.info.n_vocab));
+        let mut out = Array2::<f32>::zeros((tokens.len() - first, self.info.n_vocab));
         // Chunks keep the [1, len, vocab] logits tensor small on long texts.
         const CHUNK: usize = 512;
+        let mut row = 0;
         for (c, chunk) in tokens.chunks(CHUNK).enumerate() {
-            let want: Vec<usize> = (0..chunk.len()).collect();
+            let start = c * CHUNK;
+            let want: Vec<usize> = (first.saturating_sub(start)..chunk.len()).collect();
             let logits = self.forward(&mut kv, chunk, &want, false)?;
-            out.slice_mut(ndarray::s![c * CHUNK..c * CHUNK + chunk.len(), ..])
+            out.slice_mut(ndarray::s![row..row + want.len(), ..])
                 .assign(&logits);
+            row += want.len();
         }
         Ok(out)
     }
