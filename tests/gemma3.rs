@@ -108,10 +108,13 @@ fn gemma3_traces_and_its_lens_is_its_logits() {
         .as_array()
         .unwrap()
         .iter()
-        .take(3)
+        .take(4)
         .map(|c| c["token"].as_str().unwrap())
         .collect();
-    // The base model's view (FACTS): " the" first at about 0.2, " Paris" among the first three.
+    // The base model's view: " the" first at about 0.2, " Paris" close behind. Its rank
+    // depends on ggml's kernels: third at 0.084 with AVX2 (FACTS), fourth at 0.059 behind
+    // " a" and " one" with AVX-512, which llama.cpp's own native build (llama-perplexity, same
+    // PPL to four digits) computes too.
     assert_eq!(top[0], " the", "{top:?}");
     assert!(top.contains(&" Paris"), "{top:?}");
     let p = s0["raw"]["candidates"][0]["prob"].as_f64().unwrap();
