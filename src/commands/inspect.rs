@@ -4,6 +4,7 @@
 //! the same way.
 
 use crate::cli::InspectArgs;
+#[cfg(feature = "llama")]
 use logitprobe_backends::gguf::{GgufHeader, Value};
 use logitprobe_backends::{usage, Backend, TokenId};
 use std::path::Path;
