@@ -184,7 +184,7 @@ def write_folder(out, model, tk, layout):
                                  "decoder": {"filename": "model.onnx", "num_hidden_layers": LAYERS,
                                              "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
                                              "head_size": HEAD_DIM, "hidden_size": HIDDEN}},
-                       "search": {"past_present_share_buffer": False, "max_length": CONTEXT}}, f, indent=2)
+                       "search": {"past_present_share_buffer": True, "max_length": CONTEXT}}, f, indent=2)
         with open(os.path.join(out, "chat_template.jinja"), "w") as f:
             f.write(CHAT_TEMPLATE)
 

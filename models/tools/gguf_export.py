@@ -167,7 +167,7 @@ def write_side_files(reader, out, cfg, n_layer, tk, tokens, layout):
                            "decoder": {"filename": "model.onnx", "num_hidden_layers": n_layer,
                                        "num_attention_heads": cfg["n_heads"], "num_key_value_heads": cfg["n_kv_heads"],
                                        "head_size": cfg["head_dim"], "hidden_size": cfg["hidden"]}},
-                 "search": {"past_present_share_buffer": False, "max_length": cfg["context"]}}
+                 "search": {"past_present_share_buffer": True, "max_length": cfg["context"]}}
         with open(os.path.join(out, "genai_config.json"), "w") as f:
             json.dump(genai, f, indent=2)
 
