@@ -8,11 +8,18 @@
 //!   from the mask), with KV sizes that may be symbolic and are then read from
 //!   `genai_config.json`.
 //!
-//! Each slot keeps its own KV cache in ONNX Runtime values: `present` becomes the next step's
-//! `past` without a copy. A slot runs as its own batch of one. ONNX Runtime's CPU kernels are
-//! not batch-invariant (a left-padded row's softmax sums group other lanes), so a prompt's
-//! numbers would otherwise depend on what else is decoding; one row per run keeps them equal
-//! to a run of that prompt alone.
+//! Each slot keeps its own KV cache in ONNX Runtime values. Where the export says
+//! `past_present_share_buffer` (onnxruntime-genai's builder does for GroupQueryAttention) and
+//! the session runs on the CPU, the cache is one `[1, kv_heads, capacity, head_dim]` buffer per
+//! layer and per K/V, bound through an I/O binding as both `past` and `present`: the op writes
+//! the new positions in place, as onnxruntime-genai runs it, and nothing is allocated or copied
+//! per step. Otherwise `present` becomes the next step's `past` without a copy (the graph's
+//! Concat copies the past into a new present each step).
+//!
+//! A slot runs as its own batch of one. ONNX Runtime's CPU kernels are not batch-invariant (a
+//! left-padded row's softmax sums group other lanes), so a prompt's numbers would otherwise
+//! depend on what else is decoding; one row per run keeps them equal to a run of that prompt
+//! alone.
 
 mod graph;
 mod layout;
@@ -27,19 +34,38 @@ use anyhow::Context as _;
 use graph::{Decoder, Graph, Hidden};
 use half::f16;
 use layout::{dtype_name, read_layout, tensor_dims, KvHint, Layout};
-use ndarray::{Array2, ArrayViewD, Axis};
-use ort::session::{Session, SessionInputValue};
-use ort::value::{DynValue, Tensor, TensorElementType};
+use ndarray::{Array2, ArrayViewD, ArrayViewMut2, Axis};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, Session, SessionInputValue, SessionOutputs};
+use ort::value::{DynTensor, DynValue, Tensor, TensorElementType};
 use runtime::{build_session, environment, ModelBytes};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// One slot's KV cache: `[1, kv_heads, t, head_dim]` per layer.
+/// One slot's KV cache, `t` positions long.
 struct SlotKv {
-    past: Vec<(DynValue, DynValue)>,
+    cache: Cache,
     t: usize,
 }
+
+enum Cache {
+    /// `[1, kv_heads, t, head_dim]` per layer: the last run's `present` outputs.
+    Grown(Vec<(DynValue, DynValue)>),
+    /// `[1, kv_heads, cap, head_dim]` per layer, the first `t` positions valid: bound as both
+    /// `past` and `present`, so GroupQueryAttention appends in place.
+    Shared {
+        bufs: Vec<(DynTensor, DynTensor)>,
+        cap: usize,
+        /// These buffers bound as the past and present of the session numbered `.0`
+        /// ([`OnnxSource::session_gen`]); bound again when the buffers or the session change.
+        binding: Option<(u64, IoBinding)>,
+    },
+}
+
+/// Positions a shared KV buffer holds at first when the job's length is not known
+/// ([`LogitSource::fit_context`]); it doubles when a sequence outgrows it.
+const SHARED_KV_START: usize = 256;
 
 /// An ONNX export in ONNX Runtime.
 pub struct OnnxSource {
@@ -48,6 +74,12 @@ pub struct OnnxSource {
     info: ModelInfo,
     folder: HfFolder,
     slots: Vec<Option<SlotKv>>,
+    /// Whether the KV cache lives in shared past/present buffers (see the module comment).
+    shared_kv: bool,
+    /// Initial capacity of a shared KV buffer: what the job needs, when it said so.
+    kv_reserve: usize,
+    /// Counts the sessions built (the look inside rebuilds it): a binding belongs to one.
+    session_gen: u64,
     model_file: PathBuf,
     env: &'static ort::environment::Environment,
     device: String,
@@ -161,7 +193,26 @@ impl OnnxSource {
             .into());
         }
 
+        // The builder writes past_present_share_buffer for GroupQueryAttention, which then
+        // appends the new positions into a past buffer that is also its present output. Only
+        // on the CPU: there the buffers are plain host memory.
+        let shared_kv = provider == "CPUExecutionProvider"
+            && !layout.position_ids
+            && folder
+                .genai
+                .pointer("/search/past_present_share_buffer")
+                .and_then(Value::as_bool)
+                == Some(true);
         let mut details = serde_json::Map::new();
+        details.insert(
+            "kv_cache".into(),
+            if shared_kv {
+                "shared past/present buffers (past_present_share_buffer)"
+            } else {
+                "present becomes past"
+            }
+            .into(),
+        );
         details.insert(
             "layout".into(),
             if layout.position_ids {
@@ -249,7 +300,92 @@ impl OnnxSource {
             layout,
             folder,
             slots: Vec::new(),
+            shared_kv,
+            kv_reserve: SHARED_KV_START,
+            session_gen: 0,
         })
+    }
+
+    /// An empty KV cache for a new sequence.
+    fn new_cache(&self) -> anyhow::Result<SlotKv> {
+        let cache = if self.shared_kv {
+            Cache::Shared {
+                bufs: Vec::new(),
+                cap: 0,
+                binding: None,
+            }
+        } else {
+            Cache::Grown(self.empty_past()?)
+        };
+        Ok(SlotKv { cache, t: 0 })
+    }
+
+    /// Makes a shared cache hold at least `needed` positions: new buffers of twice the
+    /// capacity (at least the job's length, at most the context), the valid positions copied
+    /// over. Amortised, a sequence copies each position about once.
+    fn reserve(&self, kv: &mut SlotKv, needed: usize) -> anyhow::Result<()> {
+        let Cache::Shared { bufs, cap, binding } = &mut kv.cache else {
+            return Ok(());
+        };
+        if needed <= *cap {
+            return Ok(());
+        }
+        let new_cap = needed
+            .max(*cap * 2)
+            .max(self.kv_reserve)
+            .min(self.info.n_ctx.max(needed));
+        let (heads, dim) = (self.layout.kv_heads, self.layout.head_dim);
+        let bytes = [heads, new_cap, dim, elem_size(self.layout.kv_dtype)]
+            .iter()
+            .try_fold(1usize, |a, &b| a.checked_mul(b))
+            .with_context(|| {
+                format!("a KV buffer of {heads} heads × {new_cap} positions × {dim} is too large")
+            })?;
+        let make = || -> anyhow::Result<DynTensor> {
+            let mut t = DynTensor::new(
+                &Allocator::default(),
+                self.layout.kv_dtype,
+                [1, heads, new_cap, dim],
+            )?;
+            if bytes > 0 {
+                // SAFETY: `Tensor::new` leaves its memory uninitialised; the pointer is the
+                // start of this CPU tensor's data, `bytes` bytes long (its shape times the
+                // element size, checked above), zeroed here before any slice of it is made.
+                // Zero is 0.0 in float32 and float16; positions past `t` are never read.
+                unsafe { std::ptr::write_bytes(t.data_ptr_mut().cast::<u8>(), 0, bytes) };
+            }
+            Ok(t)
+        };
+        let mut grown = Vec::with_capacity(self.layout.kv.len());
+        for _ in 0..self.layout.kv.len() {
+            grown.push((make()?, make()?));
+        }
+        for ((ok, ov), (nk, nv)) in bufs.iter().zip(grown.iter_mut()) {
+            for (old, new) in [(ok, nk), (ov, nv)] {
+                match self.layout.kv_dtype {
+                    TensorElementType::Float16 => {
+                        copy_positions::<f16>(old, new, heads, kv.t * dim)?
+                    }
+                    _ => copy_positions::<f32>(old, new, heads, kv.t * dim)?,
+                }
+            }
+        }
+        *bufs = grown;
+        *cap = new_cap;
+        *binding = None;
+        Ok(())
+    }
+
+    /// A binding of a shared cache's buffers as the session's past and present.
+    fn bind_cache(&self, bufs: &mut [(DynTensor, DynTensor)]) -> anyhow::Result<IoBinding> {
+        let mut b = self.session.create_binding()?;
+        for (names, (k, v)) in self.layout.kv.iter().zip(bufs.iter_mut()) {
+            b.bind_input(names[0].as_str(), &*k)?;
+            b.bind_input(names[1].as_str(), &*v)?;
+            b.bind_output(names[2].as_str(), &mut *k)?;
+            b.bind_output(names[3].as_str(), &mut *v)?;
+        }
+        Ok(b)
     }
 
     fn empty_past(&self) -> anyhow::Result<Vec<(DynValue, DynValue)>> {
@@ -267,105 +403,125 @@ impl OnnxSource {
             .collect()
     }
 
-    /// One forward pass of `ids` on top of `kv` (a batch of one); returns the logits of the
-    /// positions in `want` and moves the KV cache forward.
+    /// One forward pass of `ids` on top of `kv` (a batch of one): writes the logits of the
+    /// positions in `want` into the rows of `out` and moves the KV cache forward.
     fn forward(
         &mut self,
         kv: &mut SlotKv,
         ids: &[TokenId],
         want: &[usize],
         attention: bool,
-    ) -> anyhow::Result<Array2<f32>> {
+        out: ArrayViewMut2<f32>,
+    ) -> anyhow::Result<()> {
         let len = ids.len();
         let start = kv.t;
         let t = start + len;
-        let mut inputs: Vec<(String, SessionInputValue)> =
-            Vec::with_capacity(3 + 2 * self.layout.kv.len());
-        inputs.push((
-            "input_ids".into(),
-            Tensor::<i64>::from_array((
+        let input_ids = Tensor::<i64>::from_array((
+            [1, len],
+            ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>(),
+        ))?;
+        let mask = if self.layout.attention_mask {
+            Some(Tensor::<i64>::from_array(([1, t], vec![1i64; t]))?)
+        } else {
+            None
+        };
+        let positions = if self.layout.position_ids {
+            Some(Tensor::<i64>::from_array((
                 [1, len],
-                ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>(),
-            ))?
-            .into(),
-        ));
-        if self.layout.attention_mask {
-            inputs.push((
-                "attention_mask".into(),
-                Tensor::<i64>::from_array(([1, t], vec![1i64; t]))?.into(),
-            ));
-        }
-        if self.layout.position_ids {
-            inputs.push((
-                "position_ids".into(),
-                Tensor::<i64>::from_array((
-                    [1, len],
-                    (start as i64..t as i64).collect::<Vec<_>>(),
-                ))?
-                .into(),
-            ));
-        }
-        for (names, (k, v)) in self.layout.kv.iter().zip(&kv.past) {
-            inputs.push((names[0].clone(), k.into()));
-            inputs.push((names[1].clone(), v.into()));
-        }
-        let mut outputs = self
-            .session
-            .run(inputs)
-            .map_err(|e| anyhow::anyhow!("ONNX Runtime run failed: {e}"))?;
-        let logits = outputs.remove("logits").context("no logits output")?;
-        let n_vocab = self.info.n_vocab;
-        let mut out = Array2::<f32>::zeros((want.len(), n_vocab));
-        {
-            let view: ArrayViewD<f32>;
-            let owned;
-            let lv = match logits.try_extract_array::<f32>() {
-                Ok(v) => v,
-                Err(_) => {
-                    let h = logits
-                        .try_extract_array::<f16>()
-                        .context("logits are neither float32 nor float16")?;
-                    owned = h.mapv(f32::from);
-                    view = owned.view();
-                    view
+                (start as i64..t as i64).collect::<Vec<_>>(),
+            ))?)
+        } else {
+            None
+        };
+        self.reserve(kv, t)?;
+        let fail = |e: ort::Error| anyhow::anyhow!("ONNX Runtime run failed: {e}");
+        match &mut kv.cache {
+            Cache::Shared { bufs, binding, .. } => {
+                if binding.as_ref().map(|(g, _)| *g) != Some(self.session_gen) {
+                    *binding = Some((self.session_gen, self.bind_cache(bufs)?));
                 }
-            };
-            let shape = lv.shape();
-            // Exports that emit only the last position give [1, 1, vocab].
-            let ok = lv.ndim() == 3
-                && shape[0] == 1
-                && shape[2] == n_vocab
-                && (shape[1] == len || (shape[1] == 1 && want.iter().all(|&p| p == len - 1)));
-            if !ok {
-                return Err(usage!(
-                    "the model's logits have shape {shape:?} for a batch of 1 and {len} tokens; expected [1, {len}, {n_vocab}] (or [1, 1, {n_vocab}]): the export's logits output is not a causal LM's"
-                ));
+                let (_, b) = binding.as_mut().expect("just bound");
+                b.bind_input("input_ids", &input_ids)?;
+                if let Some(m) = &mask {
+                    b.bind_input("attention_mask", m)?;
+                }
+                if let Some(p) = &positions {
+                    b.bind_input("position_ids", p)?;
+                }
+                // The other outputs (logits, captured values) go to host memory that ONNX
+                // Runtime allocates for this run's shapes: bound again each run, since a
+                // binding keeps the last run's output as the next one's preallocated buffer.
+                let host = MemoryInfo::new(
+                    AllocationDevice::CPU,
+                    0,
+                    AllocatorType::Device,
+                    MemoryType::Default,
+                )?;
+                for o in self.session.outputs() {
+                    let name = o.name();
+                    if !self.layout.kv.iter().any(|n| n[2] == name || n[3] == name) {
+                        b.bind_output_to_device(name, &host)?;
+                    }
+                }
+                let mut outputs = self.session.run_binding(b).map_err(fail)?;
+                take_logits(
+                    &mut outputs,
+                    Pass {
+                        n_vocab: self.info.n_vocab,
+                        len,
+                        start,
+                        want,
+                        attention,
+                    },
+                    self.capture.as_ref(),
+                    &mut self.captured,
+                    out,
+                )?;
             }
-            let out_len = shape[1];
-            for (i, &p) in want.iter().enumerate() {
-                let p = if out_len == len { p } else { 0 };
-                out.row_mut(i)
-                    .assign(&lv.index_axis(Axis(0), 0).index_axis(Axis(0), p));
+            Cache::Grown(past) => {
+                let mut inputs: Vec<(&str, SessionInputValue)> =
+                    Vec::with_capacity(3 + 2 * self.layout.kv.len());
+                inputs.push(("input_ids", (&input_ids).into()));
+                if let Some(m) = &mask {
+                    inputs.push(("attention_mask", m.into()));
+                }
+                if let Some(p) = &positions {
+                    inputs.push(("position_ids", p.into()));
+                }
+                for (names, (k, v)) in self.layout.kv.iter().zip(past.iter()) {
+                    inputs.push((names[0].as_str(), k.into()));
+                    inputs.push((names[1].as_str(), v.into()));
+                }
+                let mut outputs = self.session.run(inputs).map_err(fail)?;
+                take_logits(
+                    &mut outputs,
+                    Pass {
+                        n_vocab: self.info.n_vocab,
+                        len,
+                        start,
+                        want,
+                        attention,
+                    },
+                    self.capture.as_ref(),
+                    &mut self.captured,
+                    out,
+                )?;
+                let mut next = Vec::with_capacity(self.layout.kv.len());
+                for names in &self.layout.kv {
+                    let k = outputs
+                        .remove(&names[2])
+                        .with_context(|| format!("no {} output", names[2]))?;
+                    let v = outputs
+                        .remove(&names[3])
+                        .with_context(|| format!("no {} output", names[3]))?;
+                    next.push((k, v));
+                }
+                drop(outputs);
+                *past = next;
             }
         }
-        if let Some(cap) = &self.capture {
-            let got = captured_rows(&mut outputs, cap, want, len, start, attention)?;
-            self.captured.extend(got);
-        }
-        let mut past = Vec::with_capacity(self.layout.kv.len());
-        for names in &self.layout.kv {
-            let k = outputs
-                .remove(&names[2])
-                .with_context(|| format!("no {} output", names[2]))?;
-            let v = outputs
-                .remove(&names[3])
-                .with_context(|| format!("no {} output", names[3]))?;
-            past.push((k, v));
-        }
-        drop(outputs);
-        kv.past = past;
         kv.t = t;
-        Ok(out)
+        Ok(())
     }
 
     fn check_ctx(&self, seq: usize, len: usize) -> anyhow::Result<()> {
@@ -415,10 +571,26 @@ impl LogitSource for OnnxSource {
     }
 
     fn clear_slot(&mut self, slot: usize) -> anyhow::Result<()> {
-        *self
+        let kv = self
             .slots
             .get_mut(slot)
-            .context("clear_slot: slot was not made by begin()")? = None;
+            .context("clear_slot: slot was not made by begin()")?;
+        match kv {
+            // The next sequence writes over the shared buffers from position 0: no positions
+            // at or past `t` are ever read.
+            Some(SlotKv {
+                cache: Cache::Shared { .. },
+                t,
+            }) => *t = 0,
+            _ => *kv = None,
+        }
+        Ok(())
+    }
+
+    fn fit_context(&mut self, n_tokens: usize) -> anyhow::Result<()> {
+        // The context stays the model's; a shared KV buffer starts at the job's length, so
+        // that a sequence of the job never grows it.
+        self.kv_reserve = n_tokens.clamp(1, self.info.n_ctx);
         Ok(())
     }
 
@@ -448,10 +620,7 @@ impl LogitSource for OnnxSource {
             let every = every_position.get(entry).copied().unwrap_or(false);
             let mut kv = match self.slots[seq].take() {
                 Some(kv) => kv,
-                None => SlotKv {
-                    past: self.empty_past()?,
-                    t: 0,
-                },
+                None => self.new_cache()?,
             };
             self.check_ctx(seq, kv.t + tokens.len())?;
             let want: Vec<usize> = if every {
@@ -459,10 +628,9 @@ impl LogitSource for OnnxSource {
             } else {
                 vec![tokens.len() - 1]
             };
-            let logits = self.forward(&mut kv, tokens, &want, true)?;
+            let rows = out.slice_mut(ndarray::s![row..row + want.len(), ..]);
+            self.forward(&mut kv, tokens, &want, true, rows)?;
             self.slots[seq] = Some(kv);
-            out.slice_mut(ndarray::s![row..row + want.len(), ..])
-                .assign(&logits);
             row += want.len();
         }
         Ok(out)
@@ -483,6 +651,7 @@ impl LogitSource for OnnxSource {
                     self.threads,
                 )?
                 .0;
+                self.session_gen += 1;
             }
             return Ok(());
         }
@@ -532,6 +701,7 @@ impl LogitSource for OnnxSource {
             self.threads,
         )?
         .0;
+        self.session_gen += 1;
         self.capture = Some(CaptureOutputs { hidden, attention });
         Ok(())
     }
@@ -559,10 +729,8 @@ impl LogitSource for OnnxSource {
     fn score_from(&mut self, tokens: &[TokenId], first: usize) -> anyhow::Result<Array2<f32>> {
         self.check_ctx(0, tokens.len())?;
         let first = first.min(tokens.len());
-        let mut kv = SlotKv {
-            past: self.empty_past()?,
-            t: 0,
-        };
+        let mut kv = self.new_cache()?;
+        self.reserve(&mut kv, tokens.len())?;
         self.captured.clear();
         let mut out = Array2::<f32>::zeros((tokens.len() - first, self.info.n_vocab));
         // Chunks keep the [1, len, vocab] logits tensor small on long texts.
@@ -571,13 +739,114 @@ impl LogitSource for OnnxSource {
         for (c, chunk) in tokens.chunks(CHUNK).enumerate() {
             let start = c * CHUNK;
             let want: Vec<usize> = (first.saturating_sub(start)..chunk.len()).collect();
-            let logits = self.forward(&mut kv, chunk, &want, false)?;
-            out.slice_mut(ndarray::s![row..row + want.len(), ..])
-                .assign(&logits);
+            let rows = out.slice_mut(ndarray::s![row..row + want.len(), ..]);
+            self.forward(&mut kv, chunk, &want, false, rows)?;
             row += want.len();
         }
         Ok(out)
     }
+}
+
+/// What one forward pass ran and wants back.
+struct Pass<'a> {
+    n_vocab: usize,
+    /// New tokens in the run, the first at position `start`.
+    len: usize,
+    start: usize,
+    /// The positions (of the `len`) whose logits are wanted.
+    want: &'a [usize],
+    /// Whether attention weights are captured (at the last position).
+    attention: bool,
+}
+
+/// Copies the logits of the positions `pass.want` of a run into `out`, and adds what the look
+/// inside captured to `captured`.
+fn take_logits(
+    outputs: &mut SessionOutputs<'_>,
+    pass: Pass<'_>,
+    capture: Option<&CaptureOutputs>,
+    captured: &mut Vec<Captured>,
+    mut out: ArrayViewMut2<f32>,
+) -> anyhow::Result<()> {
+    let Pass {
+        n_vocab,
+        len,
+        start,
+        want,
+        attention,
+    } = pass;
+    {
+        let logits = outputs.get("logits").context("no logits output")?;
+        let view: ArrayViewD<f32>;
+        let owned;
+        let lv = match logits.try_extract_array::<f32>() {
+            Ok(v) => v,
+            Err(_) => {
+                let h = logits
+                    .try_extract_array::<f16>()
+                    .context("logits are neither float32 nor float16")?;
+                owned = h.mapv(f32::from);
+                view = owned.view();
+                view
+            }
+        };
+        let shape = lv.shape();
+        // Exports that emit only the last position give [1, 1, vocab].
+        let ok = lv.ndim() == 3
+            && shape[0] == 1
+            && shape[2] == n_vocab
+            && (shape[1] == len || (shape[1] == 1 && want.iter().all(|&p| p == len - 1)));
+        if !ok {
+            return Err(usage!(
+                "the model's logits have shape {shape:?} for a batch of 1 and {len} tokens; expected [1, {len}, {n_vocab}] (or [1, 1, {n_vocab}]): the export's logits output is not a causal LM's"
+            ));
+        }
+        let out_len = shape[1];
+        for (i, &p) in want.iter().enumerate() {
+            let p = if out_len == len { p } else { 0 };
+            out.row_mut(i)
+                .assign(&lv.index_axis(Axis(0), 0).index_axis(Axis(0), p));
+        }
+    }
+    if let Some(cap) = capture {
+        let got = captured_rows(outputs, cap, want, len, start, attention)?;
+        captured.extend(got);
+    }
+    Ok(())
+}
+
+/// Bytes of one KV element (float32 or float16, the types [`layout::read_layout`] accepts).
+fn elem_size(t: TensorElementType) -> usize {
+    match t {
+        TensorElementType::Float16 | TensorElementType::Bfloat16 => 2,
+        _ => 4,
+    }
+}
+
+/// Copies the first `n` values of each of the `heads` planes of `old` to the start of the same
+/// plane of `new`: the valid positions of a `[1, heads, cap, head_dim]` KV buffer moved into a
+/// larger one (planes of `cap * head_dim` values each).
+fn copy_positions<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug>(
+    old: &DynTensor,
+    new: &mut DynTensor,
+    heads: usize,
+    n: usize,
+) -> anyhow::Result<()> {
+    if n == 0 || heads == 0 {
+        return Ok(());
+    }
+    let (_, src) = old.try_extract_tensor::<T>()?;
+    let (_, dst) = new.try_extract_tensor_mut::<T>()?;
+    let (src_plane, dst_plane) = (src.len() / heads, dst.len() / heads);
+    anyhow::ensure!(
+        n <= src_plane && src_plane <= dst_plane,
+        "KV buffer sizes do not match"
+    );
+    for h in 0..heads {
+        dst[h * dst_plane..h * dst_plane + n]
+            .copy_from_slice(&src[h * src_plane..h * src_plane + n]);
+    }
+    Ok(())
 }
 
 /// A float output as f32 values with its shape (float16 outputs widened).
