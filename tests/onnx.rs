@@ -406,3 +406,75 @@ fn bad_config_files_are_named_not_ignored() {
     let (_t, m) = tiny_with("tokenizer_config.json", b"{\"bos_token\": \"\xff\"}");
     bad(&m, &[], "tokenizer_config.json is not UTF-8");
 }
+
+/// The tiny genai export as the builder writes it (`past_present_share_buffer`: the KV cache
+/// in buffers that GroupQueryAttention appends to in place) and the same export told not to
+/// share: the same bits at every step, across the buffer growing past its first 256
+/// positions, a slot reused after `clear_slot`, several tokens fed on top of a cache, and
+/// scoring.
+#[test]
+fn shared_kv_buffers_give_the_same_bits_as_a_grown_cache() {
+    let genai = common::tiny("genai");
+    let config = std::fs::read_to_string(genai.join("genai_config.json")).unwrap();
+    assert!(config.contains("\"past_present_share_buffer\": true"));
+    let tmp = tempfile::tempdir().unwrap();
+    let unshared = tmp.path().join("m");
+    std::fs::create_dir_all(&unshared).unwrap();
+    for e in std::fs::read_dir(&genai).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), unshared.join(e.file_name())).unwrap();
+    }
+    std::fs::write(
+        unshared.join("genai_config.json"),
+        config.replace(
+            "\"past_present_share_buffer\": true",
+            "\"past_present_share_buffer\": false",
+        ),
+    )
+    .unwrap();
+    let mut shared = OnnxSource::open(&genai, &opts()).unwrap();
+    let mut grown = OnnxSource::open(&unshared, &opts()).unwrap();
+    assert_eq!(
+        shared.info().details["kv_cache"],
+        "shared past/present buffers (past_present_share_buffer)"
+    );
+    assert_eq!(grown.info().details["kv_cache"], "present becomes past");
+    let prompt = shared
+        .tokenize("In the beginning God created", false, false)
+        .unwrap();
+    let other = shared.tokenize("And the earth was", false, false).unwrap();
+    let mut history = Vec::new();
+    for src in [&mut shared, &mut grown] {
+        src.begin(2).unwrap();
+        let mut rows = Vec::new();
+        let mut next = prompt.clone();
+        // Slot 1 decodes beside slot 0, then is cleared and takes another prompt.
+        rows.push(src.decode(&[(0, &next), (1, &other)]).unwrap());
+        for step in 0..300 {
+            let last = rows.last().unwrap();
+            next = vec![argmax(last.row(0)) as u32];
+            if step == 10 {
+                src.clear_slot(1).unwrap();
+                rows.push(src.decode(&[(0, &next), (1, &prompt)]).unwrap());
+            } else if step == 20 {
+                // Three tokens at once on top of slot 0's cache, logits at every position.
+                let three = [next[0], 5, 6];
+                rows.push(src.decode_rows(&[(0, &three)], &[true]).unwrap());
+            } else {
+                rows.push(src.decode(&[(0, &next)]).unwrap());
+            }
+        }
+        let scored = src.score(&[prompt.as_slice(), &other].concat()).unwrap();
+        rows.push(scored);
+        history.push(rows);
+    }
+    let (a, b) = (&history[0], &history[1]);
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.shape(), y.shape(), "call {i}");
+        assert!(
+            x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "call {i}: the shared KV cache changed the logits"
+        );
+    }
+}
