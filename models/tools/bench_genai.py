@@ -2,7 +2,7 @@
 same onnxruntime-genai (builder-layout) export, greedy, alternating runs, medians.
 
 Usage (scripts/bench-onnx-genai runs it): bench_genai.py --logitprobe BIN --model GENAI_DIR
-    [--optimum DIR] [--runs 3] [--threads 1,2] [--tokens 128]
+    [--optimum DIR] [--baseline OTHER_BIN] [--runs 3] [--threads 1,2] [--tokens 128]
 
 Both sides run in a fresh process per run and are timed over the single-token steps only (the
 prompt's forward pass and the model load are left out): ours is run.json's
@@ -71,6 +71,7 @@ def main():
     ap.add_argument("--logitprobe")
     ap.add_argument("--model", required=True)
     ap.add_argument("--optimum", help="also time ours on this optimum-layout export")
+    ap.add_argument("--baseline", help="also time this other logitprobe binary (an older build) on the genai export")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--tokens", type=int, default=128)
@@ -86,13 +87,17 @@ def main():
     print(f"{os.path.basename(os.path.normpath(a.model))}: {a.tokens} greedy tokens after a {len(ids)}-token prompt, "
           f"fp32; medians of {a.runs} alternating runs")
     for t in [int(x) for x in a.threads.split(",")]:
-        ours, genai, opt = [], [], []
+        ours, genai, opt, base = [], [], [], []
         for r in range(a.runs):
             o = run_ours(a.logitprobe, a.model, t, a.tokens)
             g = run_genai(a.model, t, a.tokens, ids)
             ours.append(o["tps"])
             genai.append(g["tps"])
             line = f"  run {r + 1}, {t} thread(s): ours {o['tps']:.1f} tok/s, onnxruntime-genai {g['tps']:.1f} tok/s"
+            if a.baseline:
+                b = run_ours(a.baseline, a.model, t, a.tokens)
+                base.append(b["tps"])
+                line += f", baseline build {b['tps']:.1f} tok/s"
             if a.optimum:
                 p = run_ours(a.logitprobe, a.optimum, t, a.tokens)
                 opt.append(p["tps"])
@@ -103,6 +108,9 @@ def main():
             print(line, flush=True)
         mo, mg = statistics.median(ours), statistics.median(genai)
         line = f"{t} thread(s): ours {mo:.1f} tok/s, onnxruntime-genai {mg:.1f} tok/s, ours/genai = {mo / mg:.3f}"
+        if base:
+            mb = statistics.median(base)
+            line += f"; baseline build {mb:.1f} tok/s, ours/baseline = {mo / mb:.3f}"
         if opt:
             line += f"; ours on the optimum export {statistics.median(opt):.1f} tok/s"
         print(line, flush=True)
