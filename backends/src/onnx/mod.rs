@@ -59,7 +59,7 @@ enum Cache {
         cap: usize,
         /// These buffers bound as the past and present of the session numbered `.0`
         /// ([`OnnxSource::session_gen`]); bound again when the buffers or the session change.
-        binding: Option<(u64, IoBinding)>,
+        binding: Option<Box<(u64, IoBinding)>>,
     },
 }
 
@@ -437,10 +437,10 @@ impl OnnxSource {
         let fail = |e: ort::Error| anyhow::anyhow!("ONNX Runtime run failed: {e}");
         match &mut kv.cache {
             Cache::Shared { bufs, binding, .. } => {
-                if binding.as_ref().map(|(g, _)| *g) != Some(self.session_gen) {
-                    *binding = Some((self.session_gen, self.bind_cache(bufs)?));
+                if binding.as_ref().map(|b| b.0) != Some(self.session_gen) {
+                    *binding = Some(Box::new((self.session_gen, self.bind_cache(bufs)?)));
                 }
-                let (_, b) = binding.as_mut().expect("just bound");
+                let (_, b) = &mut **binding.as_mut().expect("just bound");
                 b.bind_input("input_ids", &input_ids)?;
                 if let Some(m) = &mask {
                     b.bind_input("attention_mask", m)?;
