@@ -97,6 +97,7 @@ fn main() {
         return;
     }
     let (runs, threads) = runs_and_threads(5);
+    #[cfg(feature = "llama")]
     let gguf = cache().join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let onnx = cache().join("SmolLM2-135M-Instruct-onnx");
     println!(
