@@ -2,7 +2,7 @@
 same onnxruntime-genai (builder-layout) export, greedy, alternating runs, medians.
 
 Usage (scripts/bench-onnx-genai runs it): bench_genai.py --logitprobe BIN --model GENAI_DIR
-    [--optimum DIR] [--baseline OTHER_BIN] [--runs 3] [--threads 1,2] [--tokens 128]
+    [--optimum DIR] [--baseline OTHER_BIN] [--runs 3] [--threads 1,2] [--tokens 128] [--cpu-time]
 
 Both sides run in a fresh process per run and are timed over the single-token steps only (the
 prompt's forward pass and the model load are left out): ours is run.json's
@@ -14,6 +14,7 @@ greedily, so they should generate the same tokens; the script says when they do 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -45,25 +46,38 @@ def genai_worker(model, threads, tokens, prompt_ids):
     print(json.dumps({"tps": (n - 1) / dt, "ids": seq}))
 
 
+def child(cmd):
+    """Runs `cmd`; its output and the CPU seconds (user + system) it used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return out, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def run_genai(model, threads, tokens, prompt_ids):
-    out = subprocess.run(
+    out, cpu = child(
         [sys.executable, __file__, "--genai-worker", "--model", model, "--threads", str(threads),
-         "--tokens", str(tokens), "--ids", ",".join(map(str, prompt_ids))],
-        check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+         "--tokens", str(tokens), "--ids", ",".join(map(str, prompt_ids))])
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]), cpu=cpu)
 
 
 def run_ours(binary, model, threads, tokens):
     with tempfile.TemporaryDirectory() as d:
-        subprocess.run(
+        _, cpu = child(
             [binary, "trace", "-m", model, "-p", PROMPT, "--temperature", "0", "--max-new-tokens", str(tokens),
-             "--threads", str(threads), "--no-plots", "-o", d],
-            check=True, capture_output=True, text=True)
+             "--threads", str(threads), "--no-plots", "-o", d])
         with open(os.path.join(d, "run.json")) as f:
             run = json.load(f)
         with open(os.path.join(d, "steps.jsonl")) as f:
             ids = [json.loads(line)["selected"]["token_id"] for line in f if line.strip()]
-    return {"tps": run["timings"]["decode_tokens_per_s"], "ids": ids}
+    return {"tps": run["timings"]["decode_tokens_per_s"], "ids": ids, "cpu": cpu}
+
+
+def cpu_tps(long, tokens, short):
+    """Decode tokens per CPU second: the CPU seconds a run of `tokens` used (`long`) beyond a
+    run of one token (`short`: load and prompt), per token. At one thread this leaves out the
+    time other processes took the core, which moves wall-clock rates by ±20 % here."""
+    return (tokens - 1) / max(long - short, 1e-9)
 
 
 def main():
@@ -75,6 +89,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="at 1 thread: also decode tok/s per CPU second (each side also runs once with 1 token)")
     ap.add_argument("--genai-worker", action="store_true")
     ap.add_argument("--ids")
     a = ap.parse_args()
@@ -87,7 +103,11 @@ def main():
     print(f"{os.path.basename(os.path.normpath(a.model))}: {a.tokens} greedy tokens after a {len(ids)}-token prompt, "
           f"fp32; medians of {a.runs} alternating runs")
     for t in [int(x) for x in a.threads.split(",")]:
-        ours, genai, opt, base = [], [], [], []
+        ours, genai, opt, base, cpu_ours, cpu_genai = [], [], [], [], [], []
+        cpu = a.cpu_time and t == 1
+        if cpu:
+            short_ours = run_ours(a.logitprobe, a.model, t, 1)["cpu"]
+            short_genai = run_genai(a.model, t, 1, ids)["cpu"]
         for r in range(a.runs):
             o = run_ours(a.logitprobe, a.model, t, a.tokens)
             g = run_genai(a.model, t, a.tokens, ids)
@@ -102,12 +122,21 @@ def main():
                 p = run_ours(a.logitprobe, a.optimum, t, a.tokens)
                 opt.append(p["tps"])
                 line += f", ours on the optimum export {p['tps']:.1f} tok/s"
+            if cpu:
+                co = cpu_tps(o["cpu"], a.tokens, short_ours)
+                cg = cpu_tps(g["cpu"], a.tokens, short_genai)
+                cpu_ours.append(co)
+                cpu_genai.append(cg)
+                line += f"; per CPU second: ours {co:.1f}, genai {cg:.1f}"
             if o["ids"] != g["ids"]:
                 same = next((i for i, (x, y) in enumerate(zip(o["ids"], g["ids"])) if x != y), min(len(o["ids"]), len(g["ids"])))
                 line += f" (tokens differ from position {same}: {len(o['ids'])} vs {len(g['ids'])} generated)"
             print(line, flush=True)
         mo, mg = statistics.median(ours), statistics.median(genai)
         line = f"{t} thread(s): ours {mo:.1f} tok/s, onnxruntime-genai {mg:.1f} tok/s, ours/genai = {mo / mg:.3f}"
+        if cpu_ours:
+            co, cg = statistics.median(cpu_ours), statistics.median(cpu_genai)
+            line += f"; per CPU second: ours {co:.1f}, genai {cg:.1f}, ours/genai = {co / cg:.3f}"
         if base:
             mb = statistics.median(base)
             line += f"; baseline build {mb:.1f} tok/s, ours/baseline = {mo / mb:.3f}"
