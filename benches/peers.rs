@@ -1,0 +1,320 @@
+//! logitprobe against the tools a user would pick instead, on this machine, side by side in
+//! one run: each row alternates ours and theirs `BENCH_RUNS` times (default 3) and prints
+//! the medians and their ratio, at `BENCH_THREADS` CPU threads (default 1).
+//!
+//! | row | ours | theirs |
+//! |---|---|---|
+//! | compare | `logitprobe compare` F16 vs Q4_1 SmolLM2, 16 chunks of 512 | `llama-perplexity --kl-divergence-base` then `--kl-divergence` |
+//! | scoring | teacher-forced scoring of 512-token chunks (the scored half's logits) | `llama-bench -p 512` |
+//! | decode | 128 tokens through `trace`'s loop with the probe on, Q4_1 | `llama-bench -n 128` |
+//! | probe | a nearly flat 151,936-entry row under top-p 0.95 | the same probe on a language-model-like row |
+//!
+//! `scripts/bench-vs-peers` prepares what it needs (llama.cpp's tools built from the sources
+//! logitprobe vendors, the F16 model) and runs it with `PEERS_LLAMA_BIN` (folder of
+//! llama-bench and llama-perplexity) and `PEERS_F16` (F16 GGUF); without them the llama.cpp
+//! rows say so and are skipped. The ONNX row (against onnxruntime-genai) is
+//! `scripts/bench-onnx-genai`, which bench-vs-peers runs after this one.
+
+mod common;
+
+use common::{cache, decode_once};
+use logitprobe::backends::{Backend, EngineOptions, LogitSource};
+use logitprobe::probe::{Probe, ProbeConfig};
+use logitprobe::sampler::{Rng, SamplingConfig};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Row {
+    what: String,
+    ours: f64,
+    theirs: f64,
+    unit: &'static str,
+    /// Ours / theirs when higher is better (throughput), theirs / ours for times; the goal
+    /// is on that ratio.
+    ratio: f64,
+    goal: &'static str,
+}
+
+/// Runs a command, failing loudly with its stderr: a peer that fails makes no row.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .rev()
+                .take(8)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wall(cmd: &mut Command) -> f64 {
+    let t = Instant::now();
+    run(cmd);
+    t.elapsed().as_secs_f64()
+}
+
+/// llama-bench's mean tokens/s for one test (`-p N -n 0` or `-p 0 -n N`).
+fn llama_bench(bin: &Path, model: &Path, threads: usize, pp: usize, tg: usize) -> f64 {
+    let json = run(Command::new(bin.join("llama-bench")).args([
+        "-m",
+        model.to_str().unwrap(),
+        "-t",
+        &threads.to_string(),
+        "-p",
+        &pp.to_string(),
+        "-n",
+        &tg.to_string(),
+        "-r",
+        "1",
+        "-o",
+        "json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&json).expect("llama-bench -o json");
+    v[0]["avg_ts"].as_f64().expect("avg_ts")
+}
+
+fn opts(threads: usize, ctx: usize) -> EngineOptions {
+    EngineOptions {
+        threads: Some(threads),
+        ctx_size: Some(ctx),
+        ..Default::default()
+    }
+}
+
+fn corpus() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/corpus/genesis-kjv.txt")
+}
+
+/// Rows like a language model's (Gumbel noise plus a few dominant tokens), and nearly flat
+/// ones (every logit within half a nat), 151,936 wide: µs per probe step of each.
+fn probe_rows(runs: usize) -> (f64, f64) {
+    const VOCAB: usize = 151_936;
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    let mut uniform = move || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let mut normal: Vec<f32> = (0..VOCAB).map(|_| -(-uniform().ln()).ln() as f32).collect();
+    for (j, boost) in [14.0f32, 12.5, 11.0, 9.0, 6.0].iter().enumerate() {
+        normal[j * 104_729 % VOCAB] += boost;
+    }
+    let flat: Vec<f32> = (0..VOCAB).map(|_| 0.5 * uniform() as f32).collect();
+    let sampling = SamplingConfig::default();
+    let mut probe = Probe::new(ProbeConfig::default());
+    let mut rng = Rng::new(1, 0);
+    let mut time = |row: &[f32]| {
+        let t = Instant::now();
+        for _ in 0..20 {
+            std::hint::black_box(probe.step(row, &[], &sampling, &mut rng, true).unwrap());
+        }
+        t.elapsed().as_secs_f64() / 20.0 * 1e6
+    };
+    let (mut vn, mut vf) = (Vec::new(), Vec::new());
+    for _ in 0..runs.max(5) {
+        vn.push(time(&normal));
+        vf.push(time(&flat));
+    }
+    (median(vf), median(vn))
+}
+
+fn main() {
+    // `cargo test --all-targets` also runs benches with --bench absent: do nothing then.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("peers bench: run scripts/bench-vs-peers");
+        return;
+    }
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let threads: usize = std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let env_path = |k: &str| std::env::var_os(k).map(PathBuf::from);
+    let q4 = cache().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        q4.exists(),
+        "{} missing: run models/fetch smollm2",
+        q4.display()
+    );
+    let bin = env_path("PEERS_LLAMA_BIN");
+    let f16 = env_path("PEERS_F16");
+    let mut rows: Vec<Row> = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
+    let tmp = std::env::temp_dir().join(format!("logitprobe-peers-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+
+    match (&bin, &f16) {
+        (Some(bin), Some(f16)) => {
+            // Row: the whole compare against llama-perplexity's two passes.
+            let chunks = "16";
+            let t = threads.to_string();
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for r in 0..runs {
+                let out = tmp.join(format!("compare-{r}"));
+                ours.push(wall(Command::new(env!("CARGO_BIN_EXE_logitprobe")).args([
+                    "compare",
+                    "--a",
+                    &format!("llama:{}", f16.display()),
+                    "--b",
+                    &format!("llama:{}", q4.display()),
+                    "--text-file",
+                    corpus().to_str().unwrap(),
+                    "--chunks",
+                    chunks,
+                    "--threads",
+                    &t,
+                    "--out",
+                    out.to_str().unwrap(),
+                ])));
+                let base = tmp.join("base.kld");
+                let ppl = |model: &Path, kld: &[&str]| {
+                    let mut c = Command::new(bin.join("llama-perplexity"));
+                    c.args(["-m", model.to_str().unwrap(), "-f"])
+                        .arg(corpus())
+                        .args(["-c", "512", "--chunks", chunks, "-t", &t])
+                        .args(kld);
+                    wall(&mut c)
+                };
+                let b = base.to_str().unwrap();
+                theirs.push(
+                    ppl(f16, &["--kl-divergence-base", b])
+                        + ppl(&q4, &["--kl-divergence-base", b, "--kl-divergence"]),
+                );
+                eprintln!(
+                    "compare round {}: ours {:.1} s, llama-perplexity {:.1} s",
+                    r + 1,
+                    ours[r],
+                    theirs[r]
+                );
+            }
+            let (o, p) = (median(ours), median(theirs));
+            rows.push(Row {
+                what: "compare F16 vs Q4_1, 16 chunks of 512 (wall)".into(),
+                ours: o,
+                theirs: p,
+                unit: "s",
+                ratio: o / p,
+                goal: "≤ 1.0 (time)",
+            });
+
+            // Row: scoring throughput on F16.
+            let mut src = logitprobe::backends::open(
+                Backend::Llama,
+                f16.to_str().unwrap(),
+                &opts(threads, 512),
+            )
+            .expect("F16 model");
+            let text = std::fs::read_to_string(corpus()).unwrap();
+            let ids = src.tokenize(&text, src.info().add_bos, false).unwrap();
+            let chunks = logitprobe::compare::corpus_chunks(&ids, 512, src.info().bos, false, Some(4));
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for r in 0..runs {
+                let t = Instant::now();
+                let mut n = 0;
+                for c in &chunks {
+                    std::hint::black_box(src.score_from(&c.ids, c.first).unwrap());
+                    n += c.ids.len();
+                }
+                ours.push(n as f64 / t.elapsed().as_secs_f64());
+                theirs.push(llama_bench(bin, f16, threads, 512, 0));
+                eprintln!(
+                    "scoring round {}: ours {:.1} tok/s, llama-bench pp512 {:.1} tok/s",
+                    r + 1,
+                    ours[r],
+                    theirs[r]
+                );
+            }
+            drop(src);
+            let (o, p) = (median(ours), median(theirs));
+            rows.push(Row {
+                what: "scoring F16, 512-token chunks vs llama-bench pp512".into(),
+                ours: o,
+                theirs: p,
+                unit: "tok/s",
+                ratio: o / p,
+                goal: "≥ 0.9",
+            });
+
+            // Row: decode with the probe on.
+            let mut src = logitprobe::backends::open(
+                Backend::Llama,
+                q4.to_str().unwrap(),
+                &opts(threads, 512),
+            )
+            .unwrap();
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for r in 0..runs {
+                let timings = decode_once(&mut *src, 128, true, None);
+                assert_eq!(timings.generated_tokens, 128, "the decode row needs 128 tokens");
+                ours.push(timings.decode_tokens_per_s);
+                theirs.push(llama_bench(bin, &q4, threads, 0, 128));
+                eprintln!(
+                    "decode round {}: ours {:.1} tok/s, llama-bench tg128 {:.1} tok/s",
+                    r + 1,
+                    ours[r],
+                    theirs[r]
+                );
+            }
+            let (o, p) = (median(ours), median(theirs));
+            rows.push(Row {
+                what: "decode Q4_1, 128 tokens, probe on vs llama-bench tg128".into(),
+                ours: o,
+                theirs: p,
+                unit: "tok/s",
+                ratio: o / p,
+                goal: "≥ 0.98",
+            });
+        }
+        _ => skipped.push(
+            "compare, scoring, decode: PEERS_LLAMA_BIN and PEERS_F16 not set (run scripts/bench-vs-peers)"
+                .into(),
+        ),
+    }
+
+    let (flat, normal) = probe_rows(runs);
+    rows.push(Row {
+        what: "probe, flat 151,936 row under top-p 0.95 vs a normal row".into(),
+        ours: flat,
+        theirs: normal,
+        unit: "µs",
+        ratio: flat / normal,
+        goal: "≤ 2 (time)",
+    });
+
+    let _ = std::fs::remove_dir_all(&tmp);
+    println!("\nlogitprobe vs peers, {threads} thread(s), medians of {runs} alternating runs:\n");
+    println!("| what | logitprobe | peer | ratio | goal |");
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.1} {} | {:.1} {} | {:.2} | {} |",
+            r.what, r.ours, r.unit, r.theirs, r.unit, r.ratio, r.goal
+        );
+    }
+    for s in skipped {
+        println!("skipped: {s}");
+    }
+}
