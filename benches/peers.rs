@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::{cache, decode_once};
+use common::{cache, decode_once, NoEog};
 use logitprobe::backends::{Backend, EngineOptions, LogitSource};
 use logitprobe::probe::{Probe, ProbeConfig};
 use logitprobe::sampler::{Rng, SamplingConfig};
@@ -259,15 +259,13 @@ fn main() {
             });
 
             // Row: decode with the probe on.
-            let mut src = logitprobe::backends::open(
-                Backend::Llama,
-                q4.to_str().unwrap(),
-                &opts(threads, 512),
-            )
-            .unwrap();
+            let mut src = NoEog::new(
+                logitprobe::backends::open(Backend::Llama, q4.to_str().unwrap(), &opts(threads, 512))
+                    .unwrap(),
+            );
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             for r in 0..runs {
-                let timings = decode_once(&mut *src, 128, true, None);
+                let timings = decode_once(&mut src, 128, true, None);
                 assert_eq!(timings.generated_tokens, 128, "the decode row needs 128 tokens");
                 ours.push(timings.decode_tokens_per_s);
                 theirs.push(llama_bench(bin, &q4, threads, 0, 128));
