@@ -10,23 +10,13 @@
 
 mod common;
 
-use common::{cache, decode_once, runs_and_threads, PROMPT};
+use common::{cache, decode_once, median, runs_and_threads, PROMPT};
 use logitprobe::backends::{EngineOptions, LogitSource, ModelInfo, TokenId};
 use ndarray::Array2;
 
 /// Decode tokens/s of one generation (the same loop as `trace`).
 fn decode_tps(src: &mut dyn LogitSource, new_tokens: usize, probe: bool) -> f64 {
     decode_once(src, new_tokens, probe, None).decode_tokens_per_s
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Alternates `a` and `b` `runs` times each; returns (median a, median b).

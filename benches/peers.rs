@@ -17,23 +17,13 @@
 
 mod common;
 
-use common::{cache, decode_once, NoEog};
+use common::{cache, decode_once, median, NoEog};
 use logitprobe::backends::{Backend, EngineOptions, LogitSource};
 use logitprobe::probe::{Probe, ProbeConfig};
 use logitprobe::sampler::{Rng, SamplingConfig};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 struct Row {
     what: String,

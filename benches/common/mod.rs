@@ -31,6 +31,17 @@ pub fn runs_and_threads(default_runs: usize) -> (usize, Vec<usize>) {
     (runs, threads)
 }
 
+/// The median (the middle pair's mean for an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 /// The prompt the engine benchmarks decode from.
 pub const PROMPT: &str =
     "Write a short story about a lighthouse keeper who finds a message in a bottle.";

@@ -435,6 +435,13 @@ impl OnnxSource {
         };
         self.reserve(kv, t)?;
         let fail = |e: ort::Error| anyhow::anyhow!("ONNX Runtime run failed: {e}");
+        let pass = Pass {
+            n_vocab: self.info.n_vocab,
+            len,
+            start,
+            want,
+            attention,
+        };
         match &mut kv.cache {
             Cache::Shared { bufs, binding, .. } => {
                 if binding.as_ref().map(|b| b.0) != Some(self.session_gen) {
@@ -466,13 +473,7 @@ impl OnnxSource {
                 let mut outputs = self.session.run_binding(b).map_err(fail)?;
                 take_logits(
                     &mut outputs,
-                    Pass {
-                        n_vocab: self.info.n_vocab,
-                        len,
-                        start,
-                        want,
-                        attention,
-                    },
+                    pass,
                     self.capture.as_ref(),
                     &mut self.captured,
                     out,
@@ -495,13 +496,7 @@ impl OnnxSource {
                 let mut outputs = self.session.run(inputs).map_err(fail)?;
                 take_logits(
                     &mut outputs,
-                    Pass {
-                        n_vocab: self.info.n_vocab,
-                        len,
-                        start,
-                        want,
-                        attention,
-                    },
+                    pass,
                     self.capture.as_ref(),
                     &mut self.captured,
                     out,
