@@ -30,9 +30,7 @@ struct Row {
     ours: f64,
     theirs: f64,
     unit: &'static str,
-    /// Ours / theirs when higher is better (throughput), theirs / ours for times; the goal
-    /// is on that ratio.
-    ratio: f64,
+    /// On ours / theirs: a time ratio for times, a throughput ratio for rates.
     goal: &'static str,
 }
 
@@ -206,7 +204,6 @@ fn main() {
                 ours: o,
                 theirs: p,
                 unit: "s",
-                ratio: o / p,
                 goal: "≤ 1.0 (time)",
             });
 
@@ -244,7 +241,6 @@ fn main() {
                 ours: o,
                 theirs: p,
                 unit: "tok/s",
-                ratio: o / p,
                 goal: "≥ 0.9",
             });
 
@@ -272,7 +268,6 @@ fn main() {
                 ours: o,
                 theirs: p,
                 unit: "tok/s",
-                ratio: o / p,
                 goal: "≥ 0.98",
             });
         }
@@ -288,7 +283,6 @@ fn main() {
         ours: flat,
         theirs: normal,
         unit: "µs",
-        ratio: flat / normal,
         goal: "≤ 2 (time)",
     });
 
@@ -299,7 +293,13 @@ fn main() {
     for r in &rows {
         println!(
             "| {} | {:.1} {} | {:.1} {} | {:.2} | {} |",
-            r.what, r.ours, r.unit, r.theirs, r.unit, r.ratio, r.goal
+            r.what,
+            r.ours,
+            r.unit,
+            r.theirs,
+            r.unit,
+            r.ours / r.theirs,
+            r.goal
         );
     }
     for s in skipped {
