@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{cache, runs_and_threads, NoEog};
+use common::{cache, runs_and_threads};
 use logitprobe::backends::{EngineOptions, LogitSource};
 use logitprobe::generate::{self, GenerateConfig, PromptInput};
 use logitprobe::probe::ProbeConfig;
@@ -52,6 +52,10 @@ fn loop_tps(src: &mut dyn LogitSource, parallel: usize) -> (f64, f64) {
         sampling: SamplingConfig::default(),
         probe: ProbeConfig::default(),
         max_new_tokens: 32,
+        // Every prompt gets its 32 tokens, as llama-batched-bench decodes: with end-of-
+        // generation on, most of these prompts end within a few tokens, and the run measures
+        // prompt evaluation, which --parallel cannot speed up.
+        ignore_eos: true,
         seed: 1,
         probe_enabled: true,
         logprobs: None,
@@ -132,13 +136,8 @@ fn main() {
             ctx_size: Some(256),
             ..Default::default()
         };
-        // Every prompt gets its 32 tokens (end-of-generation ignored, as llama-batched-bench
-        // does): with it on, most of these prompts end within a few tokens, and the run
-        // measures prompt evaluation, which --parallel cannot speed up.
-        let mut src = NoEog::new(Box::new(
-            logitprobe::backends::llama::LlamaSource::open(&gguf, &opts)
-                .expect("run models/fetch first"),
-        ));
+        let mut src = logitprobe::backends::llama::LlamaSource::open(&gguf, &opts)
+            .expect("run models/fetch first");
         loop_tps(&mut src, 8); // warm-up: the weights' pages come in
         let peers = std::env::var_os("PEERS_LLAMA_BIN").map(std::path::PathBuf::from);
         let (mut one, mut eight, mut engine) = (Vec::new(), Vec::new(), Vec::new());

@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::{cache, decode_once, median, NoEog};
+use common::{cache, decode_once, median};
 use logitprobe::backends::{Backend, EngineOptions, LogitSource};
 use logitprobe::probe::{Probe, ProbeConfig};
 use logitprobe::sampler::{Rng, SamplingConfig};
@@ -245,10 +245,9 @@ fn main() {
             });
 
             // Row: decode with the probe on.
-            let mut src = NoEog::new(
+            let mut src =
                 logitprobe::backends::open(Backend::Llama, q4.to_str().unwrap(), &opts(threads, 512))
-                    .unwrap(),
-            );
+                    .unwrap();
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             for r in 0..runs {
                 let timings = decode_once(&mut src, 128, true, None);

@@ -2,6 +2,11 @@
 //! on SmolLM2 Q4_1 with `logprobs: 20` + `"probe": true` against plain streams, and against
 //! `trace --parallel 8` on the same prompts. Medians of alternating runs; prints the ratios.
 //!
+//! Both sides ignore end-of-generation (`ignore_eos`, `--ignore-eos`) and check that they
+//! generated 8 × 64 tokens: the server's streams draw from other seeds than trace's prompts,
+//! and a stream that ends early leaves a slot idle for the rest of the run (one of eight
+//! ending at its third token cost the server 12 % of its tokens per step).
+//!
 //! `cargo bench --bench serve` (BENCH_RUNS, BENCH_THREADS as the other benches).
 
 mod common;
@@ -58,7 +63,7 @@ fn stream(addr: &str, i: usize, probe: bool) -> usize {
         ""
     };
     let body = format!(
-        r#"{{"prompt": {}, "max_tokens": {TOKENS}, "temperature": 0.8, "seed": {i}, "stream": true{extra}}}"#,
+        r#"{{"prompt": {}, "max_tokens": {TOKENS}, "ignore_eos": true, "temperature": 0.8, "seed": {i}, "stream": true{extra}}}"#,
         serde_json::to_string(&prompt(i)).unwrap()
     );
     let mut s = TcpStream::connect(addr).unwrap();
@@ -84,7 +89,13 @@ fn serve_tps(addr: &str, probe: bool) -> f64 {
         })
         .collect();
     let tokens: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
-    tokens as f64 / t.elapsed().as_secs_f64()
+    let elapsed = t.elapsed().as_secs_f64();
+    assert_eq!(
+        tokens,
+        STREAMS * TOKENS,
+        "every stream runs its {TOKENS} tokens"
+    );
+    tokens as f64 / elapsed
 }
 
 /// `trace --parallel 8` on the same prompts: generated tokens per second of its whole run
@@ -109,7 +120,15 @@ fn trace_tps(model: &str, threads: usize, dir: &std::path::Path) -> f64 {
             &TOKENS.to_string(),
             "--no-plots",
         ])
-        .args(["--temperature", "0.8", "--seed", "1", "--ctx-size", "256"])
+        .args([
+            "--temperature",
+            "0.8",
+            "--seed",
+            "1",
+            "--ctx-size",
+            "256",
+            "--ignore-eos",
+        ])
         .args([
             "--threads",
             &threads.to_string(),
@@ -121,6 +140,11 @@ fn trace_tps(model: &str, threads: usize, dir: &std::path::Path) -> f64 {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(
+        run["timings"]["generated_tokens"].as_u64(),
+        Some((STREAMS * TOKENS) as u64),
+        "every prompt runs its {TOKENS} tokens"
+    );
     run["timings"]["tokens_per_s"]
         .as_f64()
         .expect("tokens_per_s")
@@ -150,6 +174,9 @@ fn main() {
             probed.push(serve_tps(&server.1, true));
             traced.push(trace_tps(model, t, dir.path()));
         }
+        println!(
+            "{t} thread(s), each round: serve plain {plain:.1?}, probed {probed:.1?}; trace {traced:.1?}"
+        );
         let (p, q, r) = (median(plain), median(probed), median(traced));
         println!(
             "{t} thread(s): serve {p:.1} tok/s plain, {q:.1} with logprobs 20 + probe (ratio {:.2}, goal ≥ 0.95); trace --parallel 8 {r:.1} tok/s (serve plain / trace {:.2}, probed / trace {:.2}, goal ≥ 0.9)",

@@ -494,6 +494,10 @@ pub struct SamplingArgs {
     /// Tokens to generate per prompt [default: 64]
     #[arg(long, value_name = "N")]
     pub max_new_tokens: Option<usize>,
+    /// Go on past end-of-generation tokens to --max-new-tokens (for benchmarks: every
+    /// prompt the same length)
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// Sampling temperature; 0 = greedy [default: 0.8]
     #[arg(long, value_name = "T", allow_negative_numbers = true)]
     pub temperature: Option<f64>,
@@ -898,6 +902,7 @@ impl TraceArgs {
                 "system_prompt" => fill!(self.system_prompt, k, v),
                 "use_chat_template" => self.use_chat_template |= from_value::<bool>(k, v)?,
                 "max_new_tokens" => fill!(self.sampling.max_new_tokens, k, v),
+                "ignore_eos" => self.sampling.ignore_eos |= from_value::<bool>(k, v)?,
                 "temperature" => fill!(self.sampling.temperature, k, v),
                 "top_p" => fill!(self.sampling.top_p, k, v),
                 "top_k" | "sample_top_k" => fill!(self.sampling.top_k, k, v),

@@ -51,6 +51,9 @@ pub struct GenerateConfig {
     pub sampling: SamplingConfig,
     pub probe: ProbeConfig,
     pub max_new_tokens: usize,
+    /// Generate past end-of-generation tokens, to `max_new_tokens` (llama.cpp's and vLLM's
+    /// `ignore_eos`): every sequence the same length, as throughput benchmarks want.
+    pub ignore_eos: bool,
     pub seed: u64,
     /// Off: the sampler runs but no distribution is described (for benchmarks).
     pub probe_enabled: bool,
@@ -75,6 +78,13 @@ pub struct LogprobsRequest {
 impl GenerateConfig {
     /// How many of the processed distribution's top tokens the probe describes: the top
     /// logprobs in processed mode (at least the chosen token's), else none.
+    /// How many top raw logprobs the probe's step computes on the way (raw mode only).
+    fn raw_logprobs(&self) -> Option<usize> {
+        self.logprobs
+            .filter(|r| r.mode == LogprobsMode::Raw)
+            .map(|r| r.top)
+    }
+
     fn processed_top(&self) -> usize {
         match self.logprobs {
             Some(LogprobsRequest {
@@ -489,8 +499,9 @@ pub fn run(
                 probe: settings.probe_enabled,
                 forced: None,
                 processed_top: settings.processed_top(),
+                raw_logprobs: settings.raw_logprobs(),
             };
-            let sp = probe
+            let mut sp = probe
                 .step_with(
                     row_logits,
                     &a.history,
@@ -506,7 +517,10 @@ pub fn run(
                 })?;
             if let Some(req) = settings.logprobs {
                 let lp = match req.mode {
-                    LogprobsMode::Raw => lp_probe.raw(row_logits, req.top, sp.selected),
+                    LogprobsMode::Raw => sp
+                        .raw_logprobs
+                        .take()
+                        .unwrap_or_else(|| lp_probe.raw(row_logits, req.top, sp.selected)),
                     LogprobsMode::Processed => {
                         TokenLogprobs::from_distribution(sp.processed_top.as_ref(), sp.selected)
                     }
@@ -526,6 +540,7 @@ pub fn run(
                 continue;
             };
             let max_new_tokens = a.input.settings(cfg).max_new_tokens;
+            let ignore_eos = a.input.settings(cfg).ignore_eos;
             let tok = sp.selected;
             let step_idx = a.generation.steps.len();
             if sp.degenerate {
@@ -595,7 +610,9 @@ pub fn run(
                         Some(StopReason::Cancelled)
                     }
                 }
-                Control::Continue if eog.contains(&tok) => Some(StopReason::EndOfGeneration),
+                Control::Continue if eog.contains(&tok) && !ignore_eos => {
+                    Some(StopReason::EndOfGeneration)
+                }
                 Control::Continue if g.generated_ids.len() >= max_new_tokens => {
                     Some(StopReason::MaxNewTokens)
                 }
@@ -668,8 +685,9 @@ fn describe_prompt(
                 probe: settings.probe_enabled,
                 forced: Some(next),
                 processed_top,
+                raw_logprobs: settings.raw_logprobs(),
             };
-            let sp = probe
+            let mut sp = probe
                 .step_with(row, &input.ids[..=i], &settings.sampling, &mut rng, &opts)
                 .map_err(|e| {
                     anyhow::anyhow!(
@@ -696,6 +714,10 @@ fn describe_prompt(
                     sp.processed_top.as_ref(),
                     next,
                 ));
+                continue;
+            }
+            if let Some(lp) = sp.raw_logprobs.take() {
+                g.prompt_logprobs.push(lp);
                 continue;
             }
         }

@@ -20,6 +20,7 @@
 
 use crate::describe;
 use crate::kernels;
+use crate::logprobs::{self, TokenLogprobs};
 use crate::sampler::{Kept, Rng, Sampler, SamplingConfig};
 use logitprobe_backends::TokenId;
 use serde::{Deserialize, Serialize};
@@ -107,6 +108,9 @@ pub struct StepProbe {
     /// The processed distribution's top [`StepOptions::processed_top`] tokens (all its
     /// mass, no adaptive cut): the processed logprobs a server reports.
     pub processed_top: Option<Distribution>,
+    /// The raw logprobs (log-softmax at temperature 1) [`StepOptions::raw_logprobs`] asked
+    /// for, from this step's pass over the row.
+    pub raw_logprobs: Option<TokenLogprobs>,
 }
 
 /// What [`Probe::step_with`] does beside drawing.
@@ -119,6 +123,10 @@ pub struct StepOptions {
     pub forced: Option<TokenId>,
     /// Also describe the processed distribution's top this-many tokens (0: not).
     pub processed_top: usize,
+    /// Also the raw logprobs of the selected token and of the top this-many tokens: what
+    /// [`crate::logprobs::Logprobs::raw`] computes, here without another pass over the row
+    /// at temperature 1 (or when greedy), and without a second top-n selection.
+    pub raw_logprobs: Option<usize>,
 }
 
 /// A NaN in a logits row: the engine produced garbage, the run cannot go on.
@@ -363,6 +371,15 @@ impl Probe {
                     )
                 }
             };
+            let raw_logprobs = opts
+                .raw_logprobs
+                .filter(|&top| top <= valid_raw)
+                .map(|top| {
+                    // At temperature 1 the row pass took the normalizer's sum already.
+                    let s1 = (inv_t64 == 1.0).then_some(s);
+                    let lse = logprobs::log_normalizer(logits, max, s1);
+                    logprobs::from_top(logits, lse, &self.order_raw[..top], selected)
+                });
             let processed_top = (top_n > 0).then(|| {
                 describe_processed(&ProbeConfig {
                     min_k: 1,
@@ -378,6 +395,7 @@ impl Probe {
                     processed: None,
                     degenerate: false,
                     processed_top,
+                    raw_logprobs,
                 });
             }
             let raw = describe::raw(&self.config, &row, t, &self.order_raw, valid_raw, selected);
@@ -388,6 +406,7 @@ impl Probe {
                 processed: Some(processed),
                 degenerate: false,
                 processed_top,
+                raw_logprobs,
             });
         }
     }
@@ -485,6 +504,7 @@ impl Probe {
             processed: d.clone().filter(|_| opts.probe),
             degenerate: true,
             processed_top: d.filter(|_| opts.processed_top > 0),
+            raw_logprobs: None,
         })
     }
 

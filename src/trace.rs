@@ -286,6 +286,9 @@ pub struct RunRecord {
     pub probe: ProbeConfig,
     pub probe_enabled: bool,
     pub max_new_tokens: usize,
+    /// End-of-generation tokens did not end a prompt.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_eos: bool,
     pub stop: Vec<String>,
     pub use_chat_template: bool,
     /// A chat template that replaced the model's: its name, `file:PATH` or `inline`.

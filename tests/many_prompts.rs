@@ -435,3 +435,65 @@ fn the_context_fits_the_job_unless_ctx_size_says() {
         peaks[1]
     );
 }
+
+/// `--ignore-eos` (llama.cpp's flag, vLLM's and llama-server's `ignore_eos`): every prompt
+/// runs to --max-new-tokens, and the steps up to where end-of-generation used to stop a
+/// prompt are the same steps.
+#[test]
+fn ignore_eos_runs_every_prompt_to_max_new_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = prompts_file(tmp.path(), 4);
+    let trace_to = |out: &Path, extra: &[&str]| {
+        let args = [
+            &[
+                "--backend",
+                "test",
+                // A large end-of-sequence bias: without --ignore-eos every prompt ends early.
+                "--model",
+                "400:1:6",
+                "--prompts-file",
+                file.to_str().unwrap(),
+                "--max-new-tokens",
+                "12",
+                "--seed",
+                "1",
+                "--no-plots",
+                "--out",
+                out.to_str().unwrap(),
+            ][..],
+            extra,
+        ]
+        .concat();
+        trace_ok(&args);
+        let run: Value =
+            serde_json::from_str(&fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+        run
+    };
+    let (stopping, going) = (tmp.path().join("a"), tmp.path().join("b"));
+    let a = trace_to(&stopping, &[]);
+    let b = trace_to(&going, &["--ignore-eos"]);
+    assert_eq!(a["stop_reasons"]["end_of_generation"], 4, "{a}");
+    assert!(a.get("ignore_eos").is_none(), "off is not written");
+    assert_eq!(b["stop_reasons"]["max_new_tokens"], 4, "{b}");
+    assert_eq!(b["timings"]["generated_tokens"], 4 * 12);
+    assert_eq!(b["ignore_eos"], true);
+    for p in 0..4 {
+        let dir = format!("prompt-{p:03}");
+        let (sa, sb) = (trace_at(&stopping.join(&dir)), trace_at(&going.join(&dir)));
+        let (sa, sb) = (
+            sa["steps"].as_array().unwrap(),
+            sb["steps"].as_array().unwrap(),
+        );
+        assert!(
+            sa.len() < 12 && sb.len() == 12,
+            "{dir}: {} and {}",
+            sa.len(),
+            sb.len()
+        );
+        assert_eq!(
+            sa[..],
+            sb[..sa.len()],
+            "{dir}: the same steps up to the end"
+        );
+    }
+}

@@ -49,6 +49,7 @@ fn two_thousand_steps_stay_small() {
         sampling: SamplingConfig::default(),
         probe: ProbeConfig::default(),
         max_new_tokens: STEPS,
+        ignore_eos: false,
         seed: 1,
         probe_enabled: true,
         logprobs: None,

@@ -1009,3 +1009,43 @@ fn the_server_survives_fuzzed_requests() {
     drop(held);
     assert_eq!(server.stop(), Some(0), "a clean exit: no panic inside");
 }
+
+/// `ignore_eos` (vLLM's and llama-server's field): a choice runs to `max_tokens` /
+/// `n_predict` past end-of-generation, and the tokens before it are the same.
+#[test]
+fn ignore_eos_runs_to_max_tokens() {
+    // A test source with a large end-of-sequence bias: every choice ends within a few tokens.
+    let server = Server::start(&["--backend", "test", "--model", "400:1:6"]);
+    let ask = |ignore: bool| {
+        let (s, v) = post(
+            &server.addr,
+            "/v1/completions",
+            &json!({"prompt": "a b c", "max_tokens": 12, "seed": 3, "logprobs": 0, "ignore_eos": ignore}),
+        );
+        assert_eq!(s, 200, "{v}");
+        v
+    };
+    let (stopped, went_on) = (ask(false), ask(true));
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop", "{stopped}");
+    assert_eq!(
+        went_on["choices"][0]["finish_reason"], "length",
+        "{went_on}"
+    );
+    assert_eq!(went_on["usage"]["completion_tokens"], 12);
+    let tokens = |v: &Value| {
+        v["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let (a, b) = (tokens(&stopped), tokens(&went_on));
+    assert!(a.len() < 12 && b.len() == 12, "{} and {}", a.len(), b.len());
+    assert_eq!(a[..], b[..a.len()]);
+    let (s, v) = post(
+        &server.addr,
+        "/completion",
+        &json!({"prompt": "a b c", "n_predict": 9, "ignore_eos": true}),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["tokens_predicted"], 9, "{v}");
+}

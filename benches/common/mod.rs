@@ -47,7 +47,9 @@ pub const PROMPT: &str =
     "Write a short story about a lighthouse keeper who finds a message in a bottle.";
 
 /// One generation of `new_tokens` from [`PROMPT`] through the loop `trace` runs, at T 0.8
-/// with a fixed seed (probing on and off decode the same tokens); its timings.
+/// with a fixed seed (probing on and off decode the same tokens); its timings. End-of-
+/// generation tokens are ignored, as `llama-bench -n` ignores them: every run decodes
+/// `new_tokens` steps whatever the sampled text.
 pub fn decode_once(
     src: &mut dyn logitprobe::backends::LogitSource,
     new_tokens: usize,
@@ -70,6 +72,7 @@ pub fn decode_once(
         },
         probe: logitprobe::probe::ProbeConfig::default(),
         max_new_tokens: new_tokens,
+        ignore_eos: true,
         seed: 1,
         probe_enabled: probe,
         logprobs: None,
@@ -80,63 +83,4 @@ pub fn decode_once(
     generate(src, &prompts, &cfg, &mut [], &stop, &())
         .unwrap()
         .1
-}
-
-/// A source whose model has no end-of-generation token, so a generation runs its full length
-/// as `llama-bench -n` does (it ignores end-of-sequence): the decode rows compare the same
-/// number of steps whatever the sampled text.
-pub struct NoEog {
-    pub inner: Box<dyn logitprobe::backends::LogitSource>,
-    info: logitprobe::backends::ModelInfo,
-}
-
-impl NoEog {
-    pub fn new(inner: Box<dyn logitprobe::backends::LogitSource>) -> Self {
-        let mut info = inner.info().clone();
-        info.eog.clear();
-        Self { inner, info }
-    }
-}
-
-impl logitprobe::backends::LogitSource for NoEog {
-    fn info(&self) -> &logitprobe::backends::ModelInfo {
-        &self.info
-    }
-    fn tokenize(
-        &self,
-        text: &str,
-        add_bos: bool,
-        parse_special: bool,
-    ) -> anyhow::Result<Vec<logitprobe::backends::TokenId>> {
-        self.inner.tokenize(text, add_bos, parse_special)
-    }
-    fn token_bytes(&self, id: logitprobe::backends::TokenId) -> Option<Vec<u8>> {
-        self.inner.token_bytes(id)
-    }
-    fn is_special(&self, id: logitprobe::backends::TokenId) -> bool {
-        self.inner.is_special(id)
-    }
-    fn chat_template(&self) -> Option<String> {
-        self.inner.chat_template()
-    }
-    fn begin(&mut self, n_seqs: usize) -> anyhow::Result<()> {
-        self.inner.begin(n_seqs)
-    }
-    fn clear_slot(&mut self, slot: usize) -> anyhow::Result<()> {
-        self.inner.clear_slot(slot)
-    }
-    fn decode_rows(
-        &mut self,
-        batch: &[(usize, &[logitprobe::backends::TokenId])],
-        every_position: &[bool],
-    ) -> anyhow::Result<ndarray::Array2<f32>> {
-        self.inner.decode_rows(batch, every_position)
-    }
-    fn score_from(
-        &mut self,
-        tokens: &[logitprobe::backends::TokenId],
-        first: usize,
-    ) -> anyhow::Result<ndarray::Array2<f32>> {
-        self.inner.score_from(tokens, first)
-    }
 }

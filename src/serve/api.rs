@@ -147,6 +147,9 @@ pub struct SamplingFields {
     /// llama-server sends −1 for "a fresh seed".
     pub seed: Option<i64>,
     pub stop: Option<StopField>,
+    /// vLLM's and llama-server's extra: end-of-generation tokens do not end the choice.
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// `POST /v1/completions`.

@@ -496,6 +496,7 @@ struct JobSettings {
     sampling: SamplingConfig,
     seed: u64,
     max_tokens: usize,
+    ignore_eos: bool,
     logprobs: Option<LogprobsRequest>,
     echo: bool,
     probe: bool,
@@ -506,6 +507,7 @@ fn generate_config(state: &AppState, s: JobSettings) -> GenerateConfig {
         sampling: s.sampling,
         probe: state.cfg.probe.clone(),
         max_new_tokens: s.max_tokens,
+        ignore_eos: s.ignore_eos,
         seed: s.seed,
         probe_enabled: s.probe,
         logprobs: s.logprobs,
@@ -594,6 +596,7 @@ async fn completions_inner(
             sampling,
             seed,
             max_tokens,
+            ignore_eos: req.sampling.ignore_eos,
             logprobs: req.logprobs.map(|top| LogprobsRequest {
                 top,
                 mode: state.cfg.logprobs_mode,
@@ -787,6 +790,7 @@ async fn chat_inner(
             sampling,
             seed,
             max_tokens,
+            ignore_eos: req.sampling.ignore_eos,
             logprobs: req.logprobs.then_some(LogprobsRequest {
                 top,
                 mode: state.cfg.logprobs_mode,
@@ -980,6 +984,7 @@ async fn llama_inner(
             sampling,
             seed,
             max_tokens,
+            ignore_eos: req.sampling.ignore_eos,
             logprobs: (req.n_probs > 0).then_some(LogprobsRequest {
                 top: req.n_probs,
                 mode: if post {

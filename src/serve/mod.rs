@@ -122,6 +122,7 @@ pub fn run(
                     sampling: SamplingConfig::default(),
                     probe,
                     max_new_tokens: 16,
+                    ignore_eos: false,
                     seed: 0,
                     probe_enabled: false,
                     logprobs: None,
