@@ -9,6 +9,8 @@
 //! | decode | 128 tokens through `trace`'s loop with the probe on, Q4_1 | `llama-bench -n 128` |
 //! | probe | a nearly flat 151,936-entry row under top-p 0.95 | the same probe on a language-model-like row |
 //!
+//! `PEERS_ROWS` (e.g. `decode,probe`) runs only those rows.
+//!
 //! `scripts/bench-vs-peers` prepares what it needs (llama.cpp's tools built from the sources
 //! logitprobe vendors, the F16 model) and runs it with `PEERS_LLAMA_BIN` (folder of
 //! llama-bench and llama-perplexity) and `PEERS_F16` (F16 GGUF); without them the llama.cpp
@@ -147,6 +149,12 @@ fn main() {
         "{} missing: run models/fetch smollm2",
         q4.display()
     );
+    let rows_wanted = std::env::var("PEERS_ROWS").ok();
+    let want = |row: &str| {
+        rows_wanted
+            .as_deref()
+            .is_none_or(|w| w.split(',').any(|r| r.trim() == row))
+    };
     let bin = env_path("PEERS_LLAMA_BIN");
     let f16 = env_path("PEERS_F16");
     let mut rows: Vec<Row> = Vec::new();
@@ -156,6 +164,7 @@ fn main() {
 
     match (&bin, &f16) {
         (Some(bin), Some(f16)) => {
+            if want("compare") {
             // Row: the whole compare against llama-perplexity's two passes.
             let chunks = "16";
             let t = threads.to_string();
@@ -206,7 +215,9 @@ fn main() {
                 unit: "s",
                 goal: "≤ 1.0 (time)",
             });
+            }
 
+            if want("scoring") {
             // Row: scoring throughput on F16.
             let mut src = logitprobe::backends::open(
                 Backend::Llama,
@@ -243,11 +254,15 @@ fn main() {
                 unit: "tok/s",
                 goal: "≥ 0.9",
             });
+            }
 
+            if want("decode") {
             // Row: decode with the probe on.
             let mut src =
                 logitprobe::backends::open(Backend::Llama, q4.to_str().unwrap(), &opts(threads, 512))
                     .unwrap();
+            // llama-bench warms up with a run of its own before it measures: so do we.
+            decode_once(&mut src, 16, true, None);
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             for r in 0..runs {
                 let timings = decode_once(&mut src, 128, true, None);
@@ -269,6 +284,7 @@ fn main() {
                 unit: "tok/s",
                 goal: "≥ 0.98",
             });
+            }
         }
         _ => skipped.push(
             "compare, scoring, decode: PEERS_LLAMA_BIN and PEERS_F16 not set (run scripts/bench-vs-peers)"
@@ -276,14 +292,16 @@ fn main() {
         ),
     }
 
-    let (flat, normal) = probe_rows(runs);
-    rows.push(Row {
-        what: "probe, flat 151,936 row under top-p 0.95 vs a normal row".into(),
-        ours: flat,
-        theirs: normal,
-        unit: "µs",
-        goal: "≤ 2 (time)",
-    });
+    if want("probe") {
+        let (flat, normal) = probe_rows(runs);
+        rows.push(Row {
+            what: "probe, flat 151,936 row under top-p 0.95 vs a normal row".into(),
+            ours: flat,
+            theirs: normal,
+            unit: "µs",
+            goal: "≤ 2 (time)",
+        });
+    }
 
     let _ = std::fs::remove_dir_all(&tmp);
     println!("\nlogitprobe vs peers, {threads} thread(s), medians of {runs} alternating runs:\n");
