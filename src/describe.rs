@@ -68,6 +68,26 @@ pub(crate) fn processed(
             let rank = 1 + order.iter().filter(|&&i| lp(i) > l_sel).count();
             from_order(cfg, order, lp, row, s, sz, selected, rank)
         }
+        Kept::Wide(w) => {
+            // Every token above the cut's logit is in the nucleus; a token below it has the
+            // whole nucleus above it.
+            let l_cut = row.logits[w.cut.id() as usize];
+            let rank = if l_sel < l_cut {
+                1 + w.cut.n
+            } else {
+                1 + kernels::count_greater(row.logits, l_sel)
+            };
+            from_order(
+                cfg,
+                &order_proc[..valid],
+                lp,
+                row,
+                w.s,
+                w.sz,
+                selected,
+                rank,
+            )
+        }
         Kept::All => {
             let rank = if l_sel >= t {
                 1 + order_proc[..valid]

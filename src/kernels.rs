@@ -395,3 +395,114 @@ mod tests {
         }
     }
 }
+
+/// The upper half of a position's key: the logit's bits as an integer that ascends as the
+/// logit descends (−0 after +0, as the bits order them).
+#[inline(always)]
+pub fn order_key(logit: f32) -> u32 {
+    let b = logit.to_bits();
+    let ascending = if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    };
+    !ascending
+}
+
+/// A position of the (logit descending, id ascending) order: its key, `order_key` above the
+/// id. 0 comes before every entry, `u64::MAX` after every entry.
+pub type Position = u64;
+
+/// The position of `id` with `logit`.
+#[inline(always)]
+pub fn position(logit: f32, id: u32) -> Position {
+    (u64::from(order_key(logit)) << 32) | u64::from(id)
+}
+
+/// The weights summed over two prefixes of the (logit desc, id asc) order: the entries
+/// strictly before `hi`, and those up to `lo` included.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrefixMass {
+    pub before_hi: f64,
+    pub count_before_hi: usize,
+    pub through_lo: f64,
+    /// The smallest non-zero weight up to `lo` (∞ when there is none): tells whether f64
+    /// sums of these weights are exact (see `nucleus`).
+    pub min_weight: f32,
+}
+
+/// [`PrefixMass`] of a row and its weights, in one vectorized pass, and the positions from
+/// `hi` through `lo` (appended to `between`, in id order). The f64 lanes add in another order
+/// than a walk of the sorted order: the caller checks that every such sum is exact before it
+/// relies on it.
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+avx", "aarch64+neon"))]
+pub fn prefix_mass(
+    logits: &[f32],
+    weights: &[f32],
+    hi: Position,
+    lo: Position,
+    between: &mut Vec<Position>,
+) -> PrefixMass {
+    const L: usize = 16;
+    // Compared as the key's halves (u32 lanes): a position p is before (hi_key, hi_id) when
+    // its key is smaller, or equal with a smaller id.
+    let (hk, hid) = ((hi >> 32) as u32, hi as u32);
+    let (lk, lid) = ((lo >> 32) as u32, lo as u32);
+    // `hi` = 0 comes before everything: no id is below 0, so key 0 and id 0 say so.
+    let (mut a, mut b) = ([0f64; L], [0f64; L]);
+    let mut count = [0u32; L];
+    let mut min_w = [f32::INFINITY; L];
+    let n = logits.len().min(weights.len());
+    let whole = n - n % L;
+    for start in (0..whole).step_by(L) {
+        let (lc, wc) = (&logits[start..start + L], &weights[start..start + L]);
+        let mut flags = [0u8; L];
+        for j in 0..L {
+            let k = order_key(lc[j]);
+            let i = (start + j) as u32;
+            let w = wc[j];
+            let in_a = (k < hk) | ((k == hk) & (i < hid));
+            let in_b = (k < lk) | ((k == lk) & (i <= lid));
+            let wa = if in_a { w } else { 0.0 };
+            let wb = if in_b { w } else { 0.0 };
+            a[j] += f64::from(wa);
+            count[j] += u32::from(in_a);
+            b[j] += f64::from(wb);
+            let m = if in_b & (w > 0.0) { w } else { f32::INFINITY };
+            min_w[j] = if m < min_w[j] { m } else { min_w[j] };
+            flags[j] = u8::from(in_b & !in_a);
+        }
+        let mut mask = 0u32;
+        for (q, eight) in flags.chunks_exact(8).enumerate() {
+            let w = u64::from_le_bytes(eight.try_into().expect("8 bytes"));
+            mask |= ((w.wrapping_mul(0x0102_0408_1020_4080) >> 56) as u32) << (q * 8);
+        }
+        while mask != 0 {
+            let j = mask.trailing_zeros() as usize;
+            between.push(position(lc[j], (start + j) as u32));
+            mask &= mask - 1;
+        }
+    }
+    let mut out = PrefixMass {
+        before_hi: a.iter().sum(),
+        count_before_hi: count.iter().map(|&c| c as usize).sum(),
+        through_lo: b.iter().sum(),
+        min_weight: min_w.iter().copied().fold(f32::INFINITY, f32::min),
+    };
+    for i in whole..n {
+        let (k, w) = (position(logits[i], i as u32), weights[i]);
+        if k < hi {
+            out.before_hi += f64::from(w);
+            out.count_before_hi += 1;
+        } else if k <= lo {
+            between.push(k);
+        }
+        if k <= lo {
+            out.through_lo += f64::from(w);
+            if w > 0.0 && w < out.min_weight {
+                out.min_weight = w;
+            }
+        }
+    }
+    out
+}

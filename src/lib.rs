@@ -16,6 +16,7 @@ pub mod kernels;
 pub mod logprobs;
 pub mod merge;
 pub mod models;
+mod nucleus;
 pub mod output;
 pub mod plot;
 pub mod probe;

@@ -146,6 +146,9 @@ impl std::fmt::Display for NanLogits {
 }
 impl std::error::Error for NanLogits {}
 
+/// Nuclei estimated at this many tokens or more are found by [`crate::nucleus::Wide`].
+const WIDE_FROM: usize = 4096;
+
 /// Reusable scratch for probing rows; one per thread.
 #[derive(Default)]
 pub struct Probe {
@@ -157,6 +160,12 @@ pub struct Probe {
     order_proc: Vec<TokenId>,
     keys: Vec<u64>,
     sampler: Sampler,
+    wide: crate::nucleus::Wide,
+    /// Tests turn the wide-nucleus search off to compare it with the sorted path.
+    #[cfg(test)]
+    pub(crate) no_wide: bool,
+    #[cfg(test)]
+    pub(crate) wide_taken: usize,
 }
 
 /// The numbers that describe one row under one temperature, from the row pass.
@@ -337,6 +346,9 @@ impl Probe {
             let kept = match kept {
                 Some(Kept::All) if !probe_ready(valid_proc) => None,
                 k if !probe_ready(valid_raw) => k.and(None),
+                None if !everything && probe_ready(valid_proc) => {
+                    self.wide_nucleus(&prow, s_p, valid_proc, sampling)
+                }
                 k => k,
             };
             let Some(kept) = kept else {
@@ -352,6 +364,15 @@ impl Probe {
                     self.sampler.draw_prefix(&self.order_proc, *n, greedy, rng)
                 }
                 (None, Kept::All) => self.sampler.draw_all(&prow, s_p, &self.order_proc, rng),
+                (None, Kept::Wide(w)) => {
+                    // draw_prefix's walk: the first token whose cumulative weight exceeds
+                    // u · total; past the cut only when u · total rounds up to the total.
+                    let target = rng.next_f64() * w.cut.cum;
+                    match self.wide.find_or_walk(logits, target, true, w.cut.at) {
+                        Ok(found) => found.id(),
+                        Err(_) => w.cut.id(),
+                    }
+                }
             };
             let describe_processed = |cfg: &ProbeConfig| {
                 if greedy {
@@ -464,6 +485,48 @@ impl Probe {
             need = need.saturating_mul(4);
             t = self.gather(logits, need);
         }
+    }
+
+    /// Top-p alone reaches past the gathered candidates (`valid` of them, exactly ordered)
+    /// into a nucleus too wide to sort cheaply: finds it with [`crate::nucleus::Wide`].
+    /// `None`: not this case, or the search gave up; the caller gathers and sorts more.
+    fn wide_nucleus(
+        &mut self,
+        row: &RowSums,
+        s_p: f64,
+        valid: usize,
+        sampling: &SamplingConfig,
+    ) -> Option<Kept> {
+        #[cfg(test)]
+        if self.no_wide {
+            return None;
+        }
+        let plain_top_p = sampling.top_k == 0
+            && sampling.min_p == 0.0
+            && sampling.top_p < 1.0
+            && !sampling.is_greedy()
+            && self.sampler.penalized.is_empty();
+        if !plain_top_p || valid == 0 {
+            return None;
+        }
+        // The candidates' share of the target says how many tokens the nucleus holds, at
+        // least: gathering and sorting 4× more stays cheaper below a few thousand.
+        let target = sampling.top_p * s_p;
+        let held = self.sampler.weight_sum(valid);
+        if held <= 0.0 || (valid as f64) * target / held < WIDE_FROM as f64 {
+            return None;
+        }
+        self.wide.weigh(row);
+        let cut = self
+            .wide
+            .find(row.logits, target, false, kernels::Position::MAX)
+            .ok()?;
+        #[cfg(test)]
+        {
+            self.wide_taken += 1;
+        }
+        let (s, sz) = self.wide.sums(row, &cut);
+        Some(Kept::Wide(crate::nucleus::WideCut { cut, s, sz }))
     }
 
     /// The exp pass: Σe^z and Σz·e^z of the row, with the candidates for `need` gathered on
@@ -588,15 +651,8 @@ impl Probe {
 /// A u64 whose ascending order is (logit descending, id ascending): sorting plain integers is
 /// several times faster than sorting ids through a comparator that reads the logits.
 #[inline]
-fn sort_key(logit: f32, id: TokenId) -> u64 {
-    let b = logit.to_bits();
-    // IEEE-754 bits → an unsigned integer in ascending float order, then inverted.
-    let ascending = if b & 0x8000_0000 != 0 {
-        !b
-    } else {
-        b | 0x8000_0000
-    };
-    (u64::from(!ascending) << 32) | u64::from(id)
+pub(crate) fn sort_key(logit: f32, id: TokenId) -> u64 {
+    kernels::position(logit, id)
 }
 
 /// The logit whose [`sort_key`] has `key` as its upper half.

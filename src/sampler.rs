@@ -199,6 +199,9 @@ pub(crate) enum Kept {
     Prefix(usize),
     /// Every token with a finite logit (no filter removed anything).
     All,
+    /// A top-p nucleus wider than the candidates, found without sorting it
+    /// ([`crate::nucleus`]): the first `cut.n` of the processed order.
+    Wide(crate::nucleus::WideCut),
 }
 
 /// The sampler chain of one row: penalties, temperature, top-k / top-p / min-p, and the draw.
@@ -338,6 +341,14 @@ impl Sampler {
         self.lp_buf = lp;
     }
 
+    /// The total weight of the first `n` tokens of the processed order.
+    pub(crate) fn weight_sum(&self, n: usize) -> f64 {
+        self.weights[..n.min(self.weights.len())]
+            .iter()
+            .map(|&w| f64::from(w))
+            .sum()
+    }
+
     /// Applies top-k, top-p and min-p to the processed order. `None`: the answer lies past
     /// the exactly ordered prefix (`valid` entries), gather more.
     pub(crate) fn kept(
@@ -354,7 +365,8 @@ impl Sampler {
                 .take_while(|&i| self.lp_buf[i] != f32::NEG_INFINITY)
                 .count()
         };
-        let mut kept = Kept::All;
+        // The kept prefix; `None`: everything (no filter removed a token yet).
+        let mut kept: Option<usize> = None;
         let mut domain_sum = s_p;
         if sampling.top_k > 0 {
             if valid < sampling.top_k && !everything {
@@ -362,13 +374,10 @@ impl Sampler {
             }
             let n = finite_in(sampling.top_k.min(valid));
             domain_sum = (0..n).map(w).sum();
-            kept = Kept::Prefix(n);
+            kept = Some(n);
         }
         if sampling.top_p < 1.0 {
-            let limit = match kept {
-                Kept::Prefix(n) => n,
-                Kept::All => finite_in(valid),
-            };
+            let limit = kept.unwrap_or_else(|| finite_in(valid));
             let target = sampling.top_p * domain_sum;
             let mut cum = 0f64;
             let mut reached = None;
@@ -380,26 +389,23 @@ impl Sampler {
                 }
             }
             kept = match (reached, kept) {
-                (Some(n), _) => Kept::Prefix(n),
+                (Some(n), _) => Some(n),
                 // Rounding left the whole domain just short of p: keep all of it.
-                (None, Kept::Prefix(n)) => Kept::Prefix(n),
-                (None, Kept::All) if everything || limit < valid => Kept::Prefix(limit.max(1)),
-                (None, Kept::All) => return None,
+                (None, Some(n)) => Some(n),
+                (None, None) if everything || limit < valid => Some(limit.max(1)),
+                (None, None) => return None,
             };
         }
         if sampling.min_p > 0.0 {
             let floor = sampling.min_p * w(0);
-            let limit = match kept {
-                Kept::Prefix(n) => n,
-                Kept::All => finite_in(valid),
-            };
+            let limit = kept.unwrap_or_else(|| finite_in(valid));
             let n = (0..limit).take_while(|&i| w(i) >= floor).count().max(1);
-            if n == valid && !everything && matches!(kept, Kept::All) {
+            if n == valid && !everything && kept.is_none() {
                 return None;
             }
-            kept = Kept::Prefix(n);
+            kept = Some(n);
         }
-        Some(kept)
+        Some(kept.map_or(Kept::All, Kept::Prefix))
     }
 
     /// Draws from the first `n` tokens of the processed order, by their weights from

@@ -10,7 +10,7 @@ const LANES: usize = 8;
 /// degree-12 Taylor polynomial, relative error ≈ 2e-16. Written lane-wise so the row passes
 /// below vectorize; the standard library's `exp` is a scalar call per element.
 #[inline(always)]
-fn exp_nonpos(x: f64) -> f64 {
+pub(crate) fn exp_nonpos(x: f64) -> f64 {
     const LOG2E: f64 = std::f64::consts::LOG2_E;
     // fdlibm's split of ln 2: the high part has trailing zero bits, so n·LN2_HI is exact.
     const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
