@@ -323,6 +323,7 @@ impl Probe {
         };
         let prow = row.shifted_to(self.sampler.penalized_max(&row));
         let (s_p, sz_p) = self.sampler.penalized_sums(&prow);
+        let mut wide_searched = false;
 
         loop {
             let everything = t == f32::NEG_INFINITY;
@@ -346,8 +347,9 @@ impl Probe {
             let kept = match kept {
                 Some(Kept::All) if !probe_ready(valid_proc) => None,
                 k if !probe_ready(valid_raw) => k.and(None),
-                None if !everything && probe_ready(valid_proc) => {
-                    self.wide_nucleus(&prow, s_p, valid_proc, sampling)
+                // Once per row: a search that gave up would give up again.
+                None if !everything && !wide_searched && probe_ready(valid_proc) => {
+                    self.wide_nucleus(&prow, s_p, valid_proc, sampling, &mut wide_searched)
                 }
                 k => k,
             };
@@ -490,12 +492,14 @@ impl Probe {
     /// Top-p alone reaches past the gathered candidates (`valid` of them, exactly ordered)
     /// into a nucleus too wide to sort cheaply: finds it with [`crate::nucleus::Wide`].
     /// `None`: not this case, or the search gave up; the caller gathers and sorts more.
+    /// `searched` is set when the search ran.
     fn wide_nucleus(
         &mut self,
         row: &RowSums,
         s_p: f64,
         valid: usize,
         sampling: &SamplingConfig,
+        searched: &mut bool,
     ) -> Option<Kept> {
         #[cfg(test)]
         if self.no_wide {
@@ -516,6 +520,7 @@ impl Probe {
         if held <= 0.0 || (valid as f64) * target / held < WIDE_FROM as f64 {
             return None;
         }
+        *searched = true;
         self.wide.weigh(row);
         let cut = self
             .wide
