@@ -478,3 +478,24 @@ fn shared_kv_buffers_give_the_same_bits_as_a_grown_cache() {
         );
     }
 }
+
+/// tokenizers 0.22 panics on a tokenizer.json cut short inside its "decoder" (found by the
+/// mutation suite, MUTATION_SEED=8751912148238971813): every cut is a one-line error, exit 2.
+#[test]
+fn bad_truncated_tokenizer_json_is_an_error_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = common::tiny("optimum");
+    for entry in fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    let full = fs::read(src.join("tokenizer.json")).unwrap();
+    let decoder = full
+        .windows(9)
+        .position(|w| w == b"\"decoder\"")
+        .expect("the tiny tokenizer has a decoder");
+    for cut in [decoder + 12, decoder + 20, full.len() / 2, full.len() - 1] {
+        fs::write(tmp.path().join("tokenizer.json"), &full[..cut]).unwrap();
+        bad(tmp.path(), &[], "tokenizer.json");
+    }
+}

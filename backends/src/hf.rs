@@ -36,12 +36,17 @@ impl HfFolder {
     /// Reads the folder's tokenizer and configuration files.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| {
+        let bad_tokenizer = |e: &dyn std::fmt::Display| {
             usage!(
                 "cannot read {}: {e}; an ONNX model folder needs the tokenizer.json of its model",
                 tok_path.display()
             )
-        })?;
+        };
+        let text = std::fs::read_to_string(&tok_path).map_err(|e| bad_tokenizer(&e))?;
+        // tokenizers 0.22 panics (an `expect` in its decoder's deserializer) on JSON cut short
+        // inside "decoder": the syntax is checked first, without building anything.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| bad_tokenizer(&e))?;
+        let tokenizer: tokenizers::Tokenizer = text.parse().map_err(|e| bad_tokenizer(&e))?;
         let mut tokenizer_plain = tokenizer.clone();
         tokenizer_plain.set_encode_special_tokens(true);
         let config = read_json(&dir.join("config.json"))?.unwrap_or(Value::Null);
