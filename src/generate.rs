@@ -76,8 +76,6 @@ pub struct LogprobsRequest {
 }
 
 impl GenerateConfig {
-    /// How many of the processed distribution's top tokens the probe describes: the top
-    /// logprobs in processed mode (at least the chosen token's), else none.
     /// How many top raw logprobs the probe's step computes on the way (raw mode only).
     fn raw_logprobs(&self) -> Option<usize> {
         self.logprobs
@@ -85,6 +83,8 @@ impl GenerateConfig {
             .map(|r| r.top)
     }
 
+    /// How many of the processed distribution's top tokens the probe describes: the top
+    /// logprobs in processed mode (at least the chosen token's), else none.
     fn processed_top(&self) -> usize {
         match self.logprobs {
             Some(LogprobsRequest {

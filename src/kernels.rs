@@ -275,16 +275,23 @@ pub fn collect(block: &[f32], offset: usize, threshold: f32, ids: &mut Vec<u32>)
     for i in 0..BLOCK {
         flags[i] = u8::from(b[i] >= threshold);
     }
+    let mut mask = mask_of(&flags);
+    while mask != 0 {
+        ids.push(offset as u32 + mask.trailing_zeros());
+        mask &= mask - 1;
+    }
+}
+
+/// Bit j set where `flags[j]` is 1 (every flag 0 or 1; at most 64 of them).
+#[inline(always)]
+fn mask_of(flags: &[u8]) -> u64 {
     let mut mask = 0u64;
     for (q, eight) in flags.chunks_exact(8).enumerate() {
         let w = u64::from_le_bytes(eight.try_into().expect("8 bytes"));
         // Every byte is 0 or 1: the multiply moves byte j's bit to bit 56 + j.
         mask |= (w.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (q * 8);
     }
-    while mask != 0 {
-        ids.push(offset as u32 + mask.trailing_zeros());
-        mask &= mask - 1;
-    }
+    mask
 }
 
 /// Number of entries strictly greater than `v` (a rank over the full row).
@@ -409,6 +416,17 @@ pub fn order_key(logit: f32) -> u32 {
     !ascending
 }
 
+/// The logit whose [`order_key`] is `key`.
+#[inline]
+pub fn logit_of_key(key: u32) -> f32 {
+    let ascending = !key;
+    f32::from_bits(if ascending & 0x8000_0000 != 0 {
+        ascending & 0x7fff_ffff
+    } else {
+        !ascending
+    })
+}
+
 /// A position of the (logit descending, id ascending) order: its key, `order_key` above the
 /// id. 0 comes before every entry, `u64::MAX` after every entry.
 pub type Position = u64;
@@ -448,7 +466,7 @@ pub fn prefix_mass(
     // its key is smaller, or equal with a smaller id.
     let (hk, hid) = ((hi >> 32) as u32, hi as u32);
     let (lk, lid) = ((lo >> 32) as u32, lo as u32);
-    // `hi` = 0 comes before everything: no id is below 0, so key 0 and id 0 say so.
+    // `hi` = 0 comes before everything: no logit has key 0 (a NaN would) and no id is below 0.
     let (mut a, mut b) = ([0f64; L], [0f64; L]);
     let mut count = [0u32; L];
     let mut min_w = [f32::INFINITY; L];
@@ -472,11 +490,7 @@ pub fn prefix_mass(
             min_w[j] = if m < min_w[j] { m } else { min_w[j] };
             flags[j] = u8::from(in_b & !in_a);
         }
-        let mut mask = 0u32;
-        for (q, eight) in flags.chunks_exact(8).enumerate() {
-            let w = u64::from_le_bytes(eight.try_into().expect("8 bytes"));
-            mask |= ((w.wrapping_mul(0x0102_0408_1020_4080) >> 56) as u32) << (q * 8);
-        }
+        let mut mask = mask_of(&flags);
         while mask != 0 {
             let j = mask.trailing_zeros() as usize;
             between.push(position(lc[j], (start + j) as u32));

@@ -588,7 +588,7 @@ impl Probe {
         self.select
             .extend(self.blocks.iter().map(|&b| (sort_key(b, 0) >> 32) as u32));
         let (_, nth, _) = self.select.select_nth_unstable(need - 1);
-        f32_of_key(*nth)
+        kernels::logit_of_key(*nth)
     }
 
     /// Collects every id whose logit is at least the `need`-th largest block maximum, plus the
@@ -658,17 +658,6 @@ impl Probe {
 #[inline]
 pub(crate) fn sort_key(logit: f32, id: TokenId) -> u64 {
     kernels::position(logit, id)
-}
-
-/// The logit whose [`sort_key`] has `key` as its upper half.
-#[inline]
-fn f32_of_key(key: u32) -> f32 {
-    let ascending = !key;
-    f32::from_bits(if ascending & 0x8000_0000 != 0 {
-        ascending & 0x7fff_ffff
-    } else {
-        !ascending
-    })
 }
 
 /// The first maximum (lowest id); +∞ wins; an all −∞ row gives id 0.
