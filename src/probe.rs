@@ -513,11 +513,8 @@ impl Probe {
         if !plain_top_p || valid == 0 {
             return None;
         }
-        // The candidates' share of the target says how many tokens the nucleus holds, at
-        // least: gathering and sorting 4× more stays cheaper below a few thousand.
         let target = sampling.top_p * s_p;
-        let held = self.sampler.weight_sum(valid);
-        if held <= 0.0 || (valid as f64) * target / held < WIDE_FROM as f64 {
+        if self.sampler.nucleus_at_least(valid, target) < WIDE_FROM as f64 {
             return None;
         }
         *searched = true;

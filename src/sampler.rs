@@ -341,12 +341,22 @@ impl Sampler {
         self.lp_buf = lp;
     }
 
-    /// The total weight of the first `n` tokens of the processed order.
-    pub(crate) fn weight_sum(&self, n: usize) -> f64 {
-        self.weights[..n.min(self.weights.len())]
-            .iter()
-            .map(|&w| f64::from(w))
-            .sum()
+    /// At least how many tokens a top-p nucleus reaching `target` holds, when the first
+    /// `valid` of the processed order fell short of it: those, plus what the rest needs if
+    /// each weighed as much as the last of them (none weighs more). Gathering and sorting
+    /// more candidates is cheaper than the wide search below a few thousand.
+    pub(crate) fn nucleus_at_least(&self, valid: usize, target: f64) -> f64 {
+        let held = &self.weights[..valid.min(self.weights.len())];
+        let Some(&last) = held.last() else {
+            return 0.0;
+        };
+        let short = target - held.iter().map(|&w| f64::from(w)).sum::<f64>();
+        if last > 0.0 {
+            held.len() as f64 + short.max(0.0) / f64::from(last)
+        } else {
+            // The rest weighs nothing: no more tokens can reach the target.
+            held.len() as f64
+        }
     }
 
     /// Applies top-k, top-p and min-p to the processed order. `None`: the answer lies past
