@@ -561,7 +561,13 @@ fn run_json_names_the_llama_cpp_build() {
         serde_json::from_slice(&std::fs::read(tmp.path().join("run.json")).unwrap()).unwrap();
     let b = &r["engine_details"]["llama_cpp_build"];
     assert_eq!(b["crate"], format!("llama-cpp-sys-2 {pinned}"));
-    assert_eq!(b["llamafile"], "OFF");
+    assert_eq!(b["llamafile"], "ON");
+    // The link noted llama.cpp's CPU backend (backends/src/cpu_kernels.rs): generation runs
+    // the batch-invariant kernels (tests/many_prompts.rs checks what they are for).
+    assert_eq!(
+        r["engine_details"]["cpu_kernels"],
+        "batch-invariant for generation, llama.cpp's fastest for scoring"
+    );
     assert!(b["ggml_version"].as_str().unwrap().starts_with("0."), "{b}");
     assert!(b["system_info"].as_str().unwrap().contains("CPU"), "{b}");
 }

@@ -27,6 +27,8 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+#[cfg(feature = "llama")]
+pub mod cpu_kernels;
 pub mod gguf;
 #[cfg(feature = "onnx")]
 pub mod hf;

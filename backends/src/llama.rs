@@ -1,10 +1,12 @@
 //! GGUF models through llama.cpp (`llama-cpp-2`).
 //!
 //! The model is memory-mapped once; the context (and so the KV cache) is sized for the number
-//! of sequences of a batch, all of them in one unified KV cache so each gets the full
-//! `--ctx-size`. Every decode call feeds all sequences of a step in one `llama_decode` batch
-//! with distinct sequence ids, asking logits only for each sequence's last token.
+//! of sequences of a batch, each with a KV stream of the full `--ctx-size`. Every decode call
+//! feeds all sequences of a step in one `llama_decode` batch with distinct sequence ids,
+//! asking logits only for each sequence's last token, with the CPU kernels that sum a row the
+//! same way whatever shares its batch ([`crate::cpu_kernels`]); scoring runs the fastest.
 
+use crate::cpu_kernels::{CpuBackend, Kernels};
 use crate::gguf::{GgufHeader, LLAMA_CPP_ARCHS};
 use crate::inside::{Architecture, CaptureSpec, Captured, FinalNorm, LensHead};
 use crate::{usage, EngineOptions, FlashAttn, LogitSource, ModelInfo, TokenId};
@@ -89,6 +91,9 @@ pub struct LlamaSource {
     state: State,
     /// The threadpools attached to a capturing context, dropped after it (field order).
     threadpools: Option<Threadpools>,
+    /// The context's CPU backend, to pick its kernels per decode (None where the link did
+    /// not note it: see [`crate::cpu_kernels`]).
+    cpu: Option<CpuBackend>,
     /// What the eval callback looks for and copies (shared with it, see [`eval_callback`]).
     capture: Arc<Mutex<CaptureState>>,
     /// What the last decode captured, one entry per logits row.
@@ -292,6 +297,7 @@ impl LlamaSource {
         let mut src = LlamaSource {
             state: State::Model(model),
             threadpools: None,
+            cpu: None,
             capture: Arc::default(),
             captured: Vec::new(),
             lens: None,
@@ -309,6 +315,14 @@ impl LlamaSource {
             special,
         };
         src.make_context(1)?;
+        let kernels = if src.cpu.is_some() {
+            "batch-invariant for generation, llama.cpp's fastest for scoring"
+        } else {
+            "llama.cpp's choice by batch shape (a token's logits may depend on its batch)"
+        };
+        src.info
+            .details
+            .insert("cpu_kernels".into(), kernels.into());
         Ok(src)
     }
 
@@ -396,8 +410,11 @@ impl LlamaSource {
         }
         // The old context is gone: so can its threadpools be.
         self.threadpools = None;
+        self.cpu = None;
+        CpuBackend::before_context();
         match ModelCtx::try_new_or_recover(model, |m| m.new_context(backend, params)) {
             Ok(mut cell) => {
+                self.cpu = CpuBackend::of_new_context();
                 if capturing {
                     // Each node the callback asks for ends a graph compute, and without a
                     // threadpool ggml starts and joins its threads for every one: 31 times a
@@ -464,8 +481,14 @@ impl LlamaSource {
         items: &[(i32, i32, TokenId, Option<usize>)],
         out: &mut Array2<f32>,
         attention_rows: bool,
+        kernels: Kernels,
     ) -> anyhow::Result<()> {
         self.captured.clear();
+        if let Some(cpu) = &mut self.cpu {
+            // SAFETY: `cpu` was noted for the context in `self.state`, which lives on (a new
+            // context replaces `self.cpu` as it is made).
+            unsafe { cpu.set(kernels) };
+        }
         let capturing = !self
             .capture
             .lock()
@@ -689,7 +712,7 @@ impl LogitSource for LlamaSource {
             self.pos[seq] = start + tokens.len() as i32;
         }
         let mut out = Array2::zeros((row, self.info.n_vocab));
-        self.run(&items, &mut out, true)?;
+        self.run(&items, &mut out, true, Kernels::BatchInvariant)?;
         Ok(out)
     }
 
@@ -796,7 +819,7 @@ impl LogitSource for LlamaSource {
             .map(|(i, &t)| (0, i as i32, t, i.checked_sub(first)))
             .collect();
         let mut out = Array2::zeros((tokens.len() - first, self.info.n_vocab));
-        self.run(&items, &mut out, false)?;
+        self.run(&items, &mut out, false, Kernels::Fastest)?;
         // The KV cache now holds this sequence: the next decode must begin() again.
         self.clear_kv();
         Ok(out)

@@ -1,0 +1,108 @@
+//! Which of ggml's CPU kernels a llama.cpp context runs: the batch-invariant ones while it
+//! generates, the fastest ones while it scores.
+//!
+//! ggml picks some CPU kernels by the shape of a batch: llamafile's tinyBLAS for matrix
+//! products of two rows or more (F32, F16, BF16, Q8_0, Q4_0, Q5_0 and IQ4_NL weights), a
+//! tiled flash attention from 64 queries on, a KV-split one for a lone query over 512 cells
+//! or more. Each sums in another order than the kernel of a single row, so a token's logits
+//! would depend on what else shares its batch: on `--parallel`, on which prompts arrive
+//! together. The CPU backend's `use_ref` switch turns all of them off (ggml's own one-row SIMD
+//! dot products remain) and is read at every graph compute. Generation sets it; teacher-forced
+//! scoring clears it: its chunks have one shape whatever else runs, and tinyBLAS about doubles
+//! an F16 model's prompt speed (what `compare` and `llama-perplexity` spend their time on).
+//!
+//! llama.cpp keeps its CPU backend private: it makes it with `ggml_backend_init_by_type`
+//! while it builds a context, a call from libllama into libggml. On Linux the final link
+//! sends that call here (`-Wl,--wrap=ggml_backend_init_by_type`, from the build scripts of
+//! every binary that links llama.cpp), and [`__wrap_ggml_backend_init_by_type`] notes the
+//! backend it makes. Where the link did not (another OS, a doctest), nothing is noted and the
+//! context runs llama.cpp's default, the fastest kernels, for both.
+
+use std::cell::Cell;
+
+use llama_cpp_sys_2::{ggml_backend, ggml_backend_dev_type, ggml_backend_t};
+
+/// The kernels a `llama_decode` runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// Every row summed as if it were alone in its batch: generation, where batches mix
+    /// sequences and their sizes depend on `--parallel` and timing.
+    BatchInvariant,
+    /// What llama.cpp picks for the batch's shape: scoring fixed chunks.
+    Fastest,
+}
+
+thread_local! {
+    /// The CPU backend the last context made on this thread got (see the module doc).
+    static MADE: Cell<ggml_backend_t> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// ggml's `ggml_backend_init_by_type`, reached from llama.cpp's context constructor through
+/// the linker's `--wrap`: the same two calls, and the CPU backend noted for [`CpuBackend`].
+///
+/// # Safety
+/// Called by llama.cpp with a device type and a parameter string (or null), as
+/// `ggml_backend_init_by_type` is.
+#[no_mangle]
+pub unsafe extern "C" fn __wrap_ggml_backend_init_by_type(
+    ty: ggml_backend_dev_type,
+    params: *const std::os::raw::c_char,
+) -> ggml_backend_t {
+    // SAFETY: ggml's registry lookup, valid at any time after ggml's static init.
+    let dev = unsafe { llama_cpp_sys_2::ggml_backend_dev_by_type(ty) };
+    if dev.is_null() {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: `dev` is a registered device; `params` is passed on as llama.cpp gave it.
+    let backend = unsafe { llama_cpp_sys_2::ggml_backend_dev_init(dev, params) };
+    if ty == llama_cpp_sys_2::GGML_BACKEND_DEVICE_TYPE_CPU && !backend.is_null() {
+        MADE.with(|m| m.set(backend));
+    }
+    backend
+}
+
+/// The CPU backend of one llama.cpp context, to set its kernels before a decode.
+pub struct CpuBackend {
+    /// Owned by the context it was noted for: used only while that context lives.
+    backend: *mut ggml_backend,
+    current: Option<Kernels>,
+}
+
+// SAFETY: the pointer is only dereferenced by ggml's setter on the thread that owns the
+// context (LlamaSource is used from one thread at a time, as its context is).
+unsafe impl Send for CpuBackend {}
+
+impl CpuBackend {
+    /// Forgets what an earlier context noted: call before making a context.
+    pub fn before_context() {
+        MADE.with(|m| m.set(std::ptr::null_mut()));
+    }
+
+    /// The CPU backend of the context just made on this thread, if the link noted it.
+    pub fn of_new_context() -> Option<Self> {
+        let backend = MADE.with(|m| m.replace(std::ptr::null_mut()));
+        (!backend.is_null()).then_some(CpuBackend {
+            backend,
+            current: None,
+        })
+    }
+
+    /// Sets the kernels of the next graph computes.
+    ///
+    /// # Safety
+    /// The context this backend was noted for must still be alive.
+    pub unsafe fn set(&mut self, kernels: Kernels) {
+        if self.current == Some(kernels) {
+            return;
+        }
+        // SAFETY: the caller keeps the context, and so its CPU backend, alive; ggml's setter
+        // writes one flag of the backend's context.
+        unsafe {
+            llama_cpp_sys_2::ggml_backend_cpu_set_use_ref(
+                self.backend,
+                kernels == Kernels::BatchInvariant,
+            )
+        };
+        self.current = Some(kernels);
+    }
+}

@@ -1,0 +1,12 @@
+//! Link options of logitprobe's binaries, tests and benches.
+
+fn main() {
+    println!("cargo::rerun-if-changed=build.rs");
+    // backends/src/cpu_kernels.rs: llama.cpp's call that makes its CPU backend goes through
+    // logitprobe, which notes the backend to pick its kernels per decode.
+    if std::env::var_os("CARGO_FEATURE_LLAMA").is_some()
+        && std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
+    {
+        println!("cargo::rustc-link-arg=-Wl,--wrap=ggml_backend_init_by_type");
+    }
+}
