@@ -34,8 +34,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
+    // As `compare` opens its sides.
     let opts = EngineOptions {
         ctx_size: Some(512),
+        fast_scoring: true,
         ..Default::default()
     };
     let gguf = cache().join("SmolLM2-135M-Instruct.Q4_1.gguf");

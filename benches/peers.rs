@@ -219,10 +219,14 @@ fn main() {
 
             if want("scoring") {
             // Row: scoring throughput on F16.
+            // With the kernels compare scores with (and llama-bench runs).
             let mut src = logitprobe::backends::open(
                 Backend::Llama,
                 f16.to_str().unwrap(),
-                &opts(threads, 512),
+                &EngineOptions {
+                    fast_scoring: true,
+                    ..opts(threads, 512)
+                },
             )
             .expect("F16 model");
             let text = std::fs::read_to_string(corpus()).unwrap();

@@ -631,6 +631,7 @@ impl EngineArgs {
             device: self.device.clone(),
             ort_lib: self.ort_lib.clone(),
             verbose,
+            fast_scoring: false,
         })
     }
 }

@@ -1,5 +1,5 @@
-//! Which of ggml's CPU kernels a llama.cpp context runs: the batch-invariant ones while it
-//! generates, the fastest ones while it scores.
+//! Which of ggml's CPU kernels a llama.cpp context runs: the batch-invariant ones, or the
+//! fastest ones for teacher-forced scoring when asked (`EngineOptions::fast_scoring`).
 //!
 //! ggml picks some CPU kernels by the shape of a batch: llamafile's tinyBLAS for matrix
 //! products of two rows or more (F32, F16, BF16, Q8_0, Q4_0, Q5_0 and IQ4_NL weights), a
@@ -7,16 +7,17 @@
 //! or more. Each sums in another order than the kernel of a single row, so a token's logits
 //! would depend on what else shares its batch: on `--parallel`, on which prompts arrive
 //! together. The CPU backend's `use_ref` switch turns all of them off (ggml's own one-row SIMD
-//! dot products remain) and is read at every graph compute. Generation sets it; teacher-forced
-//! scoring clears it: its chunks have one shape whatever else runs, and tinyBLAS about doubles
-//! an F16 model's prompt speed (what `compare` and `llama-perplexity` spend their time on).
+//! dot products remain) and is read at every graph compute. Generation sets it. Scoring with
+//! `fast_scoring` clears it: its chunks have one shape whatever else runs, and tinyBLAS is
+//! half of an F16 model's prompt speed (what `compare` and `llama-perplexity` spend their
+//! time on); without it scoring gives the same numbers as a prompt's evaluation in `serve`.
 //!
 //! llama.cpp keeps its CPU backend private: it makes it with `ggml_backend_init_by_type`
 //! while it builds a context, a call from libllama into libggml. On Linux the final link
 //! sends that call here (`-Wl,--wrap=ggml_backend_init_by_type`, from the build scripts of
 //! every binary that links llama.cpp), and [`__wrap_ggml_backend_init_by_type`] notes the
 //! backend it makes. Where the link did not (another OS, a doctest), nothing is noted and the
-//! context runs llama.cpp's default, the fastest kernels, for both.
+//! context runs llama.cpp's default, the fastest kernels, for everything.
 
 use std::cell::Cell;
 
@@ -26,9 +27,9 @@ use llama_cpp_sys_2::{ggml_backend, ggml_backend_dev_type, ggml_backend_t};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernels {
     /// Every row summed as if it were alone in its batch: generation, where batches mix
-    /// sequences and their sizes depend on `--parallel` and timing.
+    /// sequences and their sizes depend on `--parallel` and timing, and scoring by default.
     BatchInvariant,
-    /// What llama.cpp picks for the batch's shape: scoring fixed chunks.
+    /// What llama.cpp picks for the batch's shape: scoring fixed chunks, when asked.
     Fastest,
 }
 

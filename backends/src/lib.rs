@@ -606,6 +606,12 @@ pub struct EngineOptions {
     pub ort_lib: Option<std::path::PathBuf>,
     /// Show the engine's own log lines (through `tracing`).
     pub verbose: bool,
+    /// Teacher-forced scoring ([`LogitSource::score_from`]) with the engine's fastest
+    /// kernels, which may sum a row in another order than generation does: on llama.cpp's
+    /// CPU backend llamafile's tinyBLAS and the tiled flash attention, as llama-perplexity
+    /// runs (an F16 model scores about 1.5× faster). Off, scoring gives the same numbers as a
+    /// prompt's evaluation in `trace` or `serve`. `compare` turns it on.
+    pub fast_scoring: bool,
 }
 
 /// Spec of the test backend's "model": `VOCAB[:SEED[:EOS_BIAS]]`, e.g. `300:0` (the default);

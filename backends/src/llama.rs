@@ -315,10 +315,12 @@ impl LlamaSource {
             special,
         };
         src.make_context(1)?;
-        let kernels = if src.cpu.is_some() {
-            "batch-invariant for generation, llama.cpp's fastest for scoring"
-        } else {
-            "llama.cpp's choice by batch shape (a token's logits may depend on its batch)"
+        let kernels = match (src.cpu.is_some(), opts.fast_scoring) {
+            (true, false) => "batch-invariant",
+            (true, true) => "batch-invariant for generation, llama.cpp's fastest for scoring",
+            (false, _) => {
+                "llama.cpp's choice by batch shape (a token's logits may depend on its batch)"
+            }
         };
         src.info
             .details
@@ -819,7 +821,12 @@ impl LogitSource for LlamaSource {
             .map(|(i, &t)| (0, i as i32, t, i.checked_sub(first)))
             .collect();
         let mut out = Array2::zeros((tokens.len() - first, self.info.n_vocab));
-        self.run(&items, &mut out, false, Kernels::Fastest)?;
+        let kernels = if self.opts.fast_scoring {
+            Kernels::Fastest
+        } else {
+            Kernels::BatchInvariant
+        };
+        self.run(&items, &mut out, false, kernels)?;
         // The KV cache now holds this sequence: the next decode must begin() again.
         self.clear_kv();
         Ok(out)

@@ -74,6 +74,18 @@ struct Loaded {
     load_s: f64,
 }
 
+/// A side's engine options: compare scores with the engine's fastest kernels, as
+/// llama-perplexity does (a shard's fingerprint records it with the rest).
+fn scoring(
+    engine: &EngineArgs,
+    verbose: bool,
+) -> anyhow::Result<logitprobe_backends::EngineOptions> {
+    Ok(logitprobe_backends::EngineOptions {
+        fast_scoring: true,
+        ..engine.options(verbose)?
+    })
+}
+
 fn load(side: &SideSpec, name: &str, engine: &EngineArgs, verbose: bool) -> anyhow::Result<Loaded> {
     let t = Instant::now();
     let fail = |e: anyhow::Error| {
@@ -85,8 +97,9 @@ fn load(side: &SideSpec, name: &str, engine: &EngineArgs, verbose: bool) -> anyh
         usage!("side {name} ({}) failed to load: {msg}", side.label)
     };
     let resolved = crate::models::resolve(side.backend, &side.model, None).map_err(fail)?;
-    let source = logitprobe_backends::open(side.backend, &resolved.path, &engine.options(verbose)?)
-        .map_err(fail)?;
+    let source =
+        logitprobe_backends::open(side.backend, &resolved.path, &scoring(engine, verbose)?)
+            .map_err(fail)?;
     let sha = if side.backend == Backend::Test {
         None
     } else {
@@ -392,7 +405,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
         None
     };
     if let Some(shard) = shard {
-        let engine_options = [engines[0].options(false)?, engines[1].options(false)?];
+        let engine_options = [scoring(&engines[0], false)?, scoring(&engines[1], false)?];
         let job = CompareJob {
             args,
             engines: &engine_options,
