@@ -227,3 +227,62 @@ fn gemma3_corpus_chunks_are_llama_perplexitys() {
         );
     }
 }
+
+/// Gemma's Q4_K weights are ones ggml's CPU backend would repack (a kernel for each 4 rows of
+/// a batch, another for the rest) and run through its tiled K-quant product from 8 rows on:
+/// generation loads the model without repacking and turns the tiled kernels off, so a
+/// prompt's trace is the same at any --parallel (with repacking, every prompt here differed
+/// in its probabilities' last digits).
+#[test]
+fn gemma3_traces_do_not_depend_on_parallel() {
+    let m = gemma3();
+    let tmp = tempfile::tempdir().unwrap();
+    let words = [
+        "the", "river", "of", "light", "and", "stone", "under", "a", "sky", "that", "never",
+        "ends", "while", "birds", "sing",
+    ];
+    let lines: Vec<String> = (0..12)
+        .map(|i| {
+            let n = 3 + (i * 5) % 17;
+            let tail: Vec<&str> = (0..n).map(|k| words[(i * 3 + k) % words.len()]).collect();
+            format!("Story {i}: {}", tail.join(" "))
+        })
+        .collect();
+    let prompts = tmp.path().join("prompts.txt");
+    fs::write(&prompts, lines.join("\n") + "\n").unwrap();
+    let trace_at = |p: &str| {
+        let out = tmp.path().join(format!("p{p}"));
+        let o = run(&[
+            "trace",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompts-file",
+            prompts.to_str().unwrap(),
+            "--max-new-tokens",
+            "12",
+            "--seed",
+            "5",
+            "--parallel",
+            p,
+            "--no-plots",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        (0..12)
+            .map(|i| {
+                let f = out.join(format!("prompt-{i:03}/adaptive_token_trace.json"));
+                let mut v: Value = serde_json::from_slice(&fs::read(f).unwrap()).unwrap();
+                v["metadata"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("generated_at");
+                v
+            })
+            .collect::<Vec<_>>()
+    };
+    let (one, four) = (trace_at("1"), trace_at("4"));
+    for (i, (a, b)) in one.iter().zip(&four).enumerate() {
+        assert_eq!(a, b, "prompt {i}: the same trace at --parallel 1 and 4");
+    }
+}

@@ -3,14 +3,17 @@
 //!
 //! ggml picks some CPU kernels by the shape of a batch: llamafile's tinyBLAS for matrix
 //! products of two rows or more (F32, F16, BF16, Q8_0, Q4_0, Q5_0 and IQ4_NL weights), a
-//! tiled flash attention from 64 queries on, a KV-split one for a lone query over 512 cells
-//! or more. Each sums in another order than the kernel of a single row, so a token's logits
+//! tiled K-quant product from 8 rows on, a tiled flash attention from 64 queries on, a
+//! KV-split one for a lone query over 512 cells or more. Each sums in another order than the kernel of a single row, so a token's logits
 //! would depend on what else shares its batch: on `--parallel`, on which prompts arrive
 //! together. The CPU backend's `use_ref` switch turns all of them off (ggml's own one-row SIMD
 //! dot products remain) and is read at every graph compute. Generation sets it. Scoring with
 //! `fast_scoring` clears it: its chunks have one shape whatever else runs, and tinyBLAS is
 //! half of an F16 model's prompt speed (what `compare` and `llama-perplexity` spend their
 //! time on); without it scoring gives the same numbers as a prompt's evaluation in `serve`.
+//! (The weights the CPU backend repacks, whose products take 4 rows at a time, are another
+//! such choice, made when the model loads: `LlamaSource::open` repacks only for
+//! `fast_scoring`.)
 //!
 //! llama.cpp keeps its CPU backend private: it makes it with `ggml_backend_init_by_type`
 //! while it builds a context, a call from libllama into libggml. On Linux the final link

@@ -609,8 +609,9 @@ pub struct EngineOptions {
     /// Teacher-forced scoring ([`LogitSource::score_from`]) with the engine's fastest
     /// kernels, which may sum a row in another order than generation does: on llama.cpp's
     /// CPU backend llamafile's tinyBLAS and the tiled flash attention, as llama-perplexity
-    /// runs (an F16 model scores about 1.5× faster). Off, scoring gives the same numbers as a
-    /// prompt's evaluation in `trace` or `serve`. `compare` turns it on.
+    /// runs (llama-bench's F16 prompt speed is twice what it is without tinyBLAS). Off,
+    /// scoring gives the same numbers as a prompt's evaluation in `trace` or `serve`.
+    /// `compare` turns it on.
     pub fast_scoring: bool,
 }
 

@@ -166,7 +166,11 @@ impl LlamaSource {
 
         let params = LlamaModelParams::default()
             .with_n_gpu_layers(opts.n_gpu_layers)
-            .with_use_mmap(true);
+            .with_use_mmap(true)
+            // Repacked weights (Q4_0, the K-quants, IQ4_NL) run one kernel for each 4 rows of a
+            // batch and another for the rest: a row's sums would depend on its batch. Decode
+            // speed is the same without them (Gemma 3 Q4_K_M: 23.9 vs 23.6 tok/s, 1 thread).
+            .with_use_extra_bufts(opts.fast_scoring);
         take_errors();
         let model = LlamaModel::load_from_file(backend, path, &params).map_err(|e| {
             match take_errors() {

@@ -546,6 +546,14 @@ impl LlamaModelParams {
         self
     }
 
+    /// sets `use_extra_bufts`: whether the CPU backend may repack weights into its extra
+    /// buffer types (interleaved layouts with their own matrix kernels)
+    #[must_use]
+    pub fn with_use_extra_bufts(mut self, use_extra_bufts: bool) -> Self {
+        self.params.use_extra_bufts = use_extra_bufts;
+        self
+    }
+
     /// sets `use_mlock`
     #[must_use]
     pub fn with_use_mlock(mut self, use_mlock: bool) -> Self {
