@@ -4,7 +4,8 @@
 //! of sequences of a batch, each with a KV stream of the full `--ctx-size`. Every decode call
 //! feeds all sequences of a step in one `llama_decode` batch with distinct sequence ids,
 //! asking logits only for each sequence's last token, with the CPU kernels that sum a row the
-//! same way whatever shares its batch ([`crate::cpu_kernels`]); scoring runs the fastest.
+//! same way whatever shares its batch ([`crate::cpu_kernels`]); scoring with
+//! `EngineOptions::fast_scoring` runs llama.cpp's fastest ones.
 
 use crate::cpu_kernels::{CpuBackend, Kernels};
 use crate::gguf::{GgufHeader, LLAMA_CPP_ARCHS};
@@ -319,10 +320,11 @@ impl LlamaSource {
             special,
         };
         src.make_context(1)?;
-        let kernels = match (src.cpu.is_some(), opts.fast_scoring) {
-            (true, false) => "batch-invariant",
-            (true, true) => "batch-invariant for generation, llama.cpp's fastest for scoring",
-            (false, _) => {
+        let kernels = match (src.cpu.is_some(), opts.fast_scoring, opts.n_gpu_layers) {
+            (true, false, 0) => "batch-invariant",
+            (true, false, _) => "batch-invariant on the CPU (offloaded layers run the GPU's own)",
+            (true, true, _) => "llama.cpp's fastest for scoring, as llama-perplexity runs",
+            (false, ..) => {
                 "llama.cpp's choice by batch shape (a token's logits may depend on its batch)"
             }
         };
