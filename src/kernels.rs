@@ -437,86 +437,303 @@ pub fn position(logit: f32, id: u32) -> Position {
     (u64::from(order_key(logit)) << 32) | u64::from(id)
 }
 
-/// The weights summed over two prefixes of the (logit desc, id asc) order: the entries
-/// strictly before `hi`, and those up to `lo` included.
+/// A stretch of a row by logit: the entries above `hi` are summed, those from `hi` down to
+/// `lo` (both included) listed one by one. Bounds are logits rather than positions of the
+/// (logit desc, id asc) order so that the pass compares floats; ties at a bound, ±0
+/// included, are listed, and their order is settled on the list.
+#[derive(Debug, Clone, Copy)]
+pub struct Bracket {
+    pub hi: f32,
+    pub lo: f32,
+}
+
+impl Bracket {
+    /// Holds nothing: every comparison with NaN is false.
+    pub const EMPTY: Bracket = Bracket {
+        hi: f32::NAN,
+        lo: f32::NAN,
+    };
+}
+
+/// An entry of a row: its position and its sampling weight.
+pub type Weighted = (Position, f32);
+
+/// What [`bracket_pass`] found for one [`Bracket`]: Σ weight over the entries above `hi`,
+/// and how many they are.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PrefixMass {
-    pub before_hi: f64,
-    pub count_before_hi: usize,
-    pub through_lo: f64,
-    /// The smallest non-zero weight up to `lo` (∞ when there is none): tells whether f64
-    /// sums of these weights are exact (see `nucleus`).
+    pub above: f64,
+    pub count_above: usize,
+}
+
+/// What [`bracket_pass`] found.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BracketPass {
+    pub brackets: [PrefixMass; 2],
+    /// [`ExpSums64`] over the entries above the first bracket.
+    pub sums: ExpSums64,
+    /// The row's smallest non-zero weight (∞ when there is none): with the weight at a
+    /// bracket's `lo`, tells whether f64 sums of the weights there are exact (see `nucleus`).
     pub min_weight: f32,
 }
 
-/// [`PrefixMass`] of a row and its weights, in one vectorized pass, and the positions from
-/// `hi` through `lo` (appended to `between`, in id order). The f64 lanes add in another order
-/// than a walk of the sorted order: the caller checks that every such sum is exact before it
-/// relies on it.
-#[multiversion(targets("x86_64+avx2+fma", "x86_64+avx", "aarch64+neon"))]
-pub fn prefix_mass(
+/// Σe^z and Σz·e^z in f64, z = (l − max)·inv_t in f64 (entries of −∞ add nothing).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ExpSums64 {
+    pub s: f64,
+    pub sz: f64,
+}
+
+/// The lists and scratch of [`bracket_pass`]; reused from row to row.
+#[derive(Default)]
+pub struct BracketLists {
+    /// The entries inside each bracket, in id order.
+    pub between: [Vec<Weighted>; 2],
+    /// The row's sampling weights.
+    pub weights: Vec<f32>,
+    flags: Vec<u8>,
+}
+
+/// For a top-p sampler, which needs two places in the (logit desc, id asc) order (the
+/// nucleus's end and the draw): the sampling weights of the row (`exp` of (l − max)·inv_t,
+/// the sampler's bits); for each of two brackets, [`PrefixMass`] and the entries inside it,
+/// in id order; and [`ExpSums64`] over the entries above the first bracket, for the
+/// nucleus's description. The f64 lanes add in another order than a walk of the sorted
+/// order: the caller checks that every such sum is exact before it relies on it.
+///
+/// Separate passes, each a loop LLVM vectorizes: fused into one loop, the mix of f32, f64
+/// and integer lanes came out scalar and several times slower than all of them together.
+pub fn bracket_pass(
     logits: &[f32],
-    weights: &[f32],
-    hi: Position,
-    lo: Position,
-    between: &mut Vec<Position>,
-) -> PrefixMass {
-    const L: usize = 16;
-    // Compared as the key's halves (u32 lanes): a position p is before (hi_key, hi_id) when
-    // its key is smaller, or equal with a smaller id.
-    let (hk, hid) = ((hi >> 32) as u32, hi as u32);
-    let (lk, lid) = ((lo >> 32) as u32, lo as u32);
-    // `hi` = 0 comes before everything: no logit has key 0 (a NaN would) and no id is below 0.
-    let (mut a, mut b) = ([0f64; L], [0f64; L]);
-    let mut count = [0u32; L];
-    let mut min_w = [f32::INFINITY; L];
-    let n = logits.len().min(weights.len());
-    let whole = n - n % L;
-    for start in (0..whole).step_by(L) {
-        let (lc, wc) = (&logits[start..start + L], &weights[start..start + L]);
-        let mut flags = [0u8; L];
-        for j in 0..L {
-            let k = order_key(lc[j]);
-            let i = (start + j) as u32;
-            let w = wc[j];
-            let in_a = (k < hk) | ((k == hk) & (i < hid));
-            let in_b = (k < lk) | ((k == lk) & (i <= lid));
-            let wa = if in_a { w } else { 0.0 };
-            let wb = if in_b { w } else { 0.0 };
-            a[j] += f64::from(wa);
-            count[j] += u32::from(in_a);
-            b[j] += f64::from(wb);
-            let m = if in_b & (w > 0.0) { w } else { f32::INFINITY };
-            min_w[j] = if m < min_w[j] { m } else { min_w[j] };
-            flags[j] = u8::from(in_b & !in_a);
-        }
-        let mut mask = mask_of(&flags);
-        while mask != 0 {
-            let j = mask.trailing_zeros() as usize;
-            between.push(position(lc[j], (start + j) as u32));
-            mask &= mask - 1;
+    max: f32,
+    inv_t: f32,
+    inv_t64: f64,
+    brackets: [Bracket; 2],
+    lists: &mut BracketLists,
+) -> BracketPass {
+    let BracketLists {
+        between: [list0, list1],
+        weights,
+        flags,
+    } = lists;
+    list0.clear();
+    list1.clear();
+    exp_weights(logits, max, inv_t, weights);
+    let brackets_mass = prefix_masses(logits, weights, brackets, flags);
+    list_flagged(logits, weights, flags, [list0, list1]);
+    BracketPass {
+        brackets: brackets_mass,
+        sums: exp_sums64_above(logits, max, inv_t64, brackets[0].hi),
+        // Only a bracket open to the end of the row needs the row's smallest weight.
+        min_weight: if brackets.iter().any(|b| b.lo == f32::NEG_INFINITY) {
+            min_positive(weights)
+        } else {
+            f32::INFINITY
+        },
+    }
+}
+
+/// The smallest non-zero weight (∞ when there is none).
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+avx", "aarch64+neon"))]
+fn min_positive(weights: &[f32]) -> f32 {
+    let mut m = [f32::INFINITY; 16];
+    let mut chunks = weights.chunks_exact(16);
+    for c in &mut chunks {
+        for j in 0..16 {
+            let v = if c[j] > 0.0 { c[j] } else { f32::INFINITY };
+            m[j] = if v < m[j] { v } else { m[j] };
         }
     }
-    let mut out = PrefixMass {
-        before_hi: a.iter().sum(),
-        count_before_hi: count.iter().map(|&c| c as usize).sum(),
-        through_lo: b.iter().sum(),
-        min_weight: min_w.iter().copied().fold(f32::INFINITY, f32::min),
-    };
-    for i in whole..n {
-        let (k, w) = (position(logits[i], i as u32), weights[i]);
-        if k < hi {
-            out.before_hi += f64::from(w);
-            out.count_before_hi += 1;
-        } else if k <= lo {
-            between.push(k);
+    let rest = chunks.remainder().iter().filter(|&&w| w > 0.0);
+    m.iter().chain(rest).copied().fold(f32::INFINITY, f32::min)
+}
+
+/// [`PrefixMass`] above each of two brackets' `hi`, and `flags[i]` bit q set where entry i
+/// lies inside bracket q. Separate from the weights' loop: fused, the two ran slower than
+/// apart.
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+avx", "aarch64+neon"))]
+fn prefix_masses(
+    logits: &[f32],
+    weights: &[f32],
+    brackets: [Bracket; 2],
+    flags: &mut Vec<u8>,
+) -> [PrefixMass; 2] {
+    const L: usize = 8;
+    let [b0, b1] = brackets;
+    let (mut a0, mut a1) = ([0f64; L], [0f64; L]);
+    let (mut n0, mut n1) = ([0u32; L], [0u32; L]);
+    let n = logits.len().min(weights.len());
+    flags.clear();
+    flags.resize(n, 0);
+    let whole = n - n % L;
+    for ((lc, wc), fc) in logits[..whole]
+        .chunks_exact(L)
+        .zip(weights[..whole].chunks_exact(L))
+        .zip(flags[..whole].chunks_exact_mut(L))
+    {
+        for j in 0..L {
+            let (up0, up1) = (u32::from(lc[j] > b0.hi), u32::from(lc[j] > b1.hi));
+            // The weight's bits under an all-ones or all-zeros mask: no select, which LLVM
+            // may compile to a branch that mispredicts on every other entry of a flat row.
+            let w = wc[j].to_bits();
+            a0[j] += f64::from(f32::from_bits(w & up0.wrapping_neg()));
+            a1[j] += f64::from(f32::from_bits(w & up1.wrapping_neg()));
+            n0[j] += up0;
+            n1[j] += up1;
+            let in0 = u32::from(lc[j] >= b0.lo) & (up0 ^ 1);
+            let in1 = u32::from(lc[j] >= b1.lo) & (up1 ^ 1);
+            fc[j] = (in0 | (in1 << 1)) as u8;
         }
-        if k <= lo {
-            out.through_lo += f64::from(w);
-            if w > 0.0 && w < out.min_weight {
-                out.min_weight = w;
+    }
+    let fold = |a: [f64; L], c: [u32; L]| PrefixMass {
+        above: a.iter().sum(),
+        count_above: c.iter().map(|&c| c as usize).sum(),
+    };
+    let mut out = [fold(a0, n0), fold(a1, n1)];
+    for i in whole..n {
+        for (q, b) in brackets.iter().enumerate() {
+            if logits[i] > b.hi {
+                out[q].above += f64::from(weights[i]);
+                out[q].count_above += 1;
+            } else if logits[i] >= b.lo {
+                flags[i] |= 1 << q;
             }
         }
     }
     out
+}
+
+/// Appends the entries that [`prefix_masses`] flagged, with their weights, to their
+/// brackets' lists in id order. Eight flags at a time: most words hold none. Read apart from
+/// the loop that wrote them: read back right away, as words, byte stores stall the load.
+fn list_flagged(logits: &[f32], weights: &[f32], flags: &[u8], lists: [&mut Vec<Weighted>; 2]) {
+    let [list0, list1] = lists;
+    let mut words = flags.chunks_exact(8);
+    for (g, eight) in (&mut words).enumerate() {
+        let word = u64::from_le_bytes(eight.try_into().expect("8 flags"));
+        // Bit 8·j + q of the word: entry 8·g + j inside bracket q.
+        for (q, list) in [(0, &mut *list0), (1, &mut *list1)] {
+            let mut bits = word & (0x0101_0101_0101_0101 << q);
+            while bits != 0 {
+                let i = g * 8 + bits.trailing_zeros() as usize / 8;
+                list.push((position(logits[i], i as u32), weights[i]));
+                bits &= bits - 1;
+            }
+        }
+    }
+    let start = flags.len() - words.remainder().len();
+    for (i, &f) in flags.iter().enumerate().skip(start) {
+        for (q, list) in [(0, &mut *list0), (1, &mut *list1)] {
+            if f & (1 << q) != 0 {
+                list.push((position(logits[i], i as u32), weights[i]));
+            }
+        }
+    }
+}
+
+/// [`ExpSums64`] of the entries above `hi`.
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+avx+fma", "aarch64+neon"))]
+fn exp_sums64_above(logits: &[f32], max: f32, inv_t64: f64, hi: f32) -> ExpSums64 {
+    const L: usize = 8;
+    let max64 = f64::from(max);
+    let (mut s, mut sz) = ([0f64; L], [0f64; L]);
+    for c in logits.chunks_exact(L) {
+        for j in 0..L {
+            // e^z under an all-ones or all-zeros mask rather than a select, and z·e^z as one
+            // fused multiply-add: the forms LLVM vectorizes. A select of f64 lanes by an f32
+            // compare, or a separate multiply and add, left this loop scalar, 8× slower, and
+            // a branch on the compare mispredicts on every other entry of a flat row.
+            let (z, e) = exp64_term(c[j], max64, inv_t64);
+            let keep = u64::from(c[j] > hi).wrapping_neg();
+            let e = f64::from_bits(e.to_bits() & keep);
+            s[j] += e;
+            sz[j] = z.mul_add(e, sz[j]);
+        }
+    }
+    let mut out = ExpSums64 {
+        s: s.iter().sum(),
+        sz: sz.iter().sum(),
+    };
+    for &l in logits.chunks_exact(L).remainder() {
+        if l > hi {
+            let (z, e) = exp64_term(l, max64, inv_t64);
+            out.s += e;
+            out.sz = z.mul_add(e, out.sz);
+        }
+    }
+    out
+}
+
+/// [`ExpSums64`] of the listed logits, with [`bracket_pass`]'s arithmetic.
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+avx+fma", "aarch64+neon"))]
+pub fn exp_sums64(logits: &[f32], max: f32, inv_t64: f64) -> ExpSums64 {
+    const L: usize = 8;
+    let max64 = f64::from(max);
+    let (mut s, mut sz) = ([0f64; L], [0f64; L]);
+    let mut chunks = logits.chunks_exact(L);
+    for c in &mut chunks {
+        for j in 0..L {
+            let (z, e) = exp64_term(c[j], max64, inv_t64);
+            let keep = u64::from(c[j] != f32::NEG_INFINITY).wrapping_neg();
+            let e = f64::from_bits(e.to_bits() & keep);
+            s[j] += e;
+            sz[j] = z.mul_add(e, sz[j]);
+        }
+    }
+    let mut out = ExpSums64 {
+        s: s.iter().sum(),
+        sz: sz.iter().sum(),
+    };
+    for &l in chunks
+        .remainder()
+        .iter()
+        .filter(|&&l| l != f32::NEG_INFINITY)
+    {
+        let (z, e) = exp64_term(l, max64, inv_t64);
+        out.s += e;
+        out.sz = z.mul_add(e, out.sz);
+    }
+    out
+}
+
+/// z = (l − max)·inv_t in f64, clamped at −708 so that z·e^z stays finite for −∞ (the
+/// caller masks such entries out), and e^z.
+#[inline(always)]
+fn exp64_term(l: f32, max64: f64, inv_t64: f64) -> (f64, f64) {
+    // `max`, not an `if`: written as a comparison, the clamp kept the loops scalar.
+    let z = ((f64::from(l) - max64) * inv_t64).max(-708.0);
+    (z, exp64(z))
+}
+
+/// e^x for x ≤ 0 in f64 (below −708, e^−708): Cody–Waite reduction to |r| ≤ ln2/2 and a
+/// degree-11 Taylor polynomial in fused multiply-adds (truncation 6e-15 relative; within
+/// 1e-14 of `f64::exp`). Half the instructions of `compare`'s exponential, whose bits that
+/// command keeps.
+#[inline(always)]
+fn exp64(x: f64) -> f64 {
+    const LOG2E: f64 = std::f64::consts::LOG2_E;
+    // fdlibm's split of ln 2: the high part has trailing zero bits, so n·LN2_HI is exact.
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 · 2^52: adding it rounds to an integer
+    let x = x.max(-708.0);
+    let k = x.mul_add(LOG2E, MAGIC);
+    let n = k - MAGIC;
+    let r = n.mul_add(-LN2_HI, x);
+    let r = n.mul_add(-LN2_LO, r);
+    // Horner form of Σ r^i / i!, i = 0..11, written out: as a loop over the coefficients
+    // it was left rolled, and the row passes around it stayed scalar.
+    let p = (1.0f64 / 39_916_800.0).mul_add(r, 1.0 / 3_628_800.0);
+    let p = p.mul_add(r, 1.0 / 362_880.0);
+    let p = p.mul_add(r, 1.0 / 40_320.0);
+    let p = p.mul_add(r, 1.0 / 5_040.0);
+    let p = p.mul_add(r, 1.0 / 720.0);
+    let p = p.mul_add(r, 1.0 / 120.0);
+    let p = p.mul_add(r, 1.0 / 24.0);
+    let p = p.mul_add(r, 1.0 / 6.0);
+    let p = p.mul_add(r, 0.5);
+    let p = p.mul_add(r, 1.0);
+    let p = p.mul_add(r, 1.0);
+    let bits = (k.to_bits() as i64).wrapping_sub(MAGIC.to_bits() as i64);
+    p * f64::from_bits(((bits + 1023) as u64) << 52)
 }

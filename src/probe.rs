@@ -160,7 +160,7 @@ pub struct Probe {
     order_proc: Vec<TokenId>,
     keys: Vec<u64>,
     sampler: Sampler,
-    wide: crate::nucleus::Wide,
+    pub(crate) wide: crate::nucleus::Wide,
     /// Tests turn the wide-nucleus search off to compare it with the sorted path.
     #[cfg(test)]
     pub(crate) no_wide: bool,
@@ -349,7 +349,10 @@ impl Probe {
                 k if !probe_ready(valid_raw) => k.and(None),
                 // Once per row: a search that gave up would give up again.
                 None if !everything && !wide_searched && probe_ready(valid_proc) => {
-                    self.wide_nucleus(&prow, s_p, valid_proc, sampling, &mut wide_searched)
+                    // The draw's uniform number, taken below, is known now: the search
+                    // finds the draw in the same pass as the nucleus.
+                    let u = opts.forced.is_none().then(|| rng.peek_f64());
+                    self.wide_nucleus(&prow, s_p, valid_proc, sampling, u, &mut wide_searched)
                 }
                 k => k,
             };
@@ -370,9 +373,12 @@ impl Probe {
                     // draw_prefix's walk: the first token whose cumulative weight exceeds
                     // u · total; past the cut only when u · total rounds up to the total.
                     let target = rng.next_f64() * w.cut.cum;
-                    match self.wide.find_or_walk(logits, target, true, w.cut.at) {
-                        Ok(found) => found.id(),
-                        Err(_) => w.cut.id(),
+                    match w.draw {
+                        Some(found) => found.id(),
+                        None => self
+                            .wide
+                            .draw_sorted(&prow, target, w.cut.at)
+                            .unwrap_or(w.cut.id()),
                     }
                 }
             };
@@ -499,6 +505,7 @@ impl Probe {
         s_p: f64,
         valid: usize,
         sampling: &SamplingConfig,
+        u: Option<f64>,
         searched: &mut bool,
     ) -> Option<Kept> {
         #[cfg(test)]
@@ -518,17 +525,12 @@ impl Probe {
             return None;
         }
         *searched = true;
-        self.wide.weigh(row);
-        let cut = self
-            .wide
-            .find(row.logits, target, false, kernels::Position::MAX)
-            .ok()?;
+        let cut = self.wide.find(row, s_p, target, u).ok()?;
         #[cfg(test)]
         {
             self.wide_taken += 1;
         }
-        let (s, sz) = self.wide.sums(row, &cut);
-        Some(Kept::Wide(crate::nucleus::WideCut { cut, s, sz }))
+        Some(Kept::Wide(cut))
     }
 
     /// The exp pass: Σe^z and Σz·e^z of the row, with the candidates for `need` gathered on

@@ -512,6 +512,14 @@ impl Rng {
     pub fn next_f64(&mut self) -> f64 {
         (self.inner.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
+
+    /// The draw [`Rng::next_f64`] will return next, without taking it.
+    pub(crate) fn peek_f64(&self) -> f64 {
+        Rng {
+            inner: self.inner.clone(),
+        }
+        .next_f64()
+    }
 }
 
 /// A seed for runs that did not ask for one: from the clock, recorded in run.json.
