@@ -631,9 +631,9 @@ fn list_flagged(logits: &[f32], weights: &[f32], flags: &[u8], lists: [&mut Vec<
     }
 }
 
-/// [`ExpSums64`] of the entries above `hi`.
+/// [`ExpSums64`] of the entries above `hi` (with `hi` = −∞, of every entry but −∞).
 #[multiversion(targets("x86_64+avx2+fma", "x86_64+avx+fma", "aarch64+neon"))]
-fn exp_sums64_above(logits: &[f32], max: f32, inv_t64: f64, hi: f32) -> ExpSums64 {
+pub fn exp_sums64_above(logits: &[f32], max: f32, inv_t64: f64, hi: f32) -> ExpSums64 {
     const L: usize = 8;
     let max64 = f64::from(max);
     let (mut s, mut sz) = ([0f64; L], [0f64; L]);
@@ -660,38 +660,6 @@ fn exp_sums64_above(logits: &[f32], max: f32, inv_t64: f64, hi: f32) -> ExpSums6
             out.s += e;
             out.sz = z.mul_add(e, out.sz);
         }
-    }
-    out
-}
-
-/// [`ExpSums64`] of the listed logits, with [`bracket_pass`]'s arithmetic.
-#[multiversion(targets("x86_64+avx2+fma", "x86_64+avx+fma", "aarch64+neon"))]
-pub fn exp_sums64(logits: &[f32], max: f32, inv_t64: f64) -> ExpSums64 {
-    const L: usize = 8;
-    let max64 = f64::from(max);
-    let (mut s, mut sz) = ([0f64; L], [0f64; L]);
-    let mut chunks = logits.chunks_exact(L);
-    for c in &mut chunks {
-        for j in 0..L {
-            let (z, e) = exp64_term(c[j], max64, inv_t64);
-            let keep = u64::from(c[j] != f32::NEG_INFINITY).wrapping_neg();
-            let e = f64::from_bits(e.to_bits() & keep);
-            s[j] += e;
-            sz[j] = z.mul_add(e, sz[j]);
-        }
-    }
-    let mut out = ExpSums64 {
-        s: s.iter().sum(),
-        sz: sz.iter().sum(),
-    };
-    for &l in chunks
-        .remainder()
-        .iter()
-        .filter(|&&l| l != f32::NEG_INFINITY)
-    {
-        let (z, e) = exp64_term(l, max64, inv_t64);
-        out.s += e;
-        out.sz = z.mul_add(e, out.sz);
     }
     out
 }

@@ -250,7 +250,12 @@ impl Wide {
                                 .iter()
                                 .map(|e| row.logits[e.0 as u32 as usize]),
                         );
-                        let inside = kernels::exp_sums64(&self.logits, row.max, row.inv_t64);
+                        let inside = kernels::exp_sums64_above(
+                            &self.logits,
+                            row.max,
+                            row.inv_t64,
+                            f32::NEG_INFINITY,
+                        );
                         let sums = kernels::ExpSums64 {
                             s: pass.sums.s + inside.s,
                             sz: pass.sums.sz + inside.sz,
