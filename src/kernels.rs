@@ -523,7 +523,13 @@ pub fn bracket_pass(
     list_flagged(logits, weights, flags, [list0, list1]);
     BracketPass {
         brackets: brackets_mass,
-        sums: exp_sums64_above(logits, max, inv_t64, brackets[0].hi),
+        // An empty first bracket (a search that has its nucleus and looks for the draw)
+        // needs no sums.
+        sums: if brackets[0].hi.is_nan() {
+            ExpSums64::default()
+        } else {
+            exp_sums64_above(logits, max, inv_t64, brackets[0].hi)
+        },
         // Only a bracket open to the end of the row needs the row's smallest weight.
         min_weight: if brackets.iter().any(|b| b.lo == f32::NEG_INFINITY) {
             min_positive(weights)
