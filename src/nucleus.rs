@@ -322,13 +322,12 @@ impl Wide {
         } else {
             0.0
         };
-        self.bins = Bins {
-            max: row.max,
-            inv_t: row.inv_t,
-            per_z,
-            count: vec![0; BINS],
-            weight: vec![0.0; BINS],
-        };
+        let bins = &mut self.bins;
+        (bins.max, bins.inv_t, bins.per_z) = (row.max, row.inv_t, per_z);
+        bins.count.clear();
+        bins.count.resize(BINS, 0);
+        bins.weight.clear();
+        bins.weight.resize(BINS, 0.0);
         for (&l, &w) in self.logits.iter().zip(&self.weights) {
             let b = self.bins.of(row.z(l));
             self.bins.count[b] += 1;
@@ -404,7 +403,8 @@ impl Wide {
         {
             self.sorted_draws += 1;
         }
-        kernels::exp_weights(row.logits, row.max, row.inv_t, &mut self.weights);
+        // The pass that found the nucleus left this row's weights.
+        let weights = &self.lists.weights;
         self.sorted.clear();
         self.sorted.extend(
             row.logits
@@ -416,7 +416,7 @@ impl Wide {
         self.sorted.sort_unstable();
         let mut cum = 0f64;
         for &k in &self.sorted {
-            cum += f64::from(self.weights[k as u32 as usize]);
+            cum += f64::from(weights[k as u32 as usize]);
             if cum > target {
                 return Some(k as u32);
             }
