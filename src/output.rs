@@ -195,8 +195,10 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
 /// Streams each finished step to `steps.jsonl`.
 pub struct StepsJsonl {
     file: File,
-    /// One line, written with a single `write` so a kill never leaves half a step (a
-    /// buffered writer splits a long line into several).
+    /// One line, written with a single `write` (a buffered writer splits a long line into
+    /// several): a process stopped by a signal it handles never leaves half a step. SIGKILL
+    /// can still stop that write between two pages, so a killed run may end in a cut line;
+    /// readers skip a last line without its newline, as a resumed shard does.
     line: Vec<u8>,
 }
 

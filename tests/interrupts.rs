@@ -1,8 +1,8 @@
 //! Interrupts at random times (issue 15): 50 SIGINTs, each ending as exit 130 with
 //! `interrupted: true` and a trace that equals steps.jsonl (or, before the handler exists or
 //! after the run, as a clean kill or a normal finish); and 50 SIGKILLs into one reused --out,
-//! each leaving a steps.jsonl whose every line parses and no final file that is half-written
-//! or left from an earlier run.
+//! each leaving a steps.jsonl whose every whole line parses (a kill can cut the last one, only
+//! at a page boundary) and no final file that is half-written or left from an earlier run.
 
 mod common;
 
@@ -58,21 +58,38 @@ fn signal(child: &std::process::Child, sig: i32) {
     }
 }
 
-/// Every line of steps.jsonl parses; returns their number.
-fn steps_lines(out: &Path) -> usize {
-    let Ok(text) = fs::read_to_string(out.join("steps.jsonl")) else {
+/// Every whole line of steps.jsonl parses; returns their number. Each step is one write(2),
+/// but a SIGKILL stops even one write between pages (the kernel checks for a fatal signal
+/// before each page it copies), so a killed run may end in a cut line, and then only at a
+/// page boundary. A run that was not killed never leaves one.
+fn steps_lines(out: &Path, killed: bool) -> usize {
+    let Ok(text) = fs::read(out.join("steps.jsonl")) else {
         return 0;
     };
-    for (i, l) in text.lines().enumerate() {
-        let v: Result<Value, _> = serde_json::from_str(l);
-        assert!(
-            v.is_ok(),
-            "steps.jsonl line {} does not parse: {l:.200}",
-            i + 1
+    let whole = text.iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1);
+    if whole < text.len() {
+        assert!(killed, "a cut last line in a run that was not killed");
+        assert_eq!(
+            text.len() % 4096,
+            0,
+            "a line cut at byte {}, not at a page boundary",
+            text.len()
         );
     }
-    assert!(text.is_empty() || text.ends_with('\n'), "a cut last line");
-    text.lines().count()
+    let lines: Vec<&[u8]> = text[..whole]
+        .split_inclusive(|&c| c == b'\n')
+        .map(|l| &l[..l.len() - 1])
+        .collect();
+    for (i, l) in lines.iter().enumerate() {
+        let v: Result<Value, _> = serde_json::from_slice(l);
+        assert!(
+            v.is_ok(),
+            "steps.jsonl line {} does not parse: {:.200}",
+            i + 1,
+            String::from_utf8_lossy(l)
+        );
+    }
+    lines.len()
 }
 
 /// Lines of steps.jsonl the running process has finished writing: a reader can see a line
@@ -109,7 +126,7 @@ fn fifty_sigints_at_random_times() {
                 .unwrap();
                 assert_eq!(
                     trace["steps"].as_array().unwrap().len(),
-                    steps_lines(&out),
+                    steps_lines(&out, false),
                     "case {i}: the trace covers exactly the steps in steps.jsonl"
                 );
             }
@@ -118,7 +135,7 @@ fn fifty_sigints_at_random_times() {
                 let run: Value =
                     serde_json::from_slice(&fs::read(out.join("run.json")).unwrap()).unwrap();
                 assert_eq!(run["interrupted"], false, "case {i}");
-                steps_lines(&out);
+                steps_lines(&out, false);
             }
             // Before the handler is installed SIGINT ends the process as it would any other;
             // nothing final may exist then.
@@ -156,7 +173,7 @@ fn fifty_sigkills_into_one_reused_folder() {
         }
         let _ = child.kill();
         let status = child.wait().unwrap();
-        steps_lines(&out);
+        steps_lines(&out, true);
         // Each final file is this run's, whole, or absent.
         let trace = out.join("adaptive_token_trace.json");
         if trace.exists() {
