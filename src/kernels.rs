@@ -491,7 +491,6 @@ pub struct BracketLists {
     pub between: [Vec<Weighted>; 2],
     /// The row's sampling weights.
     pub weights: Vec<f32>,
-    flags: Vec<u8>,
 }
 
 /// For a top-p sampler, which needs two places in the (logit desc, id asc) order (the
@@ -514,13 +513,12 @@ pub fn bracket_pass(
     let BracketLists {
         between: [list0, list1],
         weights,
-        flags,
     } = lists;
     list0.clear();
     list1.clear();
     exp_weights(logits, max, inv_t, weights);
-    let brackets_mass = prefix_masses(logits, weights, brackets, flags);
-    list_flagged(logits, weights, flags, [list0, list1]);
+    let brackets_mass = prefix_masses(logits, weights, brackets);
+    list_brackets(logits, weights, brackets, [list0, list1]);
     BracketPass {
         brackets: brackets_mass,
         // An empty first bracket (a search that has its nucleus and looks for the draw)
@@ -554,28 +552,20 @@ fn min_positive(weights: &[f32]) -> f32 {
     m.iter().chain(rest).copied().fold(f32::INFINITY, f32::min)
 }
 
-/// [`PrefixMass`] above each of two brackets' `hi`, and `flags[i]` bit q set where entry i
-/// lies inside bracket q. Separate from the weights' loop: fused, the two ran slower than
-/// apart.
+/// [`PrefixMass`] above each of two brackets' `hi`: reductions only, so that the loop stays
+/// in vector lanes (storing a per-entry flag from the same loop made LLVM move each
+/// comparison out of its mask register one lane at a time, and cost six exp passes).
 #[multiversion(targets("x86_64+avx2+fma", "x86_64+avx", "aarch64+neon"))]
-fn prefix_masses(
-    logits: &[f32],
-    weights: &[f32],
-    brackets: [Bracket; 2],
-    flags: &mut Vec<u8>,
-) -> [PrefixMass; 2] {
+fn prefix_masses(logits: &[f32], weights: &[f32], brackets: [Bracket; 2]) -> [PrefixMass; 2] {
     const L: usize = 8;
     let [b0, b1] = brackets;
     let (mut a0, mut a1) = ([0f64; L], [0f64; L]);
     let (mut n0, mut n1) = ([0u32; L], [0u32; L]);
     let n = logits.len().min(weights.len());
-    flags.clear();
-    flags.resize(n, 0);
     let whole = n - n % L;
-    for ((lc, wc), fc) in logits[..whole]
+    for (lc, wc) in logits[..whole]
         .chunks_exact(L)
         .zip(weights[..whole].chunks_exact(L))
-        .zip(flags[..whole].chunks_exact_mut(L))
     {
         for j in 0..L {
             let (up0, up1) = (u32::from(lc[j] > b0.hi), u32::from(lc[j] > b1.hi));
@@ -586,9 +576,6 @@ fn prefix_masses(
             a1[j] += f64::from(f32::from_bits(w & up1.wrapping_neg()));
             n0[j] += up0;
             n1[j] += up1;
-            let in0 = u32::from(lc[j] >= b0.lo) & (up0 ^ 1);
-            let in1 = u32::from(lc[j] >= b1.lo) & (up1 ^ 1);
-            fc[j] = (in0 | (in1 << 1)) as u8;
         }
     }
     let fold = |a: [f64; L], c: [u32; L]| PrefixMass {
@@ -601,39 +588,55 @@ fn prefix_masses(
             if logits[i] > b.hi {
                 out[q].above += f64::from(weights[i]);
                 out[q].count_above += 1;
-            } else if logits[i] >= b.lo {
-                flags[i] |= 1 << q;
             }
         }
     }
     out
 }
 
-/// Appends the entries that [`prefix_masses`] flagged, with their weights, to their
-/// brackets' lists in id order. Eight flags at a time: most words hold none. Read apart from
-/// the loop that wrote them: read back right away, as words, byte stores stall the load.
-fn list_flagged(logits: &[f32], weights: &[f32], flags: &[u8], lists: [&mut Vec<Weighted>; 2]) {
-    let [list0, list1] = lists;
-    let mut words = flags.chunks_exact(8);
-    for (g, eight) in (&mut words).enumerate() {
-        let word = u64::from_le_bytes(eight.try_into().expect("8 flags"));
-        // Bit 8·j + q of the word: entry 8·g + j inside bracket q.
-        for (q, list) in [(0, &mut *list0), (1, &mut *list1)] {
-            let mut bits = word & (0x0101_0101_0101_0101 << q);
-            while bits != 0 {
-                let i = g * 8 + bits.trailing_zeros() as usize / 8;
+/// Appends the entries inside each bracket (from `hi` down to `lo`, both included), with
+/// their weights, to the bracket's list in id order. A [`BLOCK`] of comparisons at a time
+/// into a bit mask, then only its set bits are visited: a branch per entry would mispredict
+/// on every listed one.
+fn list_brackets(
+    logits: &[f32],
+    weights: &[f32],
+    brackets: [Bracket; 2],
+    lists: [&mut Vec<Weighted>; 2],
+) {
+    let n = logits.len().min(weights.len());
+    let (logits, weights) = (&logits[..n], &weights[..n]);
+    // `&`, not `&&`: both comparisons in vector lanes, no branch.
+    let inside = |b: &Bracket, l: f32| (l >= b.lo) & (l <= b.hi);
+    for (q, out) in lists.into_iter().enumerate() {
+        let b = brackets[q];
+        // An empty bracket's NaN `lo`: l ≥ NaN is false for every entry.
+        if b.lo.is_nan() {
+            continue;
+        }
+        // Pushed to a local: through the `&mut`, every push reloaded the length and the
+        // capacity from memory (the stores of the entries might have changed them).
+        let mut list = std::mem::take(out);
+        let mut blocks = logits.chunks_exact(BLOCK);
+        for (g, block) in (&mut blocks).enumerate() {
+            let block: &[f32; BLOCK] = block.try_into().expect("a whole block");
+            let mut mask = 0u64;
+            for (j, &l) in block.iter().enumerate() {
+                mask |= u64::from(inside(&b, l)) << j;
+            }
+            while mask != 0 {
+                let i = g * BLOCK + mask.trailing_zeros() as usize;
                 list.push((position(logits[i], i as u32), weights[i]));
-                bits &= bits - 1;
+                mask &= mask - 1;
             }
         }
-    }
-    let start = flags.len() - words.remainder().len();
-    for (i, &f) in flags.iter().enumerate().skip(start) {
-        for (q, list) in [(0, &mut *list0), (1, &mut *list1)] {
-            if f & (1 << q) != 0 {
+        let start = n - blocks.remainder().len();
+        for i in start..n {
+            if inside(&b, logits[i]) {
                 list.push((position(logits[i], i as u32), weights[i]));
             }
         }
+        *out = list;
     }
 }
 
