@@ -420,7 +420,8 @@ fn draw_lines(
     } else {
         (0.0, 1.0)
     };
-    let pad = ((hi - lo) * 0.05).max(1e-9);
+    let (corner, headroom) = legend_place(area.dim_in_pixel(), series, n, lo, hi);
+    let pad = ((hi - lo) * (0.05 + headroom)).max(1e-9);
     // Counts (k_used) get whole-number ticks, not "10.0".
     let whole = finite().all(|v| v.fract() == 0.0) && hi - lo >= 5.0;
     let mut chart = ChartBuilder::on(area)
@@ -477,9 +478,60 @@ fn draw_lines(
         .label_font((FONT, 12))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.3))
-        .position(SeriesLabelPosition::UpperRight)
+        .position(corner)
         .draw()?;
     Ok(())
+}
+
+/// Where the legend of [`draw_lines`] hides no point: the first corner of the plot whose box
+/// holds none, or the upper right with room added above the data (the share of the y range
+/// to add). The plot's size is estimated from the area's, less the caption, labels and
+/// margins `draw_lines` gives them.
+fn legend_place(
+    (width, height): (u32, u32),
+    series: &[Series],
+    n: usize,
+    lo: f64,
+    hi: f64,
+) -> (SeriesLabelPosition, f64) {
+    let plot_w = (f64::from(width) - 64.0 - 24.0).max(100.0);
+    let plot_h = (f64::from(height) - 30.0 - 36.0 - 24.0).max(60.0);
+    // plotters' box: a sample line, the labels at ~7 px a character, a row per series, and
+    // its margin from the plot's edge; a few pixels to spare on each.
+    let chars = series
+        .iter()
+        .map(|s| s.name.chars().count())
+        .max()
+        .unwrap_or(0);
+    let box_w = 50.0 + 7.5 * chars as f64;
+    let box_h = 20.0 + 18.0 * series.len() as f64;
+    let (fx, fy) = ((box_w / plot_w).min(1.0), (box_h / plot_h).min(0.9));
+    let top = hi + (hi - lo) * 0.05;
+    let span = (top - lo).max(1e-9);
+    let x_span = (n - 1) as f64;
+    let free = |right: bool, upper: bool| {
+        !series.iter().any(|s| {
+            s.values.iter().enumerate().any(|(i, &v)| {
+                let x = i as f64 / x_span;
+                let y = (v - lo) / span;
+                v.is_finite()
+                    && if right { x >= 1.0 - fx } else { x <= fx }
+                    && if upper { y >= 1.0 - fy } else { y <= fy }
+            })
+        })
+    };
+    for (corner, right, upper) in [
+        (SeriesLabelPosition::UpperRight, true, true),
+        (SeriesLabelPosition::UpperLeft, false, true),
+        (SeriesLabelPosition::LowerRight, true, false),
+        (SeriesLabelPosition::LowerLeft, false, false),
+    ] {
+        if free(right, upper) {
+            return (corner, 0.0);
+        }
+    }
+    // Grow the axis until the data stays below the box: its top share 1 − fy holds them.
+    (SeriesLabelPosition::UpperRight, 1.05 * fy / (1.0 - fy))
 }
 
 /// A histogram of `values` over `bins` equal bins of log10(value) (positive values only; the
@@ -739,6 +791,46 @@ pub fn grid(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The legend goes to a corner no point lies under; with every corner taken, the axis
+    /// grows until the points stay below the box in the upper right.
+    #[test]
+    fn the_legend_hides_no_point() {
+        let series = |values: &'static [f64]| Series {
+            name: "processed",
+            values,
+            color: BLACK,
+        };
+        let place = |v: &'static [f64]| {
+            let (lo, hi) = (0.0, v.iter().cloned().fold(f64::MIN, f64::max));
+            legend_place((1200, 500), &[series(v), series(v)], v.len(), lo, hi)
+        };
+        // High at the right end only: the upper left is free.
+        let rising: &[f64] = &[0.0, 0.1, 0.2, 0.5, 0.9, 1.0];
+        assert!(matches!(place(rising), (SeriesLabelPosition::UpperLeft, h) if h == 0.0));
+        assert!(matches!(
+            place(&[0.5, 0.6, 0.5, 0.1]),
+            (SeriesLabelPosition::UpperRight, h) if h == 0.0
+        ));
+        // High and low at both ends.
+        const ZIGZAG: [f64; 40] = {
+            let mut v = [0.0; 40];
+            let mut i = 0;
+            while i < 40 {
+                v[i] = (i % 2) as f64;
+                i += 1;
+            }
+            v
+        };
+        let (corner, headroom) = place(&ZIGZAG);
+        assert!(matches!(corner, SeriesLabelPosition::UpperRight));
+        let box_share = (20.0 + 18.0 * 2.0) / (500.0 - 30.0 - 36.0 - 24.0);
+        let top = 1.0 + 0.05 + headroom;
+        assert!(
+            1.0 / top <= 1.0 - box_share,
+            "the points reach the box: {headroom}"
+        );
+    }
 
     #[test]
     fn labels_make_whitespace_visible_and_name_missing_glyphs() {
