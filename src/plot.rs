@@ -369,6 +369,7 @@ pub fn side_by_side_heatmaps(
 }
 
 /// A named line of a chart.
+#[derive(Clone, Copy)]
 pub struct Series<'a> {
     pub name: &'a str,
     pub values: &'a [f64],
@@ -393,6 +394,13 @@ pub fn lines(
     root.present().map_err(|e| err(path, e))?;
     Ok(())
 }
+
+/// The line chart's margin and label areas, in pixels; [`legend_place`] sizes the plot by them.
+const LINES_MARGIN: u32 = 12;
+const LINES_X_LABELS: u32 = 36;
+const LINES_Y_LABELS: u32 = 64;
+/// The height of a 16-point caption and its gap.
+const LINES_CAPTION: u32 = 30;
 
 fn draw_lines(
     area: &DrawingArea<BitMapBackend<'_>, Shift>,
@@ -426,9 +434,9 @@ fn draw_lines(
     let whole = finite().all(|v| v.fract() == 0.0) && hi - lo >= 5.0;
     let mut chart = ChartBuilder::on(area)
         .caption(title, (FONT, 16))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(64)
+        .margin(LINES_MARGIN)
+        .x_label_area_size(LINES_X_LABELS)
+        .y_label_area_size(LINES_Y_LABELS)
         .build_cartesian_2d(0f64..(n - 1) as f64, lo..hi + pad)?;
     // Enough decimals to tell the ticks apart.
     let decimals = if whole {
@@ -494,8 +502,10 @@ fn legend_place(
     lo: f64,
     hi: f64,
 ) -> (SeriesLabelPosition, f64) {
-    let plot_w = (f64::from(width) - 64.0 - 24.0).max(100.0);
-    let plot_h = (f64::from(height) - 30.0 - 36.0 - 24.0).max(60.0);
+    let plot_w = f64::from(width.saturating_sub(LINES_Y_LABELS + 2 * LINES_MARGIN)).max(100.0);
+    let plot_h =
+        f64::from(height.saturating_sub(LINES_CAPTION + LINES_X_LABELS + 2 * LINES_MARGIN))
+            .max(60.0);
     // plotters' box: a sample line, the labels at ~7 px a character, a row per series, and
     // its margin from the plot's edge; a few pixels to spare on each.
     let chars = series
@@ -796,35 +806,28 @@ mod tests {
     /// grows until the points stay below the box in the upper right.
     #[test]
     fn the_legend_hides_no_point() {
-        let series = |values: &'static [f64]| Series {
-            name: "processed",
-            values,
-            color: BLACK,
-        };
-        let place = |v: &'static [f64]| {
-            let (lo, hi) = (0.0, v.iter().cloned().fold(f64::MIN, f64::max));
-            legend_place((1200, 500), &[series(v), series(v)], v.len(), lo, hi)
-        };
+        fn place(v: &[f64]) -> (SeriesLabelPosition, f64) {
+            let series = Series {
+                name: "processed",
+                values: v,
+                color: BLACK,
+            };
+            let hi = v.iter().cloned().fold(f64::MIN, f64::max);
+            legend_place((1200, 500), &[series, series], v.len(), 0.0, hi)
+        }
         // High at the right end only: the upper left is free.
-        let rising: &[f64] = &[0.0, 0.1, 0.2, 0.5, 0.9, 1.0];
-        assert!(matches!(place(rising), (SeriesLabelPosition::UpperLeft, h) if h == 0.0));
+        let rising = [0.0, 0.1, 0.2, 0.5, 0.9, 1.0];
+        assert!(matches!(place(&rising), (SeriesLabelPosition::UpperLeft, h) if h == 0.0));
         assert!(matches!(
             place(&[0.5, 0.6, 0.5, 0.1]),
             (SeriesLabelPosition::UpperRight, h) if h == 0.0
         ));
         // High and low at both ends.
-        const ZIGZAG: [f64; 40] = {
-            let mut v = [0.0; 40];
-            let mut i = 0;
-            while i < 40 {
-                v[i] = (i % 2) as f64;
-                i += 1;
-            }
-            v
-        };
-        let (corner, headroom) = place(&ZIGZAG);
+        let zigzag: Vec<f64> = (0..40).map(|i| f64::from(i % 2)).collect();
+        let (corner, headroom) = place(&zigzag);
         assert!(matches!(corner, SeriesLabelPosition::UpperRight));
-        let box_share = (20.0 + 18.0 * 2.0) / (500.0 - 30.0 - 36.0 - 24.0);
+        let plot_h = 500 - LINES_CAPTION - LINES_X_LABELS - 2 * LINES_MARGIN;
+        let box_share = (20.0 + 18.0 * 2.0) / f64::from(plot_h);
         let top = 1.0 + 0.05 + headroom;
         assert!(
             1.0 / top <= 1.0 - box_share,
