@@ -11,9 +11,9 @@
 mod common;
 
 use common::cache;
-use logitprobe::backends::{Backend, EngineOptions, LogitSource};
+use logitprobe::backends::{Backend, EngineOptions, LogitSource, Vocab};
 use logitprobe::compare::{self, Timing};
-use logitprobe::probe::ProbeConfig;
+use logitprobe::dist::probe::ProbeConfig;
 use std::time::Instant;
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -11,7 +11,7 @@
 mod common;
 
 use common::{cache, decode_once, median, runs_and_threads, PROMPT};
-use logitprobe::backends::{EngineOptions, LogitSource, ModelInfo, TokenId};
+use logitprobe::backends::{EngineOptions, LogitSource, ModelInfo, TokenId, Vocab};
 use ndarray::Array2;
 
 /// Decode tokens/s of one generation (the same loop as `trace`).
@@ -35,7 +35,7 @@ struct RerunPrefix<S> {
     history: Vec<Vec<TokenId>>,
 }
 
-impl<S: LogitSource> LogitSource for RerunPrefix<S> {
+impl<S: LogitSource> Vocab for RerunPrefix<S> {
     fn info(&self) -> &ModelInfo {
         self.inner.info()
     }
@@ -51,6 +51,9 @@ impl<S: LogitSource> LogitSource for RerunPrefix<S> {
     fn chat_template(&self) -> Option<String> {
         None
     }
+}
+
+impl<S: LogitSource> LogitSource for RerunPrefix<S> {
     fn begin(&mut self, n: usize) -> anyhow::Result<()> {
         self.history = vec![Vec::new(); n];
         Ok(())

@@ -14,7 +14,7 @@ mod common;
 
 use common::{cache, decode_once, runs_and_threads};
 use logitprobe::backends::{Backend, EngineOptions, FlashAttn, LogitSource};
-use logitprobe::inside::{Inside, InsideConfig, Layers};
+use logitprobe::lens::{Inside, InsideConfig, Layers};
 use std::sync::Arc;
 use std::time::Instant;
 

@@ -13,9 +13,9 @@ mod common;
 
 use common::{cache, runs_and_threads};
 use logitprobe::backends::{EngineOptions, LogitSource};
+use logitprobe::dist::probe::ProbeConfig;
+use logitprobe::dist::sampler::SamplingConfig;
 use logitprobe::generate::{self, GenerateConfig, PromptInput};
-use logitprobe::probe::ProbeConfig;
-use logitprobe::sampler::SamplingConfig;
 use std::sync::atomic::AtomicBool;
 
 const TOPICS: [&str; 8] = [
@@ -64,16 +64,10 @@ fn loop_tps(src: &mut dyn LogitSource, parallel: usize) -> (f64, f64) {
     };
     // Both settings decode exactly the same tokens.
     let mut feed = prompts.into_iter().map(Ok);
-    let t = generate::run(
-        src,
-        &mut feed,
-        &cfg,
-        parallel,
-        &mut [],
-        &AtomicBool::new(false),
-        &(),
-    )
-    .unwrap();
+    let t = generate::Generator::new(&cfg, parallel)
+        .unwrap()
+        .run(src, &mut feed, &mut [], &AtomicBool::new(false))
+        .unwrap();
     (t.generated_tokens as f64 / t.wall_s, t.decode_tokens_per_s)
 }
 

@@ -21,9 +21,9 @@
 mod common;
 
 use common::{cache, decode_once, median};
-use logitprobe::backends::{Backend, EngineOptions, LogitSource};
-use logitprobe::probe::{Probe, ProbeConfig};
-use logitprobe::sampler::{Rng, SamplingConfig};
+use logitprobe::backends::{Backend, EngineOptions, LogitSource, Vocab};
+use logitprobe::dist::probe::{Probe, ProbeConfig};
+use logitprobe::dist::sampler::{Rng, SamplingConfig};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;

@@ -9,9 +9,9 @@
 //! Run: `cargo bench --bench probe` (prints the ratios at the end).
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use logitprobe::kernels;
-use logitprobe::probe::{Probe, ProbeConfig};
-use logitprobe::sampler::{Rng, SamplingConfig};
+use logitprobe::dist::kernels;
+use logitprobe::dist::probe::{Probe, ProbeConfig};
+use logitprobe::dist::sampler::{Rng, SamplingConfig};
 use std::hint::black_box;
 
 const VOCAB: usize = 151_936;

@@ -1,33 +1,27 @@
 //! logitprobe: see how a language model picks each next token.
 //!
-//! Logits come from an inference engine behind [`LogitSource`]; the [`sampler`] and the
-//! [`probe`] here are the same whatever the engine, so the same seed and the same logits give
-//! the same tokens and the same trace. The [`generate`] loop hands each finished step to
+//! Logits come from an inference engine behind [`LogitSource`]; the sampler and the probe in
+//! [`dist`] are the same whatever the engine, so the same seed and the same logits give the
+//! same tokens and the same trace. The [`generate`] loop hands each finished step to
 //! [`generate::Sink`]s; [`output`] writes the Token Heatmap trace files.
+//!
+//! The modules are layers, lowest first; a module imports only from the layers below it
+//! (`tests/layers.rs` checks it):
+//! [`util`], [`hub`], [`dist`], [`text`], [`lens`], [`schema`], [`generate`], [`report`],
+//! [`output`], [`compare`], [`cluster`], [`serve`].
 
-pub mod chat;
-pub mod cli;
-pub mod commands;
+pub mod cluster;
 pub mod compare;
-pub mod describe;
+pub mod dist;
 pub mod generate;
-pub mod inside;
-pub mod kernels;
-pub mod logprobs;
-pub mod merge;
-pub mod models;
-mod nucleus;
+pub mod hub;
+pub mod lens;
 pub mod output;
-pub mod plot;
-pub mod probe;
-pub mod prompts;
 pub mod report;
-pub mod sampler;
+pub mod schema;
 pub mod serve;
-pub mod shard;
-pub mod slurm;
 pub mod text;
-pub mod trace;
+pub mod util;
 
 pub use logitprobe_backends as backends;
-pub use logitprobe_backends::{LogitSource, ModelInfo, TokenId};
+pub use logitprobe_backends::{LogitSource, ModelInfo, TokenId, Vocab};

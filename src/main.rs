@@ -1,13 +1,29 @@
+mod cli;
+mod commands;
+
 use clap::Parser;
-use logitprobe::cli::{Cli, Command};
-use logitprobe_backends::UsageError;
+use cli::{Cli, Command};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    // The documentation test checks that each command it shows parses, and runs none (nor
+    // reads the config files they name).
+    let check_only = std::env::var_os("LOGITPROBE_CHECK_ARGS").is_some();
+    // A config file's settings become arguments before the command line's own.
+    let argv = match check_only {
+        true => std::env::args_os().collect(),
+        false => match cli::config::expand(std::env::args_os().collect()) {
+            Ok(argv) => argv,
+            Err(e) => return cli::errors::report(&e),
+        },
+    };
+    let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,
         Err(e) => return clap_error(e),
     };
+    if check_only {
+        return ExitCode::SUCCESS;
+    }
     init_logging(cli.verbose);
     if !matches!(cli.command, Command::Serve(_)) {
         // `logitprobe models | head -1`: a closed stdout ends the process quietly, as it ends
@@ -21,122 +37,31 @@ fn main() -> ExitCode {
     let command: Vec<String> = std::env::args().collect();
     let verbose = cli.verbose > 0;
     let result = match cli.command {
-        Command::Trace(mut args) => logitprobe::commands::trace::run(&mut args, verbose, command)
-            .map(|interrupted| {
+        Command::Trace(mut args) => {
+            commands::trace::run(&mut args, verbose, command).map(|interrupted| {
                 if interrupted {
                     ExitCode::from(130)
                 } else {
                     ExitCode::SUCCESS
                 }
-            }),
-        Command::Models => logitprobe::commands::models::run().map(|_| ExitCode::SUCCESS),
-        Command::Inspect(args) => {
-            logitprobe::commands::inspect::run(&args).map(|_| ExitCode::SUCCESS)
+            })
         }
+        Command::Models => commands::models::run().map(|_| ExitCode::SUCCESS),
+        Command::Inspect(args) => commands::inspect::run(&args).map(|_| ExitCode::SUCCESS),
         Command::Compare(args) => {
-            logitprobe::commands::compare::run(&args, verbose, command).map(|_| ExitCode::SUCCESS)
+            commands::compare::run(&args, verbose, command).map(|_| ExitCode::SUCCESS)
         }
-        Command::Report(args) => {
-            logitprobe::commands::report::run(&args).map(|_| ExitCode::SUCCESS)
-        }
-        Command::Serve(args) => {
-            logitprobe::commands::serve::run(&args, verbose).map(|_| ExitCode::SUCCESS)
-        }
+        Command::Report(args) => commands::report::run(&args).map(|_| ExitCode::SUCCESS),
+        Command::Serve(args) => commands::serve::run(&args, verbose).map(|_| ExitCode::SUCCESS),
         Command::Tokenize(args) => {
-            logitprobe::commands::tokenize::run(&args, verbose).map(|_| ExitCode::SUCCESS)
+            commands::tokenize::run(&args, verbose).map(|_| ExitCode::SUCCESS)
         }
-        Command::Merge(args) => logitprobe::commands::merge::run(&args).map(|_| ExitCode::SUCCESS),
-        Command::Slurm(args) => logitprobe::commands::slurm::run(&args).map(|_| ExitCode::SUCCESS),
+        Command::Merge(args) => commands::merge::run(&args).map(|_| ExitCode::SUCCESS),
+        Command::Slurm(args) => commands::slurm::run(&args).map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            let engine = e
-                .chain()
-                .find_map(|c| c.downcast_ref::<logitprobe_backends::Error>());
-            // What the user can fix exits 2: bad flags and inputs, an output folder that holds
-            // another sharded job, shards still missing at a merge.
-            let usage = engine.is_some()
-                || e.chain().any(|c| {
-                    c.is::<UsageError>()
-                        || c.is::<logitprobe::shard::PlanError>()
-                        || c.is::<logitprobe::merge::MergeError>()
-                });
-            // One line: the chain of causes, outermost first, then what to change.
-            let mut msg = e
-                .chain()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join(": ");
-            if let Some(fix) = engine.and_then(fix_for) {
-                msg.push_str("; ");
-                msg.push_str(&fix);
-            }
-            eprintln!("error: {}", msg.replace('\n', " "));
-            ExitCode::from(if usage { 2 } else { 1 })
-        }
-    }
-}
-
-/// The flags that fix what an engine refused (the library names no flag).
-fn fix_for(e: &logitprobe_backends::Error) -> Option<String> {
-    use logitprobe_backends::Error;
-    match e {
-        Error::KvCacheTooLarge { .. } | Error::KvCacheAlloc { .. } => Some(
-            "lower --parallel or --ctx-size, or quantize the KV cache (--cache-type-k q8_0 --cache-type-v q8_0)".into(),
-        ),
-        Error::TooManySlots { max, .. } => Some(format!("use --parallel {max} or less")),
-        Error::ContextFull { .. } => Some("raise --ctx-size or shorten the prompt".into()),
-        Error::ContextBeyondModel { .. } => Some("lower --ctx-size".into()),
-        Error::ModelUnreadable { .. } => Some("check the --model path".into()),
-        Error::NotGguf { .. } => {
-            Some("pass a .gguf model, or use --backend onnx for an ONNX folder".into())
-        }
-        Error::NeedsGpuBuild { .. } => Some(
-            "rebuild logitprobe with --features llama-cuda, llama-metal or llama-vulkan, or drop --n-gpu-layers".into(),
-        ),
-        Error::QuantizedVNeedsFlashAttn { .. } => {
-            Some("drop --flash-attn off, or use --cache-type-v f16".into())
-        }
-        Error::UnknownDevice { .. } => Some("pass --device cpu, cuda or auto".into()),
-        Error::CudaUnavailable { .. } => Some("or use --device cpu".into()),
-        Error::OrtLibNotFound => Some(
-            "run models/fetch onnxruntime, `pip install onnxruntime`, or pass --ort-lib /path/to/libonnxruntime.so".into(),
-        ),
-        Error::OrtLibMissing { .. } => {
-            Some("fix --ort-lib / ORT_DYLIB_PATH or run models/fetch onnxruntime".into())
-        }
-        Error::EngineNotBuilt { engine } => {
-            Some(format!("rebuild logitprobe with `--features {engine}`"))
-        }
-        Error::BadTestModel { .. } => Some("e.g. --model 300:0".into()),
-        Error::LayerOutOfRange { part, n_layer, .. } => Some(format!(
-            "give {} layers between 0 and {} (or all)",
-            match part {
-                logitprobe_backends::InsidePart::LogitLens => "--lens-layers",
-                logitprobe_backends::InsidePart::Attention => "--attention-layers",
-            },
-            n_layer.saturating_sub(1)
-        )),
-        Error::AttentionNeedsFlashAttnOff => {
-            Some("use --flash-attn off (or auto) with --capture-attention".into())
-        }
-        Error::AttentionFused { .. } => {
-            Some("drop --capture-attention (the logit lens still works)".into())
-        }
-        Error::AttentionWindowed { n_swa, .. } => {
-            Some(format!("use --ctx-size {n_swa} or less with --capture-attention"))
-        }
-        Error::LensUnknownArchitecture { .. } | Error::LensHeadUnreadable { .. } => {
-            Some("drop --capture-logit-lens for this model".into())
-        }
-        Error::GraphNotUnderstood { .. } => Some(
-            "drop --capture-logit-lens and --capture-attention for this export".into(),
-        ),
-        Error::CaptureUnsupported { .. } => Some(
-            "drop --capture-logit-lens and --capture-attention, or use --backend llama or onnx".into(),
-        ),
-        _ => None,
+        Err(e) => cli::errors::report(&e),
     }
 }
 

@@ -4,9 +4,9 @@
 mod common;
 
 use common::{assert_usage_error, run, smollm2, smollm2_onnx, tiny};
-use logitprobe::backends::{self, LogitSource, ModelInfo, TokenId};
+use logitprobe::backends::{self, LogitSource, ModelInfo, TokenId, Vocab};
 use logitprobe::compare::{self, stats, Chunk, Timing};
-use logitprobe::probe::ProbeConfig;
+use logitprobe::dist::probe::ProbeConfig;
 use ndarray::Array2;
 use proptest::prelude::*;
 use serde_json::Value;
@@ -480,7 +480,7 @@ struct Counting {
     scores: usize,
 }
 
-impl LogitSource for Counting {
+impl Vocab for Counting {
     fn info(&self) -> &ModelInfo {
         self.inner.info()
     }
@@ -501,6 +501,9 @@ impl LogitSource for Counting {
     fn chat_template(&self) -> Option<String> {
         self.inner.chat_template()
     }
+}
+
+impl LogitSource for Counting {
     fn begin(&mut self, n_seqs: usize) -> anyhow::Result<()> {
         self.inner.begin(n_seqs)
     }

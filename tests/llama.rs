@@ -5,7 +5,7 @@ mod common;
 
 use common::{run, smollm2, stderr, tiny, trace_json};
 use logitprobe::backends::llama::LlamaSource;
-use logitprobe::backends::{EngineOptions, LogitSource};
+use logitprobe::backends::{EngineOptions, LogitSource, Vocab};
 use serde_json::Value;
 use std::fs;
 use std::path::Path;

@@ -2,10 +2,10 @@
 //! vocabulary-sized row per step.
 
 use logitprobe::backends::test_source::TestSource;
+use logitprobe::dist::probe::ProbeConfig;
+use logitprobe::dist::sampler::SamplingConfig;
 use logitprobe::generate::{generate, GenerateConfig, PromptInput};
-use logitprobe::probe::ProbeConfig;
-use logitprobe::sampler::SamplingConfig;
-use logitprobe::LogitSource;
+use logitprobe::Vocab;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -58,15 +58,7 @@ fn two_thousand_steps_stay_small() {
     };
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
-    let (gens, _) = generate(
-        &mut src,
-        &prompts,
-        &cfg,
-        &mut [],
-        &AtomicBool::new(false),
-        &(),
-    )
-    .unwrap();
+    let (gens, _) = generate(&mut src, &prompts, &cfg, &mut [], &AtomicBool::new(false)).unwrap();
     assert_eq!(gens[0].steps.len(), STEPS);
     let peak = PEAK.load(Ordering::Relaxed) - base;
     let kept: usize = gens[0]

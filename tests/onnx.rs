@@ -5,7 +5,7 @@ mod common;
 
 use common::{bad_onnx, cache_dir, run, smollm2_onnx};
 use logitprobe::backends::onnx::OnnxSource;
-use logitprobe::backends::{EngineOptions, LogitSource};
+use logitprobe::backends::{EngineOptions, LogitSource, Vocab};
 use serde_json::Value;
 use std::fs;
 use std::path::Path;

@@ -8,7 +8,7 @@ mod common;
 use common::{run, smollm2, smollm2_onnx, tiny, trace_json};
 use logitprobe::backends::llama::LlamaSource;
 use logitprobe::backends::onnx::OnnxSource;
-use logitprobe::backends::{EngineOptions, FlashAttn, LogitSource};
+use logitprobe::backends::{EngineOptions, FlashAttn, LogitSource, Vocab};
 use ndarray::{Array2, ArrayView1};
 
 fn exact_llama() -> EngineOptions {
@@ -121,16 +121,16 @@ fn chat_templates_render_the_same_prompt() {
             "Who made the light?".to_string(),
             Some("You are brief.".to_string()),
         )];
-        let a = logitprobe::prompts::prepare_prompts(
+        let a = logitprobe::generate::prompts::prepare_prompts(
             &llama,
             &prompts,
-            &logitprobe::prompts::PromptFormat::chat(true),
+            &logitprobe::generate::prompts::PromptFormat::chat(true),
         )
         .unwrap();
-        let b = logitprobe::prompts::prepare_prompts(
+        let b = logitprobe::generate::prompts::prepare_prompts(
             &onnx,
             &prompts,
-            &logitprobe::prompts::PromptFormat::chat(true),
+            &logitprobe::generate::prompts::PromptFormat::chat(true),
         )
         .unwrap();
         assert_eq!(a[0].rendered, b[0].rendered);

@@ -1,8 +1,8 @@
 //! The probe against a plain f64 implementation of the same definitions (full sorts, no
 //! tricks), on random and adversarial rows.
 
-use logitprobe::probe::{Distribution, Probe, ProbeConfig};
-use logitprobe::sampler::{Rng, SamplingConfig};
+use logitprobe::dist::probe::{Distribution, Probe, ProbeConfig};
+use logitprobe::dist::sampler::{Rng, SamplingConfig};
 use proptest::prelude::*;
 
 /// The reference: softmax in f64, full sort by (p desc, id asc).
@@ -28,7 +28,7 @@ fn reference(probs: &[f64], selected: u32, cfg: &ProbeConfig) -> (Distribution, 
     let k = k.clamp(cfg.min_k, cfg.max_k).min(nonzero).max(1);
     let candidates: Vec<_> = order[..k]
         .iter()
-        .map(|&id| logitprobe::probe::Candidate {
+        .map(|&id| logitprobe::dist::probe::Candidate {
             token_id: id as u32,
             prob: probs[id],
             logprob: (probs[id] + cfg.eps).ln(),

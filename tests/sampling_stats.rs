@@ -1,7 +1,7 @@
 //! The sampler draws from the processed distribution it reports, and never outside it.
 
-use logitprobe::probe::{Probe, ProbeConfig};
-use logitprobe::sampler::{Rng, SamplingConfig};
+use logitprobe::dist::probe::{Probe, ProbeConfig};
+use logitprobe::dist::sampler::{Rng, SamplingConfig};
 use statrs::distribution::{ChiSquared, ContinuousCDF};
 
 #[test]

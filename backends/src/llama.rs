@@ -10,7 +10,7 @@
 use crate::cpu_kernels::{CpuBackend, Kernels};
 use crate::gguf::{GgufHeader, LLAMA_CPP_ARCHS};
 use crate::inside::{Architecture, CaptureSpec, Captured, FinalNorm, LensHead};
-use crate::{usage, EngineOptions, FlashAttn, LogitSource, ModelInfo, TokenId};
+use crate::{usage, EngineOptions, FlashAttn, LogitSource, ModelInfo, TokenId, Vocab};
 use anyhow::Context as _;
 use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
@@ -602,7 +602,7 @@ enum State {
     Empty,
 }
 
-impl LogitSource for LlamaSource {
+impl Vocab for LlamaSource {
     fn info(&self) -> &ModelInfo {
         &self.info
     }
@@ -645,7 +645,9 @@ impl LogitSource for LlamaSource {
     fn chat_template(&self) -> Option<String> {
         self.chat_template.clone()
     }
+}
 
+impl LogitSource for LlamaSource {
     fn begin(&mut self, n_slots: usize) -> anyhow::Result<()> {
         if n_slots != self.n_seqs {
             self.make_context(n_slots.max(1))?;

@@ -9,7 +9,7 @@
 //! `<|im_start|>` and `<|im_end|>`. Logit columns past those (when `n_vocab > 260`) have no
 //! piece, like the padded columns of Qwen2.5.
 
-use crate::{LogitSource, ModelInfo, TokenId};
+use crate::{LogitSource, ModelInfo, TokenId, Vocab};
 use ndarray::Array2;
 
 pub const BOS: TokenId = 256;
@@ -119,7 +119,7 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-impl LogitSource for TestSource {
+impl Vocab for TestSource {
     fn info(&self) -> &ModelInfo {
         &self.info
     }
@@ -168,7 +168,9 @@ impl LogitSource for TestSource {
     fn chat_template(&self) -> Option<String> {
         Some(CHATML.to_string())
     }
+}
 
+impl LogitSource for TestSource {
     fn begin(&mut self, n_slots: usize) -> anyhow::Result<()> {
         crate::check_slots(n_slots)?;
         self.seqs = vec![Vec::new(); n_slots];

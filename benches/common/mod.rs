@@ -54,7 +54,7 @@ pub fn decode_once(
     src: &mut dyn logitprobe::backends::LogitSource,
     new_tokens: usize,
     probe: bool,
-    inside: Option<std::sync::Arc<logitprobe::inside::Inside>>,
+    inside: Option<std::sync::Arc<logitprobe::lens::Inside>>,
 ) -> logitprobe::generate::Timings {
     use logitprobe::generate::{generate, GenerateConfig, PromptInput};
     let ids = src.tokenize(PROMPT, src.info().add_bos, false).unwrap();
@@ -66,11 +66,11 @@ pub fn decode_once(
         ..Default::default()
     }];
     let cfg = GenerateConfig {
-        sampling: logitprobe::sampler::SamplingConfig {
+        sampling: logitprobe::dist::sampler::SamplingConfig {
             temperature: 0.8,
             ..Default::default()
         },
-        probe: logitprobe::probe::ProbeConfig::default(),
+        probe: logitprobe::dist::probe::ProbeConfig::default(),
         max_new_tokens: new_tokens,
         ignore_eos: true,
         seed: 1,
@@ -80,7 +80,5 @@ pub fn decode_once(
         inside,
     };
     let stop = std::sync::atomic::AtomicBool::new(false);
-    generate(src, &prompts, &cfg, &mut [], &stop, &())
-        .unwrap()
-        .1
+    generate(src, &prompts, &cfg, &mut [], &stop).unwrap().1
 }

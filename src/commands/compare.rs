@@ -3,15 +3,15 @@
 
 use crate::cli::{CompareArgs, EngineArgs, TraceArgs};
 use crate::commands::trace::TracePlan;
-use crate::compare::{self, Chunk, CompareReport, InputInfo, SideInfo, Timing};
-use crate::generate;
-use crate::models::sha256_file;
-use crate::output;
-use crate::prompts::prepare_prompts;
-use crate::report::{self, ReportInput};
-use crate::trace;
 use anyhow::Context;
-use logitprobe_backends::{usage, Backend, LogitSource, TokenId};
+use logitprobe::compare::{self, Chunk, CompareReport, InputInfo, SideInfo, Timing};
+use logitprobe::generate;
+use logitprobe::generate::prompts::prepare_prompts;
+use logitprobe::hub::sha256_file;
+use logitprobe::output;
+use logitprobe::report::{self, ReportInput};
+use logitprobe::schema::trace;
+use logitprobe_backends::{usage, Backend, LogitSource, TokenId, Vocab};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -66,7 +66,7 @@ enum Input {
 }
 
 /// How B's own tokenizer splits the input text.
-type BTokenize = Box<dyn Fn(&dyn LogitSource) -> anyhow::Result<Vec<TokenId>>>;
+type BTokenize = Box<dyn Fn(&dyn Vocab) -> anyhow::Result<Vec<TokenId>>>;
 
 struct Loaded {
     info: SideInfo,
@@ -96,7 +96,7 @@ fn load(side: &SideSpec, name: &str, engine: &EngineArgs, verbose: bool) -> anyh
             .join(": ");
         usage!("side {name} ({}) failed to load: {msg}", side.label)
     };
-    let resolved = crate::models::resolve(side.backend, &side.model, None).map_err(fail)?;
+    let resolved = logitprobe::hub::resolve(side.backend, &side.model, None).map_err(fail)?;
     let source =
         logitprobe_backends::open(side.backend, &resolved.path, &scoring(engine, verbose)?)
             .map_err(fail)?;
@@ -290,7 +290,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
             };
             let text = text.clone();
             let b_tok: BTokenize =
-                Box::new(move |b: &dyn LogitSource| b.tokenize(&text, b.info().add_bos, false));
+                Box::new(move |b: &dyn Vocab| b.tokenize(&text, b.info().add_bos, false));
             (chunks, info, Some((b_tok, ids)))
         }
         Input::Prompt(plan) => {
@@ -298,8 +298,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
             let inputs = prepare_prompts(&*a.source, &given, &plan.format)?;
             let t = Instant::now();
             let stop = AtomicBool::new(false);
-            let (gens, _) =
-                generate::generate(&mut *a.source, &inputs, &plan.gen, &mut [], &stop, &())?;
+            let (gens, _) = generate::generate(&mut *a.source, &inputs, &plan.gen, &mut [], &stop)?;
             timing.generate_s = t.elapsed().as_secs_f64();
             let input = &inputs[0];
             let mut ids = input.ids.clone();
@@ -322,7 +321,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
             };
             let first = input.ids.len() - 1;
             let generated = a.source.detokenize(&gens[0].generated_ids, false);
-            let b_tok: BTokenize = Box::new(move |b: &dyn LogitSource| {
+            let b_tok: BTokenize = Box::new(move |b: &dyn Vocab| {
                 let mut ids_b = prepare_prompts(b, &plan.given_prompts(), &plan.format)?
                     .remove(0)
                     .ids;
@@ -393,8 +392,10 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
     }
     let lens = if args.lens {
         let layers = match &args.lens_layers {
-            Some(l) => crate::inside::Layers::parse(l).map_err(|e| usage!("--lens-layers {e}"))?,
-            None => crate::inside::Layers::All,
+            Some(l) => {
+                logitprobe::lens::Layers::parse(l).map_err(|e| usage!("--lens-layers {e}"))?
+            }
+            None => logitprobe::lens::Layers::All,
         };
         Some(compare::LensCompare::prepare(
             &mut *a.source,
@@ -539,7 +540,7 @@ struct CompareJob<'a> {
     a: &'a SideInfo,
     b: &'a [SideInfo],
     input: &'a InputInfo,
-    probe: &'a crate::probe::ProbeConfig,
+    probe: &'a logitprobe::dist::probe::ProbeConfig,
 }
 
 impl CompareJob<'_> {
@@ -557,7 +558,7 @@ impl CompareJob<'_> {
         Ok(serde_json::json!({
             "a": side(self.a),
             "b": self.b.iter().map(side).collect::<Vec<_>>(),
-            "text_sha256": self.args.text_file.as_deref().and_then(crate::models::sha256_file),
+            "text_sha256": self.args.text_file.as_deref().and_then(logitprobe::hub::sha256_file),
             "ctx_size": self.input.ctx_size,
             "chunks": self.input.chunks,
             "score_all": self.input.score_all,
@@ -570,7 +571,7 @@ impl CompareJob<'_> {
 
 struct ShardOut<'a> {
     out: &'a Path,
-    shard: crate::shard::Shard,
+    shard: logitprobe::cluster::shard::Shard,
     command: Vec<String>,
     t_wall: Instant,
 }
@@ -589,7 +590,7 @@ fn run_shard(
     b_text: Option<(BTokenize, Vec<TokenId>)>,
 ) -> anyhow::Result<()> {
     let shard = so.shard;
-    crate::shard::Plan {
+    logitprobe::cluster::shard::Plan {
         kind: "compare".into(),
         shards: shard.count,
         units: (0..chunks.len()).collect(),

@@ -78,8 +78,8 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
         model_file,
         backend,
     } = args;
-    let backend = crate::models::infer_backend(model, backend.map(Into::into));
-    let resolved = crate::models::resolve(backend, model, model_file.as_deref())?;
+    let backend = logitprobe::hub::infer_backend(model, backend.map(Into::into));
+    let resolved = logitprobe::hub::resolve(backend, model, model_file.as_deref())?;
     let path = Path::new(&resolved.path);
     // A FIFO or a device would block the header read forever.
     if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {

@@ -3,7 +3,7 @@
 use crate::cli::MergeArgs;
 
 pub fn run(args: &MergeArgs) -> anyhow::Result<()> {
-    let merged = crate::merge::merge(&args.dir)?;
+    let merged = logitprobe::cluster::merge::merge(&args.dir)?;
     if let Some(t) = &merged.summary_table {
         print!("{t}");
     }

@@ -1,7 +1,7 @@
 //! `logitprobe models`: the catalogue, and what of it is already in the cache.
 
-use crate::models::{catalog, hub_cache_dir, HubFile};
 use hf_hub::{Cache, Repo, RepoType};
+use logitprobe::hub::{catalog, hub_cache_dir, HubFile};
 use logitprobe_backends::Backend;
 
 fn cached(h: &HubFile) -> bool {

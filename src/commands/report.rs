@@ -1,8 +1,8 @@
 //! `logitprobe report`: draw the plots and `report.html` again from a file on disk.
 
 use crate::cli::ReportArgs;
-use crate::output;
-use crate::report::{self, ReportInput};
+use logitprobe::output;
+use logitprobe::report::{self, ReportInput};
 use std::path::PathBuf;
 
 pub fn run(args: &ReportArgs) -> anyhow::Result<()> {

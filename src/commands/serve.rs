@@ -1,12 +1,12 @@
-//! `logitprobe serve`: flags to a [`crate::serve::ServeConfig`], then the server.
+//! `logitprobe serve`: flags to a [`logitprobe::serve::ServeConfig`], then the server.
 
 use crate::cli::ServeArgs;
-use crate::serve::{self, ServeConfig};
+use logitprobe::serve::{self, ServeConfig};
 
 pub fn run(args: &ServeArgs, verbose: bool) -> anyhow::Result<()> {
-    let backend = crate::models::infer_backend(&args.model, args.backend.map(Into::into));
-    crate::models::check_backend_fits(backend, &args.model)?;
-    let resolved = crate::models::resolve(backend, &args.model, args.model_file.as_deref())?;
+    let backend = logitprobe::hub::infer_backend(&args.model, args.backend.map(Into::into));
+    logitprobe::hub::check_backend_fits(backend, &args.model)?;
+    let resolved = logitprobe::hub::resolve(backend, &args.model, args.model_file.as_deref())?;
     let opts = args.engine.options(verbose)?;
     let mut probe = args.probe.config()?;
     // The probe must keep as many candidates as the most top logprobs a request can ask for.

@@ -3,9 +3,9 @@
 
 use crate::cli::{Cli, Command, SlurmArgs, SlurmCommand, SlurmSubmitArgs};
 use crate::commands::trace::TracePlan;
-use crate::shard::{Plan, PlanError};
-use crate::slurm::{ArrayJob, Resources};
 use clap::Parser;
+use logitprobe::cluster::shard::{Plan, PlanError};
+use logitprobe::cluster::slurm::{ArrayJob, Resources};
 use logitprobe_backends::usage;
 use std::path::{Path, PathBuf};
 
@@ -47,7 +47,10 @@ fn check_flags(
         Command::Trace(mut t) => {
             taken(t.shard.asked())?;
             let plan = TracePlan::from_args(&mut t)?;
-            if !matches!(plan.prompts, crate::prompts::PromptList::File(_)) {
+            if !matches!(
+                plan.prompts,
+                logitprobe::generate::prompts::PromptList::File(_)
+            ) {
                 return Err(usage!(
                     "a sharded trace splits a --prompts-file: give one after --"
                 ));
@@ -119,13 +122,17 @@ fn submit(kind: &str, a: &SlurmSubmitArgs) -> anyhow::Result<()> {
     if a.dry_run {
         println!(
             "# {}",
-            job.slurm_dir().join(crate::slurm::ARRAY_SCRIPT).display()
+            job.slurm_dir()
+                .join(logitprobe::cluster::slurm::ARRAY_SCRIPT)
+                .display()
         );
         print!("{}", job.array_script());
         println!();
         println!(
             "# {} (sbatch --dependency=afterok:<array job id> --kill-on-invalid-dep=yes)",
-            job.slurm_dir().join(crate::slurm::MERGE_SCRIPT).display()
+            job.slurm_dir()
+                .join(logitprobe::cluster::slurm::MERGE_SCRIPT)
+                .display()
         );
         print!("{}", job.merge_script());
         return Ok(());
@@ -146,7 +153,7 @@ fn submit(kind: &str, a: &SlurmSubmitArgs) -> anyhow::Result<()> {
 }
 
 fn status(dir: &Path) -> anyhow::Result<()> {
-    let st = crate::slurm::status(dir)?;
+    let st = logitprobe::cluster::slurm::status(dir)?;
     let unit = if st.kind.as_deref() == Some("compare") {
         "chunks"
     } else {
@@ -170,8 +177,8 @@ fn status(dir: &Path) -> anyhow::Result<()> {
     }
     println!("{:<6} {:<10} {unit}", "shard", "state");
     let script = dir
-        .join(crate::slurm::SLURM_DIR)
-        .join(crate::slurm::ARRAY_SCRIPT);
+        .join(logitprobe::cluster::slurm::SLURM_DIR)
+        .join(logitprobe::cluster::slurm::ARRAY_SCRIPT);
     let mut missing = Vec::new();
     for s in &st.shards {
         print!("{:<6} {:<10} {}/{}", s.shard, s.state, s.done, s.units);

@@ -1,15 +1,15 @@
 //! `logitprobe tokenize`: ids and pieces of a text; with two models, where they differ.
 
 use crate::cli::TokenizeArgs;
-use crate::models::infer_backend;
-use crate::text::Pieces;
+use logitprobe::hub::infer_backend;
+use logitprobe::text::Pieces;
 use logitprobe_backends::LogitSource;
 
 pub fn run(args: &TokenizeArgs, verbose: bool) -> anyhow::Result<()> {
     let mut sources: Vec<(String, Box<dyn LogitSource>)> = Vec::new();
     for m in &args.model {
         let backend = infer_backend(m, args.backend.map(Into::into));
-        let resolved = crate::models::resolve(backend, m, args.model_file.as_deref())?;
+        let resolved = logitprobe::hub::resolve(backend, m, args.model_file.as_deref())?;
         sources.push((
             m.clone(),
             logitprobe_backends::open(backend, &resolved.path, &args.engine.options(verbose)?)?,

@@ -1,15 +1,16 @@
 //! `logitprobe trace`: load a model, generate from the prompts, write the trace files.
 
 use crate::cli::TraceArgs;
-use crate::generate::{
+use anyhow::Context;
+use logitprobe::dist::sampler::{self, SamplingConfig};
+use logitprobe::generate::prompts::{self, PromptList, PromptSpec, PromptsFile};
+use logitprobe::generate::{
     self, GenerateConfig, Generation, PromptInput, Sink, StopReason, StopStrings,
 };
-use crate::output::{self, PromptDirs, StepsJsonl, TraceWriter};
-use crate::prompts::{self, PromptList, PromptSpec, PromptsFile};
-use crate::sampler::{self, SamplingConfig};
-use crate::trace::{self, RunRecord};
-use anyhow::Context;
-use logitprobe_backends::{usage, Backend, LogitSource};
+use logitprobe::output::{self, PromptDirs, StepsJsonl, TraceWriter};
+use logitprobe::schema::run::{self as run_record, RunRecord};
+use logitprobe::schema::trace;
+use logitprobe_backends::{usage, Backend, LogitSource, Vocab};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -34,9 +35,9 @@ pub struct TracePlan {
     pub seed_given: bool,
     pub out: PathBuf,
     /// The part of a sharded run this process does.
-    pub shard: Option<crate::shard::Shard>,
+    pub shard: Option<logitprobe::cluster::shard::Shard>,
     /// The logit lens and attention, when asked.
-    pub inside: crate::inside::InsideConfig,
+    pub inside: logitprobe::lens::InsideConfig,
     /// The step logit_lens.png shows.
     pub lens_step: usize,
 }
@@ -56,7 +57,6 @@ impl TracePlan {
 
     /// Validates every setting; errors name the flag and the fix.
     pub fn from_args(args: &mut TraceArgs) -> anyhow::Result<Self> {
-        args.apply_config()?;
         let sampling = SamplingConfig {
             temperature: args.sampling.temperature.unwrap_or(0.8),
             top_k: args.sampling.top_k.unwrap_or(0),
@@ -66,7 +66,7 @@ impl TracePlan {
             presence_penalty: args.sampling.presence_penalty.unwrap_or(0.0),
             frequency_penalty: args.sampling.frequency_penalty.unwrap_or(0.0),
         };
-        sampling.validate().map_err(|e| usage!("{}", e.as_flag()))?;
+        sampling.validate()?;
         let probe = args.probe.config()?;
         let max_new_tokens = args.sampling.max_new_tokens.unwrap_or(64);
         if max_new_tokens == 0 {
@@ -82,8 +82,8 @@ impl TracePlan {
         };
         // The engine follows the path (a .gguf file: llama.cpp; a folder or .onnx: ONNX
         // Runtime), as inspect does; a --backend that contradicts it is refused.
-        let backend = crate::models::infer_backend(&model, explicit);
-        crate::models::check_backend_fits(backend, &model)?;
+        let backend = logitprobe::hub::infer_backend(&model, explicit);
+        logitprobe::hub::check_backend_fits(backend, &model)?;
         if !args.prompt.is_empty() && args.prompts_file.is_some() {
             return Err(usage!(
                 "--prompt and --prompts-file were both given: use one (a prompt's index is its place in the one list)"
@@ -124,15 +124,17 @@ impl TracePlan {
             &args.chat_template_file,
         ) {
             (Some(t), _) => {
-                let named = crate::chat::NAMED_TEMPLATES.iter().any(|(n, _)| n == t);
+                let named = logitprobe::text::chat::NAMED_TEMPLATES
+                    .iter()
+                    .any(|(n, _)| n == t);
                 if !named && !t.contains("{%") && !t.contains("{{") {
                     return Err(usage!(
                         "--chat-template {t} is neither a known name ({}) nor Jinja source: use one of the names, or --chat-template-file FILE",
-                        crate::chat::NAMED_TEMPLATES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                        logitprobe::text::chat::NAMED_TEMPLATES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
                     ));
                 }
                 (
-                    Some(crate::chat::template_source(t)),
+                    Some(logitprobe::text::chat::template_source(t)),
                     Some(if named { t.clone() } else { "inline".into() }),
                 )
             }
@@ -238,7 +240,7 @@ fn job_fingerprint(
         "model": plan.model,
         "model_file": plan.model_file,
         "model_sha256": model_sha256,
-        "prompts_sha256": crate::models::sha256_file(&file.path),
+        "prompts_sha256": logitprobe::hub::sha256_file(&file.path),
         "system_prompt": file.default_system,
         "format": plan.format,
         "chat_template": plan.format.chat_template,
@@ -322,11 +324,18 @@ fn slow_threads_hint(
 /// Progress bar on stderr when it is a terminal.
 struct Bar(Option<indicatif::ProgressBar>);
 
-impl generate::Progress for Bar {
-    fn advance(&self, n: u64) {
+impl Sink for Bar {
+    fn step(
+        &mut self,
+        _: &dyn Vocab,
+        _: &PromptInput,
+        _: &Generation,
+        _: &logitprobe::schema::trace::Step,
+    ) -> anyhow::Result<generate::Control> {
         if let Some(b) = &self.0 {
-            b.inc(n);
+            b.inc(1);
         }
+        Ok(generate::Control::Continue)
     }
 }
 
@@ -336,12 +345,7 @@ struct Console {
 }
 
 impl Sink for Console {
-    fn finish(
-        &mut self,
-        _: &dyn LogitSource,
-        input: &PromptInput,
-        g: &Generation,
-    ) -> anyhow::Result<()> {
+    fn finish(&mut self, _: &dyn Vocab, input: &PromptInput, g: &Generation) -> anyhow::Result<()> {
         print_summary(self.several, input, g);
         Ok(())
     }
@@ -379,13 +383,23 @@ fn open_slots(
 
 /// Runs `trace` end to end. Returns whether the run was interrupted.
 pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow::Result<bool> {
+    // Ctrl-C is handled before anything is created: one while the model loads ends the run
+    // before its first step, as interrupted (exit 130, run.json says so), not as a kill that
+    // leaves an empty folder behind.
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second handler cannot be installed in the same process; the first one keeps
+        // working for the whole process.
+        let _ = ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::Relaxed));
+    }
     let started_at = trace::now_rfc3339();
     let plan = TracePlan::from_args(args)?;
     output::prepare_dir(&plan.out)?;
     let opts = args.engine.options(verbose)?;
 
     let t_load = Instant::now();
-    let resolved = crate::models::resolve(plan.backend, &plan.model, plan.model_file.as_deref())?;
+    let resolved = logitprobe::hub::resolve(plan.backend, &plan.model, plan.model_file.as_deref())?;
     let mut source = logitprobe_backends::open(plan.backend, &resolved.path, &opts)?;
     let load_s = t_load.elapsed().as_secs_f64();
     busy_machine_hint(plan.backend, &opts);
@@ -413,7 +427,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     }
     let mut gen = plan.gen.clone();
     if !plan.inside.is_off() {
-        gen.inside = Some(Arc::new(crate::inside::Inside::prepare(
+        gen.inside = Some(Arc::new(logitprobe::lens::Inside::prepare(
             &mut *source,
             &plan.inside,
         )?));
@@ -422,7 +436,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     let model_sha256 = if plan.backend == Backend::Test {
         None
     } else {
-        crate::models::sha256_file(Path::new(&resolved.path))
+        logitprobe::hub::sha256_file(Path::new(&resolved.path))
     };
     let dirs = PromptDirs::new(&plan.out, n, plan.prompts.index_space());
     // A shard's own prompts, less those an earlier run of it finished.
@@ -436,7 +450,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     let mut shard_record = None;
     if let (Some(shard), Some(todo)) = (plan.shard, &todo) {
         let mine = indices.iter().filter(|&&i| shard.takes(i)).count();
-        crate::shard::Plan {
+        logitprobe::cluster::shard::Plan {
             kind: "trace".into(),
             shards: shard.count,
             units: indices.clone(),
@@ -450,11 +464,11 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         // prompts it finished stay, those of the prompts it had begun go.
         let done =
             |i: usize| shard.takes(i) && !todo.contains(&i) && indices.binary_search(&i).is_ok();
-        crate::shard::filter_lines(&dir.join(output::STEPS_JSONL), |l| {
+        logitprobe::cluster::shard::filter_lines(&dir.join(output::STEPS_JSONL), |l| {
             output::step_line_prompt(l).is_some_and(done)
         })?;
         let mut header = true;
-        crate::shard::filter_lines(&dir.join(output::SUMMARY_CSV), |l| {
+        logitprobe::cluster::shard::filter_lines(&dir.join(output::SUMMARY_CSV), |l| {
             std::mem::take(&mut header) && l.starts_with(b"index,")
                 || std::str::from_utf8(l)
                     .ok()
@@ -468,7 +482,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
             n,
             mine - todo.len()
         );
-        shard_record = Some(trace::ShardRecord {
+        shard_record = Some(run_record::ShardRecord {
             shard,
             prompts: mine,
             done_before: mine - todo.len(),
@@ -477,15 +491,8 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     let n_run = todo.as_ref().map_or(n, |t| t.len());
     let parallel = open_slots(&mut *source, plan.parallel, n_run)?;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // A second handler cannot be installed in the same process (tests call run twice);
-        // the first one keeps working for the whole process.
-        let _ = ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::Relaxed));
-    }
     let total = (n_run * plan.gen.max_new_tokens) as u64;
-    let bar = Bar(
+    let mut bar = Bar(
         std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
             let b = indicatif::ProgressBar::new(total);
             b.set_style(
@@ -535,7 +542,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         load_s,
         shard: None,
         timings: None,
-        inside: gen.inside.as_deref().map(trace::InsideRecord::from),
+        inside: gen.inside.as_deref().map(run_record::InsideRecord::from),
     };
     // A shard's steps, rows and record go in its own folder; the prompt folders are shared.
     let top = match plan.shard {
@@ -581,15 +588,9 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         }
         sinks.push(&mut writer);
         sinks.push(&mut console);
-        generate::run(
-            &mut *source,
-            &mut inputs,
-            &gen,
-            parallel,
-            &mut sinks,
-            &stop,
-            &bar,
-        )
+        sinks.push(&mut bar);
+        generate::Generator::new(&gen, parallel)
+            .and_then(|g| g.run(&mut *source, &mut inputs, &mut sinks, &stop))
     };
     if let Some(b) = &bar.0 {
         b.finish_and_clear();

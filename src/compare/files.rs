@@ -1,12 +1,11 @@
 //! The files of a comparison: `compare.json`, `compare.csv`, the plots and `report.html`.
 
 use super::CompareReport;
-use crate::output;
+use crate::util as output;
 use anyhow::Context;
 use std::path::Path;
 
-pub const COMPARE_JSON: &str = "compare.json";
-pub const COMPARE_CSV: &str = "compare.csv";
+use super::{COMPARE_CSV, COMPARE_JSON};
 
 /// Writes every file of `report` into `out`, each through a temporary name.
 pub fn write_files(out: &Path, report: &CompareReport) -> anyhow::Result<()> {

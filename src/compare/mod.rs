@@ -10,44 +10,15 @@
 mod files;
 pub mod stats;
 
-pub use files::{write_csv, write_files, COMPARE_CSV, COMPARE_JSON};
+pub use crate::schema::compare::*;
+pub use files::{write_csv, write_files};
 
-use crate::probe::{Distribution, Probe, ProbeConfig};
+use crate::dist::probe::{Distribution, Probe, ProbeConfig};
 use crate::text::Pieces;
 use anyhow::Context as _;
-use logitprobe_backends::{usage, LogitSource, TokenId};
+use logitprobe_backends::{usage, LogitSource, TokenId, Vocab};
 use ndarray::Array2;
-use serde::{Deserialize, Serialize};
-use stats::Spread;
 use std::time::Instant;
-
-/// The `kind` of a `compare.json`, which tells it apart from a trace.
-pub const KIND: &str = "logitprobe-compare";
-/// Version of the `compare.json` layout.
-pub const FORMAT_VERSION: u32 = 1;
-
-/// One side of a comparison, described fully enough to reproduce it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SideInfo {
-    /// `backend:model` as given.
-    pub label: String,
-    pub backend: String,
-    pub model: String,
-    pub model_path: String,
-    pub model_sha256: Option<String>,
-    pub engine: String,
-    pub engine_version: String,
-    pub device: String,
-    pub n_vocab: usize,
-    pub tokenizer_vocab: usize,
-    pub n_ctx: usize,
-    pub logits_dtype: String,
-    /// Tensor types and bits per weight, KV cache type, flash attention, execution provider
-    /// ... as the engine reports them.
-    pub details: serde_json::Map<String, serde_json::Value>,
-    /// One line for headers.
-    pub description: String,
-}
 
 impl SideInfo {
     pub fn new(
@@ -56,7 +27,7 @@ impl SideInfo {
         model: &str,
         model_path: &str,
         model_sha256: Option<String>,
-        source: &dyn LogitSource,
+        source: &dyn Vocab,
     ) -> SideInfo {
         let info = source.info();
         let d = &info.details;
@@ -119,120 +90,6 @@ impl SideInfo {
     }
 }
 
-/// What was scored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InputInfo {
-    /// `prompt`, `text-file` or `trace`.
-    pub kind: String,
-    /// The prompt, or the file's path.
-    pub source: String,
-    /// Chunk length (corpus input).
-    pub ctx_size: Option<usize>,
-    pub chunks: usize,
-    pub score_all: bool,
-    /// Tokens of the input in A's tokenization.
-    pub tokens: usize,
-    pub description: String,
-}
-
-/// A candidate as `compare.json` stores it (the trace's field names). Probabilities are written
-/// with f32 precision, 9 significant digits: plenty to read and plot, and a corpus run holds
-/// hundreds of thousands of them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Cand {
-    pub rank: usize,
-    pub token_id: TokenId,
-    pub token: String,
-    #[serde(serialize_with = "as_f32")]
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub prob: f64,
-    #[serde(serialize_with = "as_f32")]
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub logprob: f64,
-}
-
-fn as_f32<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f32(*v as f32)
-}
-
-/// JSON has no NaN or infinity: serde_json writes them as `null` (a standard error over one
-/// position, a KL of +∞ where B rules out a token A allows). Read `null` back as NaN.
-pub(crate) fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
-}
-
-/// A list of numbers where JSON's `null` (how serde_json writes NaN and ±∞) reads as NaN.
-fn vec_f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<f64>>, D::Error> {
-    let v = Option::<Vec<Option<f64>>>::deserialize(d)?;
-    Ok(v.map(|v| v.into_iter().map(|x| x.unwrap_or(f64::NAN)).collect()))
-}
-
-/// One side's view of one position.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SideAt {
-    /// Probability and log-probability of the actual next token (f64 log-softmax).
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub prob: f64,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub logprob: f64,
-    /// Entropy in nats of the full distribution.
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub entropy: f64,
-    /// The probe's adaptive k (its rule and settings, temperature 1).
-    pub k_used: usize,
-    pub candidates: Vec<Cand>,
-}
-
-/// B's view of one position, and how it differs from A's.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BAt {
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub prob: f64,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub logprob: f64,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub entropy: f64,
-    pub k_used: usize,
-    pub candidates: Vec<Cand>,
-    /// KL(A‖B) in nats over the full vocabulary.
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub kld: f64,
-    /// p_B − p_A of the actual next token.
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub delta_p: f64,
-    pub top1_same: bool,
-    /// 1 + the number of tokens B gives a strictly larger logit than A's top-1.
-    pub b_rank_of_a_top1: usize,
-    /// H(B) − H(A), nats.
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub delta_entropy: f64,
-    /// |top-k_A ∩ top-k_B| / |top-k_A ∪ top-k_B| of the adaptive sets.
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub jaccard: f64,
-    /// With `--lens`: KL(A‖B) of the two sides' logit-lens distributions at each lens layer
-    /// (the report's `lens_layers`), nats.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "vec_f64_or_nan"
-    )]
-    pub lens_kld: Option<Vec<f64>>,
-    /// With `--lens`: whether both sides' lens top-1 tokens agree at each lens layer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lens_top1_same: Option<Vec<bool>>,
-}
-
-/// How far apart two sides' lens distributions are at one layer, over every position.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LensLayerSummary {
-    pub layer: usize,
-    /// KL(A‖B) of the lens distributions: mean ± error and percentiles, nats.
-    pub kld: Spread,
-    /// Fraction of positions where both sides' lens top-1 tokens agree.
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub same_top1: f64,
-}
-
 /// What `compare --lens` reads on both sides: the layers, and each side's lens head.
 #[derive(Debug)]
 pub struct LensCompare {
@@ -247,7 +104,7 @@ impl LensCompare {
     pub fn prepare(
         a: &mut dyn LogitSource,
         bs: &mut [Box<dyn LogitSource>],
-        layers: &crate::inside::Layers,
+        layers: &crate::lens::Layers,
     ) -> anyhow::Result<LensCompare> {
         let depth = |s: &dyn LogitSource| -> anyhow::Result<usize> {
             Ok(s.architecture()
@@ -328,158 +185,6 @@ pub fn summarize_lens(
     )
 }
 
-/// One scored position: the logits at `pos` of chunk `chunk` predicting `token_id`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Position {
-    /// Running index over all scored positions.
-    pub index: usize,
-    pub chunk: usize,
-    pub pos: usize,
-    /// The actual next token.
-    pub token_id: TokenId,
-    pub token: String,
-    pub a: SideAt,
-    /// One entry per B, in the order given.
-    pub b: Vec<BAt>,
-}
-
-/// llama-perplexity's summary of one B against A.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Summary {
-    pub label: String,
-    pub positions: usize,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub ppl_a: f64,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub ppl_a_err: f64,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub ppl_b: f64,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub ppl_b_err: f64,
-    /// Cor(ln PPL(A), ln PPL(B)): correlation of the per-token log-probabilities.
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub cor_ln_ppl: f64,
-    /// ln(PPL(B) / PPL(A)).
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub ln_ppl_ratio: f64,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub ln_ppl_ratio_err: f64,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub ppl_ratio: f64,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub ppl_ratio_err: f64,
-    pub kld: Spread,
-    pub delta_p: Spread,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub rms_delta_p: f64,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub rms_delta_p_err: f64,
-    /// Fraction of positions where both top-1 tokens are the same.
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub same_top_p: f64,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub same_top_p_err: f64,
-    /// Tokens in B's own tokenization of the input (`None` when the input is ids).
-    pub b_tokens: Option<usize>,
-    /// Positions where B's own tokenization differs from A's ids.
-    pub tokenizer_positions_differ: Option<usize>,
-    /// With `--lens`: per lens layer, how far B's lens is from A's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lens: Option<Vec<LensLayerSummary>>,
-}
-
-impl Summary {
-    /// PPL(B) − PPL(A) and its uncertainty, as llama-perplexity prints "Mean PPL(Q)-PPL(base)":
-    /// the two PPLs' errors with their covariance, Cor · σ_lnA · σ_lnB · PPL(A) · PPL(B).
-    pub fn ppl_difference(&self) -> (f64, f64) {
-        let cov = self.cor_ln_ppl * self.ppl_a_err * self.ppl_b_err;
-        let var = self.ppl_a_err.powi(2) + self.ppl_b_err.powi(2) - 2.0 * cov;
-        (self.ppl_b - self.ppl_a, var.max(0.0).sqrt())
-    }
-}
-
-/// Where the time went.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Timing {
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub load_a_s: f64,
-    pub load_b_s: Vec<f64>,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub generate_s: f64,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub score_a_s: f64,
-    pub score_b_s: Vec<f64>,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub metrics_s: f64,
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub wall_s: f64,
-    /// Tokens that went through A's forward pass (each B sees as many).
-    pub tokens_evaluated: usize,
-    pub positions_scored: usize,
-    /// Scored positions per second of the whole comparison (load time excluded).
-    #[serde(deserialize_with = "f64_or_nan")]
-    pub positions_per_s: f64,
-}
-
-/// What `compare.json` holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CompareReport {
-    pub kind: String,
-    pub format_version: u32,
-    pub logitprobe_version: String,
-    pub created_at: String,
-    pub command: Vec<String>,
-    pub a: SideInfo,
-    pub b: Vec<SideInfo>,
-    pub input: InputInfo,
-    pub probe: ProbeConfig,
-    pub summaries: Vec<Summary>,
-    pub timing: Timing,
-    /// The layers `--lens` compared (each position's `lens_kld` follows this order).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lens_layers: Option<Vec<usize>>,
-    pub positions: Vec<Position>,
-}
-
-/// What a shard of a sharded comparison writes when it finishes, next to its chunks'
-/// records: everything the merged `compare.json` needs besides the positions.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ShardRecord {
-    pub kind: String,
-    pub shard: crate::shard::Shard,
-    /// Chunks of this shard, and of those the ones an earlier run of it had scored.
-    pub chunks: usize,
-    pub done_before: usize,
-    pub logitprobe_version: String,
-    pub finished_at: String,
-    pub command: Vec<String>,
-    pub a: SideInfo,
-    pub b: Vec<SideInfo>,
-    pub input: InputInfo,
-    pub probe: ProbeConfig,
-    pub timing: Timing,
-    /// B's own tokenization of the whole corpus, per B.
-    pub b_text: Vec<BText>,
-    /// The layers `--lens` compared.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lens_layers: Option<Vec<usize>>,
-}
-
-pub const SHARD_KIND: &str = "logitprobe-compare-shard";
-pub const SHARD_JSON: &str = "shard.json";
-
-/// How B's own tokenizer splits the corpus.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BText {
-    pub b_tokens: usize,
-    pub tokenizer_positions_differ: usize,
-}
-
-/// The record of chunk `c`'s scored positions in a shard's folder.
-pub fn chunk_record_path(shard_dir: &std::path::Path, c: usize) -> std::path::PathBuf {
-    shard_dir.join(format!("chunk-{c:06}.json"))
-}
-
 /// Writes chunk `c`'s positions, through a temporary name: the file's presence marks the
 /// chunk done.
 pub fn write_chunk_record(
@@ -505,16 +210,6 @@ pub struct Chunk {
 impl Chunk {
     pub fn scored(&self) -> usize {
         self.ids.len().saturating_sub(1).saturating_sub(self.first)
-    }
-}
-
-/// How side B number `i` (0-based) of `n` is named in tables, plots and errors: `B` when it
-/// is the only one, `B1`, `B2`, ... in a ladder.
-pub fn b_name(i: usize, n: usize) -> String {
-    if n > 1 {
-        format!("B{}", i + 1)
-    } else {
-        "B".into()
     }
 }
 
@@ -546,7 +241,7 @@ pub fn corpus_chunks(
 
 /// Refuses a B whose vocabulary is not A's: another logits width, or another byte string for
 /// an id both tokenizers define. The error names the first differing id.
-pub fn check_vocab(a: &dyn LogitSource, b: &dyn LogitSource, b_label: &str) -> anyhow::Result<()> {
+pub fn check_vocab(a: &dyn Vocab, b: &dyn Vocab, b_label: &str) -> anyhow::Result<()> {
     let (ia, ib) = (a.info(), b.info());
     if ia.n_vocab != ib.n_vocab {
         return Err(usage!(
@@ -636,7 +331,7 @@ fn par_rows<T: Send>(
     Ok(out)
 }
 
-fn candidates_out(d: &Distribution, source: &dyn LogitSource, pieces: &mut Pieces) -> Vec<Cand> {
+fn candidates_out(d: &Distribution, source: &dyn Vocab, pieces: &mut Pieces) -> Vec<Cand> {
     d.candidates
         .iter()
         .enumerate()
@@ -802,7 +497,10 @@ pub fn compare_some_chunks(
                 Ok(RowB {
                     logprob: f64::from(xb[next as usize]) - lse_b,
                     kld: stats::kl_divergence(xa, xb, ra.lse, lse_b),
-                    rank_of_a_top1: 1 + crate::kernels::count_greater(xb, xb[ra.top1 as usize]),
+                    rank_of_a_top1: 1 + crate::dist::kernels::count_greater(
+                        xb,
+                        xb[ra.top1 as usize],
+                    ),
                     dist,
                 })
             })?;

@@ -1,8 +1,8 @@
 //! The numbers of `compare`: log-softmax statistics and KL divergence of two logits rows in
 //! f64, and llama-perplexity's summary statistics over positions.
 
+pub use crate::schema::compare::Spread;
 use multiversion::multiversion;
-use serde::{Deserialize, Serialize};
 
 const LANES: usize = 8;
 
@@ -144,47 +144,6 @@ pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
     let hi = pos.ceil() as usize;
     let frac = pos - lo as f64;
     sorted[lo] + (sorted[hi] - sorted[lo]) * frac
-}
-
-fn nan() -> f64 {
-    f64::NAN
-}
-
-/// llama-perplexity's distribution summary of a per-position value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Spread {
-    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
-    pub mean: f64,
-    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
-    pub stderr: f64,
-    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
-    pub max: f64,
-    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
-    pub p99_9: f64,
-    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
-    pub p99: f64,
-    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
-    pub p95: f64,
-    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
-    pub p90: f64,
-    /// 75th and 25th percentiles: llama-perplexity prints them for Δp (older compare.json
-    /// files lack them: NaN).
-    #[serde(default = "nan", deserialize_with = "crate::compare::f64_or_nan")]
-    pub p75: f64,
-    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
-    pub median: f64,
-    #[serde(default = "nan", deserialize_with = "crate::compare::f64_or_nan")]
-    pub p25: f64,
-    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
-    pub p10: f64,
-    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
-    pub p5: f64,
-    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
-    pub p1: f64,
-    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
-    pub p0_1: f64,
-    #[serde(deserialize_with = "crate::compare::f64_or_nan")]
-    pub min: f64,
 }
 
 impl Spread {

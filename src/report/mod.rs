@@ -5,11 +5,13 @@
 //! the drawing needs (a JSON Schema, `trace-read.schema.json`, with the constraints of the
 //! Token Heatmap trace schema on the fields we draw) and refuses unknown schema majors.
 
-use crate::compare::CompareReport;
-use crate::plot::{self, HeatCell, HeatColumn, Series};
-use crate::trace::{DistributionOut, Trace};
+pub mod plot;
+
+use crate::schema::compare::CompareReport;
+use crate::schema::trace::{DistributionOut, Trace};
 use anyhow::Context;
 use logitprobe_backends::usage;
+use plot::{HeatCell, HeatColumn, Series};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -60,7 +62,7 @@ pub fn read(path: &Path) -> anyhow::Result<ReportInput> {
             path.display()
         )
     })?;
-    if value.get("kind").and_then(Value::as_str) == Some(crate::compare::KIND) {
+    if value.get("kind").and_then(Value::as_str) == Some(crate::schema::compare::KIND) {
         let report: CompareReport = serde_path_to_error::deserialize(&value).map_err(|e| {
             usage!(
                 "{} is not a logitprobe compare.json: at {}: {}",
@@ -184,7 +186,7 @@ pub fn atomic_png<T>(
 
 fn columns(
     trace: &Trace,
-    pick: impl Fn(&crate::trace::Step) -> &DistributionOut,
+    pick: impl Fn(&crate::schema::trace::Step) -> &DistributionOut,
 ) -> Vec<HeatColumn> {
     trace
         .steps
@@ -329,10 +331,10 @@ pub fn trace_plots(dir: &Path, trace: &Trace) -> anyhow::Result<Vec<PathBuf>> {
 /// rank by layer and step (`selected_rank_heatmap.png`), and each captured layer's heads'
 /// attention entropy at `lens_step` (`attention_layer_head_grid.png`).
 pub fn inside_plots(dir: &Path, trace: &Trace, lens_step: usize) -> anyhow::Result<Vec<PathBuf>> {
-    use crate::plot::{GridCell, GridScale};
+    use crate::report::plot::{GridCell, GridScale};
     let model = short_name(&trace.metadata.model);
     let mut written = Vec::new();
-    let lens_steps: Vec<&crate::trace::Step> = trace
+    let lens_steps: Vec<&crate::schema::trace::Step> = trace
         .steps
         .iter()
         .filter(|s| s.logit_lens.is_some())
@@ -367,12 +369,12 @@ pub fn inside_plots(dir: &Path, trace: &Trace, lens_step: usize) -> anyhow::Resu
             .collect();
         let path = dir.join(LOGIT_LENS_PNG);
         atomic_png(&path, |tmp| {
-            crate::plot::grid(
+            crate::report::plot::grid(
                 tmp,
                 &format!(
                     "logit lens at step {} (selected {}) · {model}",
                     at.step,
-                    crate::plot::label(&at.selected.token)
+                    crate::report::plot::label(&at.selected.token)
                 ),
                 "top-k rank",
                 "layer",
@@ -423,7 +425,7 @@ pub fn inside_plots(dir: &Path, trace: &Trace, lens_step: usize) -> anyhow::Resu
             .collect();
         let path = dir.join(SELECTED_RANK_PNG);
         atomic_png(&path, |tmp| {
-            crate::plot::grid(
+            crate::report::plot::grid(
                 tmp,
                 &format!("selected token's rank by layer (log scale) · {model}"),
                 "generation step",
@@ -445,7 +447,7 @@ pub fn inside_plots(dir: &Path, trace: &Trace, lens_step: usize) -> anyhow::Resu
         })?;
         written.push(path);
     }
-    let attention_steps: Vec<&crate::trace::Step> = trace
+    let attention_steps: Vec<&crate::schema::trace::Step> = trace
         .steps
         .iter()
         .filter(|s| s.attention.is_some())
@@ -499,7 +501,7 @@ pub fn inside_plots(dir: &Path, trace: &Trace, lens_step: usize) -> anyhow::Resu
             .collect();
         let path = dir.join(ATTENTION_GRID_PNG);
         atomic_png(&path, |tmp| {
-            crate::plot::grid(
+            crate::report::plot::grid(
                 tmp,
                 &format!(
                     "attention entropy by layer and head at step {} · {model}",
@@ -558,7 +560,7 @@ pub fn write_html(
             marks => minijinja::Value::from_safe_string(marks),
         })?;
     let path = dir.join(REPORT_HTML);
-    crate::output::write_atomic(&path, |w| {
+    crate::util::write_atomic(&path, |w| {
         w.write_all(html.as_bytes())?;
         Ok(())
     })?;
@@ -604,7 +606,7 @@ pub struct TraceMarks {
 impl TraceMarks {
     /// The marks in the `run.json` of a trace's folder, if it has one for this prompt.
     pub fn beside(trace_path: &Path, trace: &Trace) -> TraceMarks {
-        let run = trace_path.with_file_name(crate::output::RUN_JSON);
+        let run = trace_path.with_file_name(crate::schema::layout::RUN_JSON);
         let Some(v) = std::fs::read(&run)
             .ok()
             .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
@@ -649,8 +651,10 @@ const B_COLORS: [plotters::style::RGBColor; 5] = [
 /// compare view of `report.html`.
 pub fn write_compare_report(dir: &Path, report: &CompareReport) -> anyhow::Result<Vec<PathBuf>> {
     let n_b = report.b.len();
-    let names: Vec<String> = (0..n_b).map(|i| crate::compare::b_name(i, n_b)).collect();
-    let per_b = |f: fn(&crate::compare::BAt) -> f64| -> Vec<Vec<f64>> {
+    let names: Vec<String> = (0..n_b)
+        .map(|i| crate::schema::compare::b_name(i, n_b))
+        .collect();
+    let per_b = |f: fn(&crate::schema::compare::BAt) -> f64| -> Vec<Vec<f64>> {
         (0..n_b)
             .map(|bi| report.positions.iter().map(|p| f(&p.b[bi])).collect())
             .collect()
@@ -721,7 +725,7 @@ pub fn write_compare_report(dir: &Path, report: &CompareReport) -> anyhow::Resul
         } else {
             format!(
                 "lens layer (layers {})",
-                crate::inside::Layers::List(layers.clone())
+                crate::lens::Layers::List(layers.clone())
             )
         };
         atomic_png(&path, |tmp| {

@@ -3,7 +3,7 @@
 //! or showing the start of a stop string).
 
 use super::engine::TokenOut;
-use crate::chat::Message;
+use crate::text::chat::Message;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use logitprobe_backends::TokenId;

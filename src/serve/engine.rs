@@ -1,15 +1,15 @@
 //! The engine thread: requests come in as [`Job`]s through a bounded queue, become prompts of
-//! the generation loop ([`crate::generate::run`]), and each step goes back to its request as
+//! the generation loop ([`crate::generate::Generator`]), and each step goes back to its request as
 //! an [`Event`] through the request's own channel.
 
 use super::Metrics;
-use crate::chat::Message;
+use crate::dist::logprobs::TokenLogprobs;
 use crate::generate::{
     self, Control, GenerateConfig, Generation, PromptInput, Prompts, Sink, StopReason, StopStrings,
 };
-use crate::logprobs::TokenLogprobs;
-use crate::trace::Step;
-use logitprobe_backends::{LogitSource, TokenId};
+use crate::schema::trace::Step;
+use crate::text::chat::Message;
+use logitprobe_backends::{LogitSource, TokenId, Vocab};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
@@ -111,7 +111,7 @@ const GATHER: Duration = Duration::from_millis(3);
 
 impl Feed {
     /// Renders and tokenizes a job's prompts; a bad one fails the whole request.
-    fn expand(&mut self, source: &dyn LogitSource, job: Job) {
+    fn expand(&mut self, source: &dyn Vocab, job: Job) {
         self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
         let n_ctx = source.info().n_ctx;
         let mut inputs = Vec::new();
@@ -190,13 +190,15 @@ impl Feed {
     }
 }
 
-fn tokenize(source: &dyn LogitSource, kind: &PromptKind) -> anyhow::Result<Vec<TokenId>> {
+fn tokenize(source: &dyn Vocab, kind: &PromptKind) -> anyhow::Result<Vec<TokenId>> {
     match kind {
         PromptKind::Ids(ids) => Ok(ids.clone()),
-        PromptKind::Text(text) => crate::prompts::tokenize_prompt(source, text, false, true),
+        PromptKind::Text(text) => {
+            crate::generate::prompts::tokenize_prompt(source, text, false, true)
+        }
         PromptKind::Chat(messages) => {
-            let rendered = crate::chat::render_messages(source, messages)?;
-            crate::prompts::tokenize_prompt(source, &rendered, true, true)
+            let rendered = crate::text::chat::render_messages(source, messages)?;
+            crate::generate::prompts::tokenize_prompt(source, &rendered, true, true)
         }
     }
 }
@@ -204,7 +206,7 @@ fn tokenize(source: &dyn LogitSource, kind: &PromptKind) -> anyhow::Result<Vec<T
 impl Prompts for Feed {
     fn next_prompt(
         &mut self,
-        source: &dyn LogitSource,
+        source: &dyn Vocab,
         idle: bool,
     ) -> Option<anyhow::Result<PromptInput>> {
         loop {
@@ -281,7 +283,7 @@ struct Responder {
 
 impl Responder {
     fn token(
-        source: &dyn LogitSource,
+        source: &dyn Vocab,
         id: TokenId,
         logprobs: Option<&TokenLogprobs>,
         probe: Option<&Step>,
@@ -299,7 +301,7 @@ impl Responder {
         }
     }
 
-    fn send_prompt(&mut self, source: &dyn LogitSource, input: &PromptInput, g: &Generation) {
+    fn send_prompt(&mut self, source: &dyn Vocab, input: &PromptInput, g: &Generation) {
         if !self.prompt_sent.insert((input.tag, input.index)) {
             return;
         }
@@ -329,14 +331,14 @@ impl Responder {
 }
 
 impl Sink for Responder {
-    fn begin(&mut self, _: &dyn LogitSource, _: &PromptInput) -> anyhow::Result<()> {
+    fn begin(&mut self, _: &dyn Vocab, _: &PromptInput) -> anyhow::Result<()> {
         self.metrics.slots_busy.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     fn step(
         &mut self,
-        source: &dyn LogitSource,
+        source: &dyn Vocab,
         input: &PromptInput,
         g: &Generation,
         step: &Step,
@@ -365,7 +367,7 @@ impl Sink for Responder {
 
     fn finish(
         &mut self,
-        source: &dyn LogitSource,
+        source: &dyn Vocab,
         input: &PromptInput,
         g: &Generation,
     ) -> anyhow::Result<()> {
@@ -419,15 +421,8 @@ pub fn run(
         prompt_sent: HashSet::new(),
     };
     while feed.open {
-        let result = generate::run(
-            source,
-            &mut feed,
-            base,
-            n_slots,
-            &mut [&mut responder],
-            &shutdown,
-            &(),
-        );
+        let result = generate::Generator::new(base, n_slots)
+            .and_then(|g| g.run(source, &mut feed, &mut [&mut responder], &shutdown));
         if let Err(e) = result {
             // An engine failure ends the requests in flight, not the server.
             tracing::error!("the engine failed: {e:#}");

@@ -8,9 +8,9 @@ use super::api::{
 };
 use super::engine::{Event, Job, PromptKind, TokenOut};
 use super::AppState;
+use crate::dist::logprobs::LogprobsMode;
+use crate::dist::sampler::SamplingConfig;
 use crate::generate::{GenerateConfig, LogprobsRequest, StopReason};
-use crate::logprobs::LogprobsMode;
-use crate::sampler::SamplingConfig;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -189,7 +189,7 @@ fn sampling(
     })?;
     let seed = match f.seed {
         Some(s) if s >= 0 => s as u64,
-        _ => crate::sampler::fresh_seed(),
+        _ => crate::dist::sampler::fresh_seed(),
     };
     Ok((s, seed))
 }
@@ -198,7 +198,7 @@ fn check_top(state: &AppState, n: usize, param: &str) -> Result<(), ApiError> {
     if n > state.cfg.max_logprobs {
         return Err(ApiError::bad_request(
             format!(
-                "{param} {n} is above this server's limit of {}: ask for fewer (the server's --max-logprobs sets the limit)",
+                "{param} {n} is above this server's limit of {}: ask for fewer (the server's max-logprobs setting sets the limit)",
                 state.cfg.max_logprobs
             ),
             Some(param),

@@ -29,7 +29,7 @@ pub use runtime::find_ort_lib;
 
 use crate::hf::HfFolder;
 use crate::inside::{Architecture, CaptureSpec, Captured, LensHead};
-use crate::{usage, EngineOptions, LogitSource, ModelInfo, TokenId};
+use crate::{usage, EngineOptions, LogitSource, ModelInfo, TokenId, Vocab};
 use anyhow::Context as _;
 use graph::{Decoder, Graph, Hidden};
 use half::f16;
@@ -532,7 +532,7 @@ impl OnnxSource {
     }
 }
 
-impl LogitSource for OnnxSource {
+impl Vocab for OnnxSource {
     fn info(&self) -> &ModelInfo {
         &self.info
     }
@@ -557,7 +557,9 @@ impl LogitSource for OnnxSource {
     fn chat_template(&self) -> Option<String> {
         self.folder.chat_template.clone()
     }
+}
 
+impl LogitSource for OnnxSource {
     fn begin(&mut self, n_slots: usize) -> anyhow::Result<()> {
         crate::check_slots(n_slots)?;
         self.slots.clear();

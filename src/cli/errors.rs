@@ -1,0 +1,223 @@
+//! Library errors as the command line says them: each in the terms of its flags, one line,
+//! and the exit code (2 for what the user can fix, 1 for the rest). The library names no flag;
+//! this is where its typed errors meet them.
+
+use logitprobe::cluster::merge::MergeError;
+use logitprobe::cluster::shard::PlanError;
+use logitprobe::cluster::slurm::NoShardedRun;
+use logitprobe::dist::row::ProbeConfigError;
+use logitprobe::dist::sampler::BadSetting;
+use logitprobe::generate::prompts::PromptsFileError;
+use logitprobe::hub::{other_engine, HubError};
+use logitprobe::text::chat::NoChatTemplate;
+use logitprobe::util::OutputDirError;
+use logitprobe_backends::UsageError;
+use std::error::Error as StdError;
+use std::process::ExitCode;
+
+/// Prints `e` on one line (its chain of causes, outermost first, then what to change) and
+/// gives the exit code.
+pub fn report(e: &anyhow::Error) -> ExitCode {
+    let engine = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<logitprobe_backends::Error>());
+    let usage = e.chain().any(is_usage);
+    let mut msg = e
+        .chain()
+        .map(|c| in_flags(c).unwrap_or_else(|| c.to_string()))
+        .collect::<Vec<_>>()
+        .join(": ");
+    if let Some(fix) = engine.and_then(fix_for) {
+        msg.push_str("; ");
+        msg.push_str(&fix);
+    }
+    eprintln!("error: {}", msg.replace('\n', " "));
+    ExitCode::from(if usage { 2 } else { 1 })
+}
+
+/// What the user can fix: bad flags and inputs, an output folder that holds another sharded
+/// job, shards still missing at a merge, what an engine refuses.
+fn is_usage(c: &(dyn StdError + 'static)) -> bool {
+    c.is::<UsageError>()
+        || c.is::<logitprobe_backends::Error>()
+        || c.is::<PlanError>()
+        || c.is::<MergeError>()
+        || c.is::<HubError>()
+        || c.is::<PromptsFileError>()
+        || c.is::<NoChatTemplate>()
+        || c.is::<NoShardedRun>()
+        || c.is::<OutputDirError>()
+        || c.is::<ProbeConfigError>()
+        || c.is::<BadSetting>()
+}
+
+/// The flag a library setting is given with.
+pub fn flag(setting: &str) -> String {
+    format!("--{}", setting.replace('_', "-"))
+}
+
+/// A sampling setting out of range, with the setting written as its flag.
+pub fn bad_setting(e: &BadSetting) -> String {
+    format!("{} {} {}", flag(e.setting), e.value, e.rule)
+}
+
+/// The message of a library error that names a setting, in terms of the flags; `None` for
+/// errors whose own message says it all.
+fn in_flags(c: &(dyn StdError + 'static)) -> Option<String> {
+    if let Some(e) = c.downcast_ref::<HubError>() {
+        return Some(hub(e));
+    }
+    if let Some(e) = c.downcast_ref::<PromptsFileError>() {
+        return Some(match e {
+            PromptsFileError::Unreadable { path, reason } => {
+                format!("cannot read --prompts-file {}: {reason}", path.display())
+            }
+            PromptsFileError::NotAFile { path } => format!(
+                "--prompts-file {} is not a regular file; give a text or JSONL file",
+                path.display()
+            ),
+        });
+    }
+    if let Some(e) = c.downcast_ref::<NoChatTemplate>() {
+        return Some(format!(
+            "model {} has no chat template; give one with --chat-template NAME|JINJA or --chat-template-file, drop --use-chat-template (and --system-prompt), or use an instruct model",
+            e.model
+        ));
+    }
+    if let Some(e) = c.downcast_ref::<NoShardedRun>() {
+        return Some(format!(
+            "{} holds no sharded run (no shards/plan.json or slurm/jobs.json): give the --out of the run",
+            e.dir.display()
+        ));
+    }
+    if let Some(e) = c.downcast_ref::<MergeError>() {
+        return Some(match e {
+            MergeError::NotSharded { dir } => format!(
+                "{} is not a sharded run (no {}/{}): give the --out of the shards",
+                dir.display(),
+                logitprobe::cluster::shard::SHARDS_DIR,
+                logitprobe::cluster::shard::PLAN_JSON
+            ),
+            _ => e.message(|shards| format!("the same command with --shard K/{shards} for each")),
+        });
+    }
+    if let Some(e) = c.downcast_ref::<OutputDirError>() {
+        return Some(format!("{e}; choose another --out"));
+    }
+    if let Some(e) = c.downcast_ref::<ProbeConfigError>() {
+        return Some(match e {
+            ProbeConfigError::MinKZero => {
+                "--min-k 0 is invalid: keep at least one candidate (--min-k 1 or more)".into()
+            }
+            ProbeConfigError::MinKAboveMaxK { min_k, max_k } => {
+                format!("--min-k {min_k} is larger than --max-k {max_k}: make --min-k <= --max-k")
+            }
+            ProbeConfigError::MassThreshold(m) => {
+                format!("--mass-threshold {m} is outside (0, 1]: use e.g. 0.95")
+            }
+            ProbeConfigError::Eps(_) => e.to_string(),
+        });
+    }
+    if let Some(e) = c.downcast_ref::<BadSetting>() {
+        return Some(bad_setting(e));
+    }
+    None
+}
+
+fn hub(e: &HubError) -> String {
+    match e {
+        HubError::FileNotInRepo { file, repo } => format!(
+            "{file} not found in {repo}: check --model-file (the repo's file list is on huggingface.co/{repo})"
+        ),
+        HubError::RepoNeedsFile { repo } => format!(
+            "--model {repo} is a repo: name the GGUF file with --model-file, e.g. --model-file model-q4_k_m.gguf"
+        ),
+        HubError::CannotListRepo { repo, reason } => format!(
+            "cannot list the files of {repo} on the Hugging Face Hub ({reason}); name the file with --model {repo} --model-file FILE.gguf"
+        ),
+        HubError::NoCatalogueBuild { alias, backend } => format!(
+            "{alias} has no {} build in the catalogue; use --backend {} or export one (models/README.md)",
+            backend.name(),
+            other_engine(*backend)
+        ),
+        HubError::QuantNeedsLlama { model } => format!(
+            "{model} names a GGUF quantization: use --backend llama (or leave --backend out)"
+        ),
+        HubError::QuantAndFile { model } => format!(
+            "{model} names its file by quantization and --model-file names one too: give one of them"
+        ),
+        HubError::GgufNeedsLlama { model } => {
+            format!("{model} is a GGUF file: use --backend llama (or leave --backend out)")
+        }
+        HubError::OnnxNeedsOnnx { model, folder } => format!(
+            "{model} is {}: use --backend onnx (or leave --backend out)",
+            if *folder {
+                "a folder (an ONNX export?)"
+            } else {
+                "an ONNX file"
+            }
+        ),
+    }
+}
+
+/// The flags that fix what an engine refused (the library names no flag).
+pub fn fix_for(e: &logitprobe_backends::Error) -> Option<String> {
+    use logitprobe_backends::Error;
+    match e {
+        Error::KvCacheTooLarge { .. } | Error::KvCacheAlloc { .. } => Some(
+            "lower --parallel or --ctx-size, or quantize the KV cache (--cache-type-k q8_0 --cache-type-v q8_0)".into(),
+        ),
+        Error::TooManySlots { max, .. } => Some(format!("use --parallel {max} or less")),
+        Error::ContextFull { .. } => Some("raise --ctx-size or shorten the prompt".into()),
+        Error::ContextBeyondModel { .. } => Some("lower --ctx-size".into()),
+        Error::ModelUnreadable { .. } => Some("check the --model path".into()),
+        Error::NotGguf { .. } => {
+            Some("pass a .gguf model, or use --backend onnx for an ONNX folder".into())
+        }
+        Error::NeedsGpuBuild { .. } => Some(
+            "rebuild logitprobe with --features llama-cuda, llama-metal or llama-vulkan, or drop --n-gpu-layers".into(),
+        ),
+        Error::QuantizedVNeedsFlashAttn { .. } => {
+            Some("drop --flash-attn off, or use --cache-type-v f16".into())
+        }
+        Error::UnknownDevice { .. } => Some("pass --device cpu, cuda or auto".into()),
+        Error::CudaUnavailable { .. } => Some("or use --device cpu".into()),
+        Error::OrtLibNotFound => Some(
+            "run models/fetch onnxruntime, `pip install onnxruntime`, or pass --ort-lib /path/to/libonnxruntime.so".into(),
+        ),
+        Error::OrtLibMissing { .. } => {
+            Some("fix --ort-lib / ORT_DYLIB_PATH or run models/fetch onnxruntime".into())
+        }
+        Error::EngineNotBuilt { engine } => {
+            Some(format!("rebuild logitprobe with `--features {engine}`"))
+        }
+        Error::BadTestModel { .. } => Some("e.g. --model 300:0".into()),
+        Error::LayerOutOfRange { part, n_layer, .. } => Some(format!(
+            "give {} layers between 0 and {} (or all)",
+            match part {
+                logitprobe_backends::InsidePart::LogitLens => "--lens-layers",
+                logitprobe_backends::InsidePart::Attention => "--attention-layers",
+            },
+            n_layer.saturating_sub(1)
+        )),
+        Error::AttentionNeedsFlashAttnOff => {
+            Some("use --flash-attn off (or auto) with --capture-attention".into())
+        }
+        Error::AttentionFused { .. } => {
+            Some("drop --capture-attention (the logit lens still works)".into())
+        }
+        Error::AttentionWindowed { n_swa, .. } => {
+            Some(format!("use --ctx-size {n_swa} or less with --capture-attention"))
+        }
+        Error::LensUnknownArchitecture { .. } | Error::LensHeadUnreadable { .. } => {
+            Some("drop --capture-logit-lens for this model".into())
+        }
+        Error::GraphNotUnderstood { .. } => Some(
+            "drop --capture-logit-lens and --capture-attention for this export".into(),
+        ),
+        Error::CaptureUnsupported { .. } => Some(
+            "drop --capture-logit-lens and --capture-attention, or use --backend llama or onnx".into(),
+        ),
+        _ => None,
+    }
+}
