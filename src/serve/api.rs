@@ -2,13 +2,11 @@
 //! the pieces of responses (logprobs blocks, text that streams without splitting a character
 //! or showing the start of a stop string).
 
-use super::engine::TokenOut;
 use crate::text::chat::Message;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use logitprobe_backends::TokenId;
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
 
 /// What JSON holds for a logprob of −∞ (a token the sampler's filters removed): vLLM's value.
 pub const NEG_INF_LOGPROB: f64 = -9999.0;
@@ -23,7 +21,8 @@ pub fn finite(lp: f64) -> f64 {
 }
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
@@ -46,6 +45,7 @@ impl ApiError {
         self
     }
 
+    /// OpenAI's `type` for this status.
     fn kind(&self) -> &'static str {
         match self.status.as_u16() {
             401 => "authentication_error",
@@ -55,18 +55,38 @@ impl ApiError {
             _ => "server_error",
         }
     }
+
+    /// The body of this error, with `kind` as its `type`.
+    pub fn body(&self, kind: &'static str) -> ErrorResponse {
+        ErrorResponse {
+            error: ErrorBody {
+                code: self.code,
+                message: self.message.clone(),
+                param: self.param.clone(),
+                kind,
+            },
+        }
+    }
+}
+
+/// `{"error": {...}}`, keys in the order they have always had.
+#[derive(Debug, Serialize)]
+pub struct ErrorResponse {
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub code: Option<&'static str>,
+    pub message: String,
+    pub param: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({
-            "error": {
-                "message": self.message,
-                "type": self.kind(),
-                "param": self.param,
-                "code": self.code,
-            }
-        });
+        let body = self.body(self.kind());
         (self.status, axum::Json(body)).into_response()
     }
 }
@@ -280,76 +300,6 @@ pub struct LlamaCompletionRequest {
 /// has them exactly).
 pub fn token_text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn bytes_json(bytes: &[u8]) -> Value {
-    Value::Array(bytes.iter().map(|&b| Value::from(b)).collect())
-}
-
-/// The top logprobs of a completion token as OpenAI's `{token: logprob}` map.
-pub fn top_map(t: &TokenOut) -> Value {
-    let mut m = Map::new();
-    if let Some(lp) = &t.logprobs {
-        for ((_, l), b) in lp.top.iter().zip(&t.top_bytes) {
-            m.entry(token_text(b)).or_insert(Value::from(finite(*l)));
-        }
-    }
-    Value::Object(m)
-}
-
-/// One entry of chat's `logprobs.content`.
-pub fn chat_logprob(t: &TokenOut, top: usize) -> Value {
-    let lp = t.logprobs.as_ref();
-    let tops: Vec<Value> = lp
-        .map(|lp| {
-            lp.top
-                .iter()
-                .zip(&t.top_bytes)
-                .take(top)
-                .map(|((_, l), b)| {
-                    json!({"token": token_text(b), "logprob": finite(*l), "bytes": bytes_json(b)})
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    json!({
-        "token": token_text(&t.bytes),
-        "logprob": finite(lp.map_or(0.0, |l| l.logprob)),
-        "bytes": bytes_json(&t.bytes),
-        "top_logprobs": tops,
-    })
-}
-
-/// One entry of llama-server's `completion_probabilities`.
-pub fn llama_probability(t: &TokenOut, post_sampling: bool) -> Value {
-    let lp = t.logprobs.as_ref();
-    let tops: Vec<Value> = lp
-        .map(|lp| {
-            lp.top
-                .iter()
-                .zip(&t.top_bytes)
-                .map(|(&(id, l), b)| {
-                    let mut e = json!({"id": id, "token": token_text(b), "bytes": bytes_json(b)});
-                    if post_sampling {
-                        e["prob"] = Value::from(if l.is_finite() { l.exp() } else { 0.0 });
-                    } else {
-                        e["logprob"] = Value::from(finite(l));
-                    }
-                    e
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let l = lp.map_or(0.0, |l| l.logprob);
-    let mut e = json!({"id": t.id, "token": token_text(&t.bytes), "bytes": bytes_json(&t.bytes)});
-    if post_sampling {
-        e["prob"] = Value::from(if l.is_finite() { l.exp() } else { 0.0 });
-        e["top_probs"] = Value::Array(tops);
-    } else {
-        e["logprob"] = Value::from(finite(l));
-        e["top_logprobs"] = Value::Array(tops);
-    }
-    e
 }
 
 /// A choice's text as it streams: bytes come a token at a time, text goes out only up to

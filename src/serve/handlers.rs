@@ -2,23 +2,26 @@
 //! response, whole or as server-sent events.
 
 use super::api::{
-    char_offset, chat_logprob, finite, llama_probability, parse, token_text, top_map, ApiError,
-    ChatRequest, CompletionRequest, LlamaCompletionRequest, PromptField, SamplingFields,
-    TextStream,
+    char_offset, ApiError, ChatRequest, CompletionRequest, LlamaCompletionRequest, PromptField,
+    SamplingFields, TextStream,
 };
 use super::engine::{Event, Job, PromptKind, TokenOut};
+use super::extract::ApiJson;
+use super::llama_server::{LlamaCompletion, LlamaProbability};
+use super::openai::{
+    probe_list, ChatChoice, ChatCompletion, ChatDelta, ChatLogprob, ChatLogprobs, ChatMessageOut,
+    Completion, CompletionChoice, CompletionLogprobs, ModelCard, ModelList, Usage,
+};
 use super::AppState;
 use crate::dist::logprobs::LogprobsMode;
 use crate::dist::sampler::SamplingConfig;
 use crate::generate::{GenerateConfig, LogprobsRequest, StopReason};
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -27,8 +30,13 @@ use tokio_stream::wrappers::ReceiverStream;
 
 type AppStateRef = State<Arc<AppState>>;
 
-pub async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+#[derive(Serialize)]
+pub struct Health {
+    status: &'static str,
+}
+
+pub async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
 }
 
 pub async fn not_found() -> ApiError {
@@ -57,19 +65,19 @@ pub async fn viewer() -> Html<&'static str> {
     Html(include_str!("viewer.html"))
 }
 
-pub async fn models(State(state): AppStateRef) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.model_id,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "logitprobe",
-            "max_model_len": state.n_ctx,
-            // logitprobe's own: what "probe": true describes with.
-            "probe_config": state.cfg.probe,
-        }]
-    }))
+pub async fn models(State(state): AppStateRef) -> Json<ModelList> {
+    Json(ModelList {
+        data: vec![ModelCard {
+            created: state.created,
+            id: state.model_id.clone(),
+            max_model_len: state.n_ctx,
+            object: "model",
+            owned_by: "logitprobe",
+            // A JSON value: its keys in the order they have always had.
+            probe_config: serde_json::to_value(&state.cfg.probe).unwrap_or_default(),
+        }],
+        object: "list",
+    })
 }
 
 pub async fn metrics(State(state): AppStateRef) -> Response {
@@ -124,26 +132,6 @@ pub async fn metrics(State(state): AppStateRef) -> Response {
         state.n_slots as i64,
     );
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
-}
-
-/// The request body, or the error for one that is too large or cut off.
-fn body_of(body: Result<Bytes, BytesRejection>, state: &AppState) -> Result<Bytes, ApiError> {
-    body.map_err(|e| {
-        let status = e.status();
-        ApiError {
-            status,
-            message: if status == StatusCode::PAYLOAD_TOO_LARGE {
-                format!(
-                    "the request body is larger than this server's limit of {} bytes",
-                    state.cfg.max_body_bytes
-                )
-            } else {
-                format!("the request body could not be read: {e}")
-            },
-            param: None,
-            code: (status == StatusCode::PAYLOAD_TOO_LARGE).then_some("request_too_large"),
-        }
-    })
 }
 
 fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
@@ -234,264 +222,23 @@ fn prompts_of(p: &PromptField) -> Result<Vec<PromptKind>, ApiError> {
     Ok(v)
 }
 
-/// Queues a job; a full queue is 503.
-fn submit(
-    state: &AppState,
+/// A request checked and turned into what the engine runs.
+struct Valid {
     prompts: Vec<PromptKind>,
+    /// Choices per prompt.
     n: usize,
     settings: GenerateConfig,
     stop: Vec<String>,
-) -> Result<(UnboundedReceiver<Event>, u64), ApiError> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-    let job = Job {
-        id,
-        prompts,
-        n,
-        settings: Arc::new(settings),
-        stop,
-        tx,
-    };
-    state.metrics.queued.fetch_add(1, Ordering::Relaxed);
-    match state.jobs.try_send(job) {
-        Ok(()) => {
-            state.metrics.requests.fetch_add(1, Ordering::Relaxed);
-            Ok((rx, id))
-        }
-        Err(e) => {
-            state.metrics.queued.fetch_sub(1, Ordering::Relaxed);
-            let message = match e {
-                std::sync::mpsc::TrySendError::Full(_) => format!(
-                    "the server is busy: {} requests are already waiting for a slot; retry later",
-                    state.cfg.max_queue
-                ),
-                std::sync::mpsc::TrySendError::Disconnected(_) => {
-                    "the server is shutting down".to_string()
-                }
-            };
-            Err(ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message,
-                param: None,
-                code: Some("queue_full"),
-            })
-        }
+    stream: bool,
+}
+
+impl Valid {
+    fn choices(&self) -> usize {
+        self.prompts.len() * self.n
     }
 }
 
-/// What the engine said about one choice.
-struct Choice {
-    prompt: Vec<TokenOut>,
-    tokens: Vec<TokenOut>,
-    text: TextStream,
-    done: Option<(StopReason, usize)>,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-}
-
-impl Choice {
-    fn new(stop: &[String]) -> Self {
-        Choice {
-            prompt: Vec::new(),
-            tokens: Vec::new(),
-            text: TextStream::new(stop),
-            done: None,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-        }
-    }
-
-    /// The generated text, up to a stop string.
-    fn output(&self) -> String {
-        let len = self.done.map_or(self.text.bytes.len(), |d| d.1);
-        String::from_utf8_lossy(&self.text.bytes[..len.min(self.text.bytes.len())]).into_owned()
-    }
-}
-
-fn finish_reason(r: StopReason) -> &'static str {
-    match r {
-        StopReason::EndOfGeneration | StopReason::StopString => "stop",
-        StopReason::MaxNewTokens | StopReason::ContextFull => "length",
-        StopReason::Cancelled | StopReason::Interrupted => "abort",
-    }
-}
-
-fn engine_error(status: u16, message: String, param: Option<&'static str>) -> ApiError {
-    ApiError {
-        status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        message,
-        param: param.map(Into::into),
-        code: (status == 400).then_some("invalid_prompt"),
-    }
-}
-
-/// What an event was, once applied to its choice.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Applied {
-    Prompt,
-    Token,
-    Done,
-}
-
-/// Applies one event to its choice; returns what it was and the choice it touched.
-fn apply(choices: &mut [Choice], ev: Event) -> Result<(Applied, usize), ApiError> {
-    match ev {
-        Event::Prompt { choice, tokens } => {
-            choices[choice].prompt = tokens;
-            Ok((Applied::Prompt, choice))
-        }
-        Event::Token { choice, token } => {
-            let c = &mut choices[choice];
-            if !token.special {
-                c.text.push(&token.bytes);
-            }
-            c.tokens.push(*token);
-            Ok((Applied::Token, choice))
-        }
-        Event::Done {
-            choice,
-            reason,
-            text_len,
-            prompt_tokens,
-            completion_tokens,
-        } => {
-            let c = &mut choices[choice];
-            c.done = Some((reason, text_len));
-            c.prompt_tokens = prompt_tokens;
-            c.completion_tokens = completion_tokens;
-            Ok((Applied::Done, choice))
-        }
-        Event::Error {
-            status,
-            message,
-            param,
-        } => Err(engine_error(status, message, param)),
-    }
-}
-
-/// The next event of a stream, applied; `None` when the stream has ended (with an error
-/// event sent to the client).
-async fn next_applied(
-    rx: &mut UnboundedReceiver<Event>,
-    choices: &mut [Choice],
-    tx: &mpsc::Sender<Result<SseEvent, Infallible>>,
-) -> Option<(Applied, usize)> {
-    let Some(ev) = rx.recv().await else {
-        send_error(tx, lost()).await;
-        return None;
-    };
-    match apply(choices, ev) {
-        Ok(x) => Some(x),
-        Err(e) => {
-            send_error(tx, e).await;
-            None
-        }
-    }
-}
-
-/// OpenAI's end of a stream: the usage chunk when asked for, then `[DONE]`.
-async fn end_stream(tx: &mpsc::Sender<Result<SseEvent, Infallible>>, usage: Option<Value>) {
-    if let Some(v) = usage {
-        if !send(tx, &v).await {
-            return;
-        }
-    }
-    let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
-}
-
-fn lost() -> ApiError {
-    ApiError {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        message: "the server stopped before the request finished".into(),
-        param: None,
-        code: None,
-    }
-}
-
-/// Waits for every choice to finish.
-async fn collect(
-    rx: &mut UnboundedReceiver<Event>,
-    n_choices: usize,
-    stop: &[String],
-) -> Result<Vec<Choice>, ApiError> {
-    let mut choices: Vec<Choice> = (0..n_choices).map(|_| Choice::new(stop)).collect();
-    while choices.iter().any(|c| c.done.is_none()) {
-        let ev = rx.recv().await.ok_or_else(lost)?;
-        apply(&mut choices, ev)?;
-    }
-    Ok(choices)
-}
-
-fn usage_of(choices: &[Choice], n: usize) -> Value {
-    // Each prompt counts once, however many choices it has.
-    let prompt: usize = choices
-        .iter()
-        .step_by(n.max(1))
-        .map(|c| c.prompt_tokens)
-        .sum();
-    let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn probe_list(tokens: &[TokenOut]) -> Value {
-    Value::Array(
-        tokens
-            .iter()
-            .map(|t| t.probe.as_ref().map_or(Value::Null, |s| json!(s)))
-            .collect(),
-    )
-}
-
-/// A completions `logprobs` block for `tokens`, whose text starts at character `offset`.
-struct CompletionLogprobs {
-    tokens: Vec<Value>,
-    token_logprobs: Vec<Value>,
-    top_logprobs: Vec<Value>,
-    text_offset: Vec<Value>,
-}
-
-impl CompletionLogprobs {
-    fn new() -> Self {
-        CompletionLogprobs {
-            tokens: Vec::new(),
-            token_logprobs: Vec::new(),
-            top_logprobs: Vec::new(),
-            text_offset: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, t: &TokenOut, offset: usize) {
-        self.tokens.push(Value::from(token_text(&t.bytes)));
-        match &t.logprobs {
-            Some(lp) => {
-                self.token_logprobs.push(Value::from(finite(lp.logprob)));
-                self.top_logprobs.push(top_map(t));
-            }
-            None => {
-                self.token_logprobs.push(Value::Null);
-                self.top_logprobs.push(Value::Null);
-            }
-        }
-        self.text_offset.push(Value::from(offset));
-    }
-
-    fn json(self) -> Value {
-        json!({
-            "tokens": self.tokens,
-            "token_logprobs": self.token_logprobs,
-            "top_logprobs": self.top_logprobs,
-            "text_offset": self.text_offset,
-        })
-    }
-}
-
-/// Settings of a job from the request's fields.
+/// The settings of a job from a request's fields over the server's.
 struct JobSettings {
     sampling: SamplingConfig,
     seed: u64,
@@ -529,32 +276,296 @@ fn openai_defaults() -> SamplingConfig {
     }
 }
 
-fn rejected(state: &AppState, e: ApiError) -> Response {
-    state.metrics.rejected.fetch_add(1, Ordering::Relaxed);
-    e.into_response()
+fn stop_strings(f: &SamplingFields) -> Vec<String> {
+    f.stop.clone().map(|s| s.into_vec()).unwrap_or_default()
 }
 
-/// Server-sent events from a task that turns engine events into JSON chunks; when the
+/// What the engine said about one choice.
+struct Choice {
+    prompt: Vec<TokenOut>,
+    tokens: Vec<TokenOut>,
+    text: TextStream,
+    done: Option<(StopReason, usize)>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+impl Choice {
+    fn new(stop: &[String]) -> Self {
+        Choice {
+            prompt: Vec::new(),
+            tokens: Vec::new(),
+            text: TextStream::new(stop),
+            done: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        }
+    }
+
+    /// The generated text, up to a stop string.
+    fn output(&self) -> String {
+        let len = self.done.map_or(self.text.bytes.len(), |d| d.1);
+        String::from_utf8_lossy(&self.text.bytes[..len.min(self.text.bytes.len())]).into_owned()
+    }
+
+    fn finish_reason(&self) -> Option<&'static str> {
+        self.done.map(|d| finish_reason(d.0))
+    }
+}
+
+fn finish_reason(r: StopReason) -> &'static str {
+    match r {
+        StopReason::EndOfGeneration | StopReason::StopString => "stop",
+        StopReason::MaxNewTokens | StopReason::ContextFull => "length",
+        StopReason::Cancelled | StopReason::Interrupted => "abort",
+    }
+}
+
+/// What an event was, once applied to its choice.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    Prompt,
+    Token,
+    Done,
+}
+
+/// The engine's events for one queued request, applied to its choices as they come: the one
+/// stream every route reads, whole (folded by [`Events::collect`]) or as server-sent events.
+struct Events {
+    rx: UnboundedReceiver<Event>,
+    choices: Vec<Choice>,
+    /// The job's number, in response ids.
+    job: u64,
+}
+
+impl Events {
+    /// The next event, applied: what it was and the choice it touched; `None` once every
+    /// choice is done.
+    async fn next(&mut self) -> Result<Option<(Applied, usize)>, ApiError> {
+        if self.choices.iter().all(|c| c.done.is_some()) {
+            return Ok(None);
+        }
+        let ev = self.rx.recv().await.ok_or_else(lost)?;
+        self.apply(ev).map(Some)
+    }
+
+    fn apply(&mut self, ev: Event) -> Result<(Applied, usize), ApiError> {
+        match ev {
+            Event::Prompt { choice, tokens } => {
+                self.choices[choice].prompt = tokens;
+                Ok((Applied::Prompt, choice))
+            }
+            Event::Token { choice, token } => {
+                let c = &mut self.choices[choice];
+                if !token.special {
+                    c.text.push(&token.bytes);
+                }
+                c.tokens.push(*token);
+                Ok((Applied::Token, choice))
+            }
+            Event::Done {
+                choice,
+                reason,
+                text_len,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                let c = &mut self.choices[choice];
+                c.done = Some((reason, text_len));
+                c.prompt_tokens = prompt_tokens;
+                c.completion_tokens = completion_tokens;
+                Ok((Applied::Done, choice))
+            }
+            Event::Error {
+                status,
+                message,
+                param,
+            } => Err(ApiError {
+                status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                message,
+                param: param.map(Into::into),
+                code: (status == 400).then_some("invalid_prompt"),
+            }),
+        }
+    }
+
+    /// Waits for every choice to finish.
+    async fn collect(mut self) -> Result<Vec<Choice>, ApiError> {
+        while self.next().await?.is_some() {}
+        Ok(self.choices)
+    }
+}
+
+fn lost() -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "the server stopped before the request finished".into(),
+        param: None,
+        code: None,
+    }
+}
+
+/// Queues a job; a full queue is 503.
+fn submit(state: &AppState, valid: Valid) -> Result<Events, ApiError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let choices = (0..valid.choices())
+        .map(|_| Choice::new(&valid.stop))
+        .collect();
+    let job = Job {
+        id,
+        prompts: valid.prompts,
+        n: valid.n,
+        settings: Arc::new(valid.settings),
+        stop: valid.stop,
+        tx,
+    };
+    state.metrics.queued.fetch_add(1, Ordering::Relaxed);
+    match state.jobs.try_send(job) {
+        Ok(()) => {
+            state.metrics.requests.fetch_add(1, Ordering::Relaxed);
+            Ok(Events {
+                rx,
+                choices,
+                job: id,
+            })
+        }
+        Err(e) => {
+            state.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+            let message = match e {
+                std::sync::mpsc::TrySendError::Full(_) => format!(
+                    "the server is busy: {} requests are already waiting for a slot; retry later",
+                    state.cfg.max_queue
+                ),
+                std::sync::mpsc::TrySendError::Disconnected(_) => {
+                    "the server is shutting down".to_string()
+                }
+            };
+            Err(ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message,
+                param: None,
+                code: Some("queue_full"),
+            })
+        }
+    }
+}
+
+/// Tokens counted once per prompt however many choices it has, and each choice's own.
+fn usage_of(choices: &[Choice], n: usize) -> Usage {
+    let prompt: usize = choices
+        .iter()
+        .step_by(n.max(1))
+        .map(|c| c.prompt_tokens)
+        .sum();
+    let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
+    Usage {
+        completion_tokens: completion,
+        prompt_tokens: prompt,
+        total_tokens: prompt + completion,
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What one API makes of a request's events: one response once every choice is done, or a
+/// chunk per event as they come.
+trait Render: Send + 'static {
+    type Whole: Serialize;
+    type Chunk: Serialize + Send;
+
+    fn whole(&self, choices: &[Choice], n: usize) -> Self::Whole;
+
+    /// The chunks a stream starts with, before any event.
+    fn opening(&self) -> Vec<Self::Chunk> {
+        Vec::new()
+    }
+
+    /// The chunk for an event applied to `choice` (number `index`), if it shows one.
+    fn chunk(&mut self, what: Applied, index: usize, choice: &mut Choice) -> Option<Self::Chunk>;
+
+    /// What a stream ends with once every choice is done (OpenAI's usage chunk and
+    /// `[DONE]`), as event data.
+    fn closing(&self, choices: &[Choice], n: usize) -> Vec<String>;
+
+    /// The queued job's number, for the response's id.
+    fn job(&mut self, _id: u64) {}
+}
+
+/// Validate → submit → events, folded into one response or streamed as server-sent events.
+async fn respond<R: Render>(state: &AppState, request: Result<(Valid, R), ApiError>) -> Response {
+    let result = async {
+        let (valid, mut render) = request?;
+        let (stream, n) = (valid.stream, valid.n);
+        let events = submit(state, valid)?;
+        render.job(events.job);
+        if stream {
+            return Ok(sse(events, render, n));
+        }
+        let choices = events.collect().await?;
+        Ok(Json(render.whole(&choices, n)).into_response())
+    }
+    .await;
+    result.unwrap_or_else(|e: ApiError| {
+        state.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+        e.into_response()
+    })
+}
+
+/// Server-sent events from a task that turns the request's events into chunks; when the
 /// client leaves, the task drops the engine's channel and the slot frees at the next step.
-fn sse(
-    build: impl FnOnce(mpsc::Sender<Result<SseEvent, Infallible>>) -> tokio::task::JoinHandle<()>,
-) -> Response {
-    let (tx, rx) = mpsc::channel(64);
-    build(tx);
+fn sse<R: Render>(mut events: Events, mut render: R, n: usize) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    tokio::spawn(async move {
+        let send = |data: String| {
+            let tx = tx.clone();
+            async move { tx.send(Ok(SseEvent::default().data(data))).await.is_ok() }
+        };
+        for chunk in render.opening() {
+            if !send(json_text(&chunk)).await {
+                return;
+            }
+        }
+        loop {
+            match events.next().await {
+                Ok(None) => break,
+                Ok(Some((what, index))) => {
+                    let chunk = render.chunk(what, index, &mut events.choices[index]);
+                    if let Some(chunk) = chunk {
+                        if !send(json_text(&chunk)).await {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    // The stream has begun: the error goes as its last event.
+                    let _ = send(json_text(&e.body("server_error"))).await;
+                    return;
+                }
+            }
+        }
+        for data in render.closing(&events.choices, n) {
+            if !send(data).await {
+                return;
+            }
+        }
+    });
     Sse::new(ReceiverStream::new(rx))
         .keep_alive(KeepAlive::default())
         .into_response()
 }
 
-async fn send(tx: &mpsc::Sender<Result<SseEvent, Infallible>>, v: &Value) -> bool {
-    tx.send(Ok(SseEvent::default().data(v.to_string())))
-        .await
-        .is_ok()
+fn json_text(v: &impl Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
 
-async fn send_error(tx: &mpsc::Sender<Result<SseEvent, Infallible>>, e: ApiError) {
-    let v = json!({"error": {"message": e.message, "type": "server_error", "param": e.param, "code": e.code}});
-    let _ = send(tx, &v).await;
+/// OpenAI's end of a stream: the usage chunk when asked for, then `[DONE]`.
+fn openai_closing(usage: Option<String>) -> Vec<String> {
+    usage.into_iter().chain(["[DONE]".to_string()]).collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -562,20 +573,16 @@ async fn send_error(tx: &mpsc::Sender<Result<SseEvent, Infallible>>, e: ApiError
 
 pub async fn completions(
     State(state): AppStateRef,
-    body: Result<Bytes, BytesRejection>,
+    ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Response {
-    match completions_inner(&state, body).await {
-        Ok(r) => r,
-        Err(e) => rejected(&state, e),
-    }
+    let request = completion_job(&state, req);
+    respond(&state, request).await
 }
 
-async fn completions_inner(
-    state: &Arc<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body_of(body, state)?;
-    let req: CompletionRequest = parse(&body)?;
+fn completion_job(
+    state: &AppState,
+    req: CompletionRequest,
+) -> Result<(Valid, CompletionRender), ApiError> {
     check_model(state, req.model.as_deref())?;
     let prompts = prompts_of(&req.prompt)?;
     let n = check_n(req.n)?;
@@ -583,19 +590,12 @@ async fn completions_inner(
         check_top(state, k, "logprobs")?;
     }
     let (sampling, seed) = sampling(&req.sampling, openai_defaults())?;
-    let stop = req
-        .sampling
-        .stop
-        .clone()
-        .map(|s| s.into_vec())
-        .unwrap_or_default();
-    let max_tokens = req.max_tokens.unwrap_or(16);
     let settings = generate_config(
         state,
         JobSettings {
             sampling,
             seed,
-            max_tokens,
+            max_tokens: req.max_tokens.unwrap_or(16),
             ignore_eos: req.sampling.ignore_eos,
             logprobs: req.logprobs.map(|top| LogprobsRequest {
                 top,
@@ -605,34 +605,107 @@ async fn completions_inner(
             probe: req.probe,
         },
     );
-    let n_choices = prompts.len() * n;
-    let (mut rx, job) = submit(state, prompts, n, settings, stop.clone())?;
-    let id = format!("cmpl-{job}");
-    let model = state.model_id.clone();
-    let created = now();
-    let want_lp = req.logprobs.is_some();
-    let echo = req.echo;
-    let probe = req.probe;
+    let valid = Valid {
+        prompts,
+        n,
+        settings,
+        stop: stop_strings(&req.sampling),
+        stream: req.stream,
+    };
+    let render = CompletionRender {
+        head: Head::new(state, "text_completion", "cmpl"),
+        want_lp: req.logprobs.is_some(),
+        echo: req.echo,
+        probe: req.probe,
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        chars: vec![0; valid.choices()],
+    };
+    Ok((valid, render))
+}
 
-    if !req.stream {
-        let choices = collect(&mut rx, n_choices, &stop).await?;
-        let out: Vec<Value> = choices
+/// What every OpenAI response and chunk starts with.
+struct Head {
+    id_prefix: &'static str,
+    object: &'static str,
+    created: u64,
+    model: String,
+    job: Option<u64>,
+}
+
+impl Head {
+    fn new(state: &AppState, object: &'static str, id_prefix: &'static str) -> Self {
+        Head {
+            id_prefix,
+            object,
+            created: now(),
+            model: state.model_id.clone(),
+            job: None,
+        }
+    }
+
+    fn id(&self) -> String {
+        format!("{}-{}", self.id_prefix, self.job.unwrap_or_default())
+    }
+}
+
+struct CompletionRender {
+    head: Head,
+    want_lp: bool,
+    echo: bool,
+    probe: bool,
+    include_usage: bool,
+    /// Characters already streamed per choice (for `text_offset`).
+    chars: Vec<usize>,
+}
+
+impl CompletionRender {
+    fn response(&self, object: &'static str, choices: Vec<CompletionChoice>) -> Completion {
+        Completion {
+            choices,
+            created: self.head.created,
+            id: self.head.id(),
+            model: self.head.model.clone(),
+            object,
+            usage: None,
+        }
+    }
+
+    /// A choice's echoed prompt: its logprobs, text and probe.
+    fn prompt_part(&self, c: &Choice) -> (CompletionLogprobs, Vec<u8>) {
+        let mut lp = CompletionLogprobs::default();
+        let mut bytes = Vec::new();
+        for t in &c.prompt {
+            lp.push(t, char_offset(&bytes, bytes.len()));
+            bytes.extend_from_slice(&t.bytes);
+        }
+        (lp, bytes)
+    }
+
+    fn prompt_ids(&self, c: &Choice) -> Option<Vec<logitprobe_backends::TokenId>> {
+        (self.probe && self.echo).then(|| c.prompt.iter().map(|t| t.id).collect())
+    }
+}
+
+impl Render for CompletionRender {
+    type Whole = Completion;
+    type Chunk = Completion;
+
+    fn job(&mut self, id: u64) {
+        self.head.job = Some(id);
+    }
+
+    fn whole(&self, choices: &[Choice], n: usize) -> Completion {
+        let out = choices
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let mut text = String::new();
-                let mut lp = CompletionLogprobs::new();
-                let mut all_bytes: Vec<u8> = Vec::new();
-                let mut probes = Vec::new();
-                if echo {
-                    for t in &c.prompt {
-                        lp.push(t, char_offset(&all_bytes, all_bytes.len()));
-                        all_bytes.extend_from_slice(&t.bytes);
-                    }
-                    text.push_str(&String::from_utf8_lossy(&all_bytes));
-                    probes.extend(c.prompt.iter().cloned());
-                }
-                let base_chars = char_offset(&all_bytes, all_bytes.len());
+                let (mut lp, mut probes, echoed) = if self.echo {
+                    let (lp, bytes) = self.prompt_part(c);
+                    (lp, c.prompt.clone(), bytes)
+                } else {
+                    Default::default()
+                };
+                let base_chars = char_offset(&echoed, echoed.len());
                 let mut gen: Vec<u8> = Vec::new();
                 for t in &c.tokens {
                     lp.push(t, base_chars + char_offset(&gen, gen.len()));
@@ -641,108 +714,81 @@ async fn completions_inner(
                     }
                 }
                 probes.extend(c.tokens.iter().cloned());
-                text.push_str(&c.output());
-                let mut choice = json!({
-                    "index": i,
-                    "text": text,
-                    "logprobs": if want_lp { lp.json() } else { Value::Null },
-                    "finish_reason": c.done.map(|d| finish_reason(d.0)),
-                });
-                if probe {
-                    choice["probe"] = probe_list(&probes);
-                    if echo {
-                        choice["prompt_token_ids"] =
-                            json!(c.prompt.iter().map(|t| t.id).collect::<Vec<_>>());
-                    }
+                CompletionChoice {
+                    finish_reason: c.finish_reason(),
+                    index: i,
+                    logprobs: self.want_lp.then_some(lp),
+                    probe: self.probe.then(|| probe_list(&probes)),
+                    prompt_token_ids: self.prompt_ids(c),
+                    text: String::from_utf8_lossy(&echoed).into_owned() + &c.output(),
                 }
-                choice
             })
             .collect();
-        return Ok(Json(json!({
-            "id": id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": out,
-            "usage": usage_of(&choices, n),
-        }))
-        .into_response());
+        Completion {
+            usage: Some(usage_of(choices, n)),
+            ..self.response(self.head.object, out)
+        }
     }
 
-    let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-    Ok(sse(move |tx| {
-        tokio::spawn(async move {
-            let mut choices: Vec<Choice> = (0..n_choices).map(|_| Choice::new(&stop)).collect();
-            // Characters already streamed per choice (for text_offset).
-            let mut chars = vec![0usize; n_choices];
-            let chunk = |index: usize,
-                         text: String,
-                         lp: Option<Value>,
-                         probe_v: Option<Value>,
-                         finish: Option<&str>| {
-                let mut c =
-                    json!({"index": index, "text": text, "logprobs": lp, "finish_reason": finish});
-                if let Some(p) = probe_v {
-                    c["probe"] = p;
-                }
-                json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [c]})
-            };
-            while choices.iter().any(|c| c.done.is_none()) {
-                let Some((kind, idx)) = next_applied(&mut rx, &mut choices, &tx).await else {
-                    return;
-                };
-                let c = &mut choices[idx];
-                let v = match kind {
-                    Applied::Prompt if echo => {
-                        let mut lp = CompletionLogprobs::new();
-                        let mut bytes = Vec::new();
-                        for t in &c.prompt {
-                            lp.push(t, char_offset(&bytes, bytes.len()));
-                            bytes.extend_from_slice(&t.bytes);
-                        }
-                        chars[idx] = char_offset(&bytes, bytes.len());
-                        let mut v = chunk(
-                            idx,
-                            String::from_utf8_lossy(&bytes).into_owned(),
-                            want_lp.then(|| lp.json()),
-                            probe.then(|| probe_list(&c.prompt)),
-                            None,
-                        );
-                        if probe {
-                            v["choices"][0]["prompt_token_ids"] =
-                                json!(c.prompt.iter().map(|t| t.id).collect::<Vec<_>>());
-                        }
-                        v
-                    }
-                    Applied::Token => {
-                        let t = c.tokens.last().expect("just pushed");
-                        let text = c.text.ready();
-                        let mut lp = CompletionLogprobs::new();
-                        lp.push(t, chars[idx]);
-                        chars[idx] += text.chars().count();
-                        chunk(
-                            idx,
-                            text,
-                            want_lp.then(|| lp.json()),
-                            probe.then(|| probe_list(std::slice::from_ref(t))),
-                            None,
-                        )
-                    }
-                    Applied::Done => {
-                        let (reason, len) = c.done.expect("done");
-                        let text = c.text.finish(len);
-                        chunk(idx, text, None, None, Some(finish_reason(reason)))
-                    }
-                    _ => continue,
-                };
-                if !send(&tx, &v).await {
-                    return;
-                }
+    fn chunk(&mut self, what: Applied, index: usize, c: &mut Choice) -> Option<Completion> {
+        let choice = |text: String, lp, probe, prompt_token_ids, finish_reason| CompletionChoice {
+            finish_reason,
+            index,
+            logprobs: lp,
+            probe,
+            prompt_token_ids,
+            text,
+        };
+        let one = match what {
+            Applied::Prompt if self.echo => {
+                let (lp, bytes) = self.prompt_part(c);
+                self.chars[index] = char_offset(&bytes, bytes.len());
+                choice(
+                    String::from_utf8_lossy(&bytes).into_owned(),
+                    self.want_lp.then_some(lp),
+                    self.probe.then(|| probe_list(&c.prompt)),
+                    self.prompt_ids(c),
+                    None,
+                )
             }
-            let usage = include_usage.then(|| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage_of(&choices, n)}));
-            end_stream(&tx, usage).await;
-        })
-    }))
+            Applied::Token => {
+                let t = c.tokens.last().expect("just pushed");
+                let text = c.text.ready();
+                let mut lp = CompletionLogprobs::default();
+                lp.push(t, self.chars[index]);
+                self.chars[index] += text.chars().count();
+                choice(
+                    text,
+                    self.want_lp.then_some(lp),
+                    self.probe.then(|| probe_list(std::slice::from_ref(t))),
+                    None,
+                    None,
+                )
+            }
+            Applied::Done => {
+                let (reason, len) = c.done.expect("done");
+                choice(
+                    c.text.finish(len),
+                    None,
+                    None,
+                    None,
+                    Some(finish_reason(reason)),
+                )
+            }
+            Applied::Prompt => return None,
+        };
+        Some(self.response(self.head.object, vec![one]))
+    }
+
+    fn closing(&self, choices: &[Choice], n: usize) -> Vec<String> {
+        let usage = self.include_usage.then(|| {
+            json_text(&Completion {
+                usage: Some(usage_of(choices, n)),
+                ..self.response(self.head.object, Vec::new())
+            })
+        });
+        openai_closing(usage)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -750,20 +796,13 @@ async fn completions_inner(
 
 pub async fn chat_completions(
     State(state): AppStateRef,
-    body: Result<Bytes, BytesRejection>,
+    ApiJson(req): ApiJson<ChatRequest>,
 ) -> Response {
-    match chat_inner(&state, body).await {
-        Ok(r) => r,
-        Err(e) => rejected(&state, e),
-    }
+    let request = chat_job(&state, req);
+    respond(&state, request).await
 }
 
-async fn chat_inner(
-    state: &Arc<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body_of(body, state)?;
-    let req: ChatRequest = parse(&body)?;
+fn chat_job(state: &AppState, req: ChatRequest) -> Result<(Valid, ChatRender), ApiError> {
     check_model(state, req.model.as_deref())?;
     let messages = req.messages()?;
     let n = check_n(req.n)?;
@@ -776,20 +815,13 @@ async fn chat_inner(
         ));
     }
     let (sampling, seed) = sampling(&req.sampling, openai_defaults())?;
-    let stop = req
-        .sampling
-        .stop
-        .clone()
-        .map(|s| s.into_vec())
-        .unwrap_or_default();
-    // Without max_tokens a reply may run to the end of the context.
-    let max_tokens = req.max_tokens.unwrap_or(state.n_ctx);
     let settings = generate_config(
         state,
         JobSettings {
             sampling,
             seed,
-            max_tokens,
+            // Without max_tokens a reply may run to the end of the context.
+            max_tokens: req.max_tokens.unwrap_or(state.n_ctx),
             ignore_eos: req.sampling.ignore_eos,
             logprobs: req.logprobs.then_some(LogprobsRequest {
                 top,
@@ -799,127 +831,157 @@ async fn chat_inner(
             probe: req.probe,
         },
     );
-    let (mut rx, job) = submit(
-        state,
-        vec![PromptKind::Chat(messages)],
+    let valid = Valid {
+        prompts: vec![PromptKind::Chat(messages)],
         n,
         settings,
-        stop.clone(),
-    )?;
-    let id = format!("chatcmpl-{job}");
-    let model = state.model_id.clone();
-    let created = now();
-    let want_lp = req.logprobs;
-    let probe = req.probe;
-    // Control tokens (end-of-turn) are not content: they leave the logprobs too.
-    let content_tokens =
-        |c: &Choice| -> Vec<TokenOut> { c.tokens.iter().filter(|t| !t.special).cloned().collect() };
+        stop: stop_strings(&req.sampling),
+        stream: req.stream,
+    };
+    let render = ChatRender {
+        head: Head::new(state, "chat.completion", "chatcmpl"),
+        n,
+        want_lp: req.logprobs,
+        top,
+        probe: req.probe,
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+    };
+    Ok((valid, render))
+}
 
-    if !req.stream {
-        let choices = collect(&mut rx, n, &stop).await?;
-        let out: Vec<Value> = choices
+struct ChatRender {
+    head: Head,
+    /// Choices (one prompt).
+    n: usize,
+    want_lp: bool,
+    top: usize,
+    probe: bool,
+    include_usage: bool,
+}
+
+const CHAT_CHUNK: &str = "chat.completion.chunk";
+
+impl ChatRender {
+    fn response(&self, object: &'static str, choices: Vec<ChatChoice>) -> ChatCompletion {
+        ChatCompletion {
+            choices,
+            created: self.head.created,
+            id: self.head.id(),
+            model: self.head.model.clone(),
+            object,
+            usage: None,
+        }
+    }
+
+    fn delta(&self, index: usize, delta: ChatDelta, lp: Option<ChatLogprobs>) -> ChatChoice {
+        ChatChoice {
+            delta: Some(delta),
+            finish_reason: None,
+            index,
+            logprobs: lp,
+            message: None,
+            probe: None,
+        }
+    }
+}
+
+impl Render for ChatRender {
+    type Whole = ChatCompletion;
+    type Chunk = ChatCompletion;
+
+    fn job(&mut self, id: u64) {
+        self.head.job = Some(id);
+    }
+
+    fn whole(&self, choices: &[Choice], n: usize) -> ChatCompletion {
+        let out = choices
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let toks = content_tokens(c);
-                let mut choice = json!({
-                    "index": i,
-                    "message": {"role": "assistant", "content": c.output()},
-                    "logprobs": if want_lp {
-                        json!({"content": toks.iter().map(|t| chat_logprob(t, top)).collect::<Vec<_>>()})
-                    } else {
-                        Value::Null
-                    },
-                    "finish_reason": c.done.map(|d| finish_reason(d.0)),
-                });
-                if probe {
-                    choice["probe"] = probe_list(&toks);
+                // Control tokens (end-of-turn) are not content: they leave the logprobs too.
+                let content: Vec<TokenOut> =
+                    c.tokens.iter().filter(|t| !t.special).cloned().collect();
+                ChatChoice {
+                    delta: None,
+                    finish_reason: c.finish_reason(),
+                    index: i,
+                    logprobs: self.want_lp.then(|| ChatLogprobs {
+                        content: content
+                            .iter()
+                            .map(|t| ChatLogprob::of(t, self.top))
+                            .collect(),
+                    }),
+                    message: Some(ChatMessageOut {
+                        content: c.output(),
+                        role: "assistant",
+                    }),
+                    probe: self.probe.then(|| probe_list(&content)),
                 }
-                choice
             })
             .collect();
-        return Ok(Json(json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": out,
-            "usage": usage_of(&choices, n),
-        }))
-        .into_response());
+        ChatCompletion {
+            usage: Some(usage_of(choices, n)),
+            ..self.response(self.head.object, out)
+        }
     }
 
-    let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-    Ok(sse(move |tx| {
-        tokio::spawn(async move {
-            let mut choices: Vec<Choice> = (0..n).map(|_| Choice::new(&stop)).collect();
-            let chunk = |index: usize,
-                         delta: Value,
-                         lp: Option<Value>,
-                         probe_v: Option<Value>,
-                         finish: Option<&str>| {
-                let mut c = json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish});
-                if let Some(p) = probe_v {
-                    c["probe"] = p;
+    fn opening(&self) -> Vec<ChatCompletion> {
+        (0..self.n)
+            .map(|i| {
+                let role = ChatDelta {
+                    content: Some(String::new()),
+                    role: Some("assistant"),
+                };
+                self.response(CHAT_CHUNK, vec![self.delta(i, role, None)])
+            })
+            .collect()
+    }
+
+    fn chunk(&mut self, what: Applied, index: usize, c: &mut Choice) -> Option<ChatCompletion> {
+        let one = match what {
+            Applied::Token => {
+                let t = c.tokens.last().expect("just pushed").clone();
+                if t.special {
+                    return None;
                 }
-                json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [c]})
-            };
-            for i in 0..n {
-                if !send(
-                    &tx,
-                    &chunk(
-                        i,
-                        json!({"role": "assistant", "content": ""}),
-                        None,
-                        None,
-                        None,
-                    ),
-                )
-                .await
-                {
-                    return;
+                let content = ChatDelta {
+                    content: Some(c.text.ready()),
+                    role: None,
+                };
+                let lp = self.want_lp.then(|| ChatLogprobs {
+                    content: vec![ChatLogprob::of(&t, self.top)],
+                });
+                ChatChoice {
+                    probe: self.probe.then(|| probe_list(std::slice::from_ref(&t))),
+                    ..self.delta(index, content, lp)
                 }
             }
-            while choices.iter().any(|c| c.done.is_none()) {
-                let Some((kind, idx)) = next_applied(&mut rx, &mut choices, &tx).await else {
-                    return;
+            Applied::Done => {
+                let (reason, len) = c.done.expect("done");
+                let text = c.text.finish(len);
+                let delta = ChatDelta {
+                    content: (!text.is_empty()).then_some(text),
+                    role: None,
                 };
-                let c = &mut choices[idx];
-                let v = match kind {
-                    Applied::Token => {
-                        let t = c.tokens.last().expect("just pushed").clone();
-                        if t.special {
-                            continue;
-                        }
-                        let text = c.text.ready();
-                        chunk(
-                            idx,
-                            json!({"content": text}),
-                            want_lp.then(|| json!({"content": [chat_logprob(&t, top)]})),
-                            probe.then(|| probe_list(std::slice::from_ref(&t))),
-                            None,
-                        )
-                    }
-                    Applied::Done => {
-                        let (reason, len) = c.done.expect("done");
-                        let text = c.text.finish(len);
-                        let delta = if text.is_empty() {
-                            json!({})
-                        } else {
-                            json!({"content": text})
-                        };
-                        chunk(idx, delta, None, None, Some(finish_reason(reason)))
-                    }
-                    _ => continue,
-                };
-                if !send(&tx, &v).await {
-                    return;
+                ChatChoice {
+                    finish_reason: Some(finish_reason(reason)),
+                    ..self.delta(index, delta, None)
                 }
             }
-            let usage = include_usage.then(|| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage_of(&choices, n)}));
-            end_stream(&tx, usage).await;
-        })
-    }))
+            Applied::Prompt => return None,
+        };
+        Some(self.response(CHAT_CHUNK, vec![one]))
+    }
+
+    fn closing(&self, choices: &[Choice], n: usize) -> Vec<String> {
+        let usage = self.include_usage.then(|| {
+            json_text(&ChatCompletion {
+                usage: Some(usage_of(choices, n)),
+                ..self.response(CHAT_CHUNK, Vec::new())
+            })
+        });
+        openai_closing(usage)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -927,12 +989,10 @@ async fn chat_inner(
 
 pub async fn llama_completion(
     State(state): AppStateRef,
-    body: Result<Bytes, BytesRejection>,
+    ApiJson(req): ApiJson<LlamaCompletionRequest>,
 ) -> Response {
-    match llama_inner(&state, body).await {
-        Ok(r) => r,
-        Err(e) => rejected(&state, e),
-    }
+    let request = llama_job(&state, req);
+    respond(&state, request).await
 }
 
 fn stop_type(r: StopReason) -> &'static str {
@@ -944,12 +1004,10 @@ fn stop_type(r: StopReason) -> &'static str {
     }
 }
 
-async fn llama_inner(
-    state: &Arc<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body_of(body, state)?;
-    let req: LlamaCompletionRequest = parse(&body)?;
+fn llama_job(
+    state: &AppState,
+    req: LlamaCompletionRequest,
+) -> Result<(Valid, LlamaRender), ApiError> {
     let prompts = prompts_of(&req.prompt)?;
     if prompts.len() != 1 {
         return Err(ApiError::bad_request(
@@ -967,12 +1025,6 @@ async fn llama_inner(
         ..SamplingConfig::default()
     };
     let (sampling, seed) = sampling(&req.sampling, defaults)?;
-    let stop = req
-        .sampling
-        .stop
-        .clone()
-        .map(|s| s.into_vec())
-        .unwrap_or_default();
     let max_tokens = match req.n_predict {
         Some(n) if n >= 0 => n as usize,
         _ => state.n_ctx,
@@ -997,74 +1049,92 @@ async fn llama_inner(
             probe: req.probe,
         },
     );
-    let (mut rx, _) = submit(state, prompts, 1, settings, stop.clone())?;
-    let model = state.model_id.clone();
-    let want = req.n_probs > 0;
-    let probe = req.probe;
-    let probs = move |toks: &[TokenOut]| -> Value {
-        Value::Array(toks.iter().map(|t| llama_probability(t, post)).collect())
+    let valid = Valid {
+        prompts,
+        n: 1,
+        settings,
+        stop: stop_strings(&req.sampling),
+        stream: req.stream,
     };
+    let render = LlamaRender {
+        model: state.model_id.clone(),
+        want: req.n_probs > 0,
+        post,
+        probe: req.probe,
+    };
+    Ok((valid, render))
+}
 
-    if !req.stream {
-        let choices = collect(&mut rx, 1, &stop).await?;
-        let c = &choices[0];
-        let (reason, _) = c.done.expect("collected");
-        let mut v = json!({
-            "content": c.output(),
-            "id_slot": 0,
-            "stop": true,
-            "model": model,
-            "tokens_predicted": c.completion_tokens,
-            "tokens_evaluated": c.prompt_tokens,
-            "stop_type": stop_type(reason),
-            "truncated": false,
-        });
-        if want {
-            v["completion_probabilities"] = probs(&c.tokens);
-        }
-        if probe {
-            v["probe"] = probe_list(&c.tokens);
-        }
-        return Ok(Json(v).into_response());
+struct LlamaRender {
+    model: String,
+    want: bool,
+    post: bool,
+    probe: bool,
+}
+
+impl LlamaRender {
+    fn probabilities(&self, tokens: &[TokenOut]) -> Option<Vec<LlamaProbability>> {
+        self.want.then(|| {
+            tokens
+                .iter()
+                .map(|t| LlamaProbability::of(t, self.post))
+                .collect()
+        })
     }
 
-    Ok(sse(move |tx| {
-        tokio::spawn(async move {
-            let mut choices = vec![Choice::new(&stop)];
-            loop {
-                let Some((kind, _)) = next_applied(&mut rx, &mut choices, &tx).await else {
-                    return;
-                };
-                let c = &mut choices[0];
-                let v = match kind {
-                    Applied::Token => {
-                        let t = c.tokens.last().expect("just pushed");
-                        let mut v = json!({"content": c.text.ready(), "stop": false});
-                        if want {
-                            v["completion_probabilities"] = probs(std::slice::from_ref(t));
-                        }
-                        if probe {
-                            v["probe"] = probe_list(std::slice::from_ref(t));
-                        }
-                        v
-                    }
-                    Applied::Done => {
-                        let (reason, len) = c.done.expect("done");
-                        json!({
-                            "content": c.text.finish(len),
-                            "stop": true,
-                            "model": model,
-                            "tokens_predicted": c.completion_tokens,
-                            "tokens_evaluated": c.prompt_tokens,
-                            "stop_type": stop_type(reason),
-                        })
-                    }
-                    _ => continue,
-                };
-                if !send(&tx, &v).await || kind == Applied::Done {
-                    return;
-                }
+    /// The counts and reason a finished choice reports.
+    fn finished(&self, c: &Choice, content: String) -> LlamaCompletion {
+        let (reason, _) = c.done.expect("done");
+        LlamaCompletion {
+            content,
+            model: Some(self.model.clone()),
+            stop: true,
+            stop_type: Some(stop_type(reason)),
+            tokens_evaluated: Some(c.prompt_tokens),
+            tokens_predicted: Some(c.completion_tokens),
+            ..Default::default()
+        }
+    }
+}
+
+impl Render for LlamaRender {
+    type Whole = LlamaCompletion;
+    type Chunk = LlamaCompletion;
+
+    fn whole(&self, choices: &[Choice], _: usize) -> LlamaCompletion {
+        let c = &choices[0];
+        LlamaCompletion {
+            completion_probabilities: self.probabilities(&c.tokens),
+            id_slot: Some(0),
+            probe: self.probe.then(|| probe_list(&c.tokens)),
+            truncated: Some(false),
+            ..self.finished(c, c.output())
+        }
+    }
+
+    fn chunk(&mut self, what: Applied, _: usize, c: &mut Choice) -> Option<LlamaCompletion> {
+        match what {
+            Applied::Token => {
+                let t = std::slice::from_ref(c.tokens.last().expect("just pushed"));
+                Some(LlamaCompletion {
+                    completion_probabilities: self.probabilities(t),
+                    content: c.text.ready(),
+                    probe: self.probe.then(|| probe_list(t)),
+                    stop: false,
+                    ..Default::default()
+                })
             }
-        })
-    }))
+            Applied::Done => {
+                let (_, len) = c.done.expect("done");
+                let content = c.text.finish(len);
+                Some(self.finished(c, content))
+            }
+            Applied::Prompt => None,
+        }
+    }
+
+    /// llama-server's stream ends with its `stop: true` chunk.
+    fn closing(&self, _: &[Choice], _: usize) -> Vec<String> {
+        Vec::new()
+    }
 }

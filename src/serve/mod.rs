@@ -9,7 +9,10 @@
 
 pub mod api;
 pub mod engine;
+mod extract;
 mod handlers;
+pub mod llama_server;
+pub mod openai;
 
 use crate::dist::logprobs::LogprobsMode;
 use crate::dist::probe::ProbeConfig;
