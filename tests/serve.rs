@@ -243,17 +243,28 @@ fn against_trace(backend: &str, model: &Path) {
         t["metadata"]["generated_text"].as_str().unwrap(),
         "text"
     );
-    // Each top list starts with the greedy token, whose logprob it repeats.
-    for (i, top) in c["top_logprobs"].as_array().unwrap().iter().enumerate() {
-        let best = top
-            .as_object()
-            .unwrap()
-            .values()
-            .map(|v| v.as_f64().unwrap())
-            .fold(f64::MIN, f64::max);
-        assert!((best - want[i]).abs() <= 1e-5, "top of step {i}");
-    }
+    // Each top map comes most likely first, as OpenAI and vLLM send it (client code reads the
+    // first key as the top candidate), and starts with the greedy token, whose logprob it
+    // repeats: whole and streamed.
     let s = &got["completion_stream"];
+    for (what, tops) in [("whole", &c["top_logprobs"]), ("streamed", &s["top_logprobs"])] {
+        let tops = tops.as_array().unwrap();
+        assert_eq!(tops.len(), want.len(), "{what}: a top map per token");
+        for (i, top) in tops.iter().enumerate() {
+            let lps: Vec<f64> = top
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|pair| pair[1].as_f64().unwrap())
+                .collect();
+            assert!(lps.len() >= 2, "{what}: step {i} has {} top logprobs", lps.len());
+            assert!(
+                lps.windows(2).all(|w| w[0] >= w[1]),
+                "{what}: top_logprobs of step {i} out of order: {top}"
+            );
+            assert!((lps[0] - want[i]).abs() <= 1e-5, "{what}: top of step {i}");
+        }
+    }
     assert_eq!(s["text"], c["text"], "stream text equals the whole");
     assert_eq!(s["tokens"], c["tokens"]);
     assert_close(&floats(&s["token_logprobs"]), &want, "streamed logprobs");

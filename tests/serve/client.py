@@ -29,7 +29,10 @@ def completion_out(c):
         "finish_reason": c.finish_reason,
         "tokens": lp.tokens if lp else None,
         "token_logprobs": lp.token_logprobs if lp else None,
-        "top_logprobs": lp.top_logprobs if lp else None,
+        # As [token, logprob] pairs, in the order the server sent them.
+        "top_logprobs": [list(d.items()) if d is not None else None for d in lp.top_logprobs]
+        if lp
+        else None,
         "text_offset": lp.text_offset if lp else None,
         "probe": (c.model_extra or {}).get("probe"),
     }
@@ -59,7 +62,7 @@ def calls():
     out["completion"] = completion_out(r.choices[0])
     out["usage"] = r.usage.model_dump()
     # Streamed: the pieces joined must equal the whole.
-    text, toks, lps = "", [], []
+    text, toks, lps, tops = "", [], [], []
     finish = None
     for chunk in cli.completions.create(
         model=model, prompt=p, max_tokens=n, temperature=0, logprobs=k, stream=True
@@ -69,8 +72,15 @@ def calls():
         if c.logprobs:
             toks += c.logprobs.tokens
             lps += c.logprobs.token_logprobs
+            tops += [list(d.items()) for d in c.logprobs.top_logprobs]
         finish = c.finish_reason or finish
-    out["completion_stream"] = {"text": text, "tokens": toks, "token_logprobs": lps, "finish_reason": finish}
+    out["completion_stream"] = {
+        "text": text,
+        "tokens": toks,
+        "token_logprobs": lps,
+        "top_logprobs": tops,
+        "finish_reason": finish,
+    }
     msgs = [{"role": "user", "content": p}]
     r = cli.chat.completions.create(
         model=model, messages=msgs, max_tokens=n, temperature=0, logprobs=True, top_logprobs=k
