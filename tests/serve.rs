@@ -247,7 +247,10 @@ fn against_trace(backend: &str, model: &Path) {
     // first key as the top candidate), and starts with the greedy token, whose logprob it
     // repeats: whole and streamed.
     let s = &got["completion_stream"];
-    for (what, tops) in [("whole", &c["top_logprobs"]), ("streamed", &s["top_logprobs"])] {
+    for (what, tops) in [
+        ("whole", &c["top_logprobs"]),
+        ("streamed", &s["top_logprobs"]),
+    ] {
         let tops = tops.as_array().unwrap();
         assert_eq!(tops.len(), want.len(), "{what}: a top map per token");
         for (i, top) in tops.iter().enumerate() {
@@ -257,7 +260,11 @@ fn against_trace(backend: &str, model: &Path) {
                 .iter()
                 .map(|pair| pair[1].as_f64().unwrap())
                 .collect();
-            assert!(lps.len() >= 2, "{what}: step {i} has {} top logprobs", lps.len());
+            assert!(
+                lps.len() >= 2,
+                "{what}: step {i} has {} top logprobs",
+                lps.len()
+            );
             assert!(
                 lps.windows(2).all(|w| w[0] >= w[1]),
                 "{what}: top_logprobs of step {i} out of order: {top}"

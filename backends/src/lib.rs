@@ -24,11 +24,10 @@
 #[cfg(feature = "llama")]
 pub mod cpu_kernels;
 mod error;
-pub mod gguf;
+pub mod formats;
 #[cfg(feature = "onnx")]
 pub mod hf;
 pub mod inside;
-pub mod onnx_proto;
 mod open;
 mod source;
 pub mod test_source;
@@ -39,6 +38,7 @@ pub mod llama;
 pub mod onnx;
 
 pub use error::{human_bytes, Error, InsidePart, UsageError};
+pub use formats::gguf;
 pub use inside::{Architecture, CaptureSpec, Captured, LensHead};
 pub use open::{open, open_test_source};
 pub use source::{

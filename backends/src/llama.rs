@@ -8,7 +8,7 @@
 //! `EngineOptions::fast_scoring` runs llama.cpp's fastest ones.
 
 use crate::cpu_kernels::{CpuBackend, Kernels};
-use crate::gguf::{GgufHeader, LLAMA_CPP_ARCHS};
+use crate::formats::gguf::{GgufHeader, LLAMA_CPP_ARCHS};
 use crate::inside::{Architecture, CaptureSpec, Captured, FinalNorm, LensHead};
 use crate::{usage, EngineOptions, FlashAttn, LogitSource, ModelInfo, TokenId, Vocab};
 use anyhow::Context as _;
@@ -71,7 +71,7 @@ fn take_errors() -> Option<String> {
     let mut errors = ERRORS.lock().ok()?;
     let first = errors.iter().find(|l| !l.is_empty()).cloned();
     errors.clear();
-    first.map(|l| crate::gguf::quoted(&l, 200))
+    first.map(|l| crate::formats::gguf::quoted(&l, 200))
 }
 
 type Ctx<'a> = LlamaContext<'a>;
@@ -1488,7 +1488,7 @@ fn read_tensor(
     let unreadable = |reason: String| crate::Error::LensHeadUnreadable { reason };
     let ne0 = *info.dims.first().unwrap_or(&1) as usize;
     let rows = (info.n_elements() as usize) / ne0.max(1);
-    let (type_name, block, block_bytes) = crate::gguf::ggml_type(info.ggml_type)
+    let (type_name, block, block_bytes) = crate::formats::gguf::ggml_type(info.ggml_type)
         .ok_or_else(|| unreadable(format!("{name} has an unknown type {}", info.ggml_type)))?;
     if !(ne0 as u64).is_multiple_of(block) {
         return Err(unreadable(format!(

@@ -19,8 +19,11 @@
 //! A unit is done when its last file exists (a prompt folder's `run.json`, a chunk's record),
 //! each written through a temporary name and a rename; a shard run again skips what is done.
 
+use crate::output::{self, PromptDirs};
+use crate::schema::run::ShardRecord;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 pub const SHARDS_DIR: &str = "shards";
@@ -378,6 +381,59 @@ pub fn filter_lines(path: &Path, mut keep: impl FnMut(&[u8]) -> bool) -> anyhow:
         }
         Ok(())
     })
+}
+
+/// Where a shard of a sharded `trace` starts: the prompts it still has to run, and its record.
+pub struct TraceShardStart {
+    /// Global indices of this shard's prompts that no earlier run of it finished.
+    pub todo: BTreeSet<usize>,
+    pub record: ShardRecord,
+}
+
+/// Claims the shared folder `dirs.root` for a sharded `trace` of the prompts `indices`
+/// (sorted) with settings `job`, and resumes this shard: the steps and summary rows of the
+/// prompts an earlier run of it finished stay, those of the prompts it had begun go.
+pub fn resume_trace(
+    shard: Shard,
+    indices: &[usize],
+    index_space: usize,
+    job: serde_json::Value,
+    dirs: &PromptDirs,
+) -> anyhow::Result<TraceShardStart> {
+    let todo: BTreeSet<usize> = indices
+        .iter()
+        .copied()
+        .filter(|&i| shard.takes(i) && !output::prompt_done(&dirs.dir(i)))
+        .collect();
+    let mine = indices.iter().filter(|&&i| shard.takes(i)).count();
+    Plan {
+        kind: "trace".into(),
+        shards: shard.count,
+        units: indices.to_vec(),
+        index_space,
+        job,
+    }
+    .claim(&dirs.root)?;
+    let dir = shard.dir(&dirs.root);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let done = |i: usize| shard.takes(i) && !todo.contains(&i) && indices.binary_search(&i).is_ok();
+    filter_lines(&dir.join(output::STEPS_JSONL), |l| {
+        output::step_line_prompt(l).is_some_and(done)
+    })?;
+    let mut header = true;
+    filter_lines(&dir.join(output::SUMMARY_CSV), |l| {
+        std::mem::take(&mut header) && l.starts_with(b"index,")
+            || std::str::from_utf8(l)
+                .ok()
+                .and_then(|l| l.split(',').next()?.parse().ok())
+                .is_some_and(done)
+    })?;
+    let record = ShardRecord {
+        shard,
+        prompts: mine,
+        done_before: mine - todo.len(),
+    };
+    Ok(TraceShardStart { todo, record })
 }
 
 #[cfg(test)]

@@ -166,7 +166,7 @@ fn gguf_facts(_: &Path) -> anyhow::Result<Facts> {
 
 #[cfg(feature = "onnx")]
 fn onnx_facts(path: &Path) -> anyhow::Result<Facts> {
-    use logitprobe_backends::onnx_proto;
+    use logitprobe_backends::formats::onnx_model;
     let (dir, file) = if path.is_dir() {
         let direct = path.join("model.onnx");
         let f = if direct.is_file() {
@@ -191,8 +191,8 @@ fn onnx_facts(path: &Path) -> anyhow::Result<Facts> {
         ));
     }
     let bad = |e: std::io::Error| usage!("{} is not a readable ONNX model: {e}", file.display());
-    let io = onnx_proto::graph_io(&file).map_err(bad)?;
-    let weights = onnx_proto::weight_types(&file).map_err(bad)?;
+    let io = onnx_model::graph_io(&file).map_err(bad)?;
+    let weights = onnx_model::weight_types(&file).map_err(bad)?;
     let folder = logitprobe_backends::hf::HfFolder::open(&dir)?;
     let size = |genai: &str, keys: &[&str]| folder.size(genai, keys);
     let mut sizes = Vec::new();
@@ -228,12 +228,12 @@ fn onnx_facts(path: &Path) -> anyhow::Result<Facts> {
         sizes.push(("context length", n.to_string()));
     }
     let params: u64 = weights.types.values().map(|c| c.params).sum();
-    let shape = |v: &onnx_proto::ValueInfo| {
+    let shape = |v: &onnx_model::ValueInfo| {
         let d: Vec<String> = v.dims.iter().map(ToString::to_string).collect();
         format!("{} {} [{}]", v.name, v.elem_type, d.join(", "))
     };
     // The KV cache's inputs and outputs are one per layer: shown once.
-    let list = |vs: &[onnx_proto::ValueInfo], kv: &str| {
+    let list = |vs: &[onnx_model::ValueInfo], kv: &str| {
         let mut out: Vec<String> = vs
             .iter()
             .filter(|v| !v.name.starts_with(kv))

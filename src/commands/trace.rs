@@ -1,7 +1,6 @@
 //! `logitprobe trace`: load a model, generate from the prompts, write the trace files.
 
 use crate::cli::TraceArgs;
-use anyhow::Context;
 use logitprobe::dist::sampler::{self, SamplingConfig};
 use logitprobe::generate::prompts::{self, PromptList, PromptSpec, PromptsFile};
 use logitprobe::generate::{
@@ -439,54 +438,27 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         logitprobe::hub::sha256_file(Path::new(&resolved.path))
     };
     let dirs = PromptDirs::new(&plan.out, n, plan.prompts.index_space());
-    // A shard's own prompts, less those an earlier run of it finished.
-    let todo: Option<std::collections::BTreeSet<usize>> = plan.shard.map(|s| {
-        indices
-            .iter()
-            .copied()
-            .filter(|&i| s.takes(i) && !output::prompt_done(&dirs.dir(i)))
-            .collect()
-    });
+    // A shard takes its own prompts, less those an earlier run of it finished.
+    let mut todo = None;
     let mut shard_record = None;
-    if let (Some(shard), Some(todo)) = (plan.shard, &todo) {
-        let mine = indices.iter().filter(|&&i| shard.takes(i)).count();
-        logitprobe::cluster::shard::Plan {
-            kind: "trace".into(),
-            shards: shard.count,
-            units: indices.clone(),
-            index_space: plan.prompts.index_space(),
-            job: job_fingerprint(&plan, args, &opts, model_sha256.clone())?,
-        }
-        .claim(&plan.out)?;
-        let dir = shard.dir(&plan.out);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        // What an earlier, interrupted run of this shard left: the steps and rows of the
-        // prompts it finished stay, those of the prompts it had begun go.
-        let done =
-            |i: usize| shard.takes(i) && !todo.contains(&i) && indices.binary_search(&i).is_ok();
-        logitprobe::cluster::shard::filter_lines(&dir.join(output::STEPS_JSONL), |l| {
-            output::step_line_prompt(l).is_some_and(done)
-        })?;
-        let mut header = true;
-        logitprobe::cluster::shard::filter_lines(&dir.join(output::SUMMARY_CSV), |l| {
-            std::mem::take(&mut header) && l.starts_with(b"index,")
-                || std::str::from_utf8(l)
-                    .ok()
-                    .and_then(|l| l.split(',').next()?.parse().ok())
-                    .is_some_and(done)
-        })?;
+    if let Some(shard) = plan.shard {
+        let job = job_fingerprint(&plan, args, &opts, model_sha256.clone())?;
+        let resumed = logitprobe::cluster::shard::resume_trace(
+            shard,
+            &indices,
+            plan.prompts.index_space(),
+            job,
+            &dirs,
+        )?;
         eprintln!(
             "{}: {} of {} prompts, {} done before",
             shard.describe(),
-            mine,
+            resumed.record.prompts,
             n,
-            mine - todo.len()
+            resumed.record.done_before
         );
-        shard_record = Some(run_record::ShardRecord {
-            shard,
-            prompts: mine,
-            done_before: mine - todo.len(),
-        });
+        todo = Some(resumed.todo);
+        shard_record = Some(resumed.record);
     }
     let n_run = todo.as_ref().map_or(n, |t| t.len());
     let parallel = open_slots(&mut *source, plan.parallel, n_run)?;

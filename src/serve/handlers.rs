@@ -8,6 +8,7 @@ use super::api::{
 use super::engine::{Event, Job, PromptKind, TokenOut};
 use super::extract::ApiJson;
 use super::llama_server::{LlamaCompletion, LlamaProbability};
+use super::openai::Response as OpenAiResponse;
 use super::openai::{
     probe_list, ChatChoice, ChatCompletion, ChatDelta, ChatLogprob, ChatLogprobs, ChatMessageOut,
     Completion, CompletionChoice, CompletionLogprobs, ModelCard, ModelList, Usage,
@@ -491,18 +492,19 @@ trait Render: Send + 'static {
     /// What a stream ends with once every choice is done (OpenAI's usage chunk and
     /// `[DONE]`), as event data.
     fn closing(&self, choices: &[Choice], n: usize) -> Vec<String>;
-
-    /// The queued job's number, for the response's id.
-    fn job(&mut self, _id: u64) {}
 }
 
 /// Validate → submit → events, folded into one response or streamed as server-sent events.
-async fn respond<R: Render>(state: &AppState, request: Result<(Valid, R), ApiError>) -> Response {
+/// `request` is the validated job and what makes its `Render` once the job has its number.
+async fn respond<R: Render>(
+    state: &AppState,
+    request: Result<(Valid, impl FnOnce(u64) -> R), ApiError>,
+) -> Response {
     let result = async {
-        let (valid, mut render) = request?;
+        let (valid, make_render) = request?;
         let (stream, n) = (valid.stream, valid.n);
         let events = submit(state, valid)?;
-        render.job(events.job);
+        let render = make_render(events.job);
         if stream {
             return Ok(sse(events, render, n));
         }
@@ -582,7 +584,7 @@ pub async fn completions(
 fn completion_job(
     state: &AppState,
     req: CompletionRequest,
-) -> Result<(Valid, CompletionRender), ApiError> {
+) -> Result<(Valid, impl FnOnce(u64) -> CompletionRender), ApiError> {
     check_model(state, req.model.as_deref())?;
     let prompts = prompts_of(&req.prompt)?;
     let n = check_n(req.n)?;
@@ -612,39 +614,51 @@ fn completion_job(
         stop: stop_strings(&req.sampling),
         stream: req.stream,
     };
-    let render = CompletionRender {
-        head: Head::new(state, "text_completion", "cmpl"),
+    let (model, n_choices) = (state.model_id.clone(), valid.choices());
+    let render = move |job| CompletionRender {
+        head: Head::new(model, "cmpl", job),
         want_lp: req.logprobs.is_some(),
         echo: req.echo,
         probe: req.probe,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
-        chars: vec![0; valid.choices()],
+        chars: vec![0; n_choices],
     };
     Ok((valid, render))
 }
 
 /// What every OpenAI response and chunk starts with.
 struct Head {
-    id_prefix: &'static str,
-    object: &'static str,
+    id: String,
     created: u64,
     model: String,
-    job: Option<u64>,
 }
 
 impl Head {
-    fn new(state: &AppState, object: &'static str, id_prefix: &'static str) -> Self {
+    fn new(model: String, id_prefix: &str, job: u64) -> Self {
         Head {
-            id_prefix,
-            object,
+            id: format!("{id_prefix}-{job}"),
             created: now(),
-            model: state.model_id.clone(),
-            job: None,
+            model,
         }
     }
 
-    fn id(&self) -> String {
-        format!("{}-{}", self.id_prefix, self.job.unwrap_or_default())
+    fn response<C>(&self, object: &'static str, choices: Vec<C>) -> OpenAiResponse<C> {
+        OpenAiResponse {
+            choices,
+            created: self.created,
+            id: self.id.clone(),
+            model: self.model.clone(),
+            object,
+            usage: None,
+        }
+    }
+
+    /// The usage chunk that ends a stream, as event data.
+    fn usage_chunk(&self, object: &'static str, choices: &[Choice], n: usize) -> String {
+        json_text(&OpenAiResponse::<()> {
+            usage: Some(usage_of(choices, n)),
+            ..self.response(object, Vec::new())
+        })
     }
 }
 
@@ -659,17 +673,6 @@ struct CompletionRender {
 }
 
 impl CompletionRender {
-    fn response(&self, object: &'static str, choices: Vec<CompletionChoice>) -> Completion {
-        Completion {
-            choices,
-            created: self.head.created,
-            id: self.head.id(),
-            model: self.head.model.clone(),
-            object,
-            usage: None,
-        }
-    }
-
     /// A choice's echoed prompt: its logprobs, text and probe.
     fn prompt_part(&self, c: &Choice) -> (CompletionLogprobs, Vec<u8>) {
         let mut lp = CompletionLogprobs::default();
@@ -689,10 +692,6 @@ impl CompletionRender {
 impl Render for CompletionRender {
     type Whole = Completion;
     type Chunk = Completion;
-
-    fn job(&mut self, id: u64) {
-        self.head.job = Some(id);
-    }
 
     fn whole(&self, choices: &[Choice], n: usize) -> Completion {
         let out = choices
@@ -726,7 +725,7 @@ impl Render for CompletionRender {
             .collect();
         Completion {
             usage: Some(usage_of(choices, n)),
-            ..self.response(self.head.object, out)
+            ..self.head.response(TEXT_COMPLETION, out)
         }
     }
 
@@ -777,17 +776,12 @@ impl Render for CompletionRender {
             }
             Applied::Prompt => return None,
         };
-        Some(self.response(self.head.object, vec![one]))
+        Some(self.head.response(TEXT_COMPLETION, vec![one]))
     }
 
     fn closing(&self, choices: &[Choice], n: usize) -> Vec<String> {
-        let usage = self.include_usage.then(|| {
-            json_text(&Completion {
-                usage: Some(usage_of(choices, n)),
-                ..self.response(self.head.object, Vec::new())
-            })
-        });
-        openai_closing(usage)
+        let usage = self.include_usage;
+        openai_closing(usage.then(|| self.head.usage_chunk(TEXT_COMPLETION, choices, n)))
     }
 }
 
@@ -802,7 +796,10 @@ pub async fn chat_completions(
     respond(&state, request).await
 }
 
-fn chat_job(state: &AppState, req: ChatRequest) -> Result<(Valid, ChatRender), ApiError> {
+fn chat_job(
+    state: &AppState,
+    req: ChatRequest,
+) -> Result<(Valid, impl FnOnce(u64) -> ChatRender), ApiError> {
     check_model(state, req.model.as_deref())?;
     let messages = req.messages()?;
     let n = check_n(req.n)?;
@@ -838,8 +835,9 @@ fn chat_job(state: &AppState, req: ChatRequest) -> Result<(Valid, ChatRender), A
         stop: stop_strings(&req.sampling),
         stream: req.stream,
     };
-    let render = ChatRender {
-        head: Head::new(state, "chat.completion", "chatcmpl"),
+    let model = state.model_id.clone();
+    let render = move |job| ChatRender {
+        head: Head::new(model, "chatcmpl", job),
         n,
         want_lp: req.logprobs,
         top,
@@ -860,19 +858,9 @@ struct ChatRender {
 }
 
 const CHAT_CHUNK: &str = "chat.completion.chunk";
+const TEXT_COMPLETION: &str = "text_completion";
 
 impl ChatRender {
-    fn response(&self, object: &'static str, choices: Vec<ChatChoice>) -> ChatCompletion {
-        ChatCompletion {
-            choices,
-            created: self.head.created,
-            id: self.head.id(),
-            model: self.head.model.clone(),
-            object,
-            usage: None,
-        }
-    }
-
     fn delta(&self, index: usize, delta: ChatDelta, lp: Option<ChatLogprobs>) -> ChatChoice {
         ChatChoice {
             delta: Some(delta),
@@ -888,10 +876,6 @@ impl ChatRender {
 impl Render for ChatRender {
     type Whole = ChatCompletion;
     type Chunk = ChatCompletion;
-
-    fn job(&mut self, id: u64) {
-        self.head.job = Some(id);
-    }
 
     fn whole(&self, choices: &[Choice], n: usize) -> ChatCompletion {
         let out = choices
@@ -921,7 +905,7 @@ impl Render for ChatRender {
             .collect();
         ChatCompletion {
             usage: Some(usage_of(choices, n)),
-            ..self.response(self.head.object, out)
+            ..self.head.response("chat.completion", out)
         }
     }
 
@@ -932,7 +916,8 @@ impl Render for ChatRender {
                     content: Some(String::new()),
                     role: Some("assistant"),
                 };
-                self.response(CHAT_CHUNK, vec![self.delta(i, role, None)])
+                self.head
+                    .response(CHAT_CHUNK, vec![self.delta(i, role, None)])
             })
             .collect()
     }
@@ -970,17 +955,12 @@ impl Render for ChatRender {
             }
             Applied::Prompt => return None,
         };
-        Some(self.response(CHAT_CHUNK, vec![one]))
+        Some(self.head.response(CHAT_CHUNK, vec![one]))
     }
 
     fn closing(&self, choices: &[Choice], n: usize) -> Vec<String> {
-        let usage = self.include_usage.then(|| {
-            json_text(&ChatCompletion {
-                usage: Some(usage_of(choices, n)),
-                ..self.response(CHAT_CHUNK, Vec::new())
-            })
-        });
-        openai_closing(usage)
+        let usage = self.include_usage;
+        openai_closing(usage.then(|| self.head.usage_chunk(CHAT_CHUNK, choices, n)))
     }
 }
 
@@ -1007,7 +987,7 @@ fn stop_type(r: StopReason) -> &'static str {
 fn llama_job(
     state: &AppState,
     req: LlamaCompletionRequest,
-) -> Result<(Valid, LlamaRender), ApiError> {
+) -> Result<(Valid, impl FnOnce(u64) -> LlamaRender), ApiError> {
     let prompts = prompts_of(&req.prompt)?;
     if prompts.len() != 1 {
         return Err(ApiError::bad_request(
@@ -1056,8 +1036,9 @@ fn llama_job(
         stop: stop_strings(&req.sampling),
         stream: req.stream,
     };
-    let render = LlamaRender {
-        model: state.model_id.clone(),
+    let model = state.model_id.clone();
+    let render = move |_| LlamaRender {
+        model,
         want: req.n_probs > 0,
         post,
         probe: req.probe,

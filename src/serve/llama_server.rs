@@ -33,22 +33,18 @@ pub struct LlamaCompletion {
 }
 
 /// One entry of `completion_probabilities`: log-probabilities before sampling, or
-/// probabilities after it (`post_sampling_probs`).
+/// probabilities after it (`post_sampling_probs`), with its top alternatives.
 #[derive(Debug, Serialize)]
 pub struct LlamaProbability {
-    pub bytes: Vec<u8>,
-    pub id: TokenId,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub logprob: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prob: Option<f64>,
-    pub token: String,
+    #[serde(flatten)]
+    pub token: LlamaTop,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top_logprobs: Option<Vec<LlamaTop>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top_probs: Option<Vec<LlamaTop>>,
 }
 
+/// A token and its logprob or probability.
 #[derive(Debug, Serialize)]
 pub struct LlamaTop {
     pub bytes: Vec<u8>,
@@ -58,6 +54,19 @@ pub struct LlamaTop {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prob: Option<f64>,
     pub token: String,
+}
+
+impl LlamaTop {
+    fn new(id: TokenId, bytes: &[u8], l: f64, post_sampling: bool) -> Self {
+        let (logprob, prob) = split(l, post_sampling);
+        LlamaTop {
+            bytes: bytes.to_vec(),
+            id,
+            logprob,
+            prob,
+            token: token_text(bytes),
+        }
+    }
 }
 
 /// A logprob as llama-server shows it: itself, or its probability after sampling.
@@ -77,31 +86,17 @@ impl LlamaProbability {
                 lp.top
                     .iter()
                     .zip(&t.top_bytes)
-                    .map(|(&(id, l), b)| {
-                        let (logprob, prob) = split(l, post_sampling);
-                        LlamaTop {
-                            bytes: b.clone(),
-                            id,
-                            logprob,
-                            prob,
-                            token: token_text(b),
-                        }
-                    })
+                    .map(|(&(id, l), b)| LlamaTop::new(id, b, l, post_sampling))
                     .collect()
             })
             .unwrap_or_default();
-        let (logprob, prob) = split(lp.map_or(0.0, |l| l.logprob), post_sampling);
         let (top_logprobs, top_probs) = if post_sampling {
             (None, Some(tops))
         } else {
             (Some(tops), None)
         };
         LlamaProbability {
-            bytes: t.bytes.clone(),
-            id: t.id,
-            logprob,
-            prob,
-            token: token_text(&t.bytes),
+            token: LlamaTop::new(t.id, &t.bytes, lp.map_or(0.0, |l| l.logprob), post_sampling),
             top_logprobs,
             top_probs,
         }

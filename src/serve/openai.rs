@@ -9,11 +9,11 @@ use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 use serde_json::Value;
 
-/// `/v1/completions`: the whole response, or one streamed chunk (no usage), or the usage
-/// chunk that ends a stream (no choices).
+/// A whole OpenAI response, one streamed chunk (no usage), or the usage chunk that ends a
+/// stream (no choices); `C` is the API's choice.
 #[derive(Debug, Serialize)]
-pub struct Completion {
-    pub choices: Vec<CompletionChoice>,
+pub struct Response<C> {
+    pub choices: Vec<C>,
     pub created: u64,
     pub id: String,
     pub model: String,
@@ -21,6 +21,12 @@ pub struct Completion {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
 }
+
+/// `/v1/completions`.
+pub type Completion = Response<CompletionChoice>;
+
+/// `/v1/chat/completions`.
+pub type ChatCompletion = Response<ChatChoice>;
 
 #[derive(Debug, Serialize)]
 pub struct CompletionChoice {
@@ -92,18 +98,6 @@ pub struct Usage {
     pub completion_tokens: usize,
     pub prompt_tokens: usize,
     pub total_tokens: usize,
-}
-
-/// `/v1/chat/completions`: the whole response, a streamed chunk, or the usage chunk.
-#[derive(Debug, Serialize)]
-pub struct ChatCompletion {
-    pub choices: Vec<ChatChoice>,
-    pub created: u64,
-    pub id: String,
-    pub model: String,
-    pub object: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
 }
 
 /// A chat choice: a `message` in a whole response, a `delta` in a chunk.

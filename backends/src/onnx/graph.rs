@@ -15,6 +15,7 @@
 //! - the builder's final norm has no fourth output: the last layer's output is then the sum
 //!   of the two inputs of that node, added up here.
 
+use crate::formats::protobuf::{self, WireType};
 use crate::inside::FinalNorm;
 use crate::Error;
 use ndarray::Array2;
@@ -55,19 +56,13 @@ impl<'a> Fields<'a> {
     }
 
     fn varint(&mut self) -> Result<u64, Error> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = *self
-                .buf
-                .get(self.pos)
-                .ok_or_else(|| bad("truncated varint"))?;
-            self.pos += 1;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(bad("varint too long"))
+        let (buf, pos) = (self.buf, &mut self.pos);
+        protobuf::varint(|| {
+            let b = buf.get(*pos).copied();
+            *pos += 1;
+            b
+        })
+        .map_err(|e| bad(&e.to_string()))
     }
 
     fn take(&mut self, n: usize) -> Result<(&'a [u8], usize), Error> {
@@ -90,24 +85,24 @@ impl<'a> Iterator for Fields<'a> {
         }
         let field = (|| {
             let key = self.varint()?;
-            let wire = match key & 7 {
-                0 => Wire::Varint(self.varint()?),
-                1 => {
+            let (field, wire) = protobuf::split_key(key);
+            let wire = match wire.map_err(|w| bad(&format!("wire type {w}")))? {
+                WireType::Varint => Wire::Varint(self.varint()?),
+                WireType::Fixed64 => {
                     self.take(8)?;
                     Wire::Fixed64
                 }
-                2 => {
+                WireType::Len => {
                     let n = usize::try_from(self.varint()?).map_err(|_| bad("huge length"))?;
                     let (b, at) = self.take(n)?;
                     Wire::Bytes(b, at)
                 }
-                5 => {
+                WireType::Fixed32 => {
                     let (b, _) = self.take(4)?;
                     Wire::Fixed32(u32::from_le_bytes(b.try_into().expect("4 bytes")))
                 }
-                w => return Err(bad(&format!("wire type {w}"))),
             };
-            Ok((key >> 3, wire))
+            Ok((field, wire))
         })();
         if field.is_err() {
             self.pos = self.end;

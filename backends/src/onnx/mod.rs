@@ -243,7 +243,7 @@ impl OnnxSource {
         details.insert("model_file".into(), model_file.display().to_string().into());
         // Weight types are a description, not a requirement: a protobuf this reader cannot
         // walk still loads and runs.
-        match crate::onnx_proto::weight_types(&model_file) {
+        match crate::formats::onnx_model::weight_types(&model_file) {
             Ok(w) => {
                 details.insert(
                     "tensor_types".into(),

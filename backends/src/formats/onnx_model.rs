@@ -6,6 +6,7 @@
 //! TensorProto.dims = 1, TensorProto.data_type = 2); everything else, the weight bytes
 //! included, is skipped by seeking, so a 600 MB model is walked in milliseconds.
 
+use super::protobuf::{self, WireType};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -65,18 +66,18 @@ impl Reader {
     }
 
     fn varint(&mut self) -> io::Result<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
+        let mut err = None;
+        let v = protobuf::varint(|| match self.byte() {
+            Ok(b) => Some(b),
+            Err(e) => {
+                err = Some(e);
+                None
             }
+        });
+        match err {
+            Some(e) => Err(e),
+            None => v,
         }
-        Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "varint too long",
-        ))
     }
 
     fn skip(&mut self, n: u64) -> io::Result<()> {
@@ -87,18 +88,16 @@ impl Reader {
 
     /// Skips a field of wire type `wire` whose key was just read.
     fn skip_field(&mut self, wire: u64) -> io::Result<()> {
-        match wire {
-            0 => self.varint().map(|_| ()),
-            1 => self.skip(8),
-            2 => {
+        match WireType::of(wire) {
+            Ok(WireType::Varint) => self.varint().map(|_| ()),
+            Ok(WireType::Len) => {
                 let n = self.varint()?;
                 self.skip(n)
             }
-            5 => self.skip(4),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unsupported protobuf wire type {wire}"),
-            )),
+            Ok(w) => self.skip(w.fixed_len().expect("a fixed-size type")),
+            Err(w) => Err(protobuf::invalid(&format!(
+                "unsupported protobuf wire type {w}"
+            ))),
         }
     }
 
@@ -113,10 +112,7 @@ impl Reader {
             f(key >> 3, key & 7, self)?;
         }
         if self.pos != end {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a protobuf field runs past its message",
-            ));
+            return Err(protobuf::invalid("a protobuf field runs past its message"));
         }
         Ok(())
     }
