@@ -98,59 +98,104 @@ fn finished_lines(out: &Path) -> usize {
     fs::read(out.join("steps.jsonl")).map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count())
 }
 
+/// How a run sent SIGINT ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Exit 130: run.json says interrupted, and the trace covers exactly the steps in
+    /// steps.jsonl (a run interrupted before its first step, while the model loaded, has no
+    /// step and so no trace).
+    Interrupted,
+    /// Exit 0: it finished before the signal came.
+    Finished,
+    /// Killed by the signal before the handler was installed: nothing may exist then.
+    Early,
+}
+
+/// Waits for `child`, checks what it left in `out` for the way it ended, and says which.
+fn sigint_outcome(mut child: std::process::Child, out: &Path, case: &str) -> Ended {
+    use std::os::unix::process::ExitStatusExt;
+    let status = child.wait().unwrap();
+    let run =
+        || -> Value { serde_json::from_slice(&fs::read(out.join("run.json")).unwrap()).unwrap() };
+    match (status.code(), status.signal()) {
+        (Some(130), _) => {
+            assert_eq!(run()["interrupted"], true, "{case}");
+            let steps = steps_lines(out, false);
+            match fs::read(out.join("adaptive_token_trace.json")) {
+                Ok(bytes) => {
+                    let trace: Value = serde_json::from_slice(&bytes).unwrap();
+                    assert_eq!(
+                        trace["steps"].as_array().unwrap().len(),
+                        steps,
+                        "{case}: the trace covers exactly the steps in steps.jsonl"
+                    );
+                }
+                Err(_) => assert_eq!(steps, 0, "{case}: steps in steps.jsonl, but no trace"),
+            }
+            Ended::Interrupted
+        }
+        (Some(0), _) => {
+            assert_eq!(run()["interrupted"], false, "{case}");
+            steps_lines(out, false);
+            Ended::Finished
+        }
+        (None, Some(libc::SIGINT)) => {
+            assert!(!out.exists(), "{case}: killed early, yet {out:?} exists");
+            Ended::Early
+        }
+        other => panic!("{case}: ended as {other:?}"),
+    }
+}
+
 #[test]
 fn fifty_sigints_at_random_times() {
     let mut rng = ChaCha8Rng::seed_from_u64(seed());
     let tmp = tempfile::tempdir().unwrap();
-    let (mut interrupted, mut finished, mut early) = (0, 0, 0);
+    let mut ends = Vec::new();
     for i in 0..50 {
         let out = tmp.path().join(format!("int-{i}"));
         let tokens = rng.random_range(40..400);
-        let mut child = spawn(&out, "interrupt me", tokens, rng.random_bool(0.5));
+        let child = spawn(&out, "interrupt me", tokens, rng.random_bool(0.5));
         // A step takes about 2.5 ms: most signals land mid-run, some at the start or end.
         std::thread::sleep(Duration::from_millis(
             rng.random_range(0..tokens as u64 * 5 / 2),
         ));
         signal(&child, libc::SIGINT);
-        let status = child.wait().unwrap();
-        use std::os::unix::process::ExitStatusExt;
-        match (status.code(), status.signal()) {
-            (Some(130), _) => {
-                interrupted += 1;
-                let run: Value =
-                    serde_json::from_slice(&fs::read(out.join("run.json")).unwrap()).unwrap();
-                assert_eq!(run["interrupted"], true, "case {i}");
-                let trace: Value = serde_json::from_slice(
-                    &fs::read(out.join("adaptive_token_trace.json")).unwrap(),
-                )
-                .unwrap();
-                assert_eq!(
-                    trace["steps"].as_array().unwrap().len(),
-                    steps_lines(&out, false),
-                    "case {i}: the trace covers exactly the steps in steps.jsonl"
-                );
-            }
-            (Some(0), _) => {
-                finished += 1;
-                let run: Value =
-                    serde_json::from_slice(&fs::read(out.join("run.json")).unwrap()).unwrap();
-                assert_eq!(run["interrupted"], false, "case {i}");
-                steps_lines(&out, false);
-            }
-            // Before the handler is installed SIGINT ends the process as it would any other;
-            // nothing final may exist then.
-            (None, Some(libc::SIGINT)) => {
-                early += 1;
-                assert!(
-                    !out.join("run.json").exists(),
-                    "case {i}: killed early, yet a run.json"
-                );
-            }
-            other => panic!("case {i}: ended as {other:?}"),
-        }
+        ends.push(sigint_outcome(child, &out, &format!("case {i}")));
     }
-    println!("SIGINT: {interrupted} interrupted (exit 130), {finished} finished first, {early} before the handler");
-    assert!(interrupted >= 25, "most signals land mid-run");
+    let count = |e: Ended| ends.iter().filter(|&&x| x == e).count();
+    println!(
+        "SIGINT: {} interrupted (exit 130), {} finished first, {} before the handler",
+        count(Ended::Interrupted),
+        count(Ended::Finished),
+        count(Ended::Early)
+    );
+    assert!(count(Ended::Interrupted) >= 25, "most signals land mid-run");
+}
+
+/// SIGINT in the first 50 ms, while the process starts and loads its model (issue 32, item
+/// 5): the handler is installed before anything is created, so the run either ends as
+/// interrupted (exit 130, run.json says so) or dies before it made its folder.
+#[test]
+fn thirty_sigints_while_starting() {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ends = Vec::new();
+    for i in 0..30 {
+        let out = tmp.path().join(format!("start-{i}"));
+        let child = spawn(&out, "interrupt me early", 400, false);
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..50)));
+        signal(&child, libc::SIGINT);
+        let end = sigint_outcome(child, &out, &format!("case {i}"));
+        assert_ne!(end, Ended::Finished, "case {i}: 400 steps in 50 ms");
+        ends.push(end);
+    }
+    let interrupted = ends.iter().filter(|&&e| e == Ended::Interrupted).count();
+    println!(
+        "SIGINT while starting: {interrupted} interrupted (exit 130), {} before the handler",
+        ends.len() - interrupted
+    );
+    assert!(interrupted > 0, "no signal reached the handler");
 }
 
 #[test]
@@ -173,35 +218,62 @@ fn fifty_sigkills_into_one_reused_folder() {
         }
         let _ = child.kill();
         let status = child.wait().unwrap();
-        steps_lines(&out, true);
-        // Each final file is this run's, whole, or absent.
+        let steps = steps_lines(&out, true);
+        // Every final file is whole. run.json marks a run's output complete: beside it, every
+        // final file is that run's, and it is this run's unless the kill came before this
+        // run touched the folder (while it started: an earlier run's files are cleared once
+        // the model is loaded and the prompts checked, run.json first), when the folder is
+        // one earlier run's whole output, its steps included. Without run.json, files of an
+        // earlier run may be left (a kill while the folder was being cleared), and nothing
+        // looks complete.
         let trace = out.join("adaptive_token_trace.json");
-        if trace.exists() {
+        let trace_prompt = trace.exists().then(|| {
             let t: Value = serde_json::from_slice(&fs::read(&trace).unwrap())
                 .unwrap_or_else(|e| panic!("case {i}: the trace is half-written: {e}"));
-            assert_eq!(
-                t["metadata"]["prompt"],
-                prompt.as_str(),
-                "case {i}: a stale trace"
-            );
-        }
+            (
+                t["metadata"]["prompt"].clone(),
+                t["steps"].as_array().unwrap().len(),
+            )
+        });
         let run = out.join("run.json");
         if run.exists() {
             let r: Value = serde_json::from_slice(&fs::read(&run).unwrap())
                 .unwrap_or_else(|e| panic!("case {i}: run.json is half-written: {e}"));
-            assert_eq!(
-                r["prompts"][0]["prompt"],
-                prompt.as_str(),
-                "case {i}: a stale run.json"
-            );
-        }
-        for f in ["generated.txt", "adaptive_token_trace.csv", "report.html"] {
-            if out.join(f).exists() {
+            let run_prompt = r["prompts"][0]["prompt"].clone();
+            if run_prompt != prompt.as_str() {
                 assert!(
-                    trace.exists(),
-                    "case {i}: {f} without the trace it belongs to"
+                    !status.success(),
+                    "case {i}: a finished run left a stale run.json"
+                );
+                let (p, n) = trace_prompt.expect("a run.json without its trace");
+                assert_eq!(
+                    p, run_prompt,
+                    "case {i}: a trace of another run than run.json's"
+                );
+                assert_eq!(
+                    n, steps,
+                    "case {i}: an earlier run's run.json beside this run's steps"
+                );
+            } else if let Some((p, _)) = &trace_prompt {
+                assert_eq!(
+                    p,
+                    prompt.as_str(),
+                    "case {i}: a stale trace beside run.json"
                 );
             }
+            for f in ["generated.txt", "adaptive_token_trace.csv", "report.html"] {
+                if out.join(f).exists() {
+                    assert!(
+                        trace.exists(),
+                        "case {i}: {f} without the trace it belongs to"
+                    );
+                }
+            }
+        } else {
+            assert!(
+                !status.success(),
+                "case {i}: a finished run without run.json"
+            );
         }
         for e in fs::read_dir(&out).unwrap() {
             let name = e.unwrap().file_name().into_string().unwrap();
