@@ -133,15 +133,15 @@ pub struct ChatLogprobs {
     pub content: Vec<ChatLogprob>,
 }
 
-/// One entry of chat's `logprobs.content`.
+/// One entry of chat's `logprobs.content`: a token and its top alternatives.
 #[derive(Debug, Serialize)]
 pub struct ChatLogprob {
-    pub bytes: Vec<u8>,
-    pub logprob: f64,
-    pub token: String,
+    #[serde(flatten)]
+    pub token: ChatTopLogprob,
     pub top_logprobs: Vec<ChatTopLogprob>,
 }
 
+/// A token, its bytes and its logprob.
 #[derive(Debug, Serialize)]
 pub struct ChatTopLogprob {
     pub bytes: Vec<u8>,
@@ -149,25 +149,29 @@ pub struct ChatTopLogprob {
     pub token: String,
 }
 
+impl ChatTopLogprob {
+    fn new(bytes: &[u8], logprob: f64) -> Self {
+        ChatTopLogprob {
+            bytes: bytes.to_vec(),
+            logprob: finite(logprob),
+            token: token_text(bytes),
+        }
+    }
+}
+
 impl ChatLogprob {
     /// `t` with its `top` likeliest alternatives.
     pub fn of(t: &TokenOut, top: usize) -> Self {
         let lp = t.logprobs.as_ref();
         ChatLogprob {
-            bytes: t.bytes.clone(),
-            logprob: finite(lp.map_or(0.0, |l| l.logprob)),
-            token: token_text(&t.bytes),
+            token: ChatTopLogprob::new(&t.bytes, lp.map_or(0.0, |l| l.logprob)),
             top_logprobs: lp
                 .map(|lp| {
                     lp.top
                         .iter()
                         .zip(&t.top_bytes)
                         .take(top)
-                        .map(|((_, l), b)| ChatTopLogprob {
-                            bytes: b.clone(),
-                            logprob: finite(*l),
-                            token: token_text(b),
-                        })
+                        .map(|((_, l), b)| ChatTopLogprob::new(b, *l))
                         .collect()
                 })
                 .unwrap_or_default(),
