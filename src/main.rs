@@ -38,12 +38,10 @@ fn main() -> ExitCode {
     let verbose = cli.verbose > 0;
     let result = match cli.command {
         Command::Trace(mut args) => {
-            commands::trace::run(&mut args, verbose, command).map(|interrupted| {
-                if interrupted {
-                    ExitCode::from(130)
-                } else {
-                    ExitCode::SUCCESS
-                }
+            commands::trace::run(&mut args, verbose, command).map(|ended| match ended {
+                commands::trace::Ended::Finished => ExitCode::SUCCESS,
+                // The shell's convention: 128 + the signal (130 Ctrl-C, 143 SIGTERM).
+                commands::trace::Ended::Interrupted(signal) => ExitCode::from(128 + signal as u8),
             })
         }
         Command::Models => commands::models::run().map(|_| ExitCode::SUCCESS),

@@ -98,10 +98,10 @@ fn finished_lines(out: &Path) -> usize {
     fs::read(out.join("steps.jsonl")).map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count())
 }
 
-/// How a run sent SIGINT ended.
+/// How a run sent SIGINT or SIGTERM ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ended {
-    /// Exit 130: run.json says interrupted, and the trace covers exactly the steps in
+    /// Exit 128 + the signal (130, 143): run.json says interrupted, and the trace covers exactly the steps in
     /// steps.jsonl (a run interrupted before its first step, while the model loaded, has no
     /// step and so no trace).
     Interrupted,
@@ -111,14 +111,15 @@ enum Ended {
     Early,
 }
 
-/// Waits for `child`, checks what it left in `out` for the way it ended, and says which.
-fn sigint_outcome(mut child: std::process::Child, out: &Path, case: &str) -> Ended {
+/// Waits for `child`, sent signal `sig`, checks what it left in `out` for the way it ended,
+/// and says which.
+fn signal_outcome(mut child: std::process::Child, sig: i32, out: &Path, case: &str) -> Ended {
     use std::os::unix::process::ExitStatusExt;
     let status = child.wait().unwrap();
     let run =
         || -> Value { serde_json::from_slice(&fs::read(out.join("run.json")).unwrap()).unwrap() };
     match (status.code(), status.signal()) {
-        (Some(130), _) => {
+        (Some(code), _) if code == 128 + sig => {
             assert_eq!(run()["interrupted"], true, "{case}");
             let steps = steps_lines(out, false);
             match fs::read(out.join("adaptive_token_trace.json")) {
@@ -139,7 +140,7 @@ fn sigint_outcome(mut child: std::process::Child, out: &Path, case: &str) -> End
             steps_lines(out, false);
             Ended::Finished
         }
-        (None, Some(libc::SIGINT)) => {
+        (None, Some(s)) if s == sig => {
             assert!(!out.exists(), "{case}: killed early, yet {out:?} exists");
             Ended::Early
         }
@@ -161,7 +162,12 @@ fn fifty_sigints_at_random_times() {
             rng.random_range(0..tokens as u64 * 5 / 2),
         ));
         signal(&child, libc::SIGINT);
-        ends.push(sigint_outcome(child, &out, &format!("case {i}")));
+        ends.push(signal_outcome(
+            child,
+            libc::SIGINT,
+            &out,
+            &format!("case {i}"),
+        ));
     }
     let count = |e: Ended| ends.iter().filter(|&&x| x == e).count();
     println!(
@@ -186,7 +192,7 @@ fn thirty_sigints_while_starting() {
         let child = spawn(&out, "interrupt me early", 400, false);
         std::thread::sleep(Duration::from_millis(rng.random_range(0..50)));
         signal(&child, libc::SIGINT);
-        let end = sigint_outcome(child, &out, &format!("case {i}"));
+        let end = signal_outcome(child, libc::SIGINT, &out, &format!("case {i}"));
         assert_ne!(end, Ended::Finished, "case {i}: 400 steps in 50 ms");
         ends.push(end);
     }
@@ -196,6 +202,33 @@ fn thirty_sigints_while_starting() {
         ends.len() - interrupted
     );
     assert!(interrupted > 0, "no signal reached the handler");
+}
+
+/// SIGTERM (Slurm's time limit, a Kubernetes eviction) ends a run as Ctrl-C does, with exit
+/// 143 (issue 32, item 8): what was finished is written and run.json says interrupted.
+#[test]
+fn twenty_sigterms_end_runs_as_interrupted() {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ends = Vec::new();
+    for i in 0..20 {
+        let out = tmp.path().join(format!("term-{i}"));
+        let tokens = rng.random_range(200..400);
+        let child = spawn(&out, "terminate me", tokens, rng.random_bool(0.5));
+        std::thread::sleep(Duration::from_millis(
+            rng.random_range(0..tokens as u64 * 2),
+        ));
+        signal(&child, libc::SIGTERM);
+        ends.push(signal_outcome(
+            child,
+            libc::SIGTERM,
+            &out,
+            &format!("case {i}"),
+        ));
+    }
+    let interrupted = ends.iter().filter(|&&e| e == Ended::Interrupted).count();
+    println!("SIGTERM: {interrupted} of 20 interrupted (exit 143)");
+    assert!(interrupted >= 10, "most signals land mid-run");
 }
 
 #[test]

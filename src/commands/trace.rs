@@ -380,18 +380,51 @@ fn open_slots(
     }
 }
 
-/// Runs `trace` end to end. Returns whether the run was interrupted.
-pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow::Result<bool> {
-    // Ctrl-C is handled before anything is created: one while the model loads ends the run
-    // before its first step, as interrupted (exit 130, run.json says so), not as a kill that
-    // leaves an empty folder behind.
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // A second handler cannot be installed in the same process; the first one keeps
-        // working for the whole process.
-        let _ = ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::Relaxed));
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Finished,
+    /// By Ctrl-C (SIGINT) or SIGTERM, after the step in progress: what was finished is
+    /// written and run.json says `interrupted`. Holds the signal's number.
+    Interrupted(i32),
+}
+
+/// SIGINT and SIGTERM, caught: `stop` is raised by either (the loop finishes its step and
+/// ends), `terminated` by SIGTERM alone (a job's time limit, an eviction), which tells the
+/// exit code.
+struct Signals {
+    stop: Arc<AtomicBool>,
+    terminated: Arc<AtomicBool>,
+}
+
+impl Signals {
+    fn catch() -> anyhow::Result<Self> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let stop = Arc::new(AtomicBool::new(false));
+        let terminated = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(SIGINT, stop.clone())?;
+        signal_hook::flag::register(SIGTERM, stop.clone())?;
+        signal_hook::flag::register(SIGTERM, terminated.clone())?;
+        Ok(Signals { stop, terminated })
     }
+
+    fn ended(&self, interrupted: bool) -> Ended {
+        use std::sync::atomic::Ordering::Relaxed;
+        match (interrupted, self.terminated.load(Relaxed)) {
+            (false, _) => Ended::Finished,
+            (true, true) => Ended::Interrupted(signal_hook::consts::SIGTERM),
+            (true, false) => Ended::Interrupted(signal_hook::consts::SIGINT),
+        }
+    }
+}
+
+/// Runs `trace` end to end.
+pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow::Result<Ended> {
+    // The signals are caught before anything is created: one while the model loads ends the
+    // run before its first step, as interrupted (run.json says so), not as a kill that leaves
+    // an empty folder behind.
+    let signals = Signals::catch()?;
+    let stop = signals.stop.clone();
     let started_at = trace::now_rfc3339();
     let plan = TracePlan::from_args(args)?;
     output::prepare_dir(&plan.out)?;
@@ -571,8 +604,8 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     let timings = result?;
     closed?;
 
-    // Ctrl-C after the last step, while plots were drawn, interrupts too: the plots not yet
-    // drawn were skipped.
+    // A signal after the last step, while plots were drawn, interrupts too: the plots not
+    // yet drawn were skipped.
     let interrupted = writer
         .stop_reasons
         .contains_key(StopReason::Interrupted.name())
@@ -604,7 +637,13 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
             plan.out.display()
         );
     }
-    Ok(interrupted)
+    if interrupted {
+        eprintln!(
+            "interrupted: what was finished is written; plots and report.html not drawn yet can be drawn with `logitprobe report {}`",
+            top.display()
+        );
+    }
+    Ok(signals.ended(interrupted))
 }
 
 fn print_summary(several: bool, input: &PromptInput, g: &Generation) {
