@@ -845,3 +845,13 @@ fn the_fetched_models_have_aliases() {
         .unwrap();
     common::assert_usage_error(&o, "run `models/fetch smollm2` first");
 }
+
+/// Issue 31, item 8: `logitprobe` alone prints its help on stderr and exits 2, as clap's
+/// convention (and every other missing argument) has it.
+#[test]
+fn no_arguments_print_the_help_and_exit_2() {
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(o.stdout.is_empty());
+    assert!(common::stderr(&o).contains("Usage: logitprobe"));
+}

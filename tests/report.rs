@@ -286,6 +286,34 @@ fn report_redraws_a_trace_of_ours_identically() {
     }
 }
 
+/// Issue 32, item 6: a report killed while it drew left its plots under temporary names; the
+/// next report into the folder removes them (and leaves the user's files alone).
+#[test]
+fn report_removes_what_a_killed_report_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    test_trace(tmp.path(), 6);
+    let again = tmp.path().join("again");
+    fs::create_dir_all(&again).unwrap();
+    let left = [".entropy.png.partial.png", ".report.html.partial"];
+    for f in left {
+        fs::write(again.join(f), b"cut short").unwrap();
+    }
+    fs::write(again.join("notes.txt"), b"mine").unwrap();
+    let trace = tmp.path().join("adaptive_token_trace.json");
+    let o = run(&[
+        "report",
+        trace.to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    for f in left {
+        assert!(!again.join(f).exists(), "{f} is still there");
+    }
+    assert!(again.join("notes.txt").exists());
+    assert!(again.join("entropy.png").exists());
+}
+
 fn assert_report_fails(input: &Path, needle: &str) {
     let out = tempfile::tempdir().unwrap();
     let o = run(&[

@@ -510,7 +510,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
     let t = &report.timing;
     println!();
     println!(
-        "scored {} positions ({} tokens through each engine) in {:.2} s: {:.1} positions/s; A {:.1} tok/s, {}; load A {:.2} s; wall {:.2} s",
+        "scored {} positions ({} tokens through each engine) in {:.2} s: {:.1} positions/s; A {:.1} tok/s, {}; load A {:.2} s, {}; wall {:.2} s",
         t.positions_scored,
         t.tokens_evaluated,
         score_s,
@@ -527,6 +527,12 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
             .collect::<Vec<_>>()
             .join(", "),
         t.load_a_s,
+        t.load_b_s
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{} {s:.2} s", compare::b_name(i, t.load_b_s.len())))
+            .collect::<Vec<_>>()
+            .join(", "),
         t.wall_s
     );
     eprintln!("wrote {}", out.display());

@@ -24,14 +24,29 @@ fn show(h: Option<&HubFile>) -> String {
 }
 
 pub fn run() -> anyhow::Result<()> {
+    let entries = catalog();
+    // Columns as wide as their longest entry, so a long name keeps the table aligned.
+    let wa = entries
+        .iter()
+        .map(|e| e.alias.len())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    let wn = entries
+        .iter()
+        .map(|e| e.name.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    let files_at = wa + 1 + wn + 1 + 11 + 1;
     println!(
-        "{:<14} {:<26} {:<11} files (--model ALIAS; cache: {})",
+        "{:<wa$} {:<wn$} {:<11} files (--model ALIAS; cache: {})",
         "alias",
         "model",
         "backends",
         hub_cache_dir().display()
     );
-    for e in catalog() {
+    for e in entries {
         if e.fetched.is_some() {
             let line = |b: Backend| match e.fetched_for(b) {
                 Some((path, how)) => format!(
@@ -47,13 +62,13 @@ pub fn run() -> anyhow::Result<()> {
                 None => "-".into(),
             };
             println!(
-                "{:<14} {:<26} {:<11} gguf: {}",
+                "{:<wa$} {:<wn$} {:<11} gguf: {}",
                 e.alias,
                 e.name,
                 "llama,onnx",
                 line(Backend::Llama)
             );
-            println!("{:<53} onnx: {}", "", line(Backend::Onnx));
+            println!("{:<files_at$}onnx: {}", "", line(Backend::Onnx));
             continue;
         }
         let backends = match (&e.gguf, &e.onnx) {
@@ -63,16 +78,16 @@ pub fn run() -> anyhow::Result<()> {
             (None, None) => "-",
         };
         println!(
-            "{:<14} {:<26} {:<11} gguf: {}",
+            "{:<wa$} {:<wn$} {:<11} gguf: {}",
             e.alias,
             e.name,
             backends,
             show(e.gguf.as_ref())
         );
-        println!("{:<53} onnx: {}", "", show(e.onnx.as_ref()));
+        println!("{:<files_at$}onnx: {}", "", show(e.onnx.as_ref()));
         if let Some(g) = &e.gated {
             println!(
-                "{:<53} original weights are gated: {g} (accept its license, set HF_TOKEN)",
+                "{:<files_at$}original weights are gated: {g} (accept its license, set HF_TOKEN)",
                 ""
             );
         }

@@ -9,6 +9,9 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     let input = report::read(&args.input)?;
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("report"));
     output::prepare_dir(&out)?;
+    // A report killed while it drew left its plots under temporary names.
+    logitprobe::util::remove_partials(&out)
+        .map_err(|e| anyhow::anyhow!("cleaning {}: {e}", out.display()))?;
     let files = match &input {
         ReportInput::Trace(t) => {
             let mut marks = report::TraceMarks::beside(&args.input, t);

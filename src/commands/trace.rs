@@ -111,9 +111,8 @@ impl TracePlan {
             for p in v {
                 if p.prompt.is_empty() {
                     return Err(usage!(
-                        "prompt {} is empty (index {}): give some text to continue",
-                        p.index + 1,
-                        p.index
+                        "prompt {} is empty: give some text to continue",
+                        p.index + 1
                     ));
                 }
             }

@@ -143,7 +143,7 @@ pub(crate) fn from_order(
         candidates.push(Candidate {
             token_id: id,
             prob: p,
-            logprob: (p + cfg.eps).ln(),
+            logprob: logprob(p, cfg.eps),
         });
         if k_mass.is_none() && cum >= cfg.mass_threshold {
             k_mass = Some(candidates.len());
@@ -164,10 +164,16 @@ pub(crate) fn from_order(
         entropy: (s.ln() - sz / s).max(0.0),
         top_mass_used,
         selected_prob,
-        selected_logprob: (selected_prob + cfg.eps).ln(),
+        selected_logprob: logprob(selected_prob, cfg.eps),
         selected_rank: rank,
         candidates,
     }
+}
+
+/// Token Heatmap's ln(p + eps), at most 0: a probability of 1 has a logprob of 0, not
+/// +1e-12.
+pub(crate) fn logprob(p: f64, eps: f64) -> f64 {
+    (p + eps).ln().min(0.0)
 }
 
 /// All the mass on one token (greedy's processed distribution, a degenerate row).
@@ -177,12 +183,25 @@ pub(crate) fn point_mass(id: TokenId, eps: f64) -> Distribution {
         entropy: 0.0,
         top_mass_used: 1.0,
         selected_prob: 1.0,
-        selected_logprob: (1.0 + eps).ln(),
+        selected_logprob: logprob(1.0, eps),
         selected_rank: 1,
         candidates: vec![Candidate {
             token_id: id,
             prob: 1.0,
-            logprob: (1.0 + eps).ln(),
+            logprob: logprob(1.0, eps),
         }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certain_token_has_logprob_zero() {
+        assert_eq!(logprob(1.0, 1e-12), 0.0);
+        assert!((logprob(0.5, 1e-12) - 0.5f64.ln()).abs() < 1e-11);
+        let d = point_mass(7, 1e-12);
+        assert_eq!((d.selected_logprob, d.candidates[0].logprob), (0.0, 0.0));
     }
 }

@@ -73,7 +73,7 @@ fn is_trace_output(name: &str) -> bool {
         // The heatmap and its pages (adaptive_heatmap_2.png, ...).
         || (name.starts_with("adaptive_heatmap") && name.ends_with(".png"))
         // What a killed run left under a temporary name.
-        || (name.starts_with('.') && (name.ends_with(".partial") || name.ends_with(".partial.png")))
+        || crate::util::is_partial(name)
 }
 
 /// Removes the files an earlier trace left in `dir` and in its `prompt-NNN` folders (an

@@ -50,7 +50,7 @@ impl ApiError {
         match self.status.as_u16() {
             401 => "authentication_error",
             404 => "not_found_error",
-            413 | 400 | 422 => "invalid_request_error",
+            400 | 405 | 413 | 422 => "invalid_request_error",
             503 => "server_overloaded",
             _ => "server_error",
         }

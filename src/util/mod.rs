@@ -58,3 +58,22 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// Whether `name` is the temporary name of a file being written (`.NAME.partial`, or a
+/// plot's `.NAME.partial.png`).
+pub fn is_partial(name: &str) -> bool {
+    name.starts_with('.') && (name.ends_with(".partial") || name.ends_with(".partial.png"))
+}
+
+/// Removes what a killed writer left in `dir` under a temporary name; how many.
+pub fn remove_partials(dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_file() && is_partial(&e.file_name().to_string_lossy()) {
+            fs::remove_file(e.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
