@@ -855,3 +855,74 @@ fn no_arguments_print_the_help_and_exit_2() {
     assert!(o.stdout.is_empty());
     assert!(common::stderr(&o).contains("Usage: logitprobe"));
 }
+
+/// Issue 32, item 3: text in an error that came from outside (a path, a model's metadata)
+/// is shown with its control characters escaped, never written raw to the terminal.
+#[test]
+fn control_characters_in_errors_are_escaped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("bad\u{1b}[31m\u{7}name.gguf");
+    let o = run(&[
+        "trace",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--out",
+        tmp.path().join("out").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    let err = common::stderr(&o);
+    assert!(
+        !err.chars().any(|c| c.is_control() && c != '\n'),
+        "a raw control character: {err:?}"
+    );
+    assert!(err.contains(r"bad\u{1b}[31m\u{7}name.gguf"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+/// Issue 32, item 4: a config that is not a regular file (a FIFO no one writes, /dev/zero) is
+/// refused at once, not read until memory runs out or forever.
+#[test]
+fn a_config_that_is_no_regular_file_is_refused_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("config.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for config in [fifo.to_str().unwrap(), "/dev/zero"] {
+        let start = std::time::Instant::now();
+        let o = run(&[
+            "trace",
+            "--backend",
+            "test",
+            "--prompt",
+            "hi",
+            "--config",
+            config,
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+        assert!(
+            common::stderr(&o).contains("not a regular file"),
+            "{}",
+            common::stderr(&o)
+        );
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    }
+    let big = tmp.path().join("big.yaml");
+    fs::write(&big, vec![b'#'; 2 << 20]).unwrap();
+    let o = run(&[
+        "trace",
+        "--backend",
+        "test",
+        "--prompt",
+        "hi",
+        "--config",
+        big.to_str().unwrap(),
+    ]);
+    assert!(
+        common::stderr(&o).contains("more than a config's"),
+        "{}",
+        common::stderr(&o)
+    );
+}
