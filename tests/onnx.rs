@@ -499,3 +499,55 @@ fn bad_truncated_tokenizer_json_is_an_error_not_a_panic() {
         bad(tmp.path(), &[], "tokenizer.json");
     }
 }
+
+/// Issue 32, item 1: a logits row with no finite value (every entry −∞) has no distribution.
+/// The sequence it belongs to ends before that step, the others go on, and the run says so
+/// on one line and exits 1; nothing in the files looks like a step that was not.
+#[test]
+fn a_row_of_minus_infinity_ends_its_sequence_and_fails_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = bad_onnx("minus-inf-row"); // the row after token t3 is −∞ everywhere
+    let o = run(&[
+        "trace",
+        "--backend",
+        "onnx",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "t1",
+        "--prompt",
+        "t3",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "3",
+        "--no-plots",
+        "--out",
+        tmp.path().to_str().unwrap(),
+    ]);
+    let err = common::stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("error: prompt 1 stopped at step 0: its logits row holds no finite value"),
+        "{err}"
+    );
+    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1);
+    let read = |p: &str| -> Value {
+        serde_json::from_str(&fs::read_to_string(tmp.path().join(p)).unwrap()).unwrap()
+    };
+    let fine = read("prompt-000/adaptive_token_trace.json");
+    assert_eq!(
+        fine["steps"].as_array().unwrap().len(),
+        3,
+        "the other prompt went on"
+    );
+    let broken = read("prompt-001/adaptive_token_trace.json");
+    assert!(broken["steps"].as_array().unwrap().is_empty());
+    let runj = read("run.json");
+    assert_eq!(runj["stop_reasons"]["no_finite_logits"], 1);
+    assert_eq!(runj["stop_reasons"]["max_new_tokens"], 1);
+    assert_eq!(
+        read("prompt-001/run.json")["prompts"][0]["stop_reason"],
+        "no_finite_logits"
+    );
+}

@@ -1,7 +1,7 @@
 //! The probe against a plain f64 implementation of the same definitions (full sorts, no
 //! tricks), on random and adversarial rows.
 
-use logitprobe::dist::probe::{Distribution, Probe, ProbeConfig};
+use logitprobe::dist::probe::{Distribution, InvalidLogits, Probe, ProbeConfig};
 use logitprobe::dist::sampler::{Rng, SamplingConfig};
 use proptest::prelude::*;
 
@@ -423,33 +423,31 @@ fn adversarial_rows() {
     }
 }
 
+/// NaN is an error; so is a row with no finite logit (every entry −∞: no distribution, issue
+/// 32 item 1, where it used to fall back to token 0 with probability 1); a +∞ entry is a
+/// point mass there, marked degenerate.
 #[test]
-fn nan_is_an_error_and_no_finite_logit_degrades_to_greedy() {
+fn nan_and_all_minus_infinity_are_errors_and_plus_infinity_degrades_to_greedy() {
     let mut probe = Probe::new(ProbeConfig::default());
+    let mut step = |row: &[f32]| {
+        probe.step(
+            row,
+            &[],
+            &SamplingConfig::default(),
+            &mut Rng::new(1, 0),
+            true,
+        )
+    };
     let mut row = vec![0.0f32; 100];
     row[50] = f32::NAN;
-    let err = probe
-        .step(
-            &row,
-            &[],
-            &SamplingConfig::default(),
-            &mut Rng::new(1, 0),
-            true,
-        )
-        .unwrap_err();
-    assert_eq!(err.token_id, 50);
+    assert_eq!(step(&row).unwrap_err(), InvalidLogits::Nan { token_id: 50 });
     let row = vec![f32::NEG_INFINITY; 100];
-    let s = probe
-        .step(
-            &row,
-            &[],
-            &SamplingConfig::default(),
-            &mut Rng::new(1, 0),
-            true,
-        )
-        .unwrap();
+    assert_eq!(step(&row).unwrap_err(), InvalidLogits::NoFinite);
+    let mut row = vec![f32::NEG_INFINITY; 100];
+    row[7] = f32::INFINITY;
+    let s = step(&row).unwrap();
     assert!(s.degenerate);
-    assert_eq!(s.selected, 0);
+    assert_eq!(s.selected, 7);
     assert_eq!(s.raw.unwrap().k_used, 1);
 }
 

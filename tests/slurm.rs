@@ -262,10 +262,18 @@ fn sharded_trace_and_compare_on_slurm() {
     assert!(o.status.success(), "slurm trace: {}", stderr(&o));
     let (array, merge_job) = job_ids(&o);
     let out = sharded.join("out");
+    // Prompts of shard 3 that finished: run.json there and not interrupted (scancel sends
+    // SIGTERM, which ends the task after its step; the prompts it cut short are written
+    // marked interrupted, and run again when the shard is).
     let shard3_done = || {
         (0..200)
             .filter(|i| i % 4 == 3)
-            .filter(|i| out.join(format!("prompt-{i:03}/run.json")).is_file())
+            .filter(|i| {
+                fs::read(out.join(format!("prompt-{i:03}/run.json")))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                    .is_some_and(|r| r["interrupted"] == false)
+            })
             .count()
     };
     let t = Instant::now();
@@ -282,13 +290,13 @@ fn sharded_trace_and_compare_on_slurm() {
         .output()
         .unwrap();
     assert!(c.status.success(), "scancel: {}", stderr(&c));
+    let states = cluster.wait_ended(&array, Duration::from_secs(120));
+    assert!(states.contains(&"CANCELLED".to_string()), "{states:?}");
     let done_at_cancel = shard3_done();
     assert!(
         done_at_cancel < 50,
         "shard 3 finished before it was cancelled: the test needs a slower task"
     );
-    let states = cluster.wait_ended(&array, Duration::from_secs(120));
-    assert!(states.contains(&"CANCELLED".to_string()), "{states:?}");
     // The merge job does not run over a missing shard: afterok with kill-on-invalid-dep.
     cluster.wait_ended(&merge_job, Duration::from_secs(60));
     assert_eq!(cluster.job_state(&merge_job), "CANCELLED");

@@ -18,10 +18,15 @@ def tokenizer(n):
     return tk
 
 
-def model(vocab, logits_name="logits", present_ok=True, reshape=None, ids_name="input_ids"):
+def model(vocab, logits_name="logits", present_ok=True, reshape=None, ids_name="input_ids",
+          minus_inf_row=None):
     """input_ids -> logits via an embedding, with one KV pair that passes through.
-    reshape: "empty" cuts the logits to no position, "batch2" doubles their batch."""
-    emb = numpy_helper.from_array(np.eye(vocab, dtype=np.float32), "emb")
+    reshape: "empty" cuts the logits to no position, "batch2" doubles their batch.
+    minus_inf_row: the token whose logits row (after it) is -inf everywhere."""
+    table = np.eye(vocab, dtype=np.float32)
+    if minus_inf_row is not None:
+        table[minus_inf_row, :] = -np.inf
+    emb = numpy_helper.from_array(table, "emb")
     inits = [emb]
     gathered = logits_name if reshape is None else "gathered"
     nodes = [helper.make_node("Gather", ["emb", ids_name], [gathered], axis=0)]
@@ -61,6 +66,7 @@ write("ok", model(8), tokenizer(8))
 write("empty-logits", model(8, reshape="empty"), tokenizer(8))
 write("batch2-logits", model(8, reshape="batch2"), tokenizer(8))
 write("renamed-input", model(8, ids_name="tokens"), tokenizer(8))
+write("minus-inf-row", model(8, minus_inf_row=3), tokenizer(8))
 os.makedirs(os.path.join(OUT, "no-model"), exist_ok=True)
 tokenizer(8).save(os.path.join(OUT, "no-model", "tokenizer.json"))
 print(os.path.abspath(OUT))

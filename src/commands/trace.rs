@@ -340,13 +340,31 @@ impl Sink for Bar {
 /// Prints one line per finished prompt.
 struct Console {
     several: bool,
+    /// Prompts that ended at a logits row with no finite value: (index, step).
+    no_distribution: Vec<(usize, usize)>,
 }
 
 impl Sink for Console {
     fn finish(&mut self, _: &dyn Vocab, input: &PromptInput, g: &Generation) -> anyhow::Result<()> {
         print_summary(self.several, input, g);
+        if g.stop == StopReason::NoFiniteLogits {
+            self.no_distribution.push((input.index, g.steps.len()));
+        }
         Ok(())
     }
+}
+
+/// The error for prompts that ended at a logits row with no finite value; their files and
+/// run.json are written (run.json's stop_reasons count them).
+fn no_distribution_error(failed: &[(usize, usize)]) -> anyhow::Error {
+    let (index, step) = failed[0];
+    let others = match failed.len() {
+        1 => String::new(),
+        n => format!(" (and {} more prompts)", n - 1),
+    };
+    anyhow::anyhow!(
+        "prompt {index} stopped at step {step}{others}: its logits row holds no finite value (every entry -inf), so there is no distribution to sample; the model or its export is broken"
+    )
 }
 
 /// The default `--parallel`: the number of prompts, at most 8, halved until the KV cache
@@ -576,7 +594,10 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
             lens_step: plan.lens_step,
         },
     )?;
-    let mut console = Console { several: n > 1 };
+    let mut console = Console {
+        several: n > 1,
+        no_distribution: Vec::new(),
+    };
     let specs = plan.prompts.iter()?;
     let mut inputs = prompts::Prepared {
         specs: specs.filter(|spec| match (spec, &todo) {
@@ -641,6 +662,9 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
             "interrupted: what was finished is written; plots and report.html not drawn yet can be drawn with `logitprobe report {}`",
             top.display()
         );
+    }
+    if !console.no_distribution.is_empty() {
+        return Err(no_distribution_error(&console.no_distribution));
     }
     Ok(signals.ended(interrupted))
 }

@@ -22,7 +22,7 @@ use crate::dist::describe;
 use crate::dist::kernels;
 use crate::dist::logprobs::{self, TokenLogprobs};
 use crate::dist::row::RowSums;
-pub use crate::dist::row::{Candidate, Distribution, NanLogits, ProbeConfig, ProbeConfigError};
+pub use crate::dist::row::{Candidate, Distribution, InvalidLogits, ProbeConfig, ProbeConfigError};
 use crate::dist::sampler::{Kept, Rng, Sampler, SamplingConfig};
 use logitprobe_backends::TokenId;
 
@@ -113,7 +113,7 @@ impl Probe {
         sampling: &SamplingConfig,
         rng: &mut Rng,
         probe: bool,
-    ) -> Result<StepProbe, NanLogits> {
+    ) -> Result<StepProbe, InvalidLogits> {
         let opts = StepOptions {
             probe,
             ..Default::default()
@@ -130,7 +130,7 @@ impl Probe {
         sampling: &SamplingConfig,
         rng: &mut Rng,
         opts: &StepOptions,
-    ) -> Result<StepProbe, NanLogits> {
+    ) -> Result<StepProbe, InvalidLogits> {
         assert!(!logits.is_empty(), "a logits row needs at least one entry");
         let probe = opts.probe;
         let top_n = opts.processed_top;
@@ -291,7 +291,7 @@ impl Probe {
         logits: &[f32],
         temperature: f64,
         selected: TokenId,
-    ) -> Result<Distribution, NanLogits> {
+    ) -> Result<Distribution, InvalidLogits> {
         let inv_t64 = if temperature > 0.0 {
             1.0 / temperature
         } else {
@@ -385,7 +385,7 @@ impl Probe {
         max: f32,
         inv_t: f32,
         need: usize,
-    ) -> Result<(f32, f64, f64), NanLogits> {
+    ) -> Result<(f32, f64, f64), InvalidLogits> {
         let t = self.threshold(need);
         self.cand.clear();
         let gather = kernels::Gather {
@@ -401,9 +401,16 @@ impl Probe {
         Ok((t, s, sz))
     }
 
-    fn degenerate(&mut self, logits: &[f32], opts: &StepOptions) -> Result<StepProbe, NanLogits> {
+    fn degenerate(
+        &mut self,
+        logits: &[f32],
+        opts: &StepOptions,
+    ) -> Result<StepProbe, InvalidLogits> {
         if logits.iter().any(|v| v.is_nan()) {
             return Err(first_nan(logits));
+        }
+        if !logits.contains(&f32::INFINITY) {
+            return Err(InvalidLogits::NoFinite);
         }
         let top = argmax_lowest(logits);
         let selected = opts.forced.unwrap_or(top);
@@ -514,8 +521,8 @@ fn argmax_lowest(logits: &[f32]) -> TokenId {
     best as TokenId
 }
 
-fn first_nan(logits: &[f32]) -> NanLogits {
-    NanLogits {
+fn first_nan(logits: &[f32]) -> InvalidLogits {
+    InvalidLogits::Nan {
         token_id: logits.iter().position(|v| v.is_nan()).unwrap_or(0),
     }
 }

@@ -82,13 +82,19 @@ pub struct Distribution {
     pub candidates: Vec<Candidate>,
 }
 
-/// A NaN in a logits row: the engine produced garbage, the run cannot go on.
-#[derive(Debug, thiserror::Error)]
-#[error("the logits hold NaN (first at token id {token_id})")]
-pub struct NanLogits {
-    pub token_id: usize,
+/// A logits row the probe cannot describe: the engine or the model is broken.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidLogits {
+    /// A NaN: the run cannot go on.
+    #[error("the logits hold NaN (first at token id {token_id})")]
+    Nan { token_id: usize },
+    /// Every entry −∞: no token has any probability, so there is no distribution to sample
+    /// or describe (the sequence ends there).
+    #[error(
+        "the logits row holds no finite value (every entry is -inf), so it has no distribution"
+    )]
+    NoFinite,
 }
-
 /// The numbers that describe one row under one temperature, from the row pass.
 #[derive(Clone, Copy)]
 pub(crate) struct RowSums<'a> {

@@ -9,7 +9,7 @@
 pub mod prompts;
 
 use crate::dist::logprobs::{LogprobsMode, TokenLogprobs};
-use crate::dist::probe::{Probe, ProbeConfig, StepOptions, StepProbe};
+use crate::dist::probe::{InvalidLogits, Probe, ProbeConfig, StepOptions, StepProbe};
 use crate::dist::sampler::{Rng, SamplingConfig};
 use crate::lens::{Inside, PromptLogitLens};
 pub use crate::schema::run::{StopReason, Timings};
@@ -350,9 +350,15 @@ struct Decoded {
     captured: Vec<logitprobe_backends::Captured>,
 }
 
-/// One active slot's sampled step and the row its last position gave; no step for a slot
-/// that only scores its prompt.
-type Sampled = (Option<StepProbe>, usize);
+/// What sampling one active slot's row gave.
+enum Sampled {
+    /// A step, and the row its last position gave.
+    Step(Box<StepProbe>, usize),
+    /// None asked: the slot only scores its prompt.
+    ScoreOnly,
+    /// None possible: the row holds no finite logit, so the sequence ends.
+    NoDistribution,
+}
 
 /// The state of one [`Generator::run`]: the slots and the scratch and clocks they share.
 struct Run<'g> {
@@ -537,7 +543,7 @@ impl<'g> Run<'g> {
             row += n_rows;
             if settings.max_new_tokens == 0 {
                 // Scoring only: the prompt's rows were all that was asked.
-                sampled.push((None, row - 1));
+                sampled.push(Sampled::ScoreOnly);
                 continue;
             }
             let row_logits = d.logits.row(row - 1);
@@ -552,21 +558,25 @@ impl<'g> Run<'g> {
                 processed_top: settings.processed_top(),
                 raw_logprobs: settings.raw_logprobs(),
             };
-            let mut sp = self
-                .probe
-                .step_with(
-                    row_logits,
-                    &a.history,
-                    &settings.sampling,
-                    &mut a.rng,
-                    &opts,
-                )
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "prompt {}, step {step_idx}: {e}; the engine produced invalid logits",
-                        a.input.index
-                    )
-                })?;
+            let stepped = self.probe.step_with(
+                row_logits,
+                &a.history,
+                &settings.sampling,
+                &mut a.rng,
+                &opts,
+            );
+            let mut sp = match stepped {
+                Ok(sp) => sp,
+                // This sequence has nowhere to go; the others go on.
+                Err(InvalidLogits::NoFinite) => {
+                    sampled.push(Sampled::NoDistribution);
+                    continue;
+                }
+                Err(e) => anyhow::bail!(
+                    "prompt {}, step {step_idx}: {e}; the engine produced invalid logits",
+                    a.input.index
+                ),
+            };
             if let Some(req) = settings.logprobs {
                 let lp = match req.mode {
                     LogprobsMode::Raw => sp
@@ -579,7 +589,7 @@ impl<'g> Run<'g> {
                 };
                 a.generation.logprobs.push(lp);
             }
-            sampled.push((Some(sp), row - 1));
+            sampled.push(Sampled::Step(Box::new(sp), row - 1));
         }
         self.probe_time += t_probe.elapsed();
         Ok(sampled)
@@ -596,11 +606,18 @@ impl<'g> Run<'g> {
         d: &Decoded,
     ) -> anyhow::Result<bool> {
         let mut stop_all = false;
-        for (&s, (sp, last_row)) in active.iter().zip(sampled) {
+        for (&s, sampled) in active.iter().zip(sampled) {
             let mut a = self.slots[s].take().expect("active");
-            let Some(sp) = sp else {
-                finish(vocab, sinks, a, StopReason::MaxNewTokens)?;
-                continue;
+            let (sp, last_row) = match sampled {
+                Sampled::Step(sp, row) => (*sp, row),
+                Sampled::ScoreOnly => {
+                    finish(vocab, sinks, a, StopReason::MaxNewTokens)?;
+                    continue;
+                }
+                Sampled::NoDistribution => {
+                    finish(vocab, sinks, a, StopReason::NoFiniteLogits)?;
+                    continue;
+                }
             };
             let (max_new_tokens, ignore_eos) = {
                 let settings = a.input.settings(self.cfg);

@@ -265,9 +265,15 @@ pub fn write_prompt_files(dir: &Path, trace: &Trace) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether the prompt whose folder is `dir` finished: its last file is there.
+/// Whether the prompt whose folder is `dir` finished: its last file, run.json, is there and
+/// does not say interrupted.
 pub fn prompt_done(dir: &Path) -> bool {
-    dir.join(RUN_JSON).is_file()
+    // A prompt cut short by SIGINT or SIGTERM wrote its folder too, marked interrupted: a
+    // resumed shard runs it again.
+    fs::read(dir.join(RUN_JSON))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|run| run["interrupted"] != serde_json::Value::Bool(true))
 }
 
 /// One finished prompt on its way to the writer thread.
@@ -400,7 +406,7 @@ impl TraceWriter {
         let handle = std::thread::Builder::new()
             .name("trace-writer".into())
             .spawn(move || -> anyhow::Result<()> {
-                for job in rx {
+                for mut job in rx {
                     let what = || format!("writing the outputs of prompt {}", job.row.index);
                     write_prompt_files(&job.dir, &job.trace).with_context(what)?;
                     let interrupted = interrupt
@@ -421,6 +427,11 @@ impl TraceWriter {
                             .with_context(|| {
                                 format!("drawing the plots of prompt {}", job.row.index)
                             })?;
+                    }
+                    if plots && interrupted {
+                        // Its plots were skipped: the prompt's output is not whole, and a
+                        // resumed shard draws it again.
+                        job.record.interrupted = true;
                     }
                     if let Some(w) = &mut summary {
                         w.serialize(&job.row)?;

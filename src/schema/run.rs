@@ -16,6 +16,9 @@ pub enum StopReason {
     /// A sink ended the sequence or the run.
     Cancelled,
     Interrupted,
+    /// The step's logits row held no finite value (every entry −∞): no distribution to
+    /// sample, so the sequence ended before that step.
+    NoFiniteLogits,
 }
 
 impl StopReason {
@@ -28,6 +31,7 @@ impl StopReason {
             StopReason::StopString => "stop_string",
             StopReason::Cancelled => "cancelled",
             StopReason::Interrupted => "interrupted",
+            StopReason::NoFiniteLogits => "no_finite_logits",
         }
     }
 }

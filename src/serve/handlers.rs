@@ -318,7 +318,7 @@ fn finish_reason(r: StopReason) -> &'static str {
     match r {
         StopReason::EndOfGeneration | StopReason::StopString => "stop",
         StopReason::MaxNewTokens | StopReason::ContextFull => "length",
-        StopReason::Cancelled | StopReason::Interrupted => "abort",
+        StopReason::Cancelled | StopReason::Interrupted | StopReason::NoFiniteLogits => "abort",
     }
 }
 
@@ -980,7 +980,7 @@ fn stop_type(r: StopReason) -> &'static str {
         StopReason::EndOfGeneration => "eos",
         StopReason::StopString => "word",
         StopReason::MaxNewTokens | StopReason::ContextFull => "limit",
-        StopReason::Cancelled | StopReason::Interrupted => "none",
+        StopReason::Cancelled | StopReason::Interrupted | StopReason::NoFiniteLogits => "none",
     }
 }
 
