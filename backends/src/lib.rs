@@ -12,7 +12,7 @@
 //! generation loop, the writers and the reports be tested without any engine.
 //!
 //! ```
-//! use logitprobe_backends::{LogitSource, test_source::TestSource};
+//! use logitprobe_backends::{test_source::TestSource, LogitSource, Vocab};
 //!
 //! let mut src = TestSource::new(300, 7);
 //! let prompt = src.tokenize("Hello", false, false).unwrap();
