@@ -408,6 +408,14 @@ fn report_html_works_in_headless_chromium() {
 
     let n = browser.eval("document.querySelectorAll('#strip .tok').length");
     assert_eq!(n, 24, "one token element per generated token");
+    // Issue 31, item 7: the token colours have a legend, as the served viewer's have.
+    let legend = browser.eval("document.querySelector('#kld-legend').textContent");
+    assert!(
+        legend
+            .as_str()
+            .is_some_and(|l| l.contains("probability of the chosen token (raw)")),
+        "{legend}"
+    );
     assert_eq!(
         browser.eval("document.querySelectorAll('#cands tr.cand').length"),
         0
