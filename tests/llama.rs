@@ -610,3 +610,39 @@ fn several_threads_are_measured_against_one() {
     let t = trace_json(tmp.path());
     assert_eq!(t["steps"].as_array().unwrap().len(), 8);
 }
+
+/// Issue 31, item 3: without --ctx-size the context is fitted to the job before prompts are
+/// checked, up to the model's trained context (SmolLM2: 8192), not capped at 4096; a prompt
+/// past the trained context is refused at once, naming it.
+#[test]
+fn a_long_prompt_fits_the_context_up_to_the_trained_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = common::smollm2();
+    let trace = |words: usize, out: &str| {
+        run(&[
+            "trace",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            &"word ".repeat(words),
+            "--max-new-tokens",
+            "1",
+            "--no-plots",
+            "--out",
+            tmp.path().join(out).to_str().unwrap(),
+        ])
+    };
+    let o = trace(5000, "long");
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let run_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("long/run.json")).unwrap()).unwrap();
+    assert!(run_json["prompts"][0]["prompt_tokens"].as_u64().unwrap() > 4096);
+    assert!(run_json["n_ctx"].as_u64().unwrap() > 4096);
+    let o = trace(8300, "too-long");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        common::stderr(&o).contains("more than the model's trained context of 8192"),
+        "{}",
+        common::stderr(&o)
+    );
+}

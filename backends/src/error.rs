@@ -39,6 +39,13 @@ pub enum Error {
         needed: usize,
         n_ctx: usize,
     },
+    /// `what` (a prompt and its answer) needs more tokens than the model was trained on.
+    #[error("{what} needs {needed} tokens, more than the model's trained context of {model_ctx}")]
+    BeyondTrainedContext {
+        what: String,
+        needed: usize,
+        model_ctx: usize,
+    },
     /// The context asked for is longer than the model's own.
     #[error("a context of {n_ctx} tokens is beyond the model's trained context {model_ctx}; use {model_ctx} or less")]
     ContextBeyondModel { n_ctx: usize, model_ctx: usize },

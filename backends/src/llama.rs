@@ -108,6 +108,8 @@ pub struct LlamaSource {
     opts: EngineOptions,
     /// Context length of each sequence.
     n_ctx: usize,
+    /// The model's trained context (0: the file does not say).
+    n_ctx_train: usize,
     n_batch: usize,
     /// n_batch of the current context (raised to the number of slots).
     n_batch_ctx: usize,
@@ -312,6 +314,7 @@ impl LlamaSource {
             info,
             opts: opts.clone(),
             n_ctx,
+            n_ctx_train,
             n_batch,
             n_batch_ctx: n_batch,
             n_seqs: 0,
@@ -660,8 +663,14 @@ impl LogitSource for LlamaSource {
 
     fn fit_context(&mut self, n_tokens: usize) -> anyhow::Result<()> {
         // llama.cpp pads a sequence's cells to 256: a smaller context saves nothing.
-        let n_ctx = n_tokens.max(1).next_multiple_of(256);
-        if n_ctx >= self.n_ctx {
+        let mut n_ctx = n_tokens.max(1).next_multiple_of(256);
+        // The default context (4096 at most) grows to what the job needs, up to the model's
+        // trained context; one the user gave only shrinks.
+        let grows = self.opts.ctx_size.is_none() && n_ctx > self.n_ctx;
+        if grows && self.n_ctx_train > 0 {
+            n_ctx = n_ctx.min(self.n_ctx_train);
+        }
+        if n_ctx == self.n_ctx || (n_ctx > self.n_ctx && !grows) {
             return Ok(());
         }
         self.n_ctx = n_ctx;

@@ -182,6 +182,9 @@ pub fn fix_for(e: &logitprobe_backends::Error) -> Option<String> {
         ),
         Error::TooManySlots { max, .. } => Some(format!("use --parallel {max} or less")),
         Error::ContextFull { .. } => Some("raise --ctx-size or shorten the prompt".into()),
+        Error::BeyondTrainedContext { .. } => {
+            Some("shorten the prompt".into())
+        }
         Error::ContextBeyondModel { .. } => Some("lower --ctx-size".into()),
         Error::ModelUnreadable { .. } => Some("check the --model path".into()),
         Error::NotGguf { .. } => {

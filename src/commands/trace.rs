@@ -458,21 +458,51 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     // takes it, so no list of ids is held.
     // A shard checks them all too: a bad prompt anywhere fails every shard at once, and all
     // shards size their context alike.
-    let n_ctx = source.info().n_ctx;
-    let mut longest = 0;
+    let (mut longest, mut longest_index) = (0, 0);
     let mut indices = Vec::new();
     for spec in plan.prompts.iter()? {
         let input = prompts::prepare(&*source, &spec?, &plan.format)?;
-        generate::check_prompt(&input, n_ctx)?;
-        longest = longest.max(input.ids.len());
+        // Empty prompts now; lengths once the context is fitted.
+        generate::check_prompt(&input, usize::MAX)?;
+        if input.ids.len() > longest {
+            (longest, longest_index) = (input.ids.len(), input.index);
+        }
         if plan.shard.is_some() {
             indices.push(input.index);
         }
     }
-    // Without --ctx-size, each slot's context holds what this job needs, not the model's
-    // whole context (a KV cache of 4096 tokens per slot for 16-token answers).
+    // Without --ctx-size, each slot's context holds what this job needs (up to the model's
+    // trained context), not a fixed 4096 tokens: a KV cache of 4096 tokens per slot for
+    // 16-token answers, or a long prompt refused below what the model was trained on.
     if opts.ctx_size.is_none() {
         source.fit_context(longest + plan.gen.max_new_tokens)?;
+    }
+    let n_ctx = source.info().n_ctx;
+    let trained = source
+        .info()
+        .details
+        .get("n_ctx_train")
+        .and_then(|v| v.as_u64());
+    match trained.map(|t| t as usize) {
+        // A prompt past what the model was trained on: a larger context would not help. (A
+        // long answer is not refused: it stops where the context ends, context_full.)
+        Some(t) if opts.ctx_size.is_none() && t > 0 && longest >= t => {
+            return Err(logitprobe_backends::Error::BeyondTrainedContext {
+                what: format!("prompt {longest_index}"),
+                needed: longest + 1,
+                model_ctx: t,
+            }
+            .into())
+        }
+        _ if longest >= n_ctx => {
+            return Err(logitprobe_backends::Error::ContextFull {
+                what: format!("prompt {longest_index}"),
+                needed: longest + 1,
+                n_ctx,
+            }
+            .into())
+        }
+        _ => {}
     }
     let mut gen = plan.gen.clone();
     if !plan.inside.is_off() {
