@@ -587,7 +587,7 @@ impl LogitSource for OnnxSource {
     fn fit_context(&mut self, n_tokens: usize) -> anyhow::Result<()> {
         // The context stays the model's; a shared KV buffer starts at the job's length, so
         // that a sequence of the job never grows it.
-        self.kv_reserve = n_tokens.clamp(1, self.info.n_ctx);
+        self.kv_reserve = n_tokens.clamp(1, self.info.n_ctx.max(1));
         Ok(())
     }
 
