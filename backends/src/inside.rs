@@ -43,12 +43,16 @@ pub struct CaptureSpec {
     pub hidden_layers: Vec<usize>,
     /// Layers whose attention weights are copied, ascending.
     pub attention_layers: Vec<usize>,
+    /// Whether to copy the output head's input (the final norm's output) of each logits row:
+    /// what [`LensHead::head_logits`] turns back into that row's logits, so a row can be kept
+    /// in `n_embd` values instead of `n_vocab`.
+    pub head_input: bool,
 }
 
 impl CaptureSpec {
     /// Nothing to read: capture is off.
     pub fn is_empty(&self) -> bool {
-        self.hidden_layers.is_empty() && self.attention_layers.is_empty()
+        self.hidden_layers.is_empty() && self.attention_layers.is_empty() && !self.head_input
     }
 
     /// The first layer asked for that the model does not have.
@@ -78,6 +82,8 @@ pub struct Captured {
     /// over the positions so far (weights of each head sum to 1). Only for the last row of
     /// a sequence in a decode (the row a step samples from); empty for the others.
     pub attention: Vec<Array2<f32>>,
+    /// `[n_embd]`: the output head's input at this position, when asked.
+    pub head_input: Option<Vec<f32>>,
 }
 
 /// The model's final norm before its output head.
@@ -276,8 +282,13 @@ impl LensHead {
     /// The logits (`[n, n_vocab]`) of each row of `hidden` (`[n, n_embd]`): final norm,
     /// output head, bias, scale and soft cap, as the model applies them to its last layer.
     pub fn logits(&self, hidden: ArrayView2<f32>) -> Array2<f32> {
-        let x = self.normalize(hidden);
-        let mut y = self.head.product(x.view());
+        self.head_logits(self.normalize(hidden).view())
+    }
+
+    /// The logits (`[n, n_vocab]`) of rows that have been through the final norm already
+    /// (captured head inputs): output head, bias, scale and soft cap.
+    pub fn head_logits(&self, normed: ArrayView2<f32>) -> Array2<f32> {
+        let mut y = self.head.product(normed);
         if let Some(b) = &self.bias {
             y += b;
         }

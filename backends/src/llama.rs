@@ -1061,6 +1061,9 @@ struct CaptureState {
     l_out: Vec<Option<(usize, Vec<f32>)>>,
     /// Per asked attention layer: (n_kv, n_head, `[n_head, n_kv]` weights of the row).
     kq: Vec<Option<(usize, usize, Vec<f32>)>>,
+    /// (rows, the `[rows, n_embd]` data of `result_norm`): the output head's input, one row
+    /// per logits row.
+    head_input: Option<(usize, Vec<f32>)>,
     /// The first thing that went wrong inside the callback (it cannot return an error).
     error: Option<String>,
 }
@@ -1070,6 +1073,7 @@ struct CaptureState {
 enum Wanted {
     Hidden(usize),
     Attention(usize),
+    HeadInput,
 }
 
 impl CaptureState {
@@ -1077,12 +1081,17 @@ impl CaptureState {
         self.attention_row = attention_row;
         self.l_out = vec![None; self.spec.hidden_layers.len()];
         self.kq = vec![None; self.spec.attention_layers.len()];
+        self.head_input = None;
         self.error = None;
     }
 
     /// Layer outputs are named `l_out-<layer>`, attention weights `kq_soft_max-<layer>`
-    /// (llama.cpp's `cb(cur, name, il)` in every architecture's graph).
+    /// (llama.cpp's `cb(cur, name, il)` in every architecture's graph), the final norm's
+    /// output `result_norm`.
     fn wanted(&self, name: &[u8]) -> Option<Wanted> {
+        if self.spec.head_input && name == b"result_norm" {
+            return Some(Wanted::HeadInput);
+        }
         let layer = |prefix: &[u8]| -> Option<usize> {
             std::str::from_utf8(name.strip_prefix(prefix)?)
                 .ok()?
@@ -1123,7 +1132,7 @@ impl CaptureState {
         }
         let ne = t.ne.map(|n| usize::try_from(n).unwrap_or(0));
         match wanted {
-            Wanted::Hidden(i) => {
+            Wanted::Hidden(_) | Wanted::HeadInput => {
                 let mut data = vec![0f32; ne[0] * ne[1]];
                 // SAFETY: `data` holds exactly the tensor's ne0 * ne1 f32 values (checked
                 // contiguous f32 of that shape, ne2 = ne3 = 1 for a layer output).
@@ -1138,7 +1147,10 @@ impl CaptureState {
                         data.len() * 4,
                     )
                 };
-                self.l_out[i] = Some((ne[1], data));
+                match wanted {
+                    Wanted::Hidden(i) => self.l_out[i] = Some((ne[1], data)),
+                    _ => self.head_input = Some((ne[1], data)),
+                }
             }
             Wanted::Attention(i) => {
                 let row = self.attention_row.unwrap_or(0);
@@ -1231,6 +1243,17 @@ impl CaptureState {
                     got.attention.push(w);
                 }
             }
+            if self.spec.head_input {
+                let Some((n_rows, data)) = &self.head_input else {
+                    anyhow::bail!("llama.cpp's graph has no result_norm (the output head's input)");
+                };
+                anyhow::ensure!(
+                    *n_rows == n_out,
+                    "result_norm has {n_rows} rows for {n_out} logits rows"
+                );
+                let width = data.len() / n_rows.max(&1);
+                got.head_input = Some(data[k * width..(k + 1) * width].to_vec());
+            }
             out.push(got);
             k += 1;
         }
@@ -1288,6 +1311,14 @@ unsafe extern "C" fn eval_callback(
 /// `token_embd`), as the vendored llama.cpp builds them (`src/models/<arch>.cpp`), with what
 /// each does to the logits after the head.
 const LENS_ARCHS: &str = "llama, mistral3, qwen2, qwen2moe, qwen3, qwen3moe, gemma, gemma2, gemma3, phi3, granite, olmo2, smollm3";
+
+/// The final norm and output head of a GGUF, read without loading the model: the output head
+/// in its own type, multiplied with ggml's one-row kernels as llama.cpp's batch-invariant
+/// path does, so [`LensHead::head_logits`] of a row's captured head input is that row's
+/// logits.
+pub fn output_head(path: &Path) -> anyhow::Result<LensHead> {
+    read_lens_head(path)
+}
 
 /// The lens head of a GGUF: the final norm and output head, dequantized to f32 with ggml's
 /// own routines.

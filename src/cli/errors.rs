@@ -5,6 +5,7 @@
 use logitprobe::cluster::merge::MergeError;
 use logitprobe::cluster::shard::PlanError;
 use logitprobe::cluster::slurm::NoShardedRun;
+use logitprobe::compare::reference::ReferenceError;
 use logitprobe::dist::row::ProbeConfigError;
 use logitprobe::dist::sampler::BadSetting;
 use logitprobe::generate::prompts::PromptsFileError;
@@ -22,17 +23,33 @@ pub fn report(e: &anyhow::Error) -> ExitCode {
         .chain()
         .find_map(|c| c.downcast_ref::<logitprobe_backends::Error>());
     let usage = e.chain().any(is_usage);
+    let disk = e.chain().find_map(disk_problem);
     let mut msg = e
         .chain()
         .map(|c| in_flags(c).unwrap_or_else(|| c.to_string()))
         .collect::<Vec<_>>()
         .join(": ");
-    if let Some(fix) = engine.and_then(fix_for) {
+    let full = disk.is_some();
+    if let Some(fix) = engine.and_then(fix_for).or(disk) {
         msg.push_str("; ");
         msg.push_str(&fix);
     }
     eprintln!("error: {}", one_line(&msg));
-    ExitCode::from(if usage { 2 } else { 1 })
+    ExitCode::from(if usage || full { 2 } else { 1 })
+}
+
+/// A full or read-only disk: the user's to fix, by room or another place.
+fn disk_problem(c: &(dyn StdError + 'static)) -> Option<String> {
+    use std::io::ErrorKind;
+    match c.downcast_ref::<std::io::Error>()?.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
+            Some("free some space on that disk, or write elsewhere (--out, --reference)".into())
+        }
+        ErrorKind::ReadOnlyFilesystem => {
+            Some("write to a writable place (--out, --reference)".into())
+        }
+        _ => None,
+    }
 }
 
 /// The message on one line, with every control character escaped: text from a model file
@@ -62,6 +79,7 @@ fn is_usage(c: &(dyn StdError + 'static)) -> bool {
         || c.is::<OutputDirError>()
         || c.is::<ProbeConfigError>()
         || c.is::<BadSetting>()
+        || c.is::<ReferenceError>()
 }
 
 /// The flag a library setting is given with.
@@ -134,7 +152,37 @@ fn in_flags(c: &(dyn StdError + 'static)) -> Option<String> {
     if let Some(e) = c.downcast_ref::<BadSetting>() {
         return Some(bad_setting(e));
     }
+    if let Some(e) = c.downcast_ref::<ReferenceError>() {
+        return reference(e);
+    }
     None
+}
+
+fn reference(e: &ReferenceError) -> Option<String> {
+    Some(match e {
+        ReferenceError::Mismatch {
+            dir,
+            field,
+            theirs,
+            ours,
+        } => format!(
+            "--reference {} was made with another {field}: {theirs} there, {ours} in this run; give another --reference folder, or delete this one to make it anew",
+            dir.display()
+        ),
+        ReferenceError::Missing { dir } => format!(
+            "--reference {} holds no reference, and no --a was given to make one: pass --a BACKEND:MODEL, or the --reference folder of an earlier comparison",
+            dir.display()
+        ),
+        ReferenceError::Incomplete {
+            dir,
+            missing,
+            total,
+        } => format!(
+            "--reference {} lacks {missing} of its {total} chunks: pass --a with the model it was made with to score them",
+            dir.display()
+        ),
+        _ => return None,
+    })
 }
 
 fn hub(e: &HubError) -> String {

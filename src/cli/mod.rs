@@ -239,12 +239,22 @@ side_engine_args!(
 #[derive(Args, Debug, Default)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["text_file", "prompt", "trace"])))]
 pub struct CompareArgs {
-    /// Side A, the base: BACKEND:MODEL (e.g. llama:model-f16.gguf)
+    /// Side A, the base: BACKEND:MODEL (e.g. llama:model-f16.gguf); may be left out when
+    /// --reference holds A's rows for the whole input
     #[arg(long, value_name = "BACKEND:MODEL")]
-    pub a: String,
-    /// Side B, compared with A: BACKEND:MODEL; repeat for a quantization ladder
-    #[arg(long, value_name = "BACKEND:MODEL", required = true)]
+    pub a: Option<String>,
+    /// Side B, compared with A: BACKEND:MODEL; repeat for a quantization ladder (each B is
+    /// loaded alone, after the one before it is dropped)
+    #[arg(long, value_name = "BACKEND:MODEL")]
     pub b: Vec<String>,
+    /// Folder of A's reference: A's rows are written there, or reused when it holds them for
+    /// the same A, input and settings [default: OUT/reference]
+    #[arg(long, value_name = "DIR")]
+    pub reference: Option<PathBuf>,
+    /// Load A and every B at once and score each chunk on all of them, without a reference
+    /// (what --lens does; the numbers are the same)
+    #[arg(long)]
+    pub sides_together: bool,
     /// Corpus to score, cut into --ctx-size chunks
     #[arg(long, value_name = "FILE")]
     pub text_file: Option<PathBuf>,

@@ -381,6 +381,7 @@ fn merge_compare(dir: &Path, plan: &Plan) -> anyhow::Result<Merged> {
         timing.generate_s += t.generate_s;
         timing.wall_s = timing.wall_s.max(t.wall_s);
         timing.tokens_evaluated += t.tokens_evaluated;
+        timing.a_tokens += t.a_tokens;
         timing.positions_scored += t.positions_scored;
         for (sum, v) in timing.load_b_s.iter_mut().zip(&t.load_b_s) {
             *sum += v;
@@ -405,6 +406,7 @@ fn merge_compare(dir: &Path, plan: &Plan) -> anyhow::Result<Merged> {
         summaries,
         timing,
         lens_layers: first.lens_layers.clone(),
+        reference: None,
         positions,
     };
     compare::write_files(dir, &report)?;

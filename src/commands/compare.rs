@@ -1,10 +1,16 @@
-//! `logitprobe compare`: load A and every B once, score the same ids on all of them, write the
-//! statistics, `compare.json`, `compare.csv`, the plots and `report.html`.
+//! `logitprobe compare`: A's reference, then each B alone against it (or, with `--lens` and
+//! `--sides-together`, every side at once); the statistics, `compare.json`, `compare.csv`, the
+//! plots and `report.html`.
 
 use crate::cli::{CompareArgs, EngineArgs, TraceArgs};
 use crate::commands::trace::TracePlan;
 use anyhow::Context;
+use logitprobe::cluster::shard::Shard;
+use logitprobe::compare::ladder::{self, BPass};
+use logitprobe::compare::reference::{self, ReferenceReader};
+use logitprobe::compare::side::SideSpec;
 use logitprobe::compare::{self, Chunk, CompareReport, InputInfo, SideInfo, Timing};
+use logitprobe::dist::probe::ProbeConfig;
 use logitprobe::generate;
 use logitprobe::generate::prompts::prepare_prompts;
 use logitprobe::hub::sha256_file;
@@ -22,14 +28,6 @@ pub const DEFAULT_CHUNK: usize = 512;
 
 /// `--out` when not given.
 pub const DEFAULT_OUT: &str = "outputs/compare";
-
-/// `BACKEND:MODEL` of one side.
-#[derive(Debug, Clone)]
-pub struct SideSpec {
-    pub label: String,
-    pub backend: Backend,
-    pub model: String,
-}
 
 /// Parses `llama:path`, `onnx:folder`, `test:VOCAB[:SEED]`.
 pub fn parse_side(flag: &str, spec: &str) -> anyhow::Result<SideSpec> {
@@ -68,12 +66,6 @@ enum Input {
 /// How B's own tokenizer splits the input text.
 type BTokenize = Box<dyn Fn(&dyn Vocab) -> anyhow::Result<Vec<TokenId>>>;
 
-struct Loaded {
-    info: SideInfo,
-    source: Box<dyn LogitSource>,
-    load_s: f64,
-}
-
 /// A side's engine options: compare scores with the engine's fastest kernels, as
 /// llama-perplexity does (a shard's fingerprint records it with the rest).
 fn scoring(
@@ -86,42 +78,20 @@ fn scoring(
     })
 }
 
-fn load(side: &SideSpec, name: &str, engine: &EngineArgs, verbose: bool) -> anyhow::Result<Loaded> {
-    let t = Instant::now();
-    let fail = |e: anyhow::Error| {
-        let msg = e
-            .chain()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-            .join(": ");
-        usage!("side {name} ({}) failed to load: {msg}", side.label)
-    };
-    let resolved = logitprobe::hub::resolve(side.backend, &side.model, None).map_err(fail)?;
-    let source =
-        logitprobe_backends::open(side.backend, &resolved.path, &scoring(engine, verbose)?)
-            .map_err(fail)?;
-    let sha = if side.backend == Backend::Test {
-        None
-    } else {
-        sha256_file(Path::new(&resolved.path))
-    };
-    let info = SideInfo::new(
-        &side.label,
-        side.backend.name(),
-        &side.model,
-        &resolved.path,
-        sha,
-        &*source,
-    );
-    Ok(Loaded {
-        info,
-        source,
-        load_s: t.elapsed().as_secs_f64(),
-    })
+/// The engine options that move logits, as a reference or a shard plan records them (not
+/// the thread counts, nor the log switch).
+fn engine_job(engine: &EngineArgs) -> anyhow::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(scoring(engine, false)?)?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("threads");
+        o.remove("threads_batch");
+        o.remove("verbose");
+    }
+    Ok(v)
 }
 
 /// Every check that needs no model, so a typo fails in milliseconds.
-fn read_input(args: &CompareArgs) -> anyhow::Result<Input> {
+fn read_input(args: &CompareArgs) -> anyhow::Result<Option<Input>> {
     if let Some(path) = &args.text_file {
         let text = std::fs::read_to_string(path).map_err(|e| {
             usage!(
@@ -135,10 +105,10 @@ fn read_input(args: &CompareArgs) -> anyhow::Result<Input> {
                 path.display()
             ));
         }
-        return Ok(Input::TextFile {
+        return Ok(Some(Input::TextFile {
             path: path.clone(),
             text,
-        });
+        }));
     }
     if let Some(path) = &args.trace {
         return match report::read(path)? {
@@ -146,10 +116,10 @@ fn read_input(args: &CompareArgs) -> anyhow::Result<Input> {
                 if t.steps.is_empty() {
                     return Err(usage!("--trace {} has no steps to score", path.display()));
                 }
-                Ok(Input::Trace {
+                Ok(Some(Input::Trace {
                     path: path.clone(),
                     trace: t,
-                })
+                }))
             }
             ReportInput::Compare(_) => Err(usage!(
                 "--trace {} is a compare.json; give an adaptive_token_trace.json",
@@ -157,10 +127,9 @@ fn read_input(args: &CompareArgs) -> anyhow::Result<Input> {
             )),
         };
     }
-    let prompt = args
-        .prompt
-        .clone()
-        .ok_or_else(|| usage!("no input: pass --text-file, --prompt or --trace"))?;
+    let Some(prompt) = args.prompt.clone() else {
+        return Ok(None);
+    };
     // The trace command's own checks and defaults for the sampling flags.
     let mut t = TraceArgs {
         model: Some("A".into()),
@@ -171,91 +140,182 @@ fn read_input(args: &CompareArgs) -> anyhow::Result<Input> {
         probe: args.probe.clone(),
         ..Default::default()
     };
-    Ok(Input::Prompt(Box::new(TracePlan::from_args(&mut t)?)))
+    Ok(Some(Input::Prompt(Box::new(TracePlan::from_args(&mut t)?))))
 }
 
-/// Runs `compare` end to end.
-pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::Result<()> {
-    let t_wall = Instant::now();
-    let a_spec = parse_side("--a", &args.a)?;
-    let b_specs = args
-        .b
-        .iter()
-        .map(|b| parse_side("--b", b))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let probe = args.probe.config()?;
-    let input = read_input(args)?;
-    let chunk_len = args.engine.ctx_size.unwrap_or(DEFAULT_CHUNK);
-    if chunk_len < 4 {
-        return Err(usage!(
-            "--ctx-size {chunk_len} is too short to score anything: use 64 or more"
-        ));
-    }
-    let corpus = matches!(input, Input::TextFile { .. });
-    let shard = match args.shard.resolve()? {
-        Some(s) if corpus => Some(s),
-        Some(s) if args.shard.asked() => {
+/// What the flags ask for, checked before any model loads.
+struct Setup {
+    a: Option<SideSpec>,
+    bs: Vec<SideSpec>,
+    probe: ProbeConfig,
+    input: Option<Input>,
+    /// The chunk length: --ctx-size, else the reference's, else [`DEFAULT_CHUNK`].
+    chunk_len: usize,
+    shard: Option<Shard>,
+    /// A's and B's engine flags.
+    engines: [EngineArgs; 2],
+    out: PathBuf,
+}
+
+impl Setup {
+    fn from_args(args: &CompareArgs) -> anyhow::Result<Setup> {
+        let a = args
+            .a
+            .as_deref()
+            .map(|a| parse_side("--a", a))
+            .transpose()?;
+        let bs = args
+            .b
+            .iter()
+            .map(|b| parse_side("--b", b))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if a.is_none() && args.reference.is_none() {
             return Err(usage!(
-                "--shard {}/{} needs --text-file: a sharded compare splits a corpus's chunks",
-                s.index,
-                s.count
-            ))
+                "no A: pass --a BACKEND:MODEL, or --reference DIR holding an earlier run's reference"
+            ));
         }
-        // A Slurm array task comparing a --prompt of its own is not a shard of anything.
-        _ => None,
-    };
-    let mut engines = [
-        args.a_engine.over(&args.engine),
-        args.b_engine.over(&args.engine),
-    ];
-    for (side, e) in ["--a-ctx-size", "--b-ctx-size"]
-        .iter()
-        .zip(engines.iter_mut())
-    {
-        if corpus {
-            if let Some(c) = e.ctx_size.filter(|&c| c < chunk_len) {
+        if bs.is_empty() && (args.reference.is_none() || args.sides_together || args.lens) {
+            return Err(usage!(
+                "no B to compare with A: pass --b BACKEND:MODEL (repeat it for a ladder)"
+            ));
+        }
+        let probe = args.probe.config()?;
+        let input = read_input(args)?;
+        if input.is_none() && (args.reference.is_none() || args.a.is_some()) {
+            return Err(usage!("no input: pass --text-file, --prompt or --trace"));
+        }
+        let chunk_len = args.engine.ctx_size.unwrap_or(DEFAULT_CHUNK);
+        if chunk_len < 4 {
+            return Err(usage!(
+                "--ctx-size {chunk_len} is too short to score anything: use 64 or more"
+            ));
+        }
+        let corpus = matches!(input, Some(Input::TextFile { .. }));
+        let shard = match args.shard.resolve()? {
+            Some(s) if corpus || input.is_none() => Some(s),
+            Some(s) if args.shard.asked() => {
                 return Err(usage!(
-                    "{side} {c} is shorter than the chunk length --ctx-size {chunk_len}: each side's context must hold a chunk"
+                    "--shard {}/{} needs --text-file: a sharded compare splits a corpus's chunks",
+                    s.index,
+                    s.count
+                ))
+            }
+            // A Slurm array task comparing a --prompt of its own is not a shard of anything.
+            _ => None,
+        };
+        let engines = [
+            args.a_engine.over(&args.engine),
+            args.b_engine.over(&args.engine),
+        ];
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_OUT));
+        output::prepare_dir(&out)?;
+        Ok(Setup {
+            a,
+            bs,
+            probe,
+            input,
+            chunk_len,
+            shard,
+            engines,
+            out,
+        })
+    }
+
+    /// A side's engine flags for chunks of `chunk_len` tokens of a corpus: each side's
+    /// context must hold a chunk.
+    fn engine_for(&self, side: usize, corpus_chunk: Option<usize>) -> anyhow::Result<EngineArgs> {
+        let mut e = self.engines[side].clone();
+        if let Some(len) = corpus_chunk {
+            if let Some(c) = e.ctx_size.filter(|&c| c < len) {
+                return Err(usage!(
+                    "--{}-ctx-size {c} is shorter than the chunk length --ctx-size {len}: each side's context must hold a chunk",
+                    ["a", "b"][side]
                 ));
             }
-            e.ctx_size = Some(e.ctx_size.unwrap_or(chunk_len).max(chunk_len));
+            e.ctx_size = Some(e.ctx_size.unwrap_or(len).max(len));
         }
-    }
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_OUT));
-    output::prepare_dir(&out)?;
-
-    let mut timing = Timing::default();
-    let mut a = load(&a_spec, "A", &engines[0], verbose)?;
-    timing.load_a_s = a.load_s;
-    let mut bs = Vec::new();
-    for (i, spec) in b_specs.iter().enumerate() {
-        let name = compare::b_name(i, b_specs.len());
-        let b = load(spec, &name, &engines[1], verbose)?;
-        compare::check_vocab(
-            &*a.source,
-            &*b.source,
-            &format!("side {name} ({})", spec.label),
-        )?;
-        timing.load_b_s.push(b.load_s);
-        bs.push(b);
+        Ok(e)
     }
 
-    // The ids both sides score, and what B's own tokenizer makes of the same text.
-    let (chunks, input_info, b_text) = match input {
+    /// The fields of a reference's job this run determines: A and its engine flags when A
+    /// is given, the input and its chunking when an input is given.
+    fn reference_job(
+        &self,
+        args: &CompareArgs,
+        a_located: Option<&(String, Option<String>)>,
+    ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+        let mut job = serde_json::Map::new();
+        if let Some((path, sha)) = a_located {
+            job.insert(
+                "a_model".into(),
+                sha.clone().unwrap_or_else(|| path.clone()).into(),
+            );
+            let corpus = matches!(self.input, Some(Input::TextFile { .. }));
+            job.insert(
+                "a_engine".into(),
+                engine_job(&self.engine_for(0, corpus.then_some(self.chunk_len))?)?,
+            );
+        }
+        match &self.input {
+            Some(Input::TextFile { text, .. }) => {
+                use sha2::Digest;
+                let sha = format!("{:x}", sha2::Sha256::digest(text.as_bytes()));
+                job.insert("input".into(), format!("text-file sha256 {sha}").into());
+                job.insert("ctx_size".into(), self.chunk_len.into());
+                job.insert("chunks".into(), serde_json::to_value(args.chunks)?);
+                job.insert("score_all".into(), args.score_all.into());
+            }
+            Some(Input::Trace { path, .. }) => {
+                let sha = sha256_file(path).unwrap_or_default();
+                job.insert("input".into(), format!("trace sha256 {sha}").into());
+            }
+            Some(Input::Prompt(_)) => {
+                job.insert(
+                    "input".into(),
+                    format!(
+                        "prompt {:?}, system {:?}, chat template {}, {:?}",
+                        args.prompt, args.system_prompt, args.use_chat_template, args.sampling
+                    )
+                    .into(),
+                );
+            }
+            None => {}
+        }
+        Ok(job)
+    }
+}
+
+/// The ids every side scores, what they are, and how B's own tokenizer splits the text.
+struct Prepared {
+    chunks: Vec<Chunk>,
+    info: InputInfo,
+    b_text: Option<(BTokenize, Vec<TokenId>)>,
+}
+
+/// Turns the input into chunks of ids with A: its tokenizer, and for a prompt its
+/// continuation.
+fn prepare(
+    input: Input,
+    a: &mut dyn LogitSource,
+    args: &CompareArgs,
+    chunk_len: usize,
+    timing: &mut Timing,
+) -> anyhow::Result<Prepared> {
+    Ok(match input {
         Input::TextFile { path, text } => {
             // As llama-perplexity tokenizes its file (`common_tokenize(ctx, text, true)`): with
             // BOS in front when the model adds one, so the chunks cover the same tokens (a
             // text without it starts every chunk one token earlier on BOS models: Gemma 3's
             // PPL differed in the third decimal, SmolLM2's, which adds none, did not).
-            let add_bos = a.source.info().add_bos;
-            let ids = a.source.tokenize(&text, add_bos, false)?;
+            let add_bos = a.info().add_bos;
+            let ids = a.tokenize(&text, add_bos, false)?;
             if ids.is_empty() {
                 return Err(usage!("--text-file {} holds no tokens", path.display()));
             }
-            let info = a.source.info();
+            let info = a.info();
             let bos = if info.add_bos { info.bos } else { None };
             let chunks = compare::corpus_chunks(&ids, chunk_len, bos, args.score_all, args.chunks);
             if chunks.is_empty() {
@@ -288,17 +348,18 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
                     }
                 ),
             };
-            let text = text.clone();
-            let b_tok: BTokenize =
-                Box::new(move |b: &dyn Vocab| b.tokenize(&text, b.info().add_bos, false));
-            (chunks, info, Some((b_tok, ids)))
+            Prepared {
+                chunks,
+                info,
+                b_text: Some((text_tokenizer(text), ids)),
+            }
         }
         Input::Prompt(plan) => {
             let given = plan.given_prompts();
-            let inputs = prepare_prompts(&*a.source, &given, &plan.format)?;
+            let inputs = prepare_prompts(&*a, &given, &plan.format)?;
             let t = Instant::now();
             let stop = AtomicBool::new(false);
-            let (gens, _) = generate::generate(&mut *a.source, &inputs, &plan.gen, &mut [], &stop)?;
+            let (gens, _) = generate::generate(a, &inputs, &plan.gen, &mut [], &stop)?;
             timing.generate_s = t.elapsed().as_secs_f64();
             let input = &inputs[0];
             let mut ids = input.ids.clone();
@@ -320,7 +381,7 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
                 ),
             };
             let first = input.ids.len() - 1;
-            let generated = a.source.detokenize(&gens[0].generated_ids, false);
+            let generated = a.detokenize(&gens[0].generated_ids, false);
             let b_tok: BTokenize = Box::new(move |b: &dyn Vocab| {
                 let mut ids_b = prepare_prompts(b, &plan.given_prompts(), &plan.format)?
                     .remove(0)
@@ -328,19 +389,19 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
                 ids_b.extend(b.tokenize(&generated, false, false)?);
                 Ok(ids_b)
             });
-            (
-                vec![Chunk {
+            Prepared {
+                chunks: vec![Chunk {
                     ids: ids.clone(),
                     first,
                 }],
                 info,
-                Some((b_tok, ids)),
-            )
+                b_text: Some((b_tok, ids)),
+            }
         }
         Input::Trace { path, trace } => {
             let mut ids: Vec<TokenId> = trace.tokens.prompt_token_ids.clone();
             ids.extend(trace.steps.iter().map(|s| s.selected.token_id));
-            let n_vocab = a.source.info().n_vocab;
+            let n_vocab = a.info().n_vocab;
             if let Some(bad) = ids.iter().find(|&&id| id as usize >= n_vocab) {
                 return Err(usage!(
                     "--trace {} holds token id {bad}, beyond A's vocabulary of {n_vocab}: re-score it with the model that wrote it",
@@ -362,28 +423,229 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
                     trace.metadata.model
                 ),
             };
-            (
-                vec![Chunk {
+            Prepared {
+                chunks: vec![Chunk {
                     ids,
                     first: prompt_len.saturating_sub(1),
                 }],
                 info,
-                None,
-            )
+                b_text: None,
+            }
         }
-    };
-    for (name, side) in std::iter::once(("A", &a)).chain(bs.iter().map(|b| ("B", b))) {
-        let n_ctx = side.source.info().n_ctx;
-        if let Some(c) = chunks.iter().find(|c| c.ids.len() > n_ctx) {
-            return Err(usage!(
-                "side {name} ({}) holds {n_ctx} tokens of context but the input needs {}: raise --ctx-size (or --{}-ctx-size)",
-                side.info.label,
-                c.ids.len(),
-                name.to_lowercase()
-            ));
-        }
-    }
+    })
+}
 
+/// How a B's own tokenizer splits a corpus.
+fn text_tokenizer(text: String) -> BTokenize {
+    Box::new(move |b: &dyn Vocab| b.tokenize(&text, b.info().add_bos, false))
+}
+
+/// Refuses a side whose context cannot hold the longest chunk.
+fn check_context(
+    name: &str,
+    label: &str,
+    source: &dyn Vocab,
+    chunks: &[Chunk],
+) -> anyhow::Result<()> {
+    let n_ctx = source.info().n_ctx;
+    if let Some(c) = chunks.iter().find(|c| c.ids.len() > n_ctx) {
+        let flag = if name == "A" { "a" } else { "b" };
+        return Err(usage!(
+            "side {name} ({label}) holds {n_ctx} tokens of context but the input needs {}: raise --ctx-size (or --{flag}-ctx-size)",
+            c.ids.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A progress bar over `total` positions, on a terminal only.
+fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
+    std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg:>3} {bar:40} {pos}/{len} positions {rate} eta {eta}",
+            )
+            .expect("valid template")
+            // indicatif's own {per_sec} prints four decimals ("30.7072/s").
+            .with_key(
+                "rate",
+                |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = std::fmt::Write::write_fmt(w, format_args!("{:.0}/s", s.per_sec()));
+                },
+            ),
+        );
+        b
+    })
+}
+
+/// Runs `compare` end to end.
+pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::Result<()> {
+    let t_wall = Instant::now();
+    let setup = Setup::from_args(args)?;
+    if args.sides_together || args.lens {
+        run_together(args, setup, verbose, command, t_wall)
+    } else {
+        run_one_at_a_time(args, setup, verbose, command, t_wall)
+    }
+}
+
+/// What the comparison found, before it is written.
+struct Outcome {
+    a: SideInfo,
+    b: Vec<SideInfo>,
+    input: InputInfo,
+    positions: Vec<compare::Position>,
+    /// Per B: its own tokenization of the input (tokens, positions that differ from A's).
+    b_text: Vec<Option<compare::BText>>,
+    lens_layers: Option<Vec<usize>>,
+    reference: Option<compare::ReferenceUse>,
+    timing: Timing,
+    score_s: f64,
+}
+
+/// `compare.json`, the CSV, the plots and the report, and the table on the terminal.
+fn finish(
+    setup: &Setup,
+    mut o: Outcome,
+    command: Vec<String>,
+    t_wall: Instant,
+) -> anyhow::Result<()> {
+    o.timing.positions_per_s = o.positions.len() as f64 / o.score_s.max(1e-9);
+    let mut summaries = Vec::new();
+    for (bi, b) in o.b.iter().enumerate() {
+        let mut s = compare::summarize(&o.positions, bi, &b.label);
+        if let Some(layers) = &o.lens_layers {
+            s.lens = compare::summarize_lens(&o.positions, bi, layers);
+        }
+        if let Some(Some(t)) = o.b_text.get(bi) {
+            s.b_tokens = Some(t.b_tokens);
+            s.tokenizer_positions_differ = Some(t.tokenizer_positions_differ);
+        }
+        summaries.push(s);
+    }
+    o.timing.wall_s = t_wall.elapsed().as_secs_f64();
+    let report = CompareReport {
+        kind: compare::KIND.into(),
+        format_version: compare::FORMAT_VERSION,
+        logitprobe_version: env!("CARGO_PKG_VERSION").into(),
+        created_at: trace::now_rfc3339(),
+        command,
+        a: o.a,
+        b: o.b,
+        input: o.input,
+        probe: setup.probe.clone(),
+        summaries,
+        timing: o.timing,
+        lens_layers: o.lens_layers,
+        reference: o.reference,
+        positions: o.positions,
+    };
+    compare::write_files(&setup.out, &report)?;
+
+    print!("{}", compare::summary_table(&report));
+    if report.b.len() > 1 {
+        println!();
+        print!("{}", compare::ladder_table(&report));
+    }
+    let t = &report.timing;
+    let b_rates = t
+        .score_b_s
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                "{} {:.1} tok/s",
+                compare::b_name(i, t.score_b_s.len()),
+                t.tokens_evaluated as f64 / s.max(1e-9)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let a_rate = if t.score_a_s > 0.0 {
+        format!("A {:.1} tok/s", t.a_tokens as f64 / t.score_a_s)
+    } else {
+        "A from its reference".into()
+    };
+    println!();
+    println!(
+        "scored {} positions ({} tokens through each B) in {:.2} s: {:.1} positions/s; {a_rate}, {b_rates}; load A {:.2} s, {}; wall {:.2} s",
+        t.positions_scored,
+        t.tokens_evaluated,
+        o.score_s,
+        t.positions_per_s,
+        t.load_a_s,
+        t.load_b_s
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{} {s:.2} s", compare::b_name(i, t.load_b_s.len())))
+            .collect::<Vec<_>>()
+            .join(", "),
+        t.wall_s
+    );
+    if let Some(r) = &report.reference {
+        println!(
+            "reference {}: {} rows of {} values, {} read; {} chunks scored by A now, {} reused",
+            r.dir,
+            match r.rows {
+                compare::ReferenceRows::HeadInput => "head-input",
+                compare::ReferenceRows::Logits => "logits",
+            },
+            r.width,
+            logitprobe_backends::human_bytes(r.bytes),
+            r.chunks_scored,
+            r.chunks_reused
+        );
+    }
+    eprintln!("wrote {}", setup.out.display());
+    Ok(())
+}
+
+/// A and every B loaded at once, each chunk scored by all of them: what `--lens` needs
+/// (both sides' layers at each position) and `--sides-together` asks for.
+fn run_together(
+    args: &CompareArgs,
+    setup: Setup,
+    verbose: bool,
+    command: Vec<String>,
+    t_wall: Instant,
+) -> anyhow::Result<()> {
+    let (Some(a_spec), Some(input)) = (setup.a.clone(), setup.input.as_ref()) else {
+        return Err(usage!(
+            "--lens and --sides-together score A in this run: pass --a and an input"
+        ));
+    };
+    let corpus = matches!(input, Input::TextFile { .. }).then_some(setup.chunk_len);
+    let mut timing = Timing::default();
+    let mut a = a_spec.open("A", &scoring(&setup.engine_for(0, corpus)?, verbose)?, None)?;
+    timing.load_a_s = a.load_s;
+    let mut bs = Vec::new();
+    for (i, spec) in setup.bs.iter().enumerate() {
+        let name = compare::b_name(i, setup.bs.len());
+        let b = spec.open(
+            &name,
+            &scoring(&setup.engine_for(1, corpus)?, verbose)?,
+            None,
+        )?;
+        compare::check_vocab(
+            &*a.source,
+            &*b.source,
+            &format!("side {name} ({})", spec.label),
+        )?;
+        timing.load_b_s.push(b.load_s);
+        bs.push(b);
+    }
+    let input = read_input(args)?.expect("checked above");
+    let prepared = prepare(input, &mut *a.source, args, setup.chunk_len, &mut timing)?;
+    check_context("A", &a.info.label, &*a.source, &prepared.chunks)?;
+    for (i, b) in bs.iter().enumerate() {
+        check_context(
+            &compare::b_name(i, bs.len()),
+            &b.info.label,
+            &*b.source,
+            &prepared.chunks,
+        )?;
+    }
     let mut b_sources: Vec<Box<dyn LogitSource>> = Vec::new();
     let mut b_infos = Vec::new();
     for b in bs {
@@ -405,62 +667,79 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
     } else {
         None
     };
-    if let Some(shard) = shard {
-        let engine_options = [scoring(&engines[0], false)?, scoring(&engines[1], false)?];
+    let numbered: Vec<(usize, &Chunk)> = prepared
+        .chunks
+        .iter()
+        .enumerate()
+        .filter(|(c, _)| setup.shard.is_none_or(|s| s.takes(*c)))
+        .collect();
+    if let Some(shard) = setup.shard {
         let job = CompareJob {
             args,
-            engines: &engine_options,
-            a: &a.info,
-            b: &b_infos,
-            input: &input_info,
-            probe: &probe,
+            engines: [
+                engine_job(&setup.engine_for(0, corpus)?)?,
+                engine_job(&setup.engine_for(1, corpus)?)?,
+            ],
+            a: (a.info.label.clone(), a.info.model_sha256.clone()),
+            b: b_infos
+                .iter()
+                .map(|b| (b.label.clone(), b.model_sha256.clone()))
+                .collect(),
+            input: &prepared.info,
+            probe: &setup.probe,
         };
-        let shard_out = ShardOut {
-            out: &out,
-            shard,
+        let todo = claim_shard(&job, &setup.out, shard, &prepared.chunks)?;
+        let firsts = compare::first_indices(&prepared.chunks);
+        let t_score = Instant::now();
+        for &c in &todo {
+            let positions = compare::compare_some_chunks(
+                &mut *a.source,
+                &mut b_sources,
+                &[(c, &prepared.chunks[c])],
+                firsts[c],
+                &setup.probe,
+                lens.as_ref(),
+                &mut timing,
+                &|_| {},
+            )?;
+            compare::write_chunk_record(&shard.dir(&setup.out), c, &positions)?;
+        }
+        let b_text = b_sources
+            .iter()
+            .map(|b| b_text_of(&prepared.b_text, &**b))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        return finish_shard(
+            &setup,
+            ShardDone {
+                shard,
+                chunks: &prepared.chunks,
+                todo: todo.len(),
+                a: a.info,
+                b: b_infos,
+                input: prepared.info,
+                b_text: b_text.into_iter().flatten().collect(),
+                lens_layers: lens.map(|l| l.layers),
+                timing,
+                score_s: t_score.elapsed().as_secs_f64(),
+            },
             command,
             t_wall,
-        };
-        return run_shard(
-            &job,
-            &shard_out,
-            &mut *a.source,
-            &mut b_sources,
-            &chunks,
-            lens.as_ref(),
-            timing,
-            b_text,
         );
     }
-    let total: u64 = chunks.iter().map(|c| c.scored() as u64).sum();
+    let total: u64 = numbered.iter().map(|(_, c)| c.scored() as u64).sum();
     if total == 0 {
         return Err(usage!(
             "the input leaves no position to score (A generated no token?): use a longer text, another --seed or --prompt, or more --max-new-tokens"
         ));
     }
-    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
-        let b = indicatif::ProgressBar::new(total);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} {bar:40} {pos}/{len} positions {rate} eta {eta}",
-            )
-            .expect("valid template")
-            // indicatif's own {per_sec} prints four decimals ("30.7072/s").
-            .with_key(
-                "rate",
-                |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
-                    let _ = std::fmt::Write::write_fmt(w, format_args!("{:.0}/s", s.per_sec()));
-                },
-            ),
-        );
-        b
-    });
+    let bar = progress_bar(total);
     let t_score = Instant::now();
-    let positions = compare::compare_chunks(
+    let positions = compare::compare_some_chunks(
         &mut *a.source,
         &mut b_sources,
-        &chunks,
-        &probe,
+        &numbered,
+        0,
+        &setup.probe,
         lens.as_ref(),
         &mut timing,
         &|n| {
@@ -472,130 +751,441 @@ pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::R
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    let score_s = t_score.elapsed().as_secs_f64();
-    timing.positions_per_s = positions.len() as f64 / score_s.max(1e-9);
-
-    let mut summaries = Vec::new();
-    for (bi, b) in b_sources.iter().enumerate() {
-        let mut s = compare::summarize(&positions, bi, &b_infos[bi].label);
-        if let Some(lc) = &lens {
-            s.lens = compare::summarize_lens(&positions, bi, &lc.layers);
-        }
-        if let Some((b_tokenize, ids_a)) = &b_text {
-            let ids_b = b_tokenize(&**b)?;
-            s.b_tokens = Some(ids_b.len());
-            s.tokenizer_positions_differ = Some(compare::tokenization_difference(ids_a, &ids_b));
-        }
-        summaries.push(s);
-    }
-    timing.wall_s = t_wall.elapsed().as_secs_f64();
-    let report = CompareReport {
-        kind: compare::KIND.into(),
-        format_version: compare::FORMAT_VERSION,
-        logitprobe_version: env!("CARGO_PKG_VERSION").into(),
-        created_at: trace::now_rfc3339(),
-        command,
+    timing.a_tokens = timing.tokens_evaluated;
+    let b_text = b_sources
+        .iter()
+        .map(|b| b_text_of(&prepared.b_text, &**b))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let outcome = Outcome {
         a: a.info,
         b: b_infos,
-        input: input_info,
-        probe,
-        summaries,
-        timing,
-        lens_layers: lens.as_ref().map(|l| l.layers.clone()),
+        input: prepared.info,
         positions,
+        b_text,
+        lens_layers: lens.map(|l| l.layers),
+        reference: None,
+        timing,
+        score_s: t_score.elapsed().as_secs_f64(),
     };
-    compare::write_files(&out, &report)?;
+    finish(&setup, outcome, command, t_wall)
+}
 
-    print!("{}", compare::summary_table(&report));
-    let t = &report.timing;
-    println!();
-    println!(
-        "scored {} positions ({} tokens through each engine) in {:.2} s: {:.1} positions/s; A {:.1} tok/s, {}; load A {:.2} s, {}; wall {:.2} s",
-        t.positions_scored,
-        t.tokens_evaluated,
-        score_s,
-        t.positions_per_s,
-        t.tokens_evaluated as f64 / t.score_a_s.max(1e-9),
-        t.score_b_s
-            .iter()
-            .enumerate()
-            .map(|(i, s)| format!(
-                "{} {:.1} tok/s",
-                compare::b_name(i, t.score_b_s.len()),
-                t.tokens_evaluated as f64 / s.max(1e-9)
-            ))
-            .collect::<Vec<_>>()
-            .join(", "),
-        t.load_a_s,
-        t.load_b_s
-            .iter()
-            .enumerate()
-            .map(|(i, s)| format!("{} {s:.2} s", compare::b_name(i, t.load_b_s.len())))
-            .collect::<Vec<_>>()
-            .join(", "),
-        t.wall_s
-    );
-    eprintln!("wrote {}", out.display());
-    Ok(())
+/// How B's own tokenizer splits the input, where the input is text.
+fn b_text_of(
+    b_text: &Option<(BTokenize, Vec<TokenId>)>,
+    b: &dyn Vocab,
+) -> anyhow::Result<Option<compare::BText>> {
+    let Some((tokenize, ids_a)) = b_text else {
+        return Ok(None);
+    };
+    let ids_b = tokenize(b)?;
+    Ok(Some(compare::BText {
+        b_tokens: ids_b.len(),
+        tokenizer_positions_differ: compare::tokenization_difference(ids_a, &ids_b),
+    }))
+}
+
+/// A's side of the comparison: the reference, made or completed with A where it lacks
+/// chunks this run compares, and reused as it is where it has them all (A is not even
+/// loaded then).
+struct ReferenceReady {
+    reader: ReferenceReader,
+    chunks: Vec<Chunk>,
+    input: InputInfo,
+    b_text: Option<(BTokenize, Vec<TokenId>)>,
+    scored: usize,
+    reused: usize,
+}
+
+fn ready_reference(
+    args: &CompareArgs,
+    setup: &mut Setup,
+    dir: &Path,
+    verbose: bool,
+    timing: &mut Timing,
+) -> anyhow::Result<ReferenceReady> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| usage!("cannot make the reference folder {}: {e}", dir.display()))?;
+    let manifest = reference::read_manifest(dir)?;
+    let a_located = setup.a.as_ref().map(|a| a.locate("A")).transpose()?;
+    let job = setup.reference_job(args, a_located.as_ref())?;
+    if let Some(m) = &manifest {
+        reference::check_job(dir, m, &job)?;
+    }
+    let mine = |n: usize| -> Vec<usize> {
+        (0..n)
+            .filter(|&c| setup.shard.is_none_or(|s| s.takes(c)))
+            .collect()
+    };
+    if let Some(m) = manifest {
+        let chunks = reference::chunks_of(&m);
+        let missing: Vec<usize> = mine(chunks.len())
+            .into_iter()
+            .filter(|&c| !reference::chunk_present(dir, c, chunks[c].scored(), m.width))
+            .collect();
+        let reused = mine(chunks.len()).len() - missing.len();
+        let mut head = None;
+        if !missing.is_empty() {
+            let Some(a_spec) = setup.a.clone() else {
+                return Err(reference::ReferenceError::Incomplete {
+                    dir: dir.to_path_buf(),
+                    missing: missing.len(),
+                    total: chunks.len(),
+                }
+                .into());
+            };
+            let corpus = (m.input.kind == "text-file").then_some(setup.chunk_len);
+            let options = scoring(&setup.engine_for(0, corpus)?, verbose)?;
+            let mut a = a_spec.open("A", &options, a_located)?;
+            timing.load_a_s = a.load_s;
+            check_context("A", &a.info.label, &*a.source, &chunks)?;
+            let (rows, h, because) = reference::prepare_capture(&mut *a.source);
+            if rows != m.rows {
+                return Err(anyhow::anyhow!(
+                    "A can no longer give the reference's {:?} rows: {}",
+                    m.rows,
+                    because.unwrap_or_default()
+                ));
+            }
+            head = h;
+            for &c in &missing {
+                let scored = reference::score_chunk(&mut *a.source, &chunks[c], m.rows, timing)?;
+                reference::write_chunk(dir, c, &scored.rows)?;
+            }
+        }
+        let input = m.input.clone();
+        let reader = ReferenceReader::new(dir, m, head)?;
+        return Ok(ReferenceReady {
+            reader,
+            chunks,
+            input,
+            // A's tokens of the whole text are not kept (its chunks are): B's own
+            // tokenization is compared when A tokenizes the text in the same run.
+            b_text: None,
+            scored: missing.len(),
+            reused,
+        });
+    }
+    let Some(a_spec) = setup.a.clone() else {
+        return Err(reference::ReferenceError::Missing {
+            dir: dir.to_path_buf(),
+        }
+        .into());
+    };
+    let input = setup.input.take().expect("an input, checked with A");
+    let corpus = matches!(input, Input::TextFile { .. }).then_some(setup.chunk_len);
+    let options = scoring(&setup.engine_for(0, corpus)?, verbose)?;
+    let mut a = a_spec.open("A", &options, a_located.clone())?;
+    timing.load_a_s = a.load_s;
+    let prepared = prepare(input, &mut *a.source, args, setup.chunk_len, timing)?;
+    check_context("A", &a.info.label, &*a.source, &prepared.chunks)?;
+    let todo = mine(prepared.chunks.len());
+    let (mut rows, head, mut because) = reference::prepare_capture(&mut *a.source);
+    let mut width = 0;
+    let mut first_scored = None;
+    // Head inputs only where A's head gives A's logits back bit for bit: checked on the
+    // first chunk, before anything is written.
+    if let (Some(&c), Some(h)) = (todo.first(), &head) {
+        let scored = reference::score_chunk(&mut *a.source, &prepared.chunks[c], rows, timing)?;
+        if let Some(d) = reference::replay_differs(h, &scored) {
+            rows = compare::ReferenceRows::Logits;
+            because = Some(format!(
+                "A's output head, replayed with ggml's one-row kernels, differs from its logits by up to {d:e} (A's engine ran other kernels)"
+            ));
+            let _ = a
+                .source
+                .set_capture(&logitprobe_backends::CaptureSpec::default());
+            first_scored = Some((c, scored.logits));
+        } else {
+            width = scored.rows.ncols();
+            first_scored = Some((c, scored.rows));
+        }
+    }
+    if rows == compare::ReferenceRows::Logits {
+        width = a.info.n_vocab;
+    }
+    let model_path = Path::new(&a.info.model_path);
+    let manifest = compare::ReferenceManifest {
+        kind: compare::REFERENCE_KIND.into(),
+        format_version: compare::REFERENCE_FORMAT_VERSION,
+        logitprobe_version: env!("CARGO_PKG_VERSION").into(),
+        created_at: trace::now_rfc3339(),
+        job,
+        rows,
+        width,
+        logits_because: because.filter(|_| rows == compare::ReferenceRows::Logits),
+        a: a.info.clone(),
+        input: prepared.info.clone(),
+        vocab: reference::vocab_digest(&*a.source),
+        head: (rows == compare::ReferenceRows::HeadInput)
+            .then(|| reference::head_source(model_path, a.info.model_sha256.clone()))
+            .flatten(),
+        chunks: reference::chunk_records(&prepared.chunks),
+    };
+    reference::write_vocab(dir, &reference::vocab_pieces(&*a.source))?;
+    reference::write_manifest(dir, &manifest)?;
+    for &c in &todo {
+        let kept = match first_scored.take() {
+            Some((fc, kept)) if fc == c => kept,
+            _ => reference::score_chunk(&mut *a.source, &prepared.chunks[c], rows, timing)?.rows,
+        };
+        reference::write_chunk(dir, c, &kept)?;
+    }
+    let head = head.filter(|_| rows == compare::ReferenceRows::HeadInput);
+    drop(a);
+    Ok(ReferenceReady {
+        reader: ReferenceReader::new(dir, manifest, head)?,
+        chunks: prepared.chunks,
+        input: prepared.info,
+        b_text: prepared.b_text,
+        scored: todo.len(),
+        reused: 0,
+    })
+}
+
+/// A's reference first, then each B alone against it: one model in memory at a time. A
+/// reference this run made in its own --out goes with a run that fails (one given with
+/// --reference stays: it is A's, whatever went wrong with a B).
+fn run_one_at_a_time(
+    args: &CompareArgs,
+    setup: Setup,
+    verbose: bool,
+    command: Vec<String>,
+    t_wall: Instant,
+) -> anyhow::Result<()> {
+    let dir = args
+        .reference
+        .clone()
+        .unwrap_or_else(|| setup.out.join("reference"));
+    let made_here = args.reference.is_none() && !dir.exists();
+    for (i, b) in setup.bs.iter().enumerate() {
+        b.check(&compare::b_name(i, setup.bs.len()))?;
+    }
+    let result = one_at_a_time(args, setup, &dir, verbose, command, t_wall);
+    if result.is_err() && made_here {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+fn one_at_a_time(
+    args: &CompareArgs,
+    mut setup: Setup,
+    dir: &Path,
+    verbose: bool,
+    command: Vec<String>,
+    t_wall: Instant,
+) -> anyhow::Result<()> {
+    let dir = dir.to_path_buf();
+    let mut timing = Timing::default();
+    let t_score = Instant::now();
+    let ready = ready_reference(args, &mut setup, &dir, verbose, &mut timing)?;
+    let a_tokens = timing.tokens_evaluated;
+    let ReferenceReady {
+        mut reader,
+        chunks,
+        input,
+        b_text,
+        scored,
+        reused,
+    } = ready;
+    if setup.bs.is_empty() {
+        eprintln!(
+            "wrote the reference {} ({} chunks scored now, {} there before); compare Bs with it: --reference {} --b BACKEND:MODEL",
+            dir.display(),
+            scored,
+            reused,
+            dir.display()
+        );
+        return Ok(());
+    }
+    let numbered: Vec<(usize, &Chunk)> = chunks
+        .iter()
+        .enumerate()
+        .filter(|(c, _)| setup.shard.is_none_or(|s| s.takes(*c)))
+        .collect();
+    let corpus =
+        (input.kind == "text-file").then(|| chunks.iter().map(|c| c.ids.len()).max().unwrap_or(0));
+    let b_options = scoring(&setup.engine_for(1, corpus)?, verbose)?;
+    let firsts = compare::first_indices(&chunks);
+    // A shard's plan names every B: each is hashed here once, and loaded with its hash.
+    let mut located: Vec<Option<(String, Option<String>)>> = vec![None; setup.bs.len()];
+    let todo = match setup.shard {
+        Some(shard) => {
+            for (i, b) in setup.bs.iter().enumerate() {
+                located[i] = Some(b.locate(&compare::b_name(i, setup.bs.len()))?);
+            }
+            let job = CompareJob {
+                args,
+                engines: [
+                    reader
+                        .manifest
+                        .job
+                        .get("a_engine")
+                        .cloned()
+                        .unwrap_or_default(),
+                    engine_job(&setup.engine_for(1, corpus)?)?,
+                ],
+                a: (
+                    reader.manifest.a.label.clone(),
+                    reader.manifest.a.model_sha256.clone(),
+                ),
+                b: setup
+                    .bs
+                    .iter()
+                    .zip(&located)
+                    .map(|(b, l)| (b.label.clone(), l.as_ref().and_then(|l| l.1.clone())))
+                    .collect(),
+                input: &input,
+                probe: &setup.probe,
+            };
+            Some(claim_shard(&job, &setup.out, shard, &chunks)?)
+        }
+        None => None,
+    };
+    let numbered: Vec<(usize, &Chunk)> = match &todo {
+        Some(todo) => todo.iter().map(|&c| (c, &chunks[c])).collect(),
+        None => numbered,
+    };
+    let pass = BPass {
+        chunks: &numbered,
+        firsts: &firsts,
+        probe: &setup.probe,
+    };
+    let total: u64 = numbered.iter().map(|(_, c)| c.scored() as u64).sum();
+    if total == 0 && todo.is_none() {
+        return Err(usage!(
+            "the input leaves no position to score (A generated no token?): use a longer text, another --seed or --prompt, or more --max-new-tokens"
+        ));
+    }
+    let a_pieces = reference::read_vocab(&dir)?;
+    let bar = progress_bar(total * setup.bs.len() as u64);
+    let mut per_chunk: Vec<Vec<compare::Position>> = Vec::new();
+    let mut b_infos = Vec::new();
+    let mut b_texts = Vec::new();
+    for (bi, spec) in setup.bs.iter().enumerate() {
+        let name = compare::b_name(bi, setup.bs.len());
+        if let Some(b) = &bar {
+            b.set_message(name.clone());
+        }
+        let mut b = spec.open(&name, &b_options, located[bi].take())?;
+        timing.load_b_s.push(b.load_s);
+        ladder::check_vocab_pieces(
+            &reader.manifest.vocab,
+            &a_pieces,
+            &*b.source,
+            &format!("side {name} ({})", spec.label),
+        )?;
+        check_context(&name, &spec.label, &*b.source, &chunks)?;
+        pass.run(
+            &mut *b.source,
+            bi,
+            &name,
+            &mut reader,
+            &mut per_chunk,
+            &mut timing,
+            &|n| {
+                if let Some(b) = &bar {
+                    b.inc(n);
+                }
+            },
+        )?;
+        b_texts.push(b_text_of(&b_text, &*b.source)?);
+        b_infos.push(b.info);
+        // Dropped here, before the next B loads.
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    timing.tokens_evaluated = numbered.iter().map(|(_, c)| c.ids.len()).sum();
+    timing.a_tokens = a_tokens;
+    let reference_use = compare::ReferenceUse {
+        dir: dir.display().to_string(),
+        rows: reader.manifest.rows,
+        width: reader.manifest.width,
+        bytes: reader.bytes_read / setup.bs.len().max(1) as u64,
+        chunks_scored: scored,
+        chunks_reused: reused,
+    };
+    if let (Some(shard), Some(todo)) = (setup.shard, &todo) {
+        let dir_shard = shard.dir(&setup.out);
+        for (k, &(c, _)) in numbered.iter().enumerate() {
+            compare::write_chunk_record(&dir_shard, c, &per_chunk[k])?;
+        }
+        timing.positions_scored = per_chunk.iter().map(Vec::len).sum();
+        return finish_shard(
+            &setup,
+            ShardDone {
+                shard,
+                chunks: &chunks,
+                todo: todo.len(),
+                a: reader.manifest.a.clone(),
+                b: b_infos,
+                input,
+                b_text: b_texts.into_iter().flatten().collect(),
+                lens_layers: None,
+                timing,
+                score_s: t_score.elapsed().as_secs_f64(),
+            },
+            command,
+            t_wall,
+        );
+    }
+    let positions: Vec<compare::Position> = per_chunk.into_iter().flatten().collect();
+    timing.positions_scored = positions.len();
+    let outcome = Outcome {
+        a: reader.manifest.a.clone(),
+        b: b_infos,
+        input,
+        positions,
+        b_text: b_texts,
+        lens_layers: None,
+        reference: Some(reference_use),
+        timing,
+        score_s: t_score.elapsed().as_secs_f64(),
+    };
+    finish(&setup, outcome, command, t_wall)
 }
 
 /// What decides a sharded comparison's outputs.
 struct CompareJob<'a> {
     args: &'a CompareArgs,
-    engines: &'a [logitprobe_backends::EngineOptions; 2],
-    a: &'a SideInfo,
-    b: &'a [SideInfo],
+    /// A's and B's engine options that move logits.
+    engines: [serde_json::Value; 2],
+    /// Label and sha256 of A and of each B.
+    a: (String, Option<String>),
+    b: Vec<(String, Option<String>)>,
     input: &'a InputInfo,
-    probe: &'a logitprobe::dist::probe::ProbeConfig,
+    probe: &'a ProbeConfig,
 }
 
 impl CompareJob<'_> {
     /// The models and their digests, the corpus's digest, the chunking and the probe, and
     /// the engine options that move logits (not the thread counts).
     fn fingerprint(&self) -> anyhow::Result<serde_json::Value> {
-        let side = |s: &SideInfo| serde_json::json!({"label": s.label, "sha256": s.model_sha256});
-        let mut engines = serde_json::to_value(self.engines)?;
-        if let Some(list) = engines.as_array_mut() {
-            for e in list.iter_mut().filter_map(|e| e.as_object_mut()) {
-                e.remove("threads");
-                e.remove("threads_batch");
-            }
-        }
+        let side = |s: &(String, Option<String>)| serde_json::json!({"label": s.0, "sha256": s.1});
         Ok(serde_json::json!({
-            "a": side(self.a),
+            "a": side(&self.a),
             "b": self.b.iter().map(side).collect::<Vec<_>>(),
             "text_sha256": self.args.text_file.as_deref().and_then(logitprobe::hub::sha256_file),
             "ctx_size": self.input.ctx_size,
             "chunks": self.input.chunks,
             "score_all": self.input.score_all,
             "probe": self.probe,
-            "engines": engines,
+            "engines": self.engines,
             "lens": self.args.lens.then(|| self.args.lens_layers.clone().unwrap_or_else(|| "all".into())),
         }))
     }
 }
 
-struct ShardOut<'a> {
-    out: &'a Path,
-    shard: logitprobe::cluster::shard::Shard,
-    command: Vec<String>,
-    t_wall: Instant,
-}
-
-/// Scores this shard's chunks that an earlier run of it did not, one record per chunk, then
-/// the shard's record; `logitprobe merge` computes the statistics from all of them.
-#[allow(clippy::too_many_arguments)]
-fn run_shard(
+/// Claims the shard's part of the job in `out` and returns its chunks that an earlier run
+/// of it did not finish.
+fn claim_shard(
     job: &CompareJob,
-    so: &ShardOut,
-    a: &mut dyn LogitSource,
-    bs: &mut [Box<dyn LogitSource>],
+    out: &Path,
+    shard: Shard,
     chunks: &[Chunk],
-    lens: Option<&compare::LensCompare>,
-    mut timing: Timing,
-    b_text: Option<(BTokenize, Vec<TokenId>)>,
-) -> anyhow::Result<()> {
-    let shard = so.shard;
+) -> anyhow::Result<Vec<usize>> {
     logitprobe::cluster::shard::Plan {
         kind: "compare".into(),
         shards: shard.count,
@@ -603,10 +1193,9 @@ fn run_shard(
         index_space: chunks.len(),
         job: job.fingerprint()?,
     }
-    .claim(so.out)?;
-    let dir = shard.dir(so.out);
+    .claim(out)?;
+    let dir = shard.dir(out);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let firsts = compare::first_indices(chunks);
     let mine: Vec<usize> = (0..chunks.len()).filter(|&c| shard.takes(c)).collect();
     let todo: Vec<usize> = mine
         .iter()
@@ -620,55 +1209,58 @@ fn run_shard(
         chunks.len(),
         mine.len() - todo.len()
     );
-    let t_score = Instant::now();
-    for &c in &todo {
-        let positions = compare::compare_some_chunks(
-            a,
-            bs,
-            &[(c, &chunks[c])],
-            firsts[c],
-            job.probe,
-            lens,
-            &mut timing,
-            &|_| {},
-        )?;
-        compare::write_chunk_record(&dir, c, &positions)?;
-    }
-    let score_s = t_score.elapsed().as_secs_f64();
-    timing.positions_per_s = timing.positions_scored as f64 / score_s.max(1e-9);
-    let mut b_text_out = Vec::new();
-    if let Some((b_tokenize, ids_a)) = &b_text {
-        for b in bs.iter() {
-            let ids_b = b_tokenize(&**b)?;
-            b_text_out.push(compare::BText {
-                b_tokens: ids_b.len(),
-                tokenizer_positions_differ: compare::tokenization_difference(ids_a, &ids_b),
-            });
-        }
-    }
-    timing.wall_s = so.t_wall.elapsed().as_secs_f64();
+    Ok(todo)
+}
+
+/// A shard's work, done.
+struct ShardDone<'a> {
+    shard: Shard,
+    chunks: &'a [Chunk],
+    /// Chunks scored in this run.
+    todo: usize,
+    a: SideInfo,
+    b: Vec<SideInfo>,
+    input: InputInfo,
+    b_text: Vec<compare::BText>,
+    lens_layers: Option<Vec<usize>>,
+    timing: Timing,
+    score_s: f64,
+}
+
+/// The shard's record, beside its chunks' records; `logitprobe merge` computes the
+/// statistics from all of them.
+fn finish_shard(
+    setup: &Setup,
+    mut d: ShardDone,
+    command: Vec<String>,
+    t_wall: Instant,
+) -> anyhow::Result<()> {
+    let mine = (0..d.chunks.len()).filter(|&c| d.shard.takes(c)).count();
+    d.timing.positions_per_s = d.timing.positions_scored as f64 / d.score_s.max(1e-9);
+    d.timing.wall_s = t_wall.elapsed().as_secs_f64();
+    let dir = d.shard.dir(&setup.out);
     let record = compare::ShardRecord {
         kind: compare::SHARD_KIND.into(),
-        shard,
-        chunks: mine.len(),
-        done_before: mine.len() - todo.len(),
+        shard: d.shard,
+        chunks: mine,
+        done_before: mine - d.todo,
         logitprobe_version: env!("CARGO_PKG_VERSION").into(),
         finished_at: trace::now_rfc3339(),
-        command: so.command.clone(),
-        a: job.a.clone(),
-        b: job.b.to_vec(),
-        input: job.input.clone(),
-        probe: job.probe.clone(),
-        timing,
-        b_text: b_text_out,
-        lens_layers: lens.map(|l| l.layers.clone()),
+        command,
+        a: d.a,
+        b: d.b,
+        input: d.input,
+        probe: setup.probe.clone(),
+        timing: d.timing,
+        b_text: d.b_text,
+        lens_layers: d.lens_layers,
     };
     output::write_json(&dir.join(compare::SHARD_JSON), &record)?;
     eprintln!(
         "wrote {} ({} chunks scored now); when every shard has finished: logitprobe merge {}",
         dir.display(),
-        todo.len(),
-        so.out.display()
+        d.todo,
+        setup.out.display()
     );
     Ok(())
 }

@@ -72,7 +72,9 @@ fn check_flags(
                     "a sharded compare splits a --text-file into chunks: give one after --"
                 ));
             }
-            crate::commands::compare::parse_side("--a", &c.a)?;
+            if let Some(a) = &c.a {
+                crate::commands::compare::parse_side("--a", a)?;
+            }
             for b in &c.b {
                 crate::commands::compare::parse_side("--b", b)?;
             }

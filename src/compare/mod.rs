@@ -8,6 +8,9 @@
 //! B, and compared row by row.
 
 mod files;
+pub mod ladder;
+pub mod reference;
+pub mod side;
 pub mod stats;
 
 pub use crate::schema::compare::*;
@@ -77,6 +80,7 @@ impl SideInfo {
             model: model.to_string(),
             model_path: model_path.to_string(),
             model_sha256,
+            model_bytes: model_bytes(std::path::Path::new(model_path)),
             engine: info.engine.clone(),
             engine_version: info.engine_version.clone(),
             device: info.device.clone(),
@@ -88,6 +92,22 @@ impl SideInfo {
             description: format!("{label} · {}", parts.join(" · ")),
         }
     }
+}
+
+/// Bytes of a model file, or of the files of an ONNX folder.
+fn model_bytes(path: &std::path::Path) -> Option<u64> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return Some(meta.len());
+    }
+    let files = std::fs::read_dir(path).ok()?;
+    Some(
+        files
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum(),
+    )
 }
 
 /// What `compare --lens` reads on both sides: the layers, and each side's lens head.
@@ -127,6 +147,7 @@ impl LensCompare {
         let spec = logitprobe_backends::CaptureSpec {
             hidden_layers: layers.clone(),
             attention_layers: Vec::new(),
+            head_input: false,
         };
         spec.check(n_layer)?;
         let head_a = a.lens_head()?;
@@ -242,17 +263,35 @@ pub fn corpus_chunks(
 /// Refuses a B whose vocabulary is not A's: another logits width, or another byte string for
 /// an id both tokenizers define. The error names the first differing id.
 pub fn check_vocab(a: &dyn Vocab, b: &dyn Vocab, b_label: &str) -> anyhow::Result<()> {
-    let (ia, ib) = (a.info(), b.info());
-    if ia.n_vocab != ib.n_vocab {
+    let ia = a.info();
+    check_vocab_of(
+        ia.n_vocab,
+        ia.tokenizer_vocab,
+        &|id| a.token_bytes(id),
+        b,
+        b_label,
+    )
+}
+
+/// [`check_vocab`] of a B against A's vocabulary given as its logits width, its number of
+/// tokens and each token's bytes (A itself, or the pieces its reference keeps).
+pub fn check_vocab_of(
+    a_n_vocab: usize,
+    a_tokens: usize,
+    a_bytes: &dyn Fn(TokenId) -> Option<Vec<u8>>,
+    b: &dyn Vocab,
+    b_label: &str,
+) -> anyhow::Result<()> {
+    let ib = b.info();
+    if a_n_vocab != ib.n_vocab {
         return Err(usage!(
-            "vocabulary mismatch: {b_label} produces logits {} wide but A's are {} wide; compare two builds of one model family",
+            "vocabulary mismatch: {b_label} produces logits {} wide but A's are {a_n_vocab} wide; compare two builds of one model family",
             ib.n_vocab,
-            ia.n_vocab
         ));
     }
-    let shared = ia.tokenizer_vocab.min(ib.tokenizer_vocab);
+    let shared = a_tokens.min(ib.tokenizer_vocab);
     for id in 0..shared as TokenId {
-        let (x, y) = (a.token_bytes(id), b.token_bytes(id));
+        let (x, y) = (a_bytes(id), b.token_bytes(id));
         if x != y {
             let show = |v: Option<Vec<u8>>| match v {
                 Some(v) => format!("{:?}", String::from_utf8_lossy(&v)),
@@ -272,22 +311,6 @@ pub fn check_vocab(a: &dyn Vocab, b: &dyn Vocab, b_label: &str) -> anyhow::Resul
 pub fn tokenization_difference(a: &[TokenId], b: &[TokenId]) -> usize {
     let n = a.len().max(b.len());
     (0..n).filter(|&i| a.get(i) != b.get(i)).count()
-}
-
-/// Per-row numbers of A that the comparison reuses for every B.
-struct RowA {
-    lse: f64,
-    top1: TokenId,
-    logprob: f64,
-    dist: Distribution,
-}
-
-/// Per-row numbers of one B against A.
-struct RowB {
-    logprob: f64,
-    kld: f64,
-    rank_of_a_top1: usize,
-    dist: Distribution,
 }
 
 /// Row `j` of a standard-layout `[rows, n_vocab]` array.
@@ -345,20 +368,151 @@ fn candidates_out(d: &Distribution, source: &dyn Vocab, pieces: &mut Pieces) -> 
         .collect()
 }
 
-fn check_shape(
+/// Refuses logits that are not one row per scored position of `chunk` (and the last).
+pub fn check_shape(
     side: &str,
     logits: &Array2<f32>,
     chunk: &Chunk,
     n_vocab: usize,
 ) -> anyhow::Result<()> {
     let rows = chunk.ids.len() - chunk.first;
-    if logits.nrows() != rows || logits.ncols() != n_vocab {
+    if logits.nrows() < chunk.scored() || logits.nrows() > rows || logits.ncols() != n_vocab {
         anyhow::bail!(
             "{side} returned logits of shape {:?} for {} tokens scored from {} (expected [{rows}, {n_vocab}])",
             logits.shape(),
             chunk.ids.len(),
             chunk.first
         );
+    }
+    Ok(())
+}
+
+/// A's view of each scored position of chunk `c`, from A's logits rows (row `r` is position
+/// `chunk.first + r`); positions are numbered from `first_index` on. `vocab` names the tokens
+/// (A's, or a B's: the sides share one vocabulary).
+pub fn a_positions(
+    la: &Array2<f32>,
+    c: usize,
+    chunk: &Chunk,
+    first_index: usize,
+    probe: &ProbeConfig,
+    vocab: &dyn Vocab,
+    pieces: &mut Pieces,
+) -> anyhow::Result<Vec<Position>> {
+    let n_vocab = la.ncols();
+    let first = chunk.first;
+    let dists = par_rows(chunk.scored(), probe, |prober, r| {
+        let j = first + r;
+        let x = row(la, r, n_vocab);
+        let next = chunk.ids[j + 1];
+        let dist = prober
+            .describe(x, 1.0, next)
+            .map_err(|e| anyhow::anyhow!("A at chunk {c} position {j}: {e}"))?;
+        let logprob = f64::from(x[next as usize]) - stats::log_sum_exp(x);
+        Ok((dist, logprob))
+    })?;
+    Ok(dists
+        .into_iter()
+        .enumerate()
+        .map(|(r, (dist, logprob))| {
+            let j = first + r;
+            let next = chunk.ids[j + 1];
+            Position {
+                index: first_index + r,
+                chunk: c,
+                pos: j,
+                token_id: next,
+                token: pieces.get(vocab, next),
+                a: SideAt {
+                    prob: logprob.exp(),
+                    logprob,
+                    entropy: dist.entropy,
+                    k_used: dist.k_used,
+                    candidates: candidates_out(&dist, vocab, pieces),
+                },
+                b: Vec::new(),
+            }
+        })
+        .collect())
+}
+
+/// Per-row numbers of one B against A.
+struct RowB {
+    logprob: f64,
+    kld: f64,
+    rank_of_a_top1: usize,
+    dist: Distribution,
+}
+
+/// Adds B's view of one chunk to its `positions` (made by [`a_positions`] from `la`): B's
+/// distribution and KL(A‖B) and the rest, from both sides' logits rows; `lens` holds each
+/// row's lens numbers with `--lens`.
+#[allow(clippy::too_many_arguments)]
+pub fn add_b(
+    la: &Array2<f32>,
+    lb: &Array2<f32>,
+    chunk: &Chunk,
+    positions: &mut [Position],
+    b_label: &str,
+    probe: &ProbeConfig,
+    vocab: &dyn Vocab,
+    pieces: &mut Pieces,
+    lens: Option<Vec<LensRow>>,
+) -> anyhow::Result<()> {
+    let n_vocab = la.ncols();
+    let first = chunk.first;
+    let c = positions.first().map_or(0, |p| p.chunk);
+    let rows_b = par_rows(positions.len(), probe, |prober, r| {
+        let j = first + r;
+        let (xa, xb) = (row(la, r, n_vocab), row(lb, r, n_vocab));
+        let next = chunk.ids[j + 1];
+        let dist = prober
+            .describe(xb, 1.0, next)
+            .map_err(|e| anyhow::anyhow!("{b_label} at chunk {c} position {j}: {e}"))?;
+        let top1_a = positions[r].a.candidates.first().map_or(0, |c| c.token_id);
+        let (lse_a, lse_b) = (stats::log_sum_exp(xa), stats::log_sum_exp(xb));
+        Ok(RowB {
+            logprob: f64::from(xb[next as usize]) - lse_b,
+            kld: stats::kl_divergence(xa, xb, lse_a, lse_b),
+            rank_of_a_top1: 1 + crate::dist::kernels::count_greater(xb, xb[top1_a as usize]),
+            dist,
+        })
+    })?;
+    let mut lens = lens.map(Vec::into_iter);
+    for (pos, rb) in positions.iter_mut().zip(rows_b) {
+        let (lens_kld, lens_top1_same) = match lens.as_mut().and_then(Iterator::next) {
+            Some((k, s)) => (Some(k), Some(s)),
+            None => (None, None),
+        };
+        let top1_a = pos.a.candidates.first().map_or(0, |c| c.token_id);
+        let top1_b = rb.dist.candidates.first().map_or(0, |c| c.token_id);
+        let inter = pos
+            .a
+            .candidates
+            .iter()
+            .filter(|x| rb.dist.candidates.iter().any(|y| y.token_id == x.token_id))
+            .count();
+        let union = pos.a.candidates.len() + rb.dist.candidates.len() - inter;
+        let prob = rb.logprob.exp();
+        pos.b.push(BAt {
+            prob,
+            logprob: rb.logprob,
+            entropy: rb.dist.entropy,
+            k_used: rb.dist.k_used,
+            candidates: candidates_out(&rb.dist, vocab, pieces),
+            kld: rb.kld,
+            delta_p: prob - pos.a.prob,
+            top1_same: top1_b == top1_a,
+            b_rank_of_a_top1: rb.rank_of_a_top1,
+            delta_entropy: rb.dist.entropy - pos.a.entropy,
+            jaccard: if union == 0 {
+                1.0
+            } else {
+                inter as f64 / union as f64
+            },
+            lens_kld,
+            lens_top1_same,
+        });
     }
     Ok(())
 }
@@ -426,52 +580,26 @@ pub fn compare_some_chunks(
         check_shape("A", &la, chunk, n_vocab)?;
 
         let t = Instant::now();
-        let first = chunk.first;
-        let n_rows = chunk.ids.len() - 1 - first;
-        let rows_a = par_rows(n_rows, probe, |prober, r| {
-            let j = first + r;
-            let x = row(&la, r, n_vocab);
-            let next = chunk.ids[j + 1];
-            let dist = prober
-                .describe(x, 1.0, next)
-                .map_err(|e| anyhow::anyhow!("A at chunk {c} position {j}: {e}"))?;
-            let lse = stats::log_sum_exp(x);
-            Ok(RowA {
-                lse,
-                top1: dist.candidates.first().map_or(0, |c| c.token_id),
-                logprob: f64::from(x[next as usize]) - lse,
-                dist,
-            })
-        })?;
-        let start = positions.len();
-        for (r, ra) in rows_a.iter().enumerate() {
-            let j = first + r;
-            let next = chunk.ids[j + 1];
-            positions.push(Position {
-                index: first_index + positions.len(),
-                chunk: c,
-                pos: j,
-                token_id: next,
-                token: pieces_a.get(&*a, next),
-                a: SideAt {
-                    prob: ra.logprob.exp(),
-                    logprob: ra.logprob,
-                    entropy: ra.dist.entropy,
-                    k_used: ra.dist.k_used,
-                    candidates: candidates_out(&ra.dist, &*a, &mut pieces_a),
-                },
-                b: Vec::with_capacity(bs.len()),
-            });
-        }
+        let n_rows = chunk.scored();
+        let mut here = a_positions(
+            &la,
+            c,
+            chunk,
+            first_index + positions.len(),
+            probe,
+            &*a,
+            &mut pieces_a,
+        )?;
         timing.metrics_s += t.elapsed().as_secs_f64();
 
+        let n_b = bs.len();
         for (bi, b) in bs.iter_mut().enumerate() {
             let t = Instant::now();
             let lb = b.score_from(&chunk.ids, chunk.first)?;
             let captured_b = b.take_captured();
             timing.score_b_s[bi] += t.elapsed().as_secs_f64();
             check_shape("B", &lb, chunk, n_vocab)?;
-            let t_lens = Instant::now();
+            let t = Instant::now();
             let lens_rows = match lens {
                 Some(lc) => Some(lens_rows(
                     lc,
@@ -479,70 +607,24 @@ pub fn compare_some_chunks(
                     &captured_a,
                     &captured_b,
                     n_rows,
-                    chunk.ids.len() - first,
+                    chunk.ids.len() - chunk.first,
                 )?),
                 None => None,
             };
-            timing.metrics_s += t_lens.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let rows_b = par_rows(n_rows, probe, |prober, r| {
-                let j = first + r;
-                let (xa, xb) = (row(&la, r, n_vocab), row(&lb, r, n_vocab));
-                let next = chunk.ids[j + 1];
-                let dist = prober
-                    .describe(xb, 1.0, next)
-                    .map_err(|e| anyhow::anyhow!("B{} at chunk {c} position {j}: {e}", bi + 1))?;
-                let ra = &rows_a[r];
-                let lse_b = stats::log_sum_exp(xb);
-                Ok(RowB {
-                    logprob: f64::from(xb[next as usize]) - lse_b,
-                    kld: stats::kl_divergence(xa, xb, ra.lse, lse_b),
-                    rank_of_a_top1: 1 + crate::dist::kernels::count_greater(
-                        xb,
-                        xb[ra.top1 as usize],
-                    ),
-                    dist,
-                })
-            })?;
-            let mut lens_rows = lens_rows.map(Vec::into_iter);
-            for (r, rb) in rows_b.into_iter().enumerate() {
-                let ra = &rows_a[r];
-                let (lens_kld, lens_top1_same) = match lens_rows.as_mut().and_then(Iterator::next) {
-                    Some((k, s)) => (Some(k), Some(s)),
-                    None => (None, None),
-                };
-                let pos = &mut positions[start + r];
-                let top1_b = rb.dist.candidates.first().map_or(0, |c| c.token_id);
-                let inter = ra
-                    .dist
-                    .candidates
-                    .iter()
-                    .filter(|x| rb.dist.candidates.iter().any(|y| y.token_id == x.token_id))
-                    .count();
-                let union = ra.dist.candidates.len() + rb.dist.candidates.len() - inter;
-                let prob = rb.logprob.exp();
-                pos.b.push(BAt {
-                    prob,
-                    logprob: rb.logprob,
-                    entropy: rb.dist.entropy,
-                    k_used: rb.dist.k_used,
-                    candidates: candidates_out(&rb.dist, &**b, &mut pieces_b[bi]),
-                    kld: rb.kld,
-                    delta_p: prob - pos.a.prob,
-                    top1_same: top1_b == ra.top1,
-                    b_rank_of_a_top1: rb.rank_of_a_top1,
-                    delta_entropy: rb.dist.entropy - pos.a.entropy,
-                    jaccard: if union == 0 {
-                        1.0
-                    } else {
-                        inter as f64 / union as f64
-                    },
-                    lens_kld,
-                    lens_top1_same,
-                });
-            }
+            add_b(
+                &la,
+                &lb,
+                chunk,
+                &mut here,
+                &b_name(bi, n_b),
+                probe,
+                &**b,
+                &mut pieces_b[bi],
+                lens_rows,
+            )?;
             timing.metrics_s += t.elapsed().as_secs_f64();
         }
+        positions.extend(here);
         progress(n_rows as u64);
     }
     timing.positions_scored += positions.len();
@@ -550,7 +632,7 @@ pub fn compare_some_chunks(
 }
 
 /// One scored row's lens KL(A‖B) and top-1 agreement, per lens layer.
-type LensRow = (Vec<f64>, Vec<bool>);
+pub type LensRow = (Vec<f64>, Vec<bool>);
 
 /// Each scored row's lens KL(A‖B) and top-1 agreement per lens layer, from both sides'
 /// captured layer outputs, the rows split across the CPU's threads.
@@ -797,6 +879,89 @@ pub fn summary_table(report: &CompareReport) -> String {
             }
             let _ = writeln!(out);
         }
+    }
+    out
+}
+
+/// One B of a quantization ladder, as the ladder table, plot and report show it.
+#[derive(Debug, Clone)]
+pub struct LadderRow {
+    /// `B`, `B1`, ... as in the other tables.
+    pub name: String,
+    /// The model's file name.
+    pub model: String,
+    pub bytes: Option<u64>,
+    pub bits_per_weight: Option<f64>,
+    pub ppl_ratio: f64,
+    pub ppl_ratio_err: f64,
+    pub kld_mean: f64,
+    pub kld_p99: f64,
+    pub same_top_p: f64,
+    pub rms_delta_p: f64,
+    /// How often B's greedy (top-1) choice is not A's: 1 − same top p.
+    pub flips: f64,
+}
+
+/// The ladder, smallest model first (the order of B's as given where sizes are unknown).
+pub fn ladder_rows(report: &CompareReport) -> Vec<LadderRow> {
+    let mut rows: Vec<LadderRow> = report
+        .summaries
+        .iter()
+        .zip(&report.b)
+        .enumerate()
+        .map(|(i, (s, b))| LadderRow {
+            name: b_name(i, report.b.len()),
+            model: std::path::Path::new(&b.model_path)
+                .file_name()
+                .map_or_else(|| b.model.clone(), |n| n.to_string_lossy().into_owned()),
+            bytes: b.model_bytes,
+            bits_per_weight: b.details.get("bits_per_weight").and_then(|v| v.as_f64()),
+            ppl_ratio: s.ppl_ratio,
+            ppl_ratio_err: s.ppl_ratio_err,
+            kld_mean: s.kld.mean,
+            kld_p99: s.kld.p99,
+            same_top_p: s.same_top_p,
+            rms_delta_p: s.rms_delta_p,
+            flips: 1.0 - s.same_top_p,
+        })
+        .collect();
+    rows.sort_by_key(|r| r.bytes.unwrap_or(u64::MAX));
+    rows
+}
+
+/// The ladder as a table: one row per B, smallest first.
+pub fn ladder_table(report: &CompareReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<4} {:<34} {:>9} {:>6} {:>20} {:>11} {:>11} {:>9} {:>8} {:>7}",
+        "",
+        "model",
+        "size",
+        "bpw",
+        "PPL(B)/PPL(A)",
+        "mean KLD",
+        "99% KLD",
+        "same top",
+        "RMS Δp",
+        "flips"
+    );
+    for r in ladder_rows(report) {
+        let _ = writeln!(
+            out,
+            "{:<4} {:<34} {:>9} {:>6} {:>20} {:>11} {:>11} {:>8.2}% {:>7.3}% {:>6.2}%",
+            r.name,
+            r.model,
+            r.bytes.map_or("–".into(), logitprobe_backends::human_bytes),
+            r.bits_per_weight.map_or("–".into(), |b| format!("{b:.2}")),
+            format!("{:.5} ± {:.5}", r.ppl_ratio, r.ppl_ratio_err),
+            num(r.kld_mean),
+            num(r.kld_p99),
+            100.0 * r.same_top_p,
+            100.0 * r.rms_delta_p,
+            100.0 * r.flips
+        );
     }
     out
 }

@@ -120,6 +120,7 @@ impl Inside {
         let spec = CaptureSpec {
             hidden_layers: lens_layers.clone(),
             attention_layers: attention_layers.clone(),
+            head_input: false,
         };
         spec.check(arch.n_layer)?;
         // The head first: an architecture the lens does not know fails before the engine

@@ -22,6 +22,9 @@ pub struct SideInfo {
     pub model: String,
     pub model_path: String,
     pub model_sha256: Option<String>,
+    /// Bytes of the model on disk (the file, or an ONNX folder's files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_bytes: Option<u64>,
     pub engine: String,
     pub engine_version: String,
     pub device: String,
@@ -235,8 +238,12 @@ pub struct Timing {
     pub metrics_s: f64,
     #[serde(deserialize_with = "f64_or_nan")]
     pub wall_s: f64,
-    /// Tokens that went through A's forward pass (each B sees as many).
+    /// Tokens that went through each B's forward pass (A's too, when it scored them all).
     pub tokens_evaluated: usize,
+    /// Tokens that went through A's forward pass in this run (none when its reference had
+    /// every chunk).
+    #[serde(default)]
+    pub a_tokens: usize,
     pub positions_scored: usize,
     /// Scored positions per second of the whole comparison (load time excluded).
     #[serde(deserialize_with = "f64_or_nan")]
@@ -260,6 +267,9 @@ pub struct CompareReport {
     /// The layers `--lens` compared (each position's `lens_kld` follows this order).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lens_layers: Option<Vec<usize>>,
+    /// A's reference, when the sides ran one at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<ReferenceUse>,
     pub positions: Vec<Position>,
 }
 
@@ -351,4 +361,88 @@ pub struct Spread {
     pub p0_1: f64,
     #[serde(deserialize_with = "f64_or_nan")]
     pub min: f64,
+}
+
+/// The `kind` of a reference's manifest.
+pub const REFERENCE_KIND: &str = "logitprobe-reference";
+/// Version of the reference layout (the manifest and its chunk files).
+pub const REFERENCE_FORMAT_VERSION: u32 = 1;
+/// The manifest of a reference folder.
+pub const REFERENCE_JSON: &str = "reference.json";
+
+/// What a reference keeps of each of A's scored positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReferenceRows {
+    /// The output head's input (`n_embd` values), turned back into A's logits through A's
+    /// own output head with the kernels A's engine ran: the same numbers, bit for bit.
+    HeadInput,
+    /// The logits row itself (`n_vocab` values), where the head cannot be replayed exactly.
+    Logits,
+}
+
+/// The token ids of one chunk a reference holds A's rows for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReferenceChunk {
+    pub ids: Vec<TokenId>,
+    /// Rows `first..ids.len() - 1` are scored.
+    pub first: usize,
+}
+
+/// Which vocabulary A's rows are over, to refuse a B of another one without A at hand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VocabDigest {
+    pub n_vocab: usize,
+    pub tokenizer_vocab: usize,
+    /// sha256 of every token's bytes in id order (each as its length, then the bytes).
+    pub sha256: String,
+}
+
+/// Where a head-input reference reads A's output head back from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadSource {
+    /// A's model file.
+    pub path: String,
+    /// Its size and modification time when the reference was made: a file that still has
+    /// both is not hashed again.
+    pub bytes: u64,
+    pub modified_unix_s: u64,
+    pub sha256: Option<String>,
+}
+
+/// `reference.json`: A's side of a comparison, kept so that each B can be compared with it
+/// alone in memory, and so that a later run can skip A.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReferenceManifest {
+    pub kind: String,
+    pub format_version: u32,
+    pub logitprobe_version: String,
+    pub created_at: String,
+    /// What must match for a run to reuse this reference, field by field.
+    pub job: serde_json::Map<String, serde_json::Value>,
+    pub rows: ReferenceRows,
+    /// Values per row: `n_embd` for head inputs, `n_vocab` for logits.
+    pub width: usize,
+    /// Why the rows are logits, when they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logits_because: Option<String>,
+    pub a: SideInfo,
+    pub input: InputInfo,
+    pub vocab: VocabDigest,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadSource>,
+    pub chunks: Vec<ReferenceChunk>,
+}
+
+/// How a comparison used its reference (in `compare.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReferenceUse {
+    pub dir: String,
+    pub rows: ReferenceRows,
+    pub width: usize,
+    /// Bytes of the chunk files this comparison read.
+    pub bytes: u64,
+    /// Chunks scored by A in this run, and chunks found already there.
+    pub chunks_scored: usize,
+    pub chunks_reused: usize,
 }

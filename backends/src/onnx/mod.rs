@@ -639,6 +639,14 @@ impl LogitSource for OnnxSource {
 
     fn set_capture(&mut self, spec: &CaptureSpec) -> anyhow::Result<()> {
         spec.check(self.arch.n_layer)?;
+        if spec.head_input {
+            // The final norm's output is an internal value the exports do not name alike;
+            // a comparison's reference keeps this engine's logits whole instead.
+            return Err(crate::Error::CaptureUnsupported {
+                engine: self.info.engine.clone(),
+            }
+            .into());
+        }
         if spec.is_empty() {
             if self.capture.take().is_some() {
                 self.session = build_session(
