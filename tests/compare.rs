@@ -706,7 +706,7 @@ fn a_side_that_fails_to_load_is_named() {
 fn exactly_one_input_is_required() {
     assert_compare_fails(
         &["--a", "test:300", "--b", "test:300"],
-        "--text-file <FILE>|--prompt <PROMPT>|--trace <FILE>",
+        "no input: pass --text-file, --prompt or --trace",
     );
     assert_compare_fails(
         &[

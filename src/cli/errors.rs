@@ -80,6 +80,7 @@ fn is_usage(c: &(dyn StdError + 'static)) -> bool {
         || c.is::<ProbeConfigError>()
         || c.is::<BadSetting>()
         || c.is::<ReferenceError>()
+        || c.is::<logitprobe::compare::kld_base::KldBaseError>()
 }
 
 /// The flag a library setting is given with.

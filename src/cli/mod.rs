@@ -200,6 +200,7 @@ macro_rules! side_engine_args {
                     cache_type_v: self.cache_type_v.clone().or(base.cache_type_v.clone()),
                     device: self.device.clone().or(base.device.clone()),
                     ort_lib: self.ort_lib.clone().or(base.ort_lib.clone()),
+                    fast_scoring: base.fast_scoring,
                 }
             }
         }
@@ -237,7 +238,7 @@ side_engine_args!(
 
 /// `logitprobe compare`.
 #[derive(Args, Debug, Default)]
-#[command(group(clap::ArgGroup::new("input").required(true).args(["text_file", "prompt", "trace"])))]
+#[command(group(clap::ArgGroup::new("input").args(["text_file", "prompt", "trace"])))]
 pub struct CompareArgs {
     /// Side A, the base: BACKEND:MODEL (e.g. llama:model-f16.gguf); may be left out when
     /// --reference holds A's rows for the whole input
@@ -255,6 +256,22 @@ pub struct CompareArgs {
     /// (what --lens does; the numbers are the same)
     #[arg(long)]
     pub sides_together: bool,
+    /// A as a llama-perplexity --kl-divergence-base FILE: its tokens are the input, its
+    /// 16-bit rows A's distributions, and KLD, Δp and same top are computed as
+    /// llama-perplexity computes them
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["a", "reference", "text_file", "prompt", "trace", "sides_together", "lens"])]
+    pub a_logits: Option<PathBuf>,
+    /// llama.cpp's CPU kernels for scoring: batch-invariant gives each token the number
+    /// trace and serve give it, whatever the chunk; batched runs llama-perplexity's
+    /// (tinyBLAS, repacked weights), faster on F16 and Q8_0, for holding results against
+    /// published llama-perplexity tables
+    #[arg(
+        long,
+        value_enum,
+        value_name = "KIND",
+        default_value = "batch-invariant"
+    )]
+    pub scoring_kernels: ScoringKernels,
     /// Corpus to score, cut into --ctx-size chunks
     #[arg(long, value_name = "FILE")]
     pub text_file: Option<PathBuf>,
@@ -300,6 +317,16 @@ pub struct CompareArgs {
     pub b_engine: BEngineArgs,
     #[command(flatten)]
     pub shard: ShardArgs,
+}
+
+/// Which of llama.cpp's CPU kernels `compare` scores with.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ScoringKernels {
+    /// Each row summed as if alone in its batch: the numbers of trace and serve.
+    #[default]
+    BatchInvariant,
+    /// llama.cpp's batched kernels, as llama-perplexity runs them.
+    Batched,
 }
 
 /// Looking inside the model (Token Heatmap's flags and trace blocks).
@@ -600,6 +627,9 @@ pub struct EngineArgs {
     /// ONNX Runtime shared library (libonnxruntime.so) [env: ORT_DYLIB_PATH]
     #[arg(long, value_name = "PATH")]
     pub ort_lib: Option<PathBuf>,
+    /// Score with llama.cpp's batched kernels (compare's --scoring-kernels batched).
+    #[arg(skip)]
+    pub fast_scoring: bool,
 }
 
 impl EngineArgs {
@@ -643,7 +673,7 @@ impl EngineArgs {
             device: self.device.clone(),
             ort_lib: self.ort_lib.clone(),
             verbose,
-            fast_scoring: false,
+            fast_scoring: self.fast_scoring,
         })
     }
 }

@@ -2,10 +2,11 @@
 //! `--sides-together`, every side at once); the statistics, `compare.json`, `compare.csv`, the
 //! plots and `report.html`.
 
-use crate::cli::{CompareArgs, EngineArgs, TraceArgs};
+use crate::cli::{CompareArgs, EngineArgs, ScoringKernels, TraceArgs};
 use crate::commands::trace::TracePlan;
 use anyhow::Context;
 use logitprobe::cluster::shard::Shard;
+use logitprobe::compare::kld_base::KldBase;
 use logitprobe::compare::ladder::{self, BPass};
 use logitprobe::compare::reference::{self, ReferenceReader};
 use logitprobe::compare::side::SideSpec;
@@ -66,16 +67,13 @@ enum Input {
 /// How B's own tokenizer splits the input text.
 type BTokenize = Box<dyn Fn(&dyn Vocab) -> anyhow::Result<Vec<TokenId>>>;
 
-/// A side's engine options: compare scores with the engine's fastest kernels, as
-/// llama-perplexity does (a shard's fingerprint records it with the rest).
+/// A side's engine options: batch-invariant kernels unless --scoring-kernels batched asks
+/// for llama-perplexity's (a reference's and a shard's fingerprint record which).
 fn scoring(
     engine: &EngineArgs,
     verbose: bool,
 ) -> anyhow::Result<logitprobe_backends::EngineOptions> {
-    Ok(logitprobe_backends::EngineOptions {
-        fast_scoring: true,
-        ..engine.options(verbose)?
-    })
+    engine.options(verbose)
 }
 
 /// The engine options that move logits, as a reference or a shard plan records them (not
@@ -169,9 +167,9 @@ impl Setup {
             .iter()
             .map(|b| parse_side("--b", b))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        if a.is_none() && args.reference.is_none() {
+        if a.is_none() && args.reference.is_none() && args.a_logits.is_none() {
             return Err(usage!(
-                "no A: pass --a BACKEND:MODEL, or --reference DIR holding an earlier run's reference"
+                "no A: pass --a BACKEND:MODEL, --reference DIR holding an earlier run's reference, or --a-logits FILE from llama-perplexity"
             ));
         }
         if bs.is_empty() && (args.reference.is_none() || args.sides_together || args.lens) {
@@ -181,7 +179,10 @@ impl Setup {
         }
         let probe = args.probe.config()?;
         let input = read_input(args)?;
-        if input.is_none() && (args.reference.is_none() || args.a.is_some()) {
+        if input.is_none()
+            && args.a_logits.is_none()
+            && (args.reference.is_none() || args.a.is_some())
+        {
             return Err(usage!("no input: pass --text-file, --prompt or --trace"));
         }
         let chunk_len = args.engine.ctx_size.unwrap_or(DEFAULT_CHUNK);
@@ -203,9 +204,16 @@ impl Setup {
             // A Slurm array task comparing a --prompt of its own is not a shard of anything.
             _ => None,
         };
+        let batched = args.scoring_kernels == ScoringKernels::Batched;
         let engines = [
-            args.a_engine.over(&args.engine),
-            args.b_engine.over(&args.engine),
+            EngineArgs {
+                fast_scoring: batched,
+                ..args.a_engine.over(&args.engine)
+            },
+            EngineArgs {
+                fast_scoring: batched,
+                ..args.b_engine.over(&args.engine)
+            },
         ];
         let out = args
             .out
@@ -483,7 +491,9 @@ fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
 pub fn run(args: &CompareArgs, verbose: bool, command: Vec<String>) -> anyhow::Result<()> {
     let t_wall = Instant::now();
     let setup = Setup::from_args(args)?;
-    if args.sides_together || args.lens {
+    if let Some(path) = &args.a_logits {
+        run_against_base(args, setup, path, verbose, command, t_wall)
+    } else if args.sides_together || args.lens {
         run_together(args, setup, verbose, command, t_wall)
     } else {
         run_one_at_a_time(args, setup, verbose, command, t_wall)
@@ -565,7 +575,7 @@ fn finish(
     let a_rate = if t.score_a_s > 0.0 {
         format!("A {:.1} tok/s", t.a_tokens as f64 / t.score_a_s)
     } else {
-        "A from its reference".into()
+        "A read from its stored rows".into()
     };
     println!();
     println!(
@@ -1141,6 +1151,138 @@ fn one_at_a_time(
         b_text: b_texts,
         lens_layers: None,
         reference: Some(reference_use),
+        timing,
+        score_s: t_score.elapsed().as_secs_f64(),
+    };
+    finish(&setup, outcome, command, t_wall)
+}
+
+/// Each B against a llama-perplexity `--kl-divergence-base` file as A.
+fn run_against_base(
+    args: &CompareArgs,
+    setup: Setup,
+    path: &Path,
+    verbose: bool,
+    command: Vec<String>,
+    t_wall: Instant,
+) -> anyhow::Result<()> {
+    let mut base = KldBase::open(path)?;
+    let n_chunks = args
+        .chunks
+        .map_or(base.n_chunk(), |n| n.min(base.n_chunk()));
+    if setup.shard.is_some() {
+        return Err(usage!(
+            "--a-logits runs in one process: drop --shard (and run it outside a Slurm array)"
+        ));
+    }
+    let mine: Vec<usize> = (0..n_chunks).collect();
+    let n_ctx = base.n_ctx();
+    let b_options = scoring(&setup.engine_for(1, Some(n_ctx))?, verbose)?;
+    let mut timing = Timing::default();
+    let t_score = Instant::now();
+    let total = (n_chunks * base.n_scored()) as u64;
+    let bar = progress_bar(total * setup.bs.len() as u64);
+    let mut per_chunk: Vec<Vec<compare::Position>> = Vec::new();
+    let mut b_infos = Vec::new();
+    let mut chunks: Vec<Chunk> = Vec::new();
+    for (bi, spec) in setup.bs.iter().enumerate() {
+        let name = compare::b_name(bi, setup.bs.len());
+        if let Some(b) = &bar {
+            b.set_message(name.clone());
+        }
+        let mut b = spec.open(&name, &b_options, None)?;
+        timing.load_b_s.push(b.load_s);
+        base.check_vocab(b.info.n_vocab)
+            .map_err(|e| usage!("side {name} ({}): {e}", spec.label))?;
+        // As llama-perplexity evaluates the stored tokens: BOS in place of each chunk's
+        // first token when the model adds one.
+        let info = b.source.info();
+        let bos = if info.add_bos { info.bos } else { None };
+        let these: Vec<Chunk> = mine
+            .iter()
+            .map(|&c| Chunk {
+                ids: base.eval_tokens(c, bos),
+                first: base.scored_positions().start,
+            })
+            .collect();
+        if chunks.is_empty() {
+            chunks = these;
+        } else if chunks.iter().zip(&these).any(|(x, y)| x.ids != y.ids) {
+            return Err(usage!(
+                "side {name} ({}) starts chunks with another BOS than B1: compare models of one family",
+                spec.label
+            ));
+        }
+        check_context(&name, &spec.label, &*b.source, &chunks)?;
+        let numbered: Vec<(usize, &Chunk)> = chunks.iter().enumerate().collect();
+        let firsts = compare::first_indices(&chunks);
+        let pass = BPass {
+            chunks: &numbered,
+            firsts: &firsts,
+            probe: &setup.probe,
+        };
+        pass.run_against_base(
+            &mut *b.source,
+            bi,
+            &name,
+            &mut base,
+            &mut per_chunk,
+            &mut timing,
+            &|n| {
+                if let Some(b) = &bar {
+                    b.inc(n);
+                }
+            },
+        )?;
+        b_infos.push(b.info);
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let positions: Vec<compare::Position> = per_chunk.into_iter().flatten().collect();
+    timing.tokens_evaluated = chunks.iter().map(|c| c.ids.len()).sum();
+    timing.positions_scored = positions.len();
+    let file = path.display().to_string();
+    let a = SideInfo {
+        label: format!("llama-perplexity base {file}"),
+        backend: "kld-base".into(),
+        model: file.clone(),
+        model_path: file.clone(),
+        model_sha256: None,
+        model_bytes: std::fs::metadata(path).ok().map(|m| m.len()),
+        engine: "llama-perplexity --kl-divergence-base".into(),
+        engine_version: String::new(),
+        device: String::new(),
+        n_vocab: base.n_vocab(),
+        tokenizer_vocab: base.n_vocab(),
+        n_ctx,
+        logits_dtype: "u16 log-probabilities (16 nats below the top clamped)".into(),
+        details: serde_json::Map::new(),
+        description: format!(
+            "A · llama-perplexity --kl-divergence-base {file} · 16-bit log-probabilities"
+        ),
+    };
+    let input = InputInfo {
+        kind: "kld-base".into(),
+        source: file.clone(),
+        ctx_size: Some(n_ctx),
+        chunks: n_chunks,
+        score_all: false,
+        tokens: n_chunks * n_ctx,
+        description: format!(
+            "the tokens of {file} · {n_chunks} chunk{} of {n_ctx} · {} positions scored (second half of each chunk)",
+            if n_chunks == 1 { "" } else { "s" },
+            positions.len()
+        ),
+    };
+    let outcome = Outcome {
+        a,
+        b: b_infos,
+        input,
+        positions,
+        b_text: Vec::new(),
+        lens_layers: None,
+        reference: None,
         timing,
         score_s: t_score.elapsed().as_secs_f64(),
     };

@@ -8,6 +8,7 @@
 //! B, and compared row by row.
 
 mod files;
+pub mod kld_base;
 pub mod ladder;
 pub mod reference;
 pub mod side;
@@ -883,52 +884,6 @@ pub fn summary_table(report: &CompareReport) -> String {
     out
 }
 
-/// One B of a quantization ladder, as the ladder table, plot and report show it.
-#[derive(Debug, Clone)]
-pub struct LadderRow {
-    /// `B`, `B1`, ... as in the other tables.
-    pub name: String,
-    /// The model's file name.
-    pub model: String,
-    pub bytes: Option<u64>,
-    pub bits_per_weight: Option<f64>,
-    pub ppl_ratio: f64,
-    pub ppl_ratio_err: f64,
-    pub kld_mean: f64,
-    pub kld_p99: f64,
-    pub same_top_p: f64,
-    pub rms_delta_p: f64,
-    /// How often B's greedy (top-1) choice is not A's: 1 − same top p.
-    pub flips: f64,
-}
-
-/// The ladder, smallest model first (the order of B's as given where sizes are unknown).
-pub fn ladder_rows(report: &CompareReport) -> Vec<LadderRow> {
-    let mut rows: Vec<LadderRow> = report
-        .summaries
-        .iter()
-        .zip(&report.b)
-        .enumerate()
-        .map(|(i, (s, b))| LadderRow {
-            name: b_name(i, report.b.len()),
-            model: std::path::Path::new(&b.model_path)
-                .file_name()
-                .map_or_else(|| b.model.clone(), |n| n.to_string_lossy().into_owned()),
-            bytes: b.model_bytes,
-            bits_per_weight: b.details.get("bits_per_weight").and_then(|v| v.as_f64()),
-            ppl_ratio: s.ppl_ratio,
-            ppl_ratio_err: s.ppl_ratio_err,
-            kld_mean: s.kld.mean,
-            kld_p99: s.kld.p99,
-            same_top_p: s.same_top_p,
-            rms_delta_p: s.rms_delta_p,
-            flips: 1.0 - s.same_top_p,
-        })
-        .collect();
-    rows.sort_by_key(|r| r.bytes.unwrap_or(u64::MAX));
-    rows
-}
-
 /// The ladder as a table: one row per B, smallest first.
 pub fn ladder_table(report: &CompareReport) -> String {
     use std::fmt::Write;
@@ -947,7 +902,7 @@ pub fn ladder_table(report: &CompareReport) -> String {
         "RMS Δp",
         "flips"
     );
-    for r in ladder_rows(report) {
+    for r in crate::report::ladder_rows(report) {
         let _ = writeln!(
             out,
             "{:<4} {:<34} {:>9} {:>6} {:>20} {:>11} {:>11} {:>8.2}% {:>7.3}% {:>6.2}%",

@@ -633,8 +633,56 @@ impl TraceMarks {
     }
 }
 
+/// One B of a quantization ladder, as the ladder table, plot and report show it.
+#[derive(Debug, Clone)]
+pub struct LadderRow {
+    /// `B`, `B1`, ... as in the other tables.
+    pub name: String,
+    /// The model's file name.
+    pub model: String,
+    pub bytes: Option<u64>,
+    pub bits_per_weight: Option<f64>,
+    pub ppl_ratio: f64,
+    pub ppl_ratio_err: f64,
+    pub kld_mean: f64,
+    pub kld_p99: f64,
+    pub same_top_p: f64,
+    pub rms_delta_p: f64,
+    /// How often B's greedy (top-1) choice is not A's: 1 − same top p.
+    pub flips: f64,
+}
+
+/// The ladder, smallest model first (the order of B's as given where sizes are unknown).
+pub fn ladder_rows(report: &CompareReport) -> Vec<LadderRow> {
+    let mut rows: Vec<LadderRow> = report
+        .summaries
+        .iter()
+        .zip(&report.b)
+        .enumerate()
+        .map(|(i, (s, b))| LadderRow {
+            name: crate::schema::compare::b_name(i, report.b.len()),
+            model: std::path::Path::new(&b.model_path)
+                .file_name()
+                .map_or_else(|| b.model.clone(), |n| n.to_string_lossy().into_owned()),
+            bytes: b.model_bytes,
+            bits_per_weight: b.details.get("bits_per_weight").and_then(|v| v.as_f64()),
+            ppl_ratio: s.ppl_ratio,
+            ppl_ratio_err: s.ppl_ratio_err,
+            kld_mean: s.kld.mean,
+            kld_p99: s.kld.p99,
+            same_top_p: s.same_top_p,
+            rms_delta_p: s.rms_delta_p,
+            flips: 1.0 - s.same_top_p,
+        })
+        .collect();
+    rows.sort_by_key(|r| r.bytes.unwrap_or(u64::MAX));
+    rows
+}
+
 pub const KLD_PER_POSITION_PNG: &str = "kld_per_position.png";
 pub const KLD_HISTOGRAM_PNG: &str = "kld_histogram.png";
+/// Bits per weight against mean KLD, one point per B that reports its bits per weight.
+pub const LADDER_PARETO_PNG: &str = "ladder_pareto.png";
 pub const DELTA_ENTROPY_PNG: &str = "delta_entropy_per_position.png";
 pub const LENS_KLD_PNG: &str = "lens_kld_per_layer.png";
 
@@ -706,6 +754,40 @@ pub fn write_compare_report(dir: &Path, report: &CompareReport) -> anyhow::Resul
         )
     })?;
     written.push(path);
+    let ladder = ladder_rows(report);
+    let labels: Vec<String> = ladder
+        .iter()
+        .map(|r| format!("{} {}", r.name, r.model.trim_end_matches(".gguf")))
+        .collect();
+    let points: Vec<plot::LadderPoint> = ladder
+        .iter()
+        .zip(&labels)
+        .filter_map(|(r, label)| {
+            Some(plot::LadderPoint {
+                label,
+                x: r.bits_per_weight?,
+                y: r.kld_mean,
+            })
+        })
+        .filter(|p| p.y > 0.0)
+        .collect();
+    if !points.is_empty() {
+        let path = dir.join(LADDER_PARETO_PNG);
+        let a = &report.a;
+        let a_bpw = a
+            .details
+            .get("bits_per_weight")
+            .and_then(|v| v.as_f64())
+            .map_or(String::new(), |b| format!(", {b:.2} bpw"));
+        let title = format!(
+            "quantization ladder: mean KL from A ({}{a_bpw})",
+            std::path::Path::new(&a.model_path)
+                .file_name()
+                .map_or_else(|| a.label.clone(), |n| n.to_string_lossy().into_owned())
+        );
+        atomic_png(&path, |tmp| plot::pareto(tmp, &title, &points))?;
+        written.push(path);
+    }
     if let Some(layers) = &report.lens_layers {
         // log10 of each layer's mean KL: the early layers differ by orders of magnitude.
         let lens: Vec<Vec<f64>> = report

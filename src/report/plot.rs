@@ -613,6 +613,84 @@ pub fn log_histogram(
     Ok(())
 }
 
+/// One model of a quantization ladder on the Pareto plot.
+pub struct LadderPoint<'a> {
+    pub label: &'a str,
+    /// Bits per weight.
+    pub x: f64,
+    /// Mean KL(A‖B), nats (> 0).
+    pub y: f64,
+}
+
+/// Bits per weight against mean KLD on a log scale, each model labelled and the ladder
+/// joined smallest first: the cheaper a quantization, the further up its point; 1000×600.
+pub fn pareto(path: &Path, title: &str, points: &[LadderPoint]) -> anyhow::Result<()> {
+    font();
+    let mut points: Vec<&LadderPoint> = points
+        .iter()
+        .filter(|p| p.x.is_finite() && p.y.is_finite() && p.y > 0.0)
+        .collect();
+    points.sort_by(|a, b| a.x.total_cmp(&b.x));
+    let (xlo, xhi) = points
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+            (lo.min(p.x), hi.max(p.x))
+        });
+    let (ylo, yhi) = points
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+            (lo.min(p.y), hi.max(p.y))
+        });
+    let (xlo, xhi) = if xlo.is_finite() {
+        let pad = ((xhi - xlo) * 0.12).max(0.5);
+        ((xlo - pad).max(0.0), xhi + pad * 2.5)
+    } else {
+        (0.0, 16.0)
+    };
+    let (ylo, yhi) = if ylo.is_finite() {
+        (
+            10f64.powf(ylo.log10().floor()),
+            10f64.powf(yhi.log10().ceil().max(ylo.log10().floor() + 1.0)),
+        )
+    } else {
+        (1e-4, 1.0)
+    };
+    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(path, e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FONT, 16))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(72)
+        .build_cartesian_2d(xlo..xhi, (ylo..yhi).log_scale())
+        .map_err(|e| err(path, e))?;
+    chart
+        .configure_mesh()
+        .x_desc("bits per weight")
+        .y_desc("mean KL(A‖B), nats (log scale)")
+        .y_label_formatter(&|v| format!("{v:.0e}"))
+        .x_label_formatter(&|v| format!("{v:.1}"))
+        .label_style((FONT, 13))
+        .axis_desc_style((FONT, 13))
+        .draw()
+        .map_err(|e| err(path, e))?;
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().map(|p| (p.x, p.y)),
+            PAIR[0].mix(0.5).stroke_width(2),
+        ))
+        .map_err(|e| err(path, e))?;
+    chart
+        .draw_series(points.iter().map(|p| {
+            EmptyElement::at((p.x, p.y))
+                + Circle::new((0, 0), 6, PAIR[0].filled())
+                + Text::new(p.label.to_string(), (10, -8), (FONT, 14).into_font())
+        }))
+        .map_err(|e| err(path, e))?;
+    root.present().map_err(|e| err(path, e))?;
+    Ok(())
+}
+
 /// How a grid maps values to colours: viridis over `[lo, hi]`, on a log scale or not, and
 /// reversed (low values bright) or not.
 #[derive(Debug, Clone, Copy)]
