@@ -262,10 +262,13 @@ impl Setup {
                 sha.clone().unwrap_or_else(|| path.clone()).into(),
             );
             let corpus = matches!(self.input, Some(Input::TextFile { .. }));
-            job.insert(
-                "a_engine".into(),
-                engine_job(&self.engine_for(0, corpus.then_some(self.chunk_len))?)?,
-            );
+            // One field per setting, so that a mismatch names it.
+            let engine = engine_job(&self.engine_for(0, corpus.then_some(self.chunk_len))?)?;
+            for (k, v) in engine.as_object().into_iter().flatten() {
+                if k != "ctx_size" {
+                    job.insert(format!("a_{k}"), v.clone());
+                }
+            }
         }
         match &self.input {
             Some(Input::TextFile { text, .. }) => {
@@ -1028,12 +1031,15 @@ fn one_at_a_time(
             let job = CompareJob {
                 args,
                 engines: [
-                    reader
-                        .manifest
-                        .job
-                        .get("a_engine")
-                        .cloned()
-                        .unwrap_or_default(),
+                    serde_json::Value::Object(
+                        reader
+                            .manifest
+                            .job
+                            .iter()
+                            .filter(|(k, _)| k.starts_with("a_") && *k != "a_model")
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                    ),
                     engine_job(&setup.engine_for(1, corpus)?)?,
                 ],
                 a: (
