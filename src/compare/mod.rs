@@ -409,7 +409,8 @@ pub fn a_positions(
         let dist = prober
             .describe(x, 1.0, next)
             .map_err(|e| anyhow::anyhow!("A at chunk {c} position {j}: {e}"))?;
-        let logprob = f64::from(x[next as usize]) - stats::log_sum_exp(x);
+        // The probe's own logprob: the number trace and serve give the same token.
+        let logprob = dist.selected_logprob;
         Ok((dist, logprob))
     })?;
     Ok(dists
@@ -473,7 +474,7 @@ pub fn add_b(
         let top1_a = positions[r].a.candidates.first().map_or(0, |c| c.token_id);
         let (lse_a, lse_b) = (stats::log_sum_exp(xa), stats::log_sum_exp(xb));
         Ok(RowB {
-            logprob: f64::from(xb[next as usize]) - lse_b,
+            logprob: dist.selected_logprob,
             kld: stats::kl_divergence(xa, xb, lse_a, lse_b),
             rank_of_a_top1: 1 + crate::dist::kernels::count_greater(xb, xb[top1_a as usize]),
             dist,

@@ -3,6 +3,7 @@
 
 pub mod cdp;
 pub mod gguf;
+pub mod server;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
