@@ -47,12 +47,18 @@ pub struct CaptureSpec {
     /// what [`LensHead::head_logits`] turns back into that row's logits, so a row can be kept
     /// in `n_embd` values instead of `n_vocab`.
     pub head_input: bool,
+    /// Graph tensors copied whole by their names in llama.cpp's graph (`Qcur-0`, `kq-0`,
+    /// `kqv_out-0`, `ffn_out-0` ...): for looking at one operation (f32 tensors only).
+    pub named: Vec<String>,
 }
 
 impl CaptureSpec {
     /// Nothing to read: capture is off.
     pub fn is_empty(&self) -> bool {
-        self.hidden_layers.is_empty() && self.attention_layers.is_empty() && !self.head_input
+        self.hidden_layers.is_empty()
+            && self.attention_layers.is_empty()
+            && !self.head_input
+            && self.named.is_empty()
     }
 
     /// The first layer asked for that the model does not have.
@@ -84,6 +90,9 @@ pub struct Captured {
     pub attention: Vec<Array2<f32>>,
     /// `[n_embd]`: the output head's input at this position, when asked.
     pub head_input: Option<Vec<f32>>,
+    /// The named tensors asked for, each whole (all rows of the decode, ggml's layout), on
+    /// the first row of each decode only; `None` where the graph had no such f32 tensor.
+    pub named: Vec<Option<Vec<f32>>>,
 }
 
 /// The model's final norm before its output head.

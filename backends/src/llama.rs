@@ -1064,6 +1064,8 @@ struct CaptureState {
     /// (rows, the `[rows, n_embd]` data of `result_norm`): the output head's input, one row
     /// per logits row.
     head_input: Option<(usize, Vec<f32>)>,
+    /// Per asked named tensor, its data in this decode.
+    named: Vec<Option<Vec<f32>>>,
     /// The first thing that went wrong inside the callback (it cannot return an error).
     error: Option<String>,
 }
@@ -1074,6 +1076,7 @@ enum Wanted {
     Hidden(usize),
     Attention(usize),
     HeadInput,
+    Named(usize),
 }
 
 impl CaptureState {
@@ -1082,6 +1085,7 @@ impl CaptureState {
         self.l_out = vec![None; self.spec.hidden_layers.len()];
         self.kq = vec![None; self.spec.attention_layers.len()];
         self.head_input = None;
+        self.named = vec![None; self.spec.named.len()];
         self.error = None;
     }
 
@@ -1091,6 +1095,9 @@ impl CaptureState {
     fn wanted(&self, name: &[u8]) -> Option<Wanted> {
         if self.spec.head_input && name == b"result_norm" {
             return Some(Wanted::HeadInput);
+        }
+        if let Some(i) = self.spec.named.iter().position(|n| n.as_bytes() == name) {
+            return Some(Wanted::Named(i));
         }
         let layer = |prefix: &[u8]| -> Option<usize> {
             std::str::from_utf8(name.strip_prefix(prefix)?)
@@ -1124,13 +1131,30 @@ impl CaptureState {
     fn copy(&mut self, wanted: Wanted, t: &llama_cpp_sys_2::ggml_tensor) -> Result<(), String> {
         // SAFETY: `t` is the live tensor llama.cpp passed to this callback.
         let contiguous = unsafe { llama_cpp_sys_2::ggml_is_contiguous(t) };
+        let ne = t.ne.map(|n| usize::try_from(n).unwrap_or(0));
+        if let Wanted::Named(i) = wanted {
+            // A view or an F16 tensor stays None: the caller asked by name, maybe wrongly.
+            if t.type_ == llama_cpp_sys_2::GGML_TYPE_F32 && contiguous {
+                let mut data = vec![0f32; ne.iter().product()];
+                // SAFETY: `data` holds every f32 value of the contiguous tensor.
+                unsafe {
+                    llama_cpp_sys_2::ggml_backend_tensor_get(
+                        t,
+                        data.as_mut_ptr().cast(),
+                        0,
+                        data.len() * 4,
+                    )
+                };
+                self.named[i] = Some(data);
+            }
+            return Ok(());
+        }
         if t.type_ != llama_cpp_sys_2::GGML_TYPE_F32 || !contiguous {
             return Err(format!(
                 "llama.cpp's {} is not a contiguous f32 tensor",
                 String::from_utf8_lossy(tensor_name(t))
             ));
         }
-        let ne = t.ne.map(|n| usize::try_from(n).unwrap_or(0));
         match wanted {
             Wanted::Hidden(_) | Wanted::HeadInput => {
                 let mut data = vec![0f32; ne[0] * ne[1]];
@@ -1152,6 +1176,7 @@ impl CaptureState {
                     _ => self.head_input = Some((ne[1], data)),
                 }
             }
+            Wanted::Named(_) => {}
             Wanted::Attention(i) => {
                 let row = self.attention_row.unwrap_or(0);
                 let (n_kv, n_tokens, n_head) = (ne[0], ne[1], ne[2]);
@@ -1253,6 +1278,9 @@ impl CaptureState {
                 );
                 let width = data.len() / n_rows.max(&1);
                 got.head_input = Some(data[k * width..(k + 1) * width].to_vec());
+            }
+            if k == 0 {
+                got.named = self.named.clone();
             }
             out.push(got);
             k += 1;

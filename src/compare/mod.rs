@@ -149,6 +149,7 @@ impl LensCompare {
             hidden_layers: layers.clone(),
             attention_layers: Vec::new(),
             head_input: false,
+            named: Vec::new(),
         };
         spec.check(n_layer)?;
         let head_a = a.lens_head()?;

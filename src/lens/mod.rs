@@ -121,6 +121,7 @@ impl Inside {
             hidden_layers: lens_layers.clone(),
             attention_layers: attention_layers.clone(),
             head_input: false,
+            named: Vec::new(),
         };
         spec.check(arch.n_layer)?;
         // The head first: an architecture the lens does not know fails before the engine
