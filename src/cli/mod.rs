@@ -272,6 +272,10 @@ pub struct CompareArgs {
         default_value = "batch-invariant"
     )]
     pub scoring_kernels: ScoringKernels,
+    /// Also score A along llama.cpp's other kernels and report that A-against-A KLD beside
+    /// each B's: the arithmetic's share of a small KLD (one more pass of A)
+    #[arg(long)]
+    pub noise_floor: bool,
     /// Corpus to score, cut into --ctx-size chunks
     #[arg(long, value_name = "FILE")]
     pub text_file: Option<PathBuf>,

@@ -407,6 +407,7 @@ fn merge_compare(dir: &Path, plan: &Plan) -> anyhow::Result<Merged> {
         timing,
         lens_layers: first.lens_layers.clone(),
         reference: None,
+        noise_floor: None,
         positions,
     };
     compare::write_files(dir, &report)?;

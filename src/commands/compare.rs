@@ -513,6 +513,7 @@ struct Outcome {
     b_text: Vec<Option<compare::BText>>,
     lens_layers: Option<Vec<usize>>,
     reference: Option<compare::ReferenceUse>,
+    noise_floor: Option<compare::NoiseFloor>,
     timing: Timing,
     score_s: f64,
 }
@@ -552,6 +553,7 @@ fn finish(
         timing: o.timing,
         lens_layers: o.lens_layers,
         reference: o.reference,
+        noise_floor: o.noise_floor,
         positions: o.positions,
     };
     compare::write_files(&setup.out, &report)?;
@@ -777,6 +779,7 @@ fn run_together(
         b_text,
         lens_layers: lens.map(|l| l.layers),
         reference: None,
+        noise_floor: None,
         timing,
         score_s: t_score.elapsed().as_secs_f64(),
     };
@@ -1113,6 +1116,18 @@ fn one_at_a_time(
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
+    let noise_floor = if args.noise_floor {
+        Some(noise_floor(
+            &setup,
+            &pass,
+            &mut reader,
+            &per_chunk,
+            corpus,
+            verbose,
+        )?)
+    } else {
+        None
+    };
     timing.tokens_evaluated = numbered.iter().map(|(_, c)| c.ids.len()).sum();
     timing.a_tokens = a_tokens;
     let reference_use = compare::ReferenceUse {
@@ -1157,10 +1172,66 @@ fn one_at_a_time(
         b_text: b_texts,
         lens_layers: None,
         reference: Some(reference_use),
+        noise_floor,
         timing,
         score_s: t_score.elapsed().as_secs_f64(),
     };
     finish(&setup, outcome, command, t_wall)
+}
+
+/// A against A along llama.cpp's other kernels (batched where A ran batch-invariant, and
+/// the other way round): how far the arithmetic alone moves A's distributions, beside which
+/// a small KLD reads as quantization or as noise.
+fn noise_floor(
+    setup: &Setup,
+    pass: &BPass,
+    reference: &mut ReferenceReader,
+    per_chunk: &[Vec<compare::Position>],
+    corpus: Option<usize>,
+    verbose: bool,
+) -> anyhow::Result<compare::NoiseFloor> {
+    let Some(a_spec) = &setup.a else {
+        return Err(usage!("--noise-floor scores A again: pass --a"));
+    };
+    if a_spec.backend != Backend::Llama {
+        return Err(usage!(
+            "--noise-floor runs A along llama.cpp's other kernels: A must be a llama: model"
+        ));
+    }
+    let mut engine = setup.engine_for(0, corpus)?;
+    engine.fast_scoring = !engine.fast_scoring;
+    let path = if engine.fast_scoring {
+        "A with llama.cpp's batched kernels (llama-perplexity's)"
+    } else {
+        "A with the batch-invariant kernels"
+    };
+    let mut a = a_spec.open("A (noise floor)", &scoring(&engine, verbose)?, None)?;
+    let mut floor: Vec<Vec<compare::Position>> = per_chunk
+        .iter()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| compare::Position {
+                    b: Vec::new(),
+                    ..p.clone()
+                })
+                .collect()
+        })
+        .collect();
+    let mut timing = Timing::default();
+    pass.run(
+        &mut *a.source,
+        0,
+        "A (noise floor)",
+        reference,
+        &mut floor,
+        &mut timing,
+        &|_| {},
+    )?;
+    let positions: Vec<compare::Position> = floor.into_iter().flatten().collect();
+    Ok(compare::NoiseFloor {
+        path: path.into(),
+        summary: compare::summarize(&positions, 0, path),
+    })
 }
 
 /// Each B against a llama-perplexity `--kl-divergence-base` file as A.
@@ -1289,6 +1360,7 @@ fn run_against_base(
         b_text: Vec::new(),
         lens_layers: None,
         reference: None,
+        noise_floor: None,
         timing,
         score_s: t_score.elapsed().as_secs_f64(),
     };

@@ -818,6 +818,13 @@ pub fn summary_table(report: &CompareReport) -> String {
     row("Mean KLD", &|x| {
         format!("{} ± {}", num(x.kld.mean), num(x.kld.stderr))
     });
+    if let Some(f) = &report.noise_floor {
+        // The same for every B: A against itself along the other kernels.
+        let floor = &f.summary;
+        row("  noise floor (A vs A)", &|_| {
+            format!("{} ± {}", num(floor.kld.mean), num(floor.kld.stderr))
+        });
+    }
     for i in 0..11 {
         let name = format!("{} KLD", s[0].kld.rows()[i].0);
         row(&name, &|x| num(x.kld.rows()[i].1));
@@ -918,6 +925,18 @@ pub fn ladder_table(report: &CompareReport) -> String {
             100.0 * r.same_top_p,
             100.0 * r.rms_delta_p,
             100.0 * r.flips
+        );
+    }
+    if let Some(f) = &report.noise_floor {
+        let x = &f.summary;
+        let _ = writeln!(
+            out,
+            "noise floor: {}: mean KLD {}, 99% KLD {}, same top {:.2}%, RMS Δp {:.3}%",
+            f.path,
+            num(x.kld.mean),
+            num(x.kld.p99),
+            100.0 * x.same_top_p,
+            100.0 * x.rms_delta_p
         );
     }
     out

@@ -270,6 +270,9 @@ pub struct CompareReport {
     /// A's reference, when the sides ran one at a time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<ReferenceUse>,
+    /// A against A along another arithmetic path, with `--noise-floor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_floor: Option<NoiseFloor>,
     pub positions: Vec<Position>,
 }
 
@@ -445,4 +448,14 @@ pub struct ReferenceUse {
     /// Chunks scored by A in this run, and chunks found already there.
     pub chunks_scored: usize,
     pub chunks_reused: usize,
+}
+
+/// How far A moves from itself when only the arithmetic changes: the floor under every B's
+/// KLD, below which a difference is the kernels' and not the quantization's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NoiseFloor {
+    /// The other path A ran along.
+    pub path: String,
+    /// llama-perplexity's statistics of that A against A.
+    pub summary: Summary,
 }
