@@ -376,3 +376,68 @@ fn a_full_disk_while_the_reference_is_written_leaves_no_complete_reference() {
         "chunks",
     );
 }
+
+#[test]
+fn the_noise_floor_is_a_against_a_along_the_other_kernels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = corpus();
+    let a = format!("llama:{}", tiny("tiny-f32.gguf").display());
+    let b = format!("llama:{}", tiny("tiny-q8_0.gguf").display());
+    let args = [
+        "--a",
+        &a,
+        "--b",
+        &b,
+        "--text-file",
+        c.to_str().unwrap(),
+        "--ctx-size",
+        "128",
+        "--chunks",
+        "2",
+        "--noise-floor",
+    ];
+    let out = tmp.path().join("out");
+    let mut all = vec!["compare"];
+    all.extend(args);
+    all.extend(["--out", out.to_str().unwrap()]);
+    let o = run(&all);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("noise floor (A vs A)"), "{stdout}");
+    let r: Value =
+        serde_json::from_str(&fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    let floor = &r["noise_floor"];
+    assert!(floor["path"].as_str().unwrap().contains("batched kernels"));
+    let mean = floor["summary"]["kld"]["mean"].as_f64().unwrap();
+    let b_mean = r["summaries"][0]["kld"]["mean"].as_f64().unwrap();
+    assert!(
+        mean >= 0.0 && mean < b_mean,
+        "floor {mean} under B's {b_mean}"
+    );
+    assert_eq!(
+        floor["summary"]["positions"],
+        r["summaries"][0]["positions"]
+    );
+    let html = fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("noise_floor"));
+    // Only llama.cpp has another kernel path to take.
+    let twin = format!("onnx:{}", smollm2_onnx().display());
+    fails(
+        &[
+            "--a",
+            &twin,
+            "--b",
+            &twin,
+            "--text-file",
+            c.to_str().unwrap(),
+            "--ctx-size",
+            "128",
+            "--chunks",
+            "1",
+            "--noise-floor",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "--noise-floor runs A along llama.cpp's other kernels",
+    );
+}

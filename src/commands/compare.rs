@@ -177,6 +177,17 @@ impl Setup {
                 "no B to compare with A: pass --b BACKEND:MODEL (repeat it for a ladder)"
             ));
         }
+        if args.noise_floor {
+            match &a {
+                Some(a) if a.backend == Backend::Llama => {}
+                Some(_) => {
+                    return Err(usage!(
+                        "--noise-floor runs A along llama.cpp's other kernels: A must be a llama: model"
+                    ))
+                }
+                None => return Err(usage!("--noise-floor scores A again: pass --a")),
+            }
+        }
         let probe = args.probe.config()?;
         let input = read_input(args)?;
         if input.is_none()
@@ -822,9 +833,28 @@ fn ready_reference(
 ) -> anyhow::Result<ReferenceReady> {
     std::fs::create_dir_all(dir)
         .map_err(|e| usage!("cannot make the reference folder {}: {e}", dir.display()))?;
-    let manifest = reference::read_manifest(dir)?;
     let a_located = setup.a.as_ref().map(|a| a.locate("A")).transpose()?;
     let job = setup.reference_job(args, a_located.as_ref())?;
+    let mut manifest = reference::read_manifest(dir);
+    if args.reference.is_none() {
+        // The reference in --out's own folder is this run's: one made for another job (or
+        // damaged) is made anew, not refused.
+        let stale = match &manifest {
+            Ok(Some(m)) => reference::check_job(dir, m, &job).is_err(),
+            Ok(None) => false,
+            Err(_) => true,
+        };
+        if stale {
+            eprintln!(
+                "{} holds a reference for another job: making it anew",
+                dir.display()
+            );
+            std::fs::remove_dir_all(dir)?;
+            std::fs::create_dir_all(dir)?;
+            manifest = Ok(None);
+        }
+    }
+    let manifest = manifest?;
     if let Some(m) = &manifest {
         reference::check_job(dir, m, &job)?;
     }
