@@ -780,7 +780,7 @@ pub fn write_compare_report(dir: &Path, report: &CompareReport) -> anyhow::Resul
             .and_then(|v| v.as_f64())
             .map_or(String::new(), |b| format!(", {b:.2} bpw"));
         let title = format!(
-            "quantization ladder: mean KL from A ({}{a_bpw})",
+            "quantization ladder: mean KL from A ({}{a_bpw}); line: the Pareto frontier",
             std::path::Path::new(&a.model_path)
                 .file_name()
                 .map_or_else(|| a.label.clone(), |n| n.to_string_lossy().into_owned())

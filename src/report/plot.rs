@@ -622,8 +622,8 @@ pub struct LadderPoint<'a> {
     pub y: f64,
 }
 
-/// Bits per weight against mean KLD on a log scale, each model labelled and the ladder
-/// joined smallest first: the cheaper a quantization, the further up its point; 1000×600.
+/// Bits per weight against mean KLD on a log scale, each model labelled, the Pareto frontier
+/// (no other model both smaller and closer to A) joined and filled; 1000×600.
 pub fn pareto(path: &Path, title: &str, points: &[LadderPoint]) -> anyhow::Result<()> {
     font();
     let mut points: Vec<&LadderPoint> = points
@@ -674,16 +674,28 @@ pub fn pareto(path: &Path, title: &str, points: &[LadderPoint]) -> anyhow::Resul
         .axis_desc_style((FONT, 13))
         .draw()
         .map_err(|e| err(path, e))?;
+    // The frontier: the models no other beats on both size and KLD, joined smallest first;
+    // the others are drawn hollow.
+    let dominated = |p: &LadderPoint| {
+        points
+            .iter()
+            .any(|q| q.x <= p.x && q.y <= p.y && (q.x < p.x || q.y < p.y))
+    };
     chart
         .draw_series(LineSeries::new(
-            points.iter().map(|p| (p.x, p.y)),
+            points.iter().filter(|p| !dominated(p)).map(|p| (p.x, p.y)),
             PAIR[0].mix(0.5).stroke_width(2),
         ))
         .map_err(|e| err(path, e))?;
     chart
         .draw_series(points.iter().map(|p| {
+            let style = if dominated(p) {
+                PAIR[0].stroke_width(2)
+            } else {
+                PAIR[0].filled()
+            };
             EmptyElement::at((p.x, p.y))
-                + Circle::new((0, 0), 6, PAIR[0].filled())
+                + Circle::new((0, 0), 6, style)
                 + Text::new(p.label.to_string(), (10, -8), (FONT, 14).into_font())
         }))
         .map_err(|e| err(path, e))?;
