@@ -441,3 +441,99 @@ fn the_noise_floor_is_a_against_a_along_the_other_kernels() {
         "--noise-floor runs A along llama.cpp's other kernels",
     );
 }
+
+/// A llama-perplexity base file written from the test engine's own logits, as
+/// llama-perplexity writes one: 3 chunks of 64 tokens over a 300-token vocabulary.
+fn base_file(dir: &Path) -> PathBuf {
+    use logitprobe::backends::{test_source::TestSource, LogitSource};
+    let (n_ctx, n_vocab) = (64, 300);
+    let tokens: Vec<i32> = (0..3 * n_ctx).map(|i| (i * 37 % 250) as i32).collect();
+    let mut src = TestSource::new(n_vocab, 1);
+    let rows: Vec<_> = tokens
+        .chunks(n_ctx)
+        .map(|c| {
+            let ids: Vec<u32> = c.iter().map(|&t| t as u32).collect();
+            src.score(&ids).unwrap()
+        })
+        .collect();
+    let path = dir.join("base.kld");
+    logitprobe::compare::kld_base::write_file(&path, n_ctx, n_vocab, &tokens, &|c, p| {
+        rows[c].row(p).to_vec()
+    })
+    .unwrap();
+    path
+}
+
+#[test]
+fn a_llama_perplexity_base_file_stands_in_for_a() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_file(tmp.path());
+    let b = base.to_str().unwrap();
+    let r = compare(
+        &tmp.path().join("out"),
+        &["--a-logits", b, "--b", "test:300:1"],
+    );
+    // B is the model the file was written from: only the 16-bit rows stand between them.
+    let s = &r["summaries"][0];
+    assert_eq!(s["positions"], 3 * 31);
+    assert!(s["kld"]["mean"].as_f64().unwrap() < 1e-6, "{}", s["kld"]);
+    assert!(
+        s["same_top_p"].as_f64().unwrap() > 0.98,
+        "{}",
+        s["same_top_p"]
+    );
+    // A's log-probability is the file's 16-bit one (clamped at 16 nats below the top, as
+    // llama-perplexity reads it): within its step of B's where the clamp does not reach.
+    for p in r["positions"].as_array().unwrap() {
+        let (a, b) = (
+            p["a"]["logprob"].as_f64().unwrap(),
+            p["b"][0]["logprob"].as_f64().unwrap(),
+        );
+        if a > -15.0 {
+            assert!((a - b).abs() < 1e-3, "{a} {b}");
+        }
+    }
+    assert_eq!(r["input"]["kind"], "kld-base");
+    // Another model is farther.
+    let other = compare(
+        &tmp.path().join("other"),
+        &["--a-logits", b, "--b", "test:300:2"],
+    );
+    assert!(other["summaries"][0]["kld"]["mean"].as_f64().unwrap() > 1e-3);
+
+    let out = tmp.path().join("bad");
+    let o = out.to_str().unwrap();
+    fails(
+        &["--a-logits", b, "--b", "test:384", "--out", o],
+        "the base file was written for a vocabulary of 300, B has 384",
+    );
+    let bytes = fs::read(&base).unwrap();
+    let cut = tmp.path().join("cut.kld");
+    fs::write(&cut, &bytes[..bytes.len() - 7]).unwrap();
+    fails(
+        &[
+            "--a-logits",
+            cut.to_str().unwrap(),
+            "--b",
+            "test:300:1",
+            "--out",
+            o,
+        ],
+        "the file is truncated",
+    );
+    fails(
+        &[
+            "--a-logits",
+            c_path().as_str(),
+            "--b",
+            "test:300:1",
+            "--out",
+            o,
+        ],
+        "is not a llama-perplexity KL-divergence base file",
+    );
+}
+
+fn c_path() -> String {
+    corpus().display().to_string()
+}

@@ -49,7 +49,7 @@
 //! runs ([`KldBase::eval_tokens`]). The file says nothing about the model beyond `n_vocab`.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -541,91 +541,93 @@ fn expected_len(n_ctx: u64, n_vocab: u64, n_chunk: u64) -> Option<u64> {
     HEADER_BYTES.checked_add(tokens)?.checked_add(rows)
 }
 
+/// perplexity.cpp's `nearest_int`: adding 1.5·2²³ leaves round(x) in the low mantissa bits.
+fn nearest_int(fval: f32) -> i32 {
+    let val = fval + 12_582_912.0;
+    let i = val.to_bits() as i32;
+    (i & 0x007f_ffff) - 0x0040_0000
+}
+
+/// perplexity.cpp's writer-side `log_softmax(n_vocab, logits, log_prob, tok)`: one row's
+/// words (padding included) and the unquantized NLL of `tok` it returns for the base PPL.
+fn encode_row(logits: &[f32], tok: usize) -> (Vec<u16>, f64) {
+    let n = logits.len();
+    let mut max_logit = logits[0];
+    let mut min_logit = logits[0];
+    for &l in &logits[1..] {
+        max_logit = max_logit.max(l);
+        min_logit = min_logit.min(l);
+    }
+    min_logit = min_logit.max(max_logit - 16.0);
+    let mut sum_exp = 0f64;
+    for &l in logits {
+        sum_exp += f64::from((l - max_logit).exp());
+    }
+    let log_sum_exp = sum_exp.ln() as f32;
+    let min_log_prob = min_logit - max_logit - log_sum_exp;
+    let scale = (max_logit - min_logit) / 65535.0;
+    let mut out = vec![0u16; row_words(n as u64) as usize];
+    let s = scale.to_le_bytes();
+    let m = min_log_prob.to_le_bytes();
+    out[0] = u16::from_le_bytes([s[0], s[1]]);
+    out[1] = u16::from_le_bytes([s[2], s[3]]);
+    out[2] = u16::from_le_bytes([m[0], m[1]]);
+    out[3] = u16::from_le_bytes([m[2], m[3]]);
+    if scale != 0.0 {
+        let inv_scale = 1.0 / scale;
+        for (o, &l) in out[4..4 + n].iter_mut().zip(logits) {
+            *o = if l > min_logit {
+                nearest_int(inv_scale * (l - min_logit)) as u16
+            } else {
+                0
+            };
+        }
+    }
+    (out, f64::from(max_logit + log_sum_exp - logits[tok]))
+}
+
+/// Writes a whole base file as llama-perplexity's `perplexity()` does, with `logits(c, p)` the
+/// logits row at position `p` of chunk `c` (asked for the scored positions only), so a model
+/// llama-perplexity cannot run (an ONNX export, the test engine) gives a file it reads.
+/// Returns the mean NLL over the scored positions (the base run's PPL is its exp).
+pub fn write_file(
+    path: &Path,
+    n_ctx: usize,
+    n_vocab: usize,
+    tokens: &[i32],
+    logits: &dyn Fn(usize, usize) -> Vec<f32>,
+) -> io::Result<f64> {
+    let n_chunk = tokens.len() / n_ctx;
+    let mut f = io::BufWriter::new(File::create(path)?);
+    f.write_all(MAGIC)?;
+    f.write_all(&(n_ctx as i32).to_le_bytes())?;
+    f.write_all(&(n_vocab as i32).to_le_bytes())?;
+    f.write_all(&(n_chunk as i32).to_le_bytes())?;
+    for t in &tokens[..n_chunk * n_ctx] {
+        f.write_all(&t.to_le_bytes())?;
+    }
+    let first = n_ctx / 2;
+    let (mut nll, mut count) = (0f64, 0usize);
+    for c in 0..n_chunk {
+        for p in first..n_ctx - 1 {
+            let tok = tokens[c * n_ctx + p + 1] as usize;
+            let (words, v) = encode_row(&logits(c, p), tok);
+            nll += v;
+            count += 1;
+            for w in words {
+                f.write_all(&w.to_le_bytes())?;
+            }
+        }
+    }
+    f.flush()?;
+    Ok(nll / count.max(1) as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
     use std::time::Instant;
-
-    /// perplexity.cpp's `nearest_int`: adding 1.5·2²³ leaves round(x) in the low mantissa bits.
-    fn nearest_int(fval: f32) -> i32 {
-        let val = fval + 12_582_912.0;
-        let i = val.to_bits() as i32;
-        (i & 0x007f_ffff) - 0x0040_0000
-    }
-
-    /// perplexity.cpp's writer-side `log_softmax(n_vocab, logits, log_prob, tok)`: one row's
-    /// words (padding included) and the unquantized NLL of `tok` it returns for the base PPL.
-    fn encode_row(logits: &[f32], tok: usize) -> (Vec<u16>, f64) {
-        let n = logits.len();
-        let mut max_logit = logits[0];
-        let mut min_logit = logits[0];
-        for &l in &logits[1..] {
-            max_logit = max_logit.max(l);
-            min_logit = min_logit.min(l);
-        }
-        min_logit = min_logit.max(max_logit - 16.0);
-        let mut sum_exp = 0f64;
-        for &l in logits {
-            sum_exp += f64::from((l - max_logit).exp());
-        }
-        let log_sum_exp = sum_exp.ln() as f32;
-        let min_log_prob = min_logit - max_logit - log_sum_exp;
-        let scale = (max_logit - min_logit) / 65535.0;
-        let mut out = vec![0u16; row_words(n as u64) as usize];
-        let s = scale.to_le_bytes();
-        let m = min_log_prob.to_le_bytes();
-        out[0] = u16::from_le_bytes([s[0], s[1]]);
-        out[1] = u16::from_le_bytes([s[2], s[3]]);
-        out[2] = u16::from_le_bytes([m[0], m[1]]);
-        out[3] = u16::from_le_bytes([m[2], m[3]]);
-        if scale != 0.0 {
-            let inv_scale = 1.0 / scale;
-            for (o, &l) in out[4..4 + n].iter_mut().zip(logits) {
-                *o = if l > min_logit {
-                    nearest_int(inv_scale * (l - min_logit)) as u16
-                } else {
-                    0
-                };
-            }
-        }
-        (out, f64::from(max_logit + log_sum_exp - logits[tok]))
-    }
-
-    /// A whole base file as `perplexity()` writes it, with `logits(c, p)` the row at position
-    /// `p` of chunk `c`. Returns the base run's mean NLL over the scored positions.
-    fn write_base(
-        path: &Path,
-        n_ctx: usize,
-        n_vocab: usize,
-        tokens: &[i32],
-        logits: &dyn Fn(usize, usize) -> Vec<f32>,
-    ) -> f64 {
-        let n_chunk = tokens.len() / n_ctx;
-        let mut f = io::BufWriter::new(File::create(path).unwrap());
-        f.write_all(MAGIC).unwrap();
-        f.write_all(&(n_ctx as i32).to_le_bytes()).unwrap();
-        f.write_all(&(n_vocab as i32).to_le_bytes()).unwrap();
-        f.write_all(&(n_chunk as i32).to_le_bytes()).unwrap();
-        for t in &tokens[..n_chunk * n_ctx] {
-            f.write_all(&t.to_le_bytes()).unwrap();
-        }
-        let first = n_ctx / 2;
-        let (mut nll, mut count) = (0f64, 0usize);
-        for c in 0..n_chunk {
-            for p in first..n_ctx - 1 {
-                let tok = tokens[c * n_ctx + p + 1] as usize;
-                let (words, v) = encode_row(&logits(c, p), tok);
-                nll += v;
-                count += 1;
-                for w in words {
-                    f.write_all(&w.to_le_bytes()).unwrap();
-                }
-            }
-        }
-        f.flush().unwrap();
-        nll / count as f64
-    }
 
     /// xorshift64*: reproducible test data without a dependency.
     struct Rng(u64);
@@ -682,7 +684,7 @@ mod tests {
         let toks = tokens(n_chunk * n_ctx + 5, n_vocab); // a tail that fills no chunk
         let spread = |c: usize, p: usize| if (c + p).is_multiple_of(2) { 8.0 } else { 40.0 };
         let row = |c: usize, p: usize| logits_row((c * 1000 + p) as u64, n_vocab, spread(c, p));
-        write_base(&path, n_ctx, n_vocab, &toks, &row);
+        write_file(&path, n_ctx, n_vocab, &toks, &row).unwrap();
 
         let mut base = KldBase::open(&path).unwrap();
         assert_eq!(
@@ -747,7 +749,7 @@ mod tests {
             let path = tmp(&format!("row{seed}"));
             let toks: Vec<i32> = vec![tok as i32; 3];
             // n_ctx 3: one scored row (position 1) per chunk, predicting token 2.
-            write_base(&path, 3, n_vocab, &toks, &|_, _| a.clone());
+            write_file(&path, 3, n_vocab, &toks, &|_, _| a.clone()).unwrap();
             let mut base = KldBase::open(&path).unwrap();
             let row = base.read_row(0, 0).unwrap();
             let _ = std::fs::remove_file(&path);
@@ -852,9 +854,10 @@ mod tests {
         let (n_ctx, n_vocab) = (8, 33);
         let path = tmp("damaged");
         let toks = tokens(2 * n_ctx, n_vocab);
-        write_base(&path, n_ctx, n_vocab, &toks, &|c, p| {
+        write_file(&path, n_ctx, n_vocab, &toks, &|c, p| {
             logits_row((c + p) as u64, n_vocab, 10.0)
-        });
+        })
+        .unwrap();
         let good = std::fs::read(&path).unwrap();
         let expected = good.len() as u64;
         assert_eq!(expected, expected_len(8, 33, 2).unwrap());
