@@ -372,6 +372,7 @@ mod tests {
         let spec = CaptureSpec {
             hidden_layers: vec![0, 29],
             attention_layers: vec![30],
+            ..CaptureSpec::default()
         };
         assert!(matches!(
             spec.check(30),
