@@ -788,10 +788,11 @@ pub fn summary_table(report: &CompareReport) -> String {
         let _ = write!(out, "{:>w$}", b_name(i, s.len()));
     }
     let _ = writeln!(out);
+    // One space before every cell, however wide: two wide cells never run together.
     let mut row = |name: &str, f: &dyn Fn(&Summary) -> String| {
         let _ = write!(out, "{name:<26}");
         for x in s {
-            let _ = write!(out, "{:>w$}", f(x));
+            let _ = write!(out, " {:>1$}", f(x), w - 1);
         }
         let _ = writeln!(out);
     };
