@@ -220,8 +220,9 @@ fn bad_logits_shape_is_an_error_not_a_panic() {
 }
 
 /// Issue 15 D10: ONNX Runtime's own coloured log lines leaked into stderr beside the error
-/// (an export whose attention_mask input was renamed fails inside a kernel, and ONNX
-/// Runtime's default logger printed two ANSI-coloured lines before our one).
+/// (an export whose attention_mask input was renamed failed inside a kernel, and ONNX
+/// Runtime's default logger printed two ANSI-coloured lines before our one); issue 32 item
+/// 2: it is now refused before any run, naming the input.
 #[test]
 fn bad_renamed_input_is_one_line() {
     bad(&bad_onnx("renamed-input"), &[], "has no 'input_ids' input");
@@ -252,11 +253,15 @@ fn bad_renamed_input_is_one_line() {
         "--out",
         tmp.path().join("out").to_str().unwrap(),
     ]);
+    // Refused before the first run (issue 32, item 2), naming the input and the graph's.
     let err = common::stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "an engine failure: {err}");
+    assert_eq!(o.status.code(), Some(2), "the user's to fix: {err}");
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert!(
-        err.starts_with("error: ") && err.contains("Missing Input: attention_masq"),
+        err.starts_with("error: ")
+            && err.contains("input \"attention_masq\" is not one this engine feeds")
+            && err.contains("the graph has no attention_mask: was one renamed?")
+            && err.contains("the graph's inputs are input_ids, attention_masq"),
         "{err}"
     );
     assert!(!err.contains('\x1b'), "no ANSI colours: {err}");

@@ -61,6 +61,29 @@ pub(super) fn read_layout(session: &Session, model: &Path, hint: KvHint) -> anyh
             "{shown} has no 'input_ids' input; it is not a causal LM export"
         ));
     }
+    // Every input the graph declares must be one we feed: an export that renamed one
+    // (`attention_mask` to `mask`) otherwise fails inside ONNX Runtime's first run with
+    // "Missing Input".
+    let fed = |n: &str| {
+        matches!(n, "input_ids" | "attention_mask" | "position_ids")
+            || n.starts_with("past_key_values.")
+    };
+    let unknown: Vec<&str> = inputs.iter().copied().filter(|n| !fed(n)).collect();
+    if let Some(first) = unknown.first() {
+        let lacking: Vec<&str> = ["attention_mask", "position_ids"]
+            .into_iter()
+            .filter(|n| !inputs.contains(n))
+            .collect();
+        return Err(usage!(
+            "{shown}: input {first:?} is not one this engine feeds (input_ids, attention_mask, position_ids, past_key_values.N.key/.value){}; the graph's inputs are {}: export it again with optimum (--task text-generation-with-past) or onnxruntime-genai's builder",
+            if lacking.is_empty() {
+                String::new()
+            } else {
+                format!(", and the graph has no {}: was one renamed?", lacking.join(" or "))
+            },
+            inputs.join(", ")
+        ));
+    }
     let mut kv = Vec::new();
     let mut kv_meta = None;
     for name in &inputs {
