@@ -400,10 +400,26 @@ fn sharded_trace_and_compare_on_slurm() {
     let o = cluster.logitprobe(&args, &sharded);
     assert!(o.status.success(), "slurm compare: {}", stderr(&o));
     let (array, merge_job) = job_ids(&o);
-    assert!(cluster
-        .wait_ended(&array, Duration::from_secs(120))
-        .iter()
-        .all(|s| s == "COMPLETED"));
+    let states = cluster.wait_ended(&array, Duration::from_secs(120));
+    let logs = || {
+        (0..4)
+            .map(|i| {
+                let log = sharded.join(format!("cmp/slurm/logs/compare-{i}.log"));
+                format!(
+                    "{}:\n{}",
+                    log.display(),
+                    fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    // Shards share the reference folder and write its manifest and vocab.json at once.
+    assert!(
+        states.iter().all(|s| s == "COMPLETED"),
+        "{states:?}\n{}",
+        logs()
+    );
     cluster.wait_ended(&merge_job, Duration::from_secs(60));
     assert_eq!(
         cluster.job_state(&merge_job),

@@ -844,6 +844,14 @@ fn ready_reference(
             Ok(None) => false,
             Err(_) => true,
         };
+        if stale && setup.shard.is_some() {
+            // Shards of one job share the folder: one removing it would take the chunks
+            // other shards are writing.
+            return Err(usage!(
+                "{} holds a reference for another job, and shards share it: remove it, or give this job another --out",
+                dir.display()
+            ));
+        }
         if stale {
             eprintln!(
                 "{} holds a reference for another job: making it anew",
@@ -1003,7 +1011,8 @@ fn run_one_at_a_time(
         .reference
         .clone()
         .unwrap_or_else(|| setup.out.join("reference"));
-    let made_here = args.reference.is_none() && !dir.exists();
+    // A shard's reference is its job's, shared with the other shards: it stays.
+    let made_here = args.reference.is_none() && setup.shard.is_none() && !dir.exists();
     for (i, b) in setup.bs.iter().enumerate() {
         b.check(&compare::b_name(i, setup.bs.len()))?;
     }

@@ -28,7 +28,10 @@ pub fn prepare_dir(dir: &Path) -> Result<(), OutputDirError> {
     Ok(())
 }
 
-/// Writes `path` through a temporary sibling and a rename.
+/// Writes `path` through a temporary sibling and a rename. The sibling's name is this
+/// writer's own (process and call), because shards of one job write the same file at once
+/// (a reference's vocab.json): with one shared name, one writer's rename took the file from
+/// under the other's.
 pub fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>,
@@ -37,7 +40,9 @@ pub fn write_atomic(
         .file_name()
         .context("output path has no file name")?
         .to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.partial"));
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".{name}.{}-{n}.partial", std::process::id()));
     let result = (|| -> anyhow::Result<()> {
         let mut w = BufWriter::new(File::create(&tmp)?);
         write(&mut w)?;
@@ -76,4 +81,32 @@ pub fn remove_partials(dir: &Path) -> std::io::Result<usize> {
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writers of one file at once (shards writing a reference's vocab.json) all succeed,
+    /// and the file is always one writer's whole text.
+    #[test]
+    fn writers_of_one_file_at_once_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vocab.json");
+        std::thread::scope(|s| {
+            for t in 0..4u8 {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..200 {
+                        write_atomic(path, |w| Ok(w.write_all(&[b'a' + t; 4096])?)).unwrap();
+                    }
+                });
+            }
+        });
+        let text = fs::read(&path).unwrap();
+        assert_eq!(text.len(), 4096);
+        assert!(text.iter().all(|&b| b == text[0]));
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left");
+    }
 }
