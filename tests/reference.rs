@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_usage_error, run, smollm2, smollm2_onnx, tiny};
+use common::{assert_usage_error, run, smollm2, smollm2_onnx, tiny, SmallDisk};
 use serde_json::Value;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -296,32 +296,6 @@ fn a_damaged_reference_is_refused_or_scored_again() {
     )
     .unwrap();
     fails(&without_a, "is not a logitprobe reference");
-}
-
-/// A tmpfs of `kib` KiB at a fresh folder (this machine's CI runs as root), unmounted on drop.
-struct SmallDisk(PathBuf);
-
-impl SmallDisk {
-    fn new(dir: &Path, kib: usize) -> SmallDisk {
-        fs::create_dir_all(dir).unwrap();
-        let o = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "mounting a tmpfs for the full-disk test needs root: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        SmallDisk(dir.to_path_buf())
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }
 
 #[test]

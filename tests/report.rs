@@ -7,6 +7,7 @@ use common::cdp::Browser;
 use common::{assert_usage_error, run, tiny};
 use serde_json::Value;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Traces `steps` tokens from the test source (EOS suppressed) into `out`.
@@ -393,6 +394,48 @@ fn bad_report_inputs_fail_on_one_line() {
         &write("compare-bad.json", &c),
         "not a logitprobe compare.json",
     );
+}
+
+/// Issue 32, item 7: a long trace is read a step at a time, never as one JSON tree (which
+/// took 17 times the file in memory: the text, the tree, its copy and the typed steps).
+#[test]
+fn a_20000_step_report_takes_memory_in_proportion_to_its_steps_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    test_trace(&tmp.path().join("t"), 200);
+    let mut t = trace_of(&tmp.path().join("t"));
+    let steps: Vec<Value> = t["steps"].as_array().unwrap().clone();
+    t["steps"] = Value::Array(Vec::new());
+    // Written a step at a time: the child's peak RSS counts this process's pages until its
+    // exec, so this process stays small.
+    let text = serde_json::to_string(&t).unwrap();
+    let (head, tail) = text.split_once(r#""steps":[]"#).unwrap();
+    let path = tmp.path().join("long.json");
+    let mut w = std::io::BufWriter::new(fs::File::create(&path).unwrap());
+    write!(w, r#"{head}"steps":["#).unwrap();
+    for i in 0..20_000 {
+        let mut s = steps[i % steps.len()].clone();
+        s["step"] = i.into();
+        let comma = if i > 0 { "," } else { "" };
+        write!(w, "{comma}{s}").unwrap();
+    }
+    write!(w, "]{tail}").unwrap();
+    w.flush().unwrap();
+    drop(w);
+    let file_kb = fs::metadata(&path).unwrap().len() as i64 / 1024;
+    let out = tmp.path().join("out");
+    let peak = common::peak_rss_kb(&[
+        "report",
+        path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    // The typed steps and the plots' columns: 2.5 times the file with the program itself
+    // (17 times before).
+    assert!(
+        peak < 4 * file_kb + 64 * 1024,
+        "report of a {file_kb} KB trace peaked at {peak} KB"
+    );
+    assert!(out.join("report.html").exists());
 }
 
 /// The acceptance check in a real browser: one token element per generated token, a click

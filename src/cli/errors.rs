@@ -24,11 +24,19 @@ pub fn report(e: &anyhow::Error) -> ExitCode {
         .find_map(|c| c.downcast_ref::<logitprobe_backends::Error>());
     let usage = e.chain().any(is_usage);
     let disk = e.chain().find_map(disk_problem);
-    let mut msg = e
-        .chain()
-        .map(|c| in_flags(c).unwrap_or_else(|| c.to_string()))
-        .collect::<Vec<_>>()
-        .join(": ");
+    let mut msg = String::new();
+    for c in e.chain() {
+        let part = in_flags(c).unwrap_or_else(|| c.to_string());
+        // An error that shows its cause in its own text (`… folder X: Read-only file
+        // system`) is followed in the chain by that cause again.
+        if msg.ends_with(&part) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&part);
+    }
     let full = disk.is_some();
     if let Some(fix) = engine.and_then(fix_for).or(disk) {
         msg.push_str("; ");
@@ -41,7 +49,7 @@ pub fn report(e: &anyhow::Error) -> ExitCode {
 /// A full or read-only disk: the user's to fix, by room or another place.
 fn disk_problem(c: &(dyn StdError + 'static)) -> Option<String> {
     use std::io::ErrorKind;
-    match c.downcast_ref::<std::io::Error>()?.kind() {
+    match io_kind(c)? {
         ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
             Some("free some space on that disk, or write elsewhere (--out, --reference)".into())
         }
@@ -49,6 +57,15 @@ fn disk_problem(c: &(dyn StdError + 'static)) -> Option<String> {
             Some("write to a writable place (--out, --reference)".into())
         }
         _ => None,
+    }
+}
+
+/// The kind of an I/O error behind `c`: serde_json keeps the io::Error out of the chain (its
+/// `source` skips it).
+fn io_kind(c: &(dyn StdError + 'static)) -> Option<std::io::ErrorKind> {
+    match c.downcast_ref::<std::io::Error>() {
+        Some(e) => Some(e.kind()),
+        None => c.downcast_ref::<serde_json::Error>()?.io_error_kind(),
     }
 }
 
@@ -134,6 +151,10 @@ fn in_flags(c: &(dyn StdError + 'static)) -> Option<String> {
         });
     }
     if let Some(e) = c.downcast_ref::<OutputDirError>() {
+        // A full or read-only disk gets its own advice at the end.
+        if disk_problem(&e.source).is_some() {
+            return Some(e.to_string());
+        }
         return Some(format!("{e}; choose another --out"));
     }
     if let Some(e) = c.downcast_ref::<ProbeConfigError>() {

@@ -200,7 +200,7 @@ fn merge_trace(dir: &Path, plan: &Plan) -> anyhow::Result<Merged> {
         for k in 0..plan.shards {
             let p = shard_dir(dir, k).join(output::STEPS_JSONL);
             if let Ok(mut f) = std::fs::File::open(&p) {
-                std::io::copy(&mut f, w).with_context(|| format!("reading {}", p.display()))?;
+                std::io::copy(&mut f, w).with_context(|| format!("copying {}", p.display()))?;
             }
         }
         Ok(())

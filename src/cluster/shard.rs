@@ -302,8 +302,10 @@ impl Plan {
             return self.check(out, &found);
         }
         let tmp = path.with_file_name(format!(".plan.{}.partial", std::process::id()));
-        std::fs::write(&tmp, serde_json::to_vec(self)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        if let Err(e) = std::fs::write(&tmp, serde_json::to_vec(self)?) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("writing {}", path.display()));
+        }
         let linked = std::fs::hard_link(&tmp, &path);
         let _ = std::fs::remove_file(&tmp);
         match linked {

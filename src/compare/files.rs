@@ -7,17 +7,25 @@ use std::path::Path;
 
 use super::{COMPARE_CSV, COMPARE_JSON};
 
-/// Writes every file of `report` into `out`, each through a temporary name.
+/// Writes every file of `report` into `out`, each through a temporary name, `compare.json`
+/// last: a folder with it is a finished comparison (an earlier run's is removed first, so a
+/// failure on the way, a full disk, leaves none).
 pub fn write_files(out: &Path, report: &CompareReport) -> anyhow::Result<()> {
+    let json = out.join(COMPARE_JSON);
+    match std::fs::remove_file(&json) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", json.display()))
+        }
+        _ => {}
+    }
+    write_csv(&out.join(COMPARE_CSV), report)?;
+    crate::report::write_compare_report(out, report).context("drawing the compare plots")?;
     // Compact: a corpus run holds tens of thousands of candidates.
-    output::write_atomic(&out.join(COMPARE_JSON), |w| {
+    output::write_atomic(&json, |w| {
         serde_json::to_writer(&mut *w, report)?;
         w.write_all(b"\n")?;
         Ok(())
-    })?;
-    write_csv(&out.join(COMPARE_CSV), report)?;
-    crate::report::write_compare_report(out, report).context("drawing the compare plots")?;
-    Ok(())
+    })
 }
 
 /// Per-position CSV: one row per position and B.

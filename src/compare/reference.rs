@@ -21,6 +21,7 @@ use crate::schema::compare::{
     HeadSource, ReferenceChunk, ReferenceManifest, ReferenceRows, VocabDigest,
     REFERENCE_FORMAT_VERSION, REFERENCE_JSON, REFERENCE_KIND,
 };
+use anyhow::Context;
 use logitprobe_backends::{CaptureSpec, LensHead, LogitSource, TokenId, Vocab};
 use ndarray::Array2;
 use sha2::Digest;
@@ -486,5 +487,5 @@ pub fn write_manifest(dir: &Path, manifest: &ReferenceManifest) -> anyhow::Resul
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result
+    result.with_context(|| format!("writing {}", dir.join(REFERENCE_JSON).display()))
 }

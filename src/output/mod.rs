@@ -148,6 +148,8 @@ impl PromptDirs {
 /// Streams each finished step to `steps.jsonl`.
 pub struct StepsJsonl {
     file: File,
+    /// Named in a failed write's error (a full disk).
+    path: PathBuf,
     /// One line, written with a single `write` (a buffered writer splits a long line into
     /// several): a process stopped by a signal it handles never leaves half a step. SIGKILL
     /// can still stop that write between two pages, so a killed run may end in a cut line;
@@ -161,6 +163,7 @@ impl StepsJsonl {
         let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(StepsJsonl {
             file,
+            path,
             line: Vec::new(),
         })
     }
@@ -174,6 +177,7 @@ impl StepsJsonl {
             .with_context(|| format!("opening {}", path.display()))?;
         Ok(StepsJsonl {
             file,
+            path: path.to_path_buf(),
             line: Vec::new(),
         })
     }
@@ -212,7 +216,9 @@ impl Sink for StepsJsonl {
         self.line.clear();
         serde_json::to_writer(&mut self.line, &line)?;
         self.line.push(b'\n');
-        self.file.write_all(&self.line)?;
+        self.file
+            .write_all(&self.line)
+            .with_context(|| format!("writing {}", self.path.display()))?;
         Ok(Control::Continue)
     }
 }
@@ -383,6 +389,7 @@ impl TraceWriter {
             interrupt,
             lens_step,
         } = files;
+        let summary_path = summary.as_ref().map(|s| s.path.clone()).unwrap_or_default();
         let mut summary = match &summary {
             Some(s) => {
                 let p = &s.path;
@@ -434,8 +441,9 @@ impl TraceWriter {
                         job.record.interrupted = true;
                     }
                     if let Some(w) = &mut summary {
-                        w.serialize(&job.row)?;
-                        w.flush()?;
+                        w.serialize(&job.row)
+                            .and_then(|()| Ok(w.flush()?))
+                            .with_context(|| format!("writing {}", summary_path.display()))?;
                     }
                     write_json(&job.dir.join(RUN_JSON), &job.record).with_context(what)?;
                 }

@@ -12,6 +12,7 @@ use crate::schema::trace::{DistributionOut, Trace};
 use anyhow::Context;
 use logitprobe_backends::usage;
 use plot::{HeatCell, HeatColumn, Series};
+use serde::Deserialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -50,59 +51,134 @@ pub fn read(path: &Path) -> anyhow::Result<ReportInput> {
             path.display()
         ));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        usage!(
-            "cannot read {}: {e}; give a trace JSON or compare.json",
-            path.display()
-        )
-    })?;
-    let value: Value = serde_json::from_str(&text).map_err(|e| {
+    let open = || {
+        std::fs::File::open(path)
+            .map(|f| serde_json::Deserializer::from_reader(std::io::BufReader::new(f)))
+            .map_err(|e| {
+                usage!(
+                    "cannot read {}: {e}; give a trace JSON or compare.json",
+                    path.display()
+                )
+            })
+    };
+    let not_json = |e: serde_json::Error| {
         usage!(
             "{} is not JSON ({e}); give adaptive_token_trace.json or compare.json",
             path.display()
         )
-    })?;
-    if value.get("kind").and_then(Value::as_str) == Some(crate::schema::compare::KIND) {
-        let report: CompareReport = serde_path_to_error::deserialize(&value).map_err(|e| {
-            usage!(
-                "{} is not a logitprobe compare.json: at {}: {}",
-                path.display(),
-                e.path(),
-                short(&e.inner().to_string())
-            )
-        })?;
-        // The plots index each position's B entries by the report's sides.
-        let n_b = report.b.len();
-        if n_b == 0 {
-            return Err(usage!(
-                "{} is not a logitprobe compare.json: at b: no side B",
-                path.display()
-            ));
-        }
-        if let Some((i, p)) = report
-            .positions
-            .iter()
-            .enumerate()
-            .find(|(_, p)| p.b.len() != n_b)
-        {
-            return Err(usage!(
-                "{} is not a logitprobe compare.json: at positions[{i}].b: {} entries for {n_b} sides B",
-                path.display(),
-                p.b.len()
-            ));
-        }
-        if report.summaries.len() != n_b {
-            return Err(usage!(
-                "{} is not a logitprobe compare.json: at summaries: {} entries for {n_b} sides B",
-                path.display(),
-                report.summaries.len()
-            ));
-        }
-        return Ok(ReportInput::Compare(Box::new(report)));
+    };
+    // Two passes over the file, never one JSON tree of it: the first reads what the file
+    // is, the second reads it typed (a 20,000-step trace as a tree took 2.7 GB).
+    let peek = Peek::deserialize(&mut open()?).map_err(not_json)?;
+    if peek.kind.as_deref() == Some(crate::schema::compare::KIND) {
+        return read_compare(path, &mut open()?).map(|c| ReportInput::Compare(Box::new(c)));
     }
-    trace_from_value(&value)
+    check_trace_version(peek.schema_version.as_ref())
+        .map_err(|e| usage!("{}: {e}", path.display()))?;
+    trace_from_json(&mut open()?)
         .map_err(|e| usage!("{}: {e}", path.display()))
         .map(|t| ReportInput::Trace(Box::new(t)))
+}
+
+/// What a report input is, read without keeping the rest: `kind` (compare.json's) and
+/// `schema_version` (a trace's); anything that is not an object has neither.
+#[derive(Default)]
+struct Peek {
+    kind: Option<String>,
+    schema_version: Option<Value>,
+}
+
+impl<'de> serde::Deserialize<'de> for Peek {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Peek;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON document")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Peek, A::Error> {
+                let mut peek = Peek::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "kind" => {
+                            let v: Value = map.next_value()?;
+                            peek.kind = v.as_str().map(String::from);
+                        }
+                        "schema_version" => peek.schema_version = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(peek)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Peek, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Peek::default())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Peek, E> {
+                Ok(Peek::default())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Peek, E> {
+                Ok(Peek::default())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Peek, E> {
+                Ok(Peek::default())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Peek, E> {
+                Ok(Peek::default())
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Peek, E> {
+                Ok(Peek::default())
+            }
+            fn visit_unit<E>(self) -> Result<Peek, E> {
+                Ok(Peek::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+type JsonReader =
+    serde_json::Deserializer<serde_json::de::IoRead<std::io::BufReader<std::fs::File>>>;
+
+fn read_compare(path: &Path, json: &mut JsonReader) -> anyhow::Result<CompareReport> {
+    let report: CompareReport = serde_path_to_error::deserialize(json).map_err(|e| {
+        usage!(
+            "{} is not a logitprobe compare.json: at {}: {}",
+            path.display(),
+            e.path(),
+            short(&e.inner().to_string())
+        )
+    })?;
+    // The plots index each position's B entries by the report's sides.
+    let n_b = report.b.len();
+    if n_b == 0 {
+        return Err(usage!(
+            "{} is not a logitprobe compare.json: at b: no side B",
+            path.display()
+        ));
+    }
+    if let Some((i, p)) = report
+        .positions
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.b.len() != n_b)
+    {
+        return Err(usage!(
+            "{} is not a logitprobe compare.json: at positions[{i}].b: {} entries for {n_b} sides B",
+            path.display(),
+            p.b.len()
+        ));
+    }
+    if report.summaries.len() != n_b {
+        return Err(usage!(
+            "{} is not a logitprobe compare.json: at summaries: {} entries for {n_b} sides B",
+            path.display(),
+            report.summaries.len()
+        ));
+    }
+    Ok(report)
 }
 
 /// A validation message for a one-line error: the schema's messages quote the offending
@@ -118,10 +194,9 @@ fn short(msg: &str) -> String {
     }
 }
 
-/// Checks and converts a parsed trace document.
-pub fn trace_from_value(value: &Value) -> Result<Trace, String> {
-    let version = value
-        .get("schema_version")
+/// Refuses a trace whose schema major this build does not read.
+fn check_trace_version(version: Option<&Value>) -> Result<(), String> {
+    let version = version
         .and_then(Value::as_str)
         .ok_or("not a Token Heatmap trace: no \"schema_version\" string at the top level")?;
     let major: u64 = version
@@ -140,27 +215,154 @@ pub fn trace_from_value(value: &Value) -> Result<Trace, String> {
             logitprobe_backends::gguf::quoted(version, 40)
         ));
     }
-    static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
-    let validator = VALIDATOR.get_or_init(|| {
+    Ok(())
+}
+
+/// The read schema, and the same schema with a step at its root.
+fn validators() -> &'static (jsonschema::Validator, jsonschema::Validator) {
+    static VALIDATORS: OnceLock<(jsonschema::Validator, jsonschema::Validator)> = OnceLock::new();
+    VALIDATORS.get_or_init(|| {
         let schema: Value = serde_json::from_str(READ_SCHEMA).expect("the read schema is JSON");
-        jsonschema::validator_for(&schema).expect("the read schema is a valid JSON Schema")
-    });
-    if let Some(e) = validator.iter_errors(value).next() {
-        let at = e.instance_path().to_string();
-        let at = if at.is_empty() { "/".to_string() } else { at };
-        return Err(format!(
-            "not a valid trace: at {at}: {}",
-            short(&e.to_string())
-        ));
-    }
-    // What the schema cannot say (an id beyond u32) still names its place.
-    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
-        let at = e.path().to_string();
-        format!(
-            "not a valid trace: at {at}: {}",
-            short(&e.inner().to_string())
+        let step = serde_json::json!({"$ref": "#/$defs/Step", "$defs": schema["$defs"].clone()});
+        (
+            jsonschema::validator_for(&schema).expect("the read schema is a valid JSON Schema"),
+            jsonschema::validator_for(&step).expect("the step schema is a valid JSON Schema"),
         )
     })
+}
+
+/// The first violation of `validator` by `value`, its place prefixed with `at`.
+fn violation(validator: &jsonschema::Validator, value: &Value, at: &str) -> Result<(), String> {
+    match validator.iter_errors(value).next() {
+        Some(e) => {
+            let at = format!("{at}{}", e.instance_path());
+            let at = if at.is_empty() { "/".to_string() } else { at };
+            Err(format!(
+                "not a valid trace: at {at}: {}",
+                short(&e.to_string())
+            ))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Reads a trace one step at a time: each step is checked against the schema as a small
+/// JSON tree and kept typed, so memory grows with the typed steps only. The rest of the
+/// document is checked with its first step in place of all of them.
+fn trace_from_json<'de, D>(json: D) -> Result<Trace, String>
+where
+    D: serde::Deserializer<'de, Error = serde_json::Error>,
+{
+    let problem = std::cell::RefCell::new(None);
+    let read = serde::de::DeserializeSeed::deserialize(TopSeed { problem: &problem }, json);
+    if let Some(p) = problem.into_inner() {
+        return Err(p);
+    }
+    let (mut top, steps, first) = read.map_err(|e| format!("not a valid trace: {e}"))?;
+    if let Some(first) = first {
+        top.insert("steps".into(), Value::Array(vec![first]));
+    }
+    let top = Value::Object(top);
+    violation(&validators().0, &top, "")?;
+    let mut trace: Trace = serde_path_to_error::deserialize(top).map_err(|e| {
+        format!(
+            "not a valid trace: at {}: {}",
+            e.path(),
+            short(&e.inner().to_string())
+        )
+    })?;
+    trace.steps = steps;
+    Ok(trace)
+}
+
+/// The top-level object of a trace: every field as JSON but `steps`, which [`StepsSeed`]
+/// reads. A problem found in a step is left in `problem` (serde's error would add a line
+/// and column instead of the step's path).
+struct TopSeed<'a> {
+    problem: &'a std::cell::RefCell<Option<String>>,
+}
+
+type Top = (
+    serde_json::Map<String, Value>,
+    Vec<crate::schema::trace::Step>,
+    Option<Value>,
+);
+
+impl<'de> serde::de::DeserializeSeed<'de> for TopSeed<'_> {
+    type Value = Top;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Top, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TopSeed<'_> {
+    type Value = Top;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a trace object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
+        let mut top = serde_json::Map::new();
+        let (mut steps, mut first) = (Vec::new(), None);
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "steps" {
+                (steps, first) = map.next_value_seed(StepsSeed {
+                    problem: self.problem,
+                })?;
+                top.insert(key, Value::Array(Vec::new()));
+            } else {
+                let v = map.next_value()?;
+                top.insert(key, v);
+            }
+        }
+        Ok((top, steps, first))
+    }
+}
+
+struct StepsSeed<'a> {
+    problem: &'a std::cell::RefCell<Option<String>>,
+}
+
+type Steps = (Vec<crate::schema::trace::Step>, Option<Value>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for StepsSeed<'_> {
+    type Value = Steps;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Steps, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for StepsSeed<'_> {
+    type Value = Steps;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of steps")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Steps, A::Error> {
+        use serde::de::Error;
+        let (mut steps, mut first) = (Vec::new(), None);
+        while let Some(v) = seq.next_element::<Value>()? {
+            let i = steps.len();
+            let step = violation(&validators().1, &v, &format!("/steps/{i}")).and_then(|()| {
+                serde_path_to_error::deserialize(&v).map_err(|e| {
+                    format!(
+                        "not a valid trace: at steps[{i}].{}: {}",
+                        e.path(),
+                        short(&e.inner().to_string())
+                    )
+                })
+            });
+            match step {
+                Ok(step) => steps.push(step),
+                Err(p) => {
+                    *self.problem.borrow_mut() = Some(p);
+                    return Err(A::Error::custom("a step is not valid"));
+                }
+            }
+            if first.is_none() {
+                first = Some(v);
+            }
+        }
+        Ok((steps, first))
+    }
 }
 
 /// Writes a PNG through a temporary sibling and a rename, so a failed drawing never leaves a
@@ -545,9 +747,16 @@ pub fn write_html(
     data: &impl serde::Serialize,
     marks: &TraceMarks,
 ) -> anyhow::Result<PathBuf> {
-    // `<` appears only inside JSON strings, where \u003c means the same; this keeps `</script>`
-    // inside a token from closing the data block.
-    let json = serde_json::to_string(data)?.replace('<', "\\u003c");
+    // The data (a whole trace, tens of MB) goes straight from the typed steps into the file:
+    // the page is rendered around a mark, and the JSON written where the mark is. The mark
+    // is random, so no title can hold it.
+    let mark = {
+        use std::hash::{BuildHasher, Hasher};
+        let n = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        format!("\u{0}logitprobe-data-{n:016x}\u{0}")
+    };
     let marks = serde_json::to_string(marks)?.replace('<', "\\u003c");
     let mut env = minijinja::Environment::new();
     env.add_template("report.html", TEMPLATE)?;
@@ -556,15 +765,40 @@ pub fn write_html(
         .render(minijinja::context! {
             title => title,
             version => env!("CARGO_PKG_VERSION"),
-            data => minijinja::Value::from_safe_string(json),
+            data => minijinja::Value::from_safe_string(mark.clone()),
             marks => minijinja::Value::from_safe_string(marks),
         })?;
+    let (head, tail) = html
+        .split_once(&mark)
+        .context("the report template has no place for its data")?;
     let path = dir.join(REPORT_HTML);
     crate::util::write_atomic(&path, |w| {
-        w.write_all(html.as_bytes())?;
+        w.write_all(head.as_bytes())?;
+        serde_json::to_writer(ScriptSafe(&mut *w), data)?;
+        w.write_all(tail.as_bytes())?;
         Ok(())
     })?;
     Ok(path)
+}
+
+/// Writes JSON with every `<` as `\u003c`, which means the same inside a JSON string (the
+/// only place `<` can be): a `</script>` inside a token cannot close the data block.
+struct ScriptSafe<W>(W);
+
+impl<W: std::io::Write> std::io::Write for ScriptSafe<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // `<` is one byte in UTF-8 and never inside a longer character.
+        for (i, part) in buf.split(|&b| b == b'<').enumerate() {
+            if i > 0 {
+                self.0.write_all(b"\\u003c")?;
+            }
+            self.0.write_all(part)?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// A model name as a title shows it: at most 80 characters, keeping the end (the file name

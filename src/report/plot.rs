@@ -67,8 +67,21 @@ fn fit(token: &str, max: usize) -> String {
     }
 }
 
+/// A drawing error. The PNG encoder keeps only the text of an I/O error (a full disk): its
+/// OS error is made an `io::Error` again, so the message says just that and the binary
+/// knows a full disk when it sees one.
 fn err(path: &Path, e: impl std::fmt::Display) -> anyhow::Error {
-    anyhow!("drawing {}: {e}", path.display())
+    let text = e.to_string();
+    let os_error = text
+        .split("(os error ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|code| code.parse::<i32>().ok());
+    match os_error {
+        Some(code) => anyhow::Error::new(std::io::Error::from_raw_os_error(code))
+            .context(format!("drawing {}", path.display())),
+        None => anyhow!("drawing {}: {text}", path.display()),
+    }
 }
 
 /// One cell of a heatmap column: a candidate, ranked.

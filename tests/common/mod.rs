@@ -150,3 +150,45 @@ pub fn peak_rss_kb(args: &[&str]) -> i64 {
     );
     usage.ru_maxrss
 }
+
+/// A tmpfs of `kib` KiB at a fresh folder (the test command runs as root), unmounted on drop:
+/// a real full disk, and with [`SmallDisk::read_only`] a real read-only one.
+pub struct SmallDisk(pub PathBuf);
+
+impl SmallDisk {
+    pub fn new(dir: &Path, kib: usize) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "mounting a tmpfs for the full-disk test needs root: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+
+    /// Remounts the disk read-only, keeping what it holds.
+    pub fn read_only(&self) {
+        let o = Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "remounting {} read-only: {}",
+            self.0.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
