@@ -571,8 +571,14 @@ fn fifos_are_refused_not_read() {
         "not a regular file",
     );
     common::assert_usage_error(&common::run(&["report", f]), "not a regular file");
+    // A prompts file may be a stream (issue 31, item 5): one nothing writes to is refused
+    // after a bounded wait.
     common::assert_usage_error(
         &common::run(&["trace", "--backend", "test", "--prompts-file", f]),
+        "is a FIFO that nothing wrote to",
+    );
+    common::assert_usage_error(
+        &common::run(&["trace", "--backend", "test", "--prompts-file", "/dev/zero"]),
         "not a regular file",
     );
 }

@@ -497,3 +497,80 @@ fn ignore_eos_runs_every_prompt_to_max_new_tokens() {
         );
     }
 }
+
+/// Issue 31, item 5: prompts from standard input, a process substitution and a FIFO give the
+/// traces a file gives; a FIFO nothing writes to is refused after a bounded wait.
+#[test]
+fn prompts_stream_from_stdin_a_pipe_and_a_fifo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = "{\"prompt\": \"a\"}\n\nplain words\n";
+    let file = tmp.path().join("p.jsonl");
+    fs::write(&file, text).unwrap();
+    let bin = env!("CARGO_BIN_EXE_logitprobe");
+    let common = "--backend test --model 300:0 --max-new-tokens 4 --seed 5 --no-plots";
+    let trace = |name: &str, from: &str| {
+        let out = tmp.path().join(name);
+        let line = format!("{bin} trace {common} --out {} {from}", out.display());
+        let o = std::process::Command::new("bash")
+            .args(["-c", &line])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{line}: {}", stderr(&o));
+        out
+    };
+    let read = |out: &Path, i: usize| {
+        let mut t: Value = serde_json::from_str(
+            &fs::read_to_string(out.join(format!("prompt-00{i}/adaptive_token_trace.json")))
+                .unwrap(),
+        )
+        .unwrap();
+        t["metadata"]["generated_at"] = Value::Null;
+        t
+    };
+    let plain = trace("file", &format!("--prompts-file {}", file.display()));
+    let stdin = trace(
+        "stdin",
+        &format!("--prompts-file - < <(cat {})", file.display()),
+    );
+    let substituted = trace(
+        "substituted",
+        &format!("--prompts-file <(cat {})", file.display()),
+    );
+    let fifo = tmp.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let fed = trace(
+        "fed",
+        &format!(
+            "--prompts-file {0} & (sleep 1; cat {1} > {0}); wait $!",
+            fifo.display(),
+            file.display()
+        ),
+    );
+    for out in [&stdin, &substituted, &fed] {
+        // Line numbers are the prompts' indices, blank line included, as from the file.
+        for i in [0, 2] {
+            assert_eq!(read(out, i), read(&plain, i), "{}", out.display());
+        }
+        assert!(!out.join("prompt-001").exists());
+    }
+
+    // Nothing writes to the FIFO: refused after the wait, naming what it waited for.
+    let out = tmp.path().join("nobody");
+    let t = std::time::Instant::now();
+    let o = run(&[
+        "trace",
+        "--backend",
+        "test",
+        "--prompts-file",
+        fifo.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_usage_error(&o, "is a FIFO that nothing wrote to in 10 s");
+    assert!(t.elapsed() < std::time::Duration::from_secs(30));
+    assert!(!out.exists(), "nothing written");
+}

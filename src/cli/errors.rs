@@ -29,7 +29,7 @@ pub fn report(e: &anyhow::Error) -> ExitCode {
         let part = in_flags(c).unwrap_or_else(|| c.to_string());
         // An error that shows its cause in its own text (`… folder X: Read-only file
         // system`) is followed in the chain by that cause again.
-        if msg.ends_with(&part) {
+        if msg.contains(&part) {
             continue;
         }
         if !msg.is_empty() {
@@ -122,8 +122,19 @@ fn in_flags(c: &(dyn StdError + 'static)) -> Option<String> {
                 format!("cannot read --prompts-file {}: {reason}", path.display())
             }
             PromptsFileError::NotAFile { path } => format!(
-                "--prompts-file {} is not a regular file; give a text or JSONL file",
+                "--prompts-file {} is not a regular file; give a text or JSONL file, a pipe, or - for standard input",
                 path.display()
+            ),
+            PromptsFileError::NoWriter { path, waited } => format!(
+                "--prompts-file {} is a FIFO that nothing wrote to in {} s; start the program that writes it first, or give a regular file",
+                path.display(),
+                waited.as_secs()
+            ),
+            PromptsFileError::Terminal => "--prompts-file - reads standard input, which is a terminal; pipe the prompts in (`… | logitprobe trace --prompts-file -`) or give a file".into(),
+            PromptsFileError::StreamTooLarge { path } => format!(
+                "--prompts-file {} streams more than {} GiB; write the prompts to a file and give its path",
+                path.display(),
+                logitprobe::generate::prompts::STREAM_LIMIT >> 30
             ),
         });
     }

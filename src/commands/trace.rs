@@ -102,6 +102,13 @@ impl TracePlan {
                     .collect(),
             ),
         };
+        if let (true, PromptList::File(f)) = (prompts.is_empty(), &prompts) {
+            return Err(usage!(
+                "--prompts-file {} holds no prompt ({} lines, all blank); give one prompt per line",
+                f.path.display(),
+                f.lines
+            ));
+        }
         if prompts.is_empty() {
             return Err(usage!(
                 "no prompt given: pass --prompt \"...\" (repeatable) or --prompts-file FILE"
@@ -238,7 +245,7 @@ fn job_fingerprint(
         "model": plan.model,
         "model_file": plan.model_file,
         "model_sha256": model_sha256,
-        "prompts_sha256": logitprobe::hub::sha256_file(&file.path),
+        "prompts_sha256": logitprobe::hub::sha256_file(file.readable_path()),
         "system_prompt": file.default_system,
         "format": plan.format,
         "chat_template": plan.format.chat_template,

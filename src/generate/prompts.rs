@@ -4,14 +4,17 @@
 //! their number but hold no prompt) or its position among the prompts given on the command
 //! line. A file is read line by line as the loop needs prompts, never whole, so its size does
 //! not bound anything; [`PromptsFile::scan`] reads it once first to check every line and to
-//! count them.
+//! count them. A stream (standard input, a pipe, `<(jq …)`, a FIFO) cannot be read twice: it
+//! is copied to a temporary file as it is scanned, and read from there.
 
 use crate::generate::PromptInput;
 use crate::text::chat;
 use logitprobe_backends::{usage, TokenId, Vocab};
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// One prompt before rendering: its index, text and system message.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,13 +31,31 @@ pub enum PromptsFileError {
     Unreadable { path: PathBuf, reason: String },
     #[error("prompts file {} is not a regular file; give a text or JSONL file", .path.display())]
     NotAFile { path: PathBuf },
+    #[error("prompts file {} is a FIFO that nothing wrote to in {} s; start the program that writes it first, or give a regular file", .path.display(), .waited.as_secs())]
+    NoWriter { path: PathBuf, waited: Duration },
+    #[error("standard input is a terminal; pipe the prompts in (`… | logitprobe trace --prompts-file -`) or give a file")]
+    Terminal,
+    #[error("prompts stream {} holds more than {} GiB; write the prompts to a file and give its path", .path.display(), STREAM_LIMIT >> 30)]
+    StreamTooLarge { path: PathBuf },
 }
+
+/// The path that means standard input.
+pub const STDIN: &str = "-";
+
+/// How long a stream may stay silent before its first byte (a FIFO no program writes).
+pub const STREAM_WAIT: Duration = Duration::from_secs(10);
+
+/// The most a stream is copied to disk (a `yes |` would fill it).
+pub const STREAM_LIMIT: u64 = 4 << 30;
 
 /// A prompts file, checked: one prompt per line, or JSONL objects with `prompt` and
 /// optional `system_prompt`.
 #[derive(Debug, Clone)]
 pub struct PromptsFile {
+    /// The path given (`-` for standard input).
     pub path: PathBuf,
+    /// A stream's copy, which the lines are read from (deleted with the last clone).
+    spool: Option<Arc<tempfile::NamedTempFile>>,
     /// Lines in the file (blank ones included): the index space.
     pub lines: usize,
     /// Lines that hold a prompt.
@@ -54,8 +75,13 @@ struct Row {
 impl PromptsFile {
     /// Reads the file once, line by line: every line must parse; the lines are counted.
     pub fn scan(path: &Path, default_system: Option<&str>) -> anyhow::Result<Self> {
+        let spool = match stream_kind(path)? {
+            Some(stdin) => Some(Arc::new(spool(path, stdin)?)),
+            None => None,
+        };
         let mut f = PromptsFile {
             path: path.to_path_buf(),
+            spool,
             lines: 0,
             prompts: 0,
             first_system_line: None,
@@ -83,7 +109,17 @@ impl PromptsFile {
         }
     }
 
+    /// Where the prompts can be read again: the file, or a stream's copy (its sha256 is the
+    /// prompts').
+    pub fn readable_path(&self) -> &Path {
+        self.spool.as_ref().map_or(&self.path, |s| s.path())
+    }
+
     fn open(&self) -> anyhow::Result<BufReader<File>> {
+        if let Some(spool) = &self.spool {
+            let file = spool.reopen().map_err(|e| self.unreadable(e))?;
+            return Ok(BufReader::with_capacity(1 << 16, file));
+        }
         let meta = std::fs::metadata(&self.path).map_err(|e| self.unreadable(e))?;
         if !meta.is_file() {
             return Err(PromptsFileError::NotAFile {
@@ -157,6 +193,96 @@ impl PromptsFile {
             prompt,
             system_prompt,
         }))
+    }
+}
+
+/// Whether `path` is a stream to copy first: `Some(true)` for standard input, `Some(false)`
+/// for a pipe or FIFO, `None` for anything else (a regular file is read in place; the rest
+/// is refused when opened).
+fn stream_kind(path: &Path) -> Result<Option<bool>, PromptsFileError> {
+    use std::os::unix::fs::FileTypeExt;
+    if path.as_os_str() == STDIN {
+        // SAFETY: isatty only reads the descriptor's state.
+        if unsafe { libc::isatty(libc::STDIN_FILENO) } == 1 {
+            return Err(PromptsFileError::Terminal);
+        }
+        return Ok(Some(true));
+    }
+    Ok(std::fs::metadata(path)
+        .is_ok_and(|m| m.file_type().is_fifo())
+        .then_some(false))
+}
+
+/// Copies a stream into a temporary file. The wait for its first byte is bounded: a FIFO
+/// that no program opens for writing would block the open, and then the read, forever.
+fn spool(path: &Path, stdin: bool) -> Result<tempfile::NamedTempFile, PromptsFileError> {
+    let unreadable = |e: std::io::Error| PromptsFileError::Unreadable {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let mut input: Box<dyn Read> = if stdin {
+        wait_readable(libc::STDIN_FILENO, path)?;
+        Box::new(std::io::stdin().lock())
+    } else {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        // Non-blocking, the open returns at once with or without a writer.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(unreadable)?;
+        wait_readable(f.as_raw_fd(), path)?;
+        // SAFETY: F_GETFL and F_SETFL on a descriptor this function owns.
+        unsafe {
+            let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+        Box::new(f)
+    };
+    let mut spool = tempfile::NamedTempFile::new().map_err(unreadable)?;
+    let copied = std::io::copy(&mut (&mut input).take(STREAM_LIMIT + 1), &mut spool)
+        .and_then(|n| spool.flush().map(|()| n))
+        .map_err(unreadable)?;
+    if copied > STREAM_LIMIT {
+        return Err(PromptsFileError::StreamTooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(spool)
+}
+
+/// Waits until `fd` has a byte or its end to read, at most [`STREAM_WAIT`]. A FIFO that never
+/// had a writer reports neither (Linux), so silence means no writer.
+fn wait_readable(fd: std::os::unix::io::RawFd, path: &Path) -> Result<(), PromptsFileError> {
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let deadline = std::time::Instant::now() + STREAM_WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // SAFETY: one valid pollfd, and its count.
+        let n = unsafe { libc::poll(&mut poll, 1, left.as_millis() as libc::c_int) };
+        match n {
+            1.. => return Ok(()),
+            0 => {
+                return Err(PromptsFileError::NoWriter {
+                    path: path.to_path_buf(),
+                    waited: STREAM_WAIT,
+                })
+            }
+            // A signal (Ctrl-C is handled, not fatal) wakes the wait: the interrupt flag
+            // is the loop's to check, this waits out its time.
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => {
+                return Err(PromptsFileError::Unreadable {
+                    path: path.to_path_buf(),
+                    reason: std::io::Error::last_os_error().to_string(),
+                })
+            }
+        }
     }
 }
 
