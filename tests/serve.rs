@@ -722,6 +722,58 @@ fn the_viewer_streams_and_shows_candidates_in_chromium() {
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
 }
 
+/// Issue 31, item 2: with `--api-key` the viewer page still loads (a browser cannot send the
+/// header for it), asks for the key, and streams with it; the API without the key is 401.
+#[test]
+fn the_viewer_asks_for_the_api_key_and_streams_with_it() {
+    let model = common::tiny("tiny-f32.gguf");
+    let server = Server::start(&["--model", model.to_str().unwrap(), "--api-key", "sekrit"]);
+    let a = server.addr.clone();
+    let (s, body) = http(&a, "POST", "/v1/completions", &[], r#"{"prompt": "x"}"#);
+    assert_api_error(s, &body, 401, "API key");
+    let (s, body) = http(&a, "GET", "/metrics", &[], "");
+    assert_api_error(s, &body, 401, "API key");
+    assert_eq!(http(&a, "GET", "/health", &[], "").0, 200);
+    assert_eq!(
+        http(&a, "GET", "/", &[], "").0,
+        200,
+        "the page itself is open"
+    );
+
+    let mut b = common::cdp::Browser::launch();
+    b.navigate(&server.url());
+    let wait_for = |b: &mut common::cdp::Browser, js: &str| {
+        let t = Instant::now();
+        while b.eval(js).as_bool() != Some(true) {
+            assert!(t.elapsed() < Duration::from_secs(30), "never true: {js}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(&mut b, "!document.querySelector('#keyform').hidden");
+    b.screenshot(&std::env::temp_dir().join("logitprobe-viewer-key.png"));
+    b.eval("document.querySelector('#apikey').value = 'wrong'");
+    b.click("#keysend");
+    wait_for(
+        &mut b,
+        "document.querySelector('#keyhint').textContent.includes('refused')",
+    );
+    b.eval("document.querySelector('#apikey').value = 'sekrit'");
+    b.click("#keysend");
+    wait_for(
+        &mut b,
+        "document.querySelector('#keyform').hidden && document.querySelector('#meta').textContent.startsWith('model ')",
+    );
+    b.eval("document.querySelector('#prompt').value = 'Once upon a time'");
+    b.eval("document.querySelector('#max_tokens').value = '6'");
+    b.click("#run");
+    wait_for(
+        &mut b,
+        "document.querySelector('#status').textContent.startsWith('done')",
+    );
+    let n = b.eval("document.querySelectorAll('#out .tok.gen').length");
+    assert_eq!(n.as_u64(), Some(6), "six generated tokens shown");
+}
+
 /// A valid request with one value removed, retyped or made extreme.
 fn mutated_request(rng: &mut rand_chacha::ChaCha8Rng) -> (String, String) {
     use rand::Rng;

@@ -39,7 +39,7 @@ pub struct ServeConfig {
     pub parallel: usize,
     /// Requests that may wait for a slot; more are refused with 503.
     pub max_queue: usize,
-    /// Every endpoint but `/health` needs `Authorization: Bearer <key>`.
+    /// Every endpoint but `/health` and the viewer page needs `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
     /// Most top logprobs a request may ask for.
     pub max_logprobs: usize,
@@ -213,10 +213,12 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/completion", post(handlers::llama_completion))
         .route("/v1/models", get(handlers::models))
         .route("/metrics", get(handlers::metrics))
-        .route("/", get(handlers::viewer))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    // The viewer page holds no data (a browser cannot send the key's header to load it): it
+    // asks for the key and sends it with its API calls.
     Router::new()
         .route("/health", get(handlers::health))
+        .route("/", get(handlers::viewer))
         .merge(authed)
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
@@ -228,8 +230,8 @@ fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// `--api-key`: every route but `/health` needs `Authorization: Bearer <key>`, compared in
-/// constant time.
+/// `--api-key`: every route but `/health` and the viewer page needs `Authorization: Bearer
+/// <key>`, compared in constant time.
 async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let Some(key) = &state.cfg.api_key else {
         return next.run(req).await;
