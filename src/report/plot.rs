@@ -32,6 +32,17 @@ fn font() -> &'static ab_glyph::FontRef<'static> {
     })
 }
 
+/// How wide `text` is drawn at `px` pixels, in pixels: an image is made wide enough for its
+/// title (a long model name on a short last page was cut at the right edge).
+pub fn text_width(text: &str, px: f32) -> u32 {
+    use ab_glyph::{Font, ScaleFont};
+    let scaled = font().as_scaled(px);
+    text.chars()
+        .map(|c| scaled.h_advance(scaled.glyph_id(c)))
+        .sum::<f32>()
+        .ceil() as u32
+}
+
 /// Whether the embedded font can draw `c`.
 pub fn has_glyph(c: char) -> bool {
     font().glyph_id(c).0 != 0
@@ -164,8 +175,11 @@ pub fn adaptive_heatmap(
         let bottom = 44u32;
         let bar_w = 90u32;
         let grid_w = (page.len().max(1) as u32) * CELL_W;
-        // Short traces still get room for the title and a readable colour bar.
-        let width = (left + grid_w + bar_w + 10).max(MIN_WIDTH);
+        // Short traces (and a short last page) still get room for the title and a readable
+        // colour bar.
+        let width = (left + grid_w + bar_w + 10)
+            .max(MIN_WIDTH)
+            .max(left + text_width(&title, 16.0) + 16);
         let grid_h = (rows * CELL_H).max(MIN_GRID_H);
         let height = top + grid_h + bottom;
         {
@@ -312,6 +326,9 @@ pub fn side_by_side_heatmaps(
     let root = root.titled(title, (FONT, 18)).map_err(|e| err(path, e))?;
     let (maps, bottom) = root.split_vertically(540);
     let range = logprob_range(panels[0].1.iter().chain(panels[1].1.iter()));
+    // One colour bar for both maps: they share the logprob range.
+    let (maps, bar) = maps.split_horizontally(w - 86);
+    color_bar(&bar, 8, 40, 440, range, "logprob").map_err(|e| err(path, e))?;
     let halves = maps.split_evenly((1, 2));
     let rows = rows.max(1);
     for (area, (name, cols)) in halves.iter().zip(panels) {
@@ -783,8 +800,8 @@ pub fn grid(
     let (left, top, bottom, bar_w) = (64u32, 44u32, 52u32, 110u32);
     let grid_w = n_cols * cell_w;
     let grid_h = n_rows * cell_h;
-    // Wide enough for the title too (about 10 px a character at 16 px).
-    let title_w = left + 10 * title.chars().count() as u32;
+    // Wide enough for the title too, and no wider.
+    let title_w = left + text_width(title, 16.0) + 16;
     let width = (left + grid_w + bar_w).max(MIN_WIDTH).max(title_w);
     let height = top + grid_h.max(MIN_GRID_H) + bottom;
     let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
