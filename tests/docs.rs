@@ -54,7 +54,7 @@ fn strip_comment(line: &str) -> String {
 /// `logitprobe`), cut at `;`, `&&`, `||`, `|`, `&` and `>` and with variables and command
 /// substitutions replaced by a stand-in word.
 fn invocations(line: &str) -> Vec<Vec<String>> {
-    let line = line.replace("$(", "SUBST(").replace(['`'], "'");
+    let line = substitutions_as_words(line).replace(['`'], "'");
     let Some(words) = shlex::split(&line) else {
         // A quoted argument over several lines (curl's JSON body): no command of ours.
         assert!(
@@ -86,6 +86,35 @@ fn invocations(line: &str) -> Vec<Vec<String>> {
         }
     }
     out.extend(current);
+    out
+}
+
+/// `line` with each command substitution `$(…)` and process substitution `<(…)`, nested
+/// parentheses included, made one word `SUBST(…)` (its inside can hold spaces and quotes).
+fn substitutions_as_words(line: &str) -> String {
+    let mut out = String::new();
+    let mut rest = line;
+    while let Some(at) = rest.find("$(").into_iter().chain(rest.find("<(")).min() {
+        out.push_str(&rest[..at]);
+        let mut depth = 0;
+        let mut end = rest.len();
+        for (i, c) in rest[at + 1..].char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = at + 1 + i + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.push_str("SUBST()");
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
     out
 }
 

@@ -1,16 +1,20 @@
 //! The mutation suite (issue 15): seeded generators of broken inputs (GGUF files, ONNX
-//! folders, trace and compare.json files, configs and prompts files, parameter sets), each
-//! run through the real binary with a time limit. Every case must end as a valid output or a
-//! one-line error with exit 1 or 2: never a signal, a panic, a hang, an invalid output, or a
-//! final file left looking complete beside an error.
+//! folders, trace and compare.json files, configs and prompts files, parameter sets) and of
+//! hostile ones (issue 32: GGUF header bombs, chat templates that loop or grow without end,
+//! weights kept outside the model's folder), each run through the real binary with a time
+//! limit, the hostile ones under a cap on memory too. Every case must end as a valid output
+//! or a one-line error with exit 1 or 2: never a signal, a panic, a hang, an invalid output,
+//! or a final file left looking complete beside an error.
 //!
 //! `MUTATION_SEED` picks the seed (printed either way) and `MUTATION_CASES` the number of
 //! cases (2,000 by default); `scripts/fuzz --minutes N` runs it with fresh seeds until the
 //! time is up.
 
 mod common;
+#[path = "common/onnx_data.rs"]
+mod onnx_data;
 
-use common::gguf::{Gguf, Val};
+use common::gguf::{array_value, nested_array_value, raw_header, Gguf, Val};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
@@ -31,7 +35,13 @@ struct Case {
     out: PathBuf,
     /// What a successful run's main output is.
     check: Check,
+    /// Whether the run's address space is capped at [`MEMORY_CAP`]: the hostile categories,
+    /// whose files ask for more memory than any real model needs.
+    capped: bool,
 }
+
+/// The address space a capped case may take (the tiny models run in 256 MiB).
+const MEMORY_CAP: u64 = 1 << 30;
 
 #[derive(Clone, Copy)]
 enum Check {
@@ -325,6 +335,165 @@ fn onnx_case(rng: &mut ChaCha8Rng, dir: &Path) -> (String, PathBuf) {
         }
     };
     (what, dst)
+}
+
+/// The tiny GGUF with a header that claims more than the file holds: counts past its size,
+/// arrays of 2^60 elements and more, arrays nested deep, tensors whose sizes or offsets pass
+/// 2^64, an alignment past any file.
+fn header_bomb_case(rng: &mut ChaCha8Rng, dir: &Path) -> (String, PathBuf) {
+    let path = dir.join("m.gguf");
+    let huge = |rng: &mut ChaCha8Rng| -> u64 {
+        [1 << 24, 1 << 32, 1 << 60, 1 << 61, 1 << 62, u64::MAX][rng.random_range(0..6)]
+            - rng.random_range(0..3)
+    };
+    let what = match rng.random_range(0..6) {
+        0 => {
+            let (n_tensors, n_kv) = (huge(rng), rng.random_range(0..3));
+            fs::write(&path, raw_header(n_tensors, n_kv, &[0; 64])).unwrap();
+            return (
+                format!("{n_tensors} tensors, {n_kv} keys in 88 bytes"),
+                path,
+            );
+        }
+        1 => {
+            let mut b = tiny_gguf();
+            let at = [8, 16][rng.random_range(0..2)];
+            let v = huge(rng);
+            b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            fs::write(&path, b).unwrap();
+            return (format!("count at {at} set to {v}"), path);
+        }
+        2 => {
+            let et = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12][rng.random_range(0..12)];
+            let n = huge(rng);
+            let mut g = Gguf::read(&common::tiny("tiny-q8_0.gguf"));
+            g.set("bomb.array", Val::Raw(9, array_value(et, n, &[0; 16])));
+            g.write(&path);
+            format!("an array of {n} elements of type {et}")
+        }
+        3 => {
+            let depth = [2, 1000, 100_000, 1_000_000][rng.random_range(0..4)];
+            let mut g = Gguf::read(&common::tiny("tiny-q8_0.gguf"));
+            g.set("bomb.nested", Val::Raw(9, nested_array_value(depth)));
+            g.write(&path);
+            format!("arrays nested {depth} deep")
+        }
+        4 => {
+            let mut b = tiny_gguf();
+            let (dims, offset) = gguf_tensor_fields(&b)[0].clone();
+            let (at, v) = if rng.random_bool(0.5) {
+                (dims[rng.random_range(0..dims.len())], huge(rng))
+            } else {
+                (offset, u64::MAX - rng.random_range(0..4096))
+            };
+            b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            fs::write(&path, b).unwrap();
+            format!("first tensor's field at {at} set to {v}")
+        }
+        _ => {
+            let v = huge(rng);
+            let mut g = Gguf::read(&common::tiny("tiny-q8_0.gguf"));
+            g.set("general.alignment", Val::U64(v));
+            g.write(&path);
+            format!("general.alignment = {v}")
+        }
+    };
+    (what, path)
+}
+
+/// Where each tensor entry of a GGUF keeps its dimensions and its offset (u64 fields).
+fn gguf_tensor_fields(b: &[u8]) -> Vec<(Vec<usize>, usize)> {
+    let bounds = gguf_boundaries(b);
+    let n_kv = u64::from_le_bytes(b[16..24].try_into().unwrap()) as usize;
+    let entries = &bounds[3 + n_kv..bounds.len() - 1];
+    entries
+        .windows(2)
+        .map(|w| {
+            let name_len = u64::from_le_bytes(b[w[0]..w[0] + 8].try_into().unwrap()) as usize;
+            let nd_at = w[0] + 8 + name_len;
+            let nd = u32::from_le_bytes(b[nd_at..nd_at + 4].try_into().unwrap()) as usize;
+            let dims = (0..nd).map(|i| nd_at + 4 + 8 * i).collect();
+            (dims, w[1] - 8)
+        })
+        .collect()
+}
+
+/// The tiny GGUF with a chat template that loops, recurses or grows without end, is too
+/// large, nests too deep to parse, or is a real one.
+fn template_case(rng: &mut ChaCha8Rng, dir: &Path) -> (String, PathBuf) {
+    let n = |rng: &mut ChaCha8Rng| [10, 1000, 100_000][rng.random_range(0..3)];
+    let template = match rng.random_range(0..7) {
+        0 => format!(
+            "{{% for i in range({}) %}}{{% for j in range({}) %}}{{{{ j }}}}{{% endfor %}}{{% endfor %}}",
+            n(rng),
+            n(rng)
+        ),
+        1 => "{% macro f(n) %}{{ f(n + 1) }}{{ f(n + 2) }}{% endmacro %}{{ f(0) }}".into(),
+        2 => format!(
+            "{{% set s = 'x' * {} %}}{{% for i in range({}) %}}{{{{ s }}}}{{% endfor %}}",
+            [1, 1000, 10_000_000, 100_000_000][rng.random_range(0..4)],
+            n(rng)
+        ),
+        3 => format!(
+            "{{% for m in messages * {} %}}{{{{ m.content * {} }}}}{{% endfor %}}",
+            n(rng),
+            n(rng)
+        ),
+        4 => "{{ bos_token }}".repeat(rng.random_range(1..250_000)),
+        5 => {
+            let d = n(rng);
+            format!("{{{{ {}1{} }}}}", "(".repeat(d), ")".repeat(d))
+        }
+        _ => "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            .into(),
+    };
+    let mut g = Gguf::read(&common::tiny("tiny-q8_0.gguf"));
+    g.set(
+        "tokenizer.chat_template",
+        Val::Str(template.as_bytes().to_vec()),
+    );
+    let path = dir.join("m.gguf");
+    g.write(&path);
+    let shown: String = template.chars().take(120).collect();
+    (format!("{} bytes: {shown}", template.len()), path)
+}
+
+/// A copy of a tiny ONNX export whose first weight lives in another file, named by a location
+/// inside its folder or out of it (`..`, an absolute path, a link out), or none at all.
+fn external_data_case(rng: &mut ChaCha8Rng, dir: &Path) -> (String, PathBuf) {
+    let src = common::tiny(if rng.random_bool(0.5) {
+        "optimum"
+    } else {
+        "genai"
+    });
+    let dst = dir.join("model");
+    let outside = dir.join("outside.bin");
+    let long = "a".repeat(5000);
+    let locations = [
+        "weights.bin",
+        "sub/weights.bin",
+        "../outside.bin",
+        "sub/../../outside.bin",
+        outside.to_str().unwrap(),
+        "link.bin",
+        "link-dir/outside.bin",
+        "missing.bin",
+        "",
+        "/dev/zero",
+        long.as_str(),
+    ];
+    let location = locations[rng.random_range(0..locations.len())];
+    let (name, data) = onnx_data::copy_with_external(&src, &dst, location);
+    // Every place a location may lead holds the data, so only the check stops a read.
+    fs::write(&outside, &data).unwrap();
+    fs::create_dir_all(dst.join("sub")).unwrap();
+    for f in ["weights.bin", "sub/weights.bin"] {
+        fs::write(dst.join(f), &data).unwrap();
+    }
+    std::os::unix::fs::symlink(&outside, dst.join("link.bin")).unwrap();
+    std::os::unix::fs::symlink(dir, dst.join("link-dir")).unwrap();
+    let shown: String = location.chars().take(60).collect();
+    (format!("{name} kept in {shown:?}"), dst)
 }
 
 /// A JSON value changed at a random place: removed, retyped, extreme, or the file cut.
@@ -698,10 +867,11 @@ fn generate(i: usize, seed: u64, root: &Path, seeds: &Seeds) -> Case {
             out_s.clone(),
         ]
     };
-    // The mix of categories: 40 % GGUF, 15 % ONNX, 10 % traces, 5 % compare.json,
-    // 5 % configs and prompts files, 25 % parameter sets.
+    // The mix of categories: 34 % GGUF, 13 % ONNX, 5 % each header bombs, hostile chat
+    // templates and external data, 10 % traces, 5 % compare.json, 5 % configs and prompts
+    // files, 18 % parameter sets.
     let r = rng.random_range(0..100);
-    if r < 40 {
+    if r < 34 {
         let (what, p) = gguf_case(&mut rng, &dir);
         if rng.random_bool(0.2) {
             return Case {
@@ -710,6 +880,7 @@ fn generate(i: usize, seed: u64, root: &Path, seeds: &Seeds) -> Case {
                 args: vec!["inspect".into(), "--model".into(), p.display().to_string()],
                 out,
                 check: Check::Inspect,
+                capped: false,
             };
         }
         return Case {
@@ -718,9 +889,10 @@ fn generate(i: usize, seed: u64, root: &Path, seeds: &Seeds) -> Case {
             args: trace_common(p.display().to_string(), "llama"),
             out,
             check: Check::Trace,
+            capped: false,
         };
     }
-    if r < 55 {
+    if r < 47 {
         let (what, p) = onnx_case(&mut rng, &dir);
         return Case {
             category: "onnx",
@@ -728,10 +900,52 @@ fn generate(i: usize, seed: u64, root: &Path, seeds: &Seeds) -> Case {
             args: trace_common(p.display().to_string(), "onnx"),
             out,
             check: Check::Trace,
+            capped: false,
         };
     }
-    if r < 70 {
-        let compare = r >= 65;
+    if r < 52 {
+        let (what, p) = header_bomb_case(&mut rng, &dir);
+        let (args, check) = if rng.random_bool(0.5) {
+            let args = vec!["inspect".into(), "--model".into(), p.display().to_string()];
+            (args, Check::Inspect)
+        } else {
+            (trace_common(p.display().to_string(), "llama"), Check::Trace)
+        };
+        return Case {
+            category: "header bomb",
+            what,
+            args,
+            out,
+            check,
+            capped: true,
+        };
+    }
+    if r < 57 {
+        let (what, p) = template_case(&mut rng, &dir);
+        let mut args = trace_common(p.display().to_string(), "llama");
+        args.push("--use-chat-template".into());
+        return Case {
+            category: "hostile template",
+            what,
+            args,
+            out,
+            check: Check::Trace,
+            capped: true,
+        };
+    }
+    if r < 62 {
+        let (what, p) = external_data_case(&mut rng, &dir);
+        return Case {
+            category: "external data",
+            what,
+            args: trace_common(p.display().to_string(), "onnx"),
+            out,
+            check: Check::Trace,
+            capped: true,
+        };
+    }
+    if r < 77 {
+        let compare = r >= 72;
         let (what, p) = report_case(&mut rng, &dir, seeds, compare);
         return Case {
             category: if compare {
@@ -748,9 +962,10 @@ fn generate(i: usize, seed: u64, root: &Path, seeds: &Seeds) -> Case {
             ],
             out,
             check: Check::Report,
+            capped: false,
         };
     }
-    if r < 75 {
+    if r < 82 {
         let (what, mut args) = config_case(&mut rng, &dir);
         args.insert(0, "trace".into());
         args.extend(["--no-plots".into(), "--out".into(), out_s]);
@@ -760,6 +975,7 @@ fn generate(i: usize, seed: u64, root: &Path, seeds: &Seeds) -> Case {
             args,
             out,
             check: Check::Trace,
+            capped: false,
         };
     }
     let (what, mut args) = params_case(&mut rng);
@@ -771,6 +987,7 @@ fn generate(i: usize, seed: u64, root: &Path, seeds: &Seeds) -> Case {
         args,
         out,
         check: Check::Trace,
+        capped: false,
     }
 }
 
@@ -792,13 +1009,15 @@ fn run_case(case: &Case, limit: Duration) -> Result<Outcome, String> {
 /// `None`: a valid output; `Some(Ok)`: a proper error; `Some(Err)`: a failure.
 fn run_checked(case: &Case, limit: Duration) -> Option<Result<(), String>> {
     let fail = |s: String| Some(Err(s));
-    let mut child = common::bin()
-        .args(&case.args)
+    let mut cmd = common::bin();
+    cmd.args(&case.args)
         .env_remove("LOGITPROBE_SHARDS")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    if case.capped {
+        cap_memory(&mut cmd);
+    }
+    let mut child = cmd.spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut s = Vec::new();
@@ -844,6 +1063,24 @@ fn run_checked(case: &Case, limit: Duration) -> Option<Result<(), String>> {
         }
         Some(c) => fail(format!("exit {c}: {}", tail(&err))),
         None => fail("no exit code".into()),
+    }
+}
+
+/// Caps the address space of the process `cmd` starts at [`MEMORY_CAP`].
+fn cap_memory(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(|| {
+            let cap = libc::rlimit {
+                rlim_cur: MEMORY_CAP,
+                rlim_max: MEMORY_CAP,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &cap) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -42,10 +42,12 @@ impl HfFolder {
                 tok_path.display()
             )
         };
-        let text = std::fs::read_to_string(&tok_path).map_err(|e| bad_tokenizer(&e))?;
+        let bytes = read_bounded(&tok_path).map_err(|e| bad_tokenizer(&e))?;
+        let text = String::from_utf8(bytes).map_err(|e| bad_tokenizer(&e.utf8_error()))?;
         // tokenizers 0.22 panics (an `expect` in its decoder's deserializer) on JSON cut short
-        // inside "decoder": the syntax is checked first, without building anything.
-        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| bad_tokenizer(&e))?;
+        // inside "decoder": the syntax is checked first, without building anything, and so is
+        // the depth, before tokenizers sees it.
+        serde_json::from_str::<Skipped>(&text).map_err(|e| bad_tokenizer(&e))?;
         let tokenizer: tokenizers::Tokenizer = text.parse().map_err(|e| bad_tokenizer(&e))?;
         let mut tokenizer_plain = tokenizer.clone();
         tokenizer_plain.set_encode_special_tokens(true);
@@ -95,7 +97,8 @@ impl HfFolder {
                 .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
                 .and_then(|t| t.get("template").and_then(Value::as_str))
                 .map(String::from),
-            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+            _ => read_optional(&dir.join("chat_template.jinja"))?
+                .map(|b| String::from_utf8_lossy(&b).into_owned()),
         };
         let n_ctx_model = config
             .get("max_position_embeddings")
@@ -213,10 +216,8 @@ impl HfFolder {
 /// A configuration file of the folder: `None` when there is none; an error when it is not a
 /// UTF-8 JSON object (a broken file is never taken as an absent one).
 fn read_json(path: &Path) -> anyhow::Result<Option<Value>> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(usage!("cannot read {}: {e}", path.display())),
+    let Some(bytes) = read_optional(path)? else {
+        return Ok(None);
     };
     let text = std::str::from_utf8(&bytes).map_err(|e| {
         usage!(
@@ -240,6 +241,119 @@ fn read_json(path: &Path) -> anyhow::Result<Option<Value>> {
         ));
     }
     Ok(Some(v))
+}
+
+/// A JSON value, read and dropped. serde_json skips a `serde::de::IgnoredAny` without
+/// counting its depth; this one nests through `deserialize_any`, so serde_json's recursion
+/// limit (128 levels) refuses a file nested deeper.
+struct Skipped;
+
+impl<'de> serde::Deserialize<'de> for Skipped {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SkippedVisitor)
+    }
+}
+
+struct SkippedVisitor;
+
+impl<'de> serde::de::Visitor<'de> for SkippedVisitor {
+    type Value = Skipped;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+    fn visit_unit<E>(self) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Skipped, A::Error> {
+        while seq.next_element::<Skipped>()?.is_some() {}
+        Ok(Skipped)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Skipped, A::Error> {
+        while map.next_entry::<Skipped, Skipped>()?.is_some() {}
+        Ok(Skipped)
+    }
+}
+
+/// The most a file of the folder may hold. The largest real `tokenizer.json`s are about
+/// 35 MB (Gemma 3's 262k-token vocabulary); parsing one takes some ten times its size in
+/// memory, so 128 MiB keeps any real folder and stops a hostile one at a few gigabytes.
+const MAX_FILE_BYTES: u64 = 128 << 20;
+
+/// Why a file of the folder was not read.
+#[derive(Debug)]
+enum Unreadable {
+    Io(std::io::Error),
+    /// A FIFO blocks the read and a device never ends it.
+    NotAFile,
+    /// Its size, or `None` when it grew past the bound while read.
+    TooLarge(Option<u64>),
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unreadable::Io(e) => write!(f, "{e}"),
+            Unreadable::NotAFile => f.write_str("it is not a regular file"),
+            Unreadable::TooLarge(size) => write!(
+                f,
+                "it holds {}, more than the {} a model folder's file may hold",
+                size.map_or("more".into(), crate::human_bytes),
+                crate::human_bytes(MAX_FILE_BYTES)
+            ),
+        }
+    }
+}
+
+/// The bytes of a file of the folder, at most [`MAX_FILE_BYTES`]: its size is checked before
+/// reading, and the read stops past the bound for a file that grows meanwhile.
+fn read_bounded(path: &Path) -> Result<Vec<u8>, Unreadable> {
+    let meta = std::fs::metadata(path).map_err(Unreadable::Io)?;
+    if !meta.is_file() {
+        return Err(Unreadable::NotAFile);
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(Unreadable::TooLarge(Some(meta.len())));
+    }
+    let file = std::fs::File::open(path).map_err(Unreadable::Io)?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, MAX_FILE_BYTES + 1),
+        &mut bytes,
+    )
+    .map_err(Unreadable::Io)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(Unreadable::TooLarge(None));
+    }
+    Ok(bytes)
+}
+
+/// A file of the folder beside the tokenizer: `None` when there is none.
+fn read_optional(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
+    match read_bounded(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(Unreadable::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e @ Unreadable::Io(_)) => Err(usage!("cannot read {}: {e}", path.display())),
+        Err(e) => Err(usage!(
+            "cannot read {}: {e}; restore the file from the model's repository",
+            path.display()
+        )),
+    }
 }
 
 /// Token ids of a config entry (a number or a list); an id no token id can hold (above
@@ -301,4 +415,94 @@ fn byte_decoder() -> &'static std::collections::HashMap<char, u8> {
             .map(|(&b, &c)| (char::from_u32(c).expect("valid"), b as u8))
             .collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder of its own under the temp dir, removed when dropped.
+    struct Folder(PathBuf);
+
+    impl Folder {
+        fn new(name: &str) -> Folder {
+            let p = std::env::temp_dir().join(format!("hf-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Folder(p)
+        }
+    }
+
+    impl Drop for Folder {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn refused(dir: &Path) -> String {
+        match HfFolder::open(dir) {
+            Ok(_) => panic!("{} was opened", dir.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn files_past_the_bound_are_refused_unread() {
+        // Sparse: a gigabyte on paper, nothing on disk; reading it took a gigabyte of memory.
+        let f = Folder::new("big");
+        let tok = f.0.join("tokenizer.json");
+        std::fs::File::create(&tok)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        let e = refused(&f.0);
+        assert!(
+            e.contains("tokenizer.json: it holds 1.0 GiB, more than the 128 MiB a model folder's file may hold"),
+            "{e}"
+        );
+        std::fs::write(
+            &tok,
+            r#"{"model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}"#,
+        )
+        .unwrap();
+        std::fs::File::create(f.0.join("config.json"))
+            .unwrap()
+            .set_len(200 << 20)
+            .unwrap();
+        let e = refused(&f.0);
+        assert!(
+            e.contains("config.json: it holds 200 MiB, more than the 128 MiB")
+                && e.contains("restore the file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_device_in_place_of_a_file_is_refused() {
+        // /dev/zero never ends: an unbounded read grew until memory ran out.
+        let f = Folder::new("device");
+        std::os::unix::fs::symlink("/dev/zero", f.0.join("tokenizer.json")).unwrap();
+        let e = refused(&f.0);
+        assert!(
+            e.contains("tokenizer.json: it is not a regular file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn json_nested_past_serde_jsons_limit_is_refused() {
+        let f = Folder::new("nested");
+        let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+        std::fs::write(f.0.join("tokenizer.json"), &deep).unwrap();
+        let e = refused(&f.0);
+        assert!(e.contains("recursion limit exceeded"), "{e}");
+        std::fs::write(
+            f.0.join("tokenizer.json"),
+            r#"{"model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}"#,
+        )
+        .unwrap();
+        std::fs::write(f.0.join("config.json"), format!("{{\"a\": {deep}}}")).unwrap();
+        let e = refused(&f.0);
+        assert!(e.contains("recursion limit exceeded"), "{e}");
+    }
 }

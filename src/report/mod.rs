@@ -258,7 +258,8 @@ where
     if let Some(p) = problem.into_inner() {
         return Err(p);
     }
-    let (mut top, steps, first) = read.map_err(|e| format!("not a valid trace: {e}"))?;
+    let (mut top, steps, first) =
+        read.map_err(|e| format!("not a valid trace: {}", short(&e.to_string())))?;
     if let Some(first) = first {
         top.insert("steps".into(), Value::Array(vec![first]));
     }

@@ -27,8 +27,46 @@ pub fn messages(prompt: &str, system_prompt: Option<&str>) -> Vec<Message> {
     m
 }
 
+/// The most Jinja source a chat template may hold. Real templates are a few kilobytes (Qwen3's,
+/// tool calls and all, is 4 KB); a 50 MB one took 22 s and 3 GB to parse.
+pub const MAX_TEMPLATE_BYTES: usize = 1 << 20;
+
+/// The steps (minijinja's fuel) one rendering may take. A real template takes some 70 per
+/// message (Qwen3's, with its pass over the messages in reverse), so 20 million renders
+/// conversations of 100,000s of messages, and a loop that never ends stops within a second.
+pub const MAX_TEMPLATE_STEPS: u64 = 20_000_000;
+
+/// What a rendering may write beyond four times its input (messages, BOS and EOS text): a
+/// template writes each message about once, around a few kilobytes of its own.
+const OUTPUT_SLACK: usize = 16 << 20;
+
+/// Whose template is rendered: the words its errors use and the fix they name.
+#[derive(Debug, Clone, Copy)]
+enum Whose {
+    Model,
+    Given,
+}
+
+impl Whose {
+    fn name(self) -> &'static str {
+        match self {
+            Whose::Model => "the model's chat template",
+            Whose::Given => "the chat template given",
+        }
+    }
+
+    fn fix(self) -> &'static str {
+        match self {
+            Whose::Model => "give a chat template of your own, or render the prompt without one",
+            Whose::Given => "fix the template",
+        }
+    }
+}
+
 /// Renders `messages` with `template` (Hugging Face conventions: `messages`,
 /// `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`, Python string methods).
+/// A template past [`MAX_TEMPLATE_BYTES`], one that runs past [`MAX_TEMPLATE_STEPS`] or writes
+/// far more than its input is refused.
 ///
 /// ```
 /// let tpl = "{% for m in messages %}<{{ m.role }}>{{ m.content.strip() }}{% endfor %}";
@@ -41,22 +79,95 @@ pub fn render(
     bos_token: &str,
     eos_token: &str,
 ) -> anyhow::Result<String> {
+    render_as(Whose::Given, template, messages, bos_token, eos_token)
+}
+
+fn render_as(
+    whose: Whose,
+    template: &str,
+    messages: &[Message],
+    bos_token: &str,
+    eos_token: &str,
+) -> anyhow::Result<String> {
+    let (name, fix) = (whose.name(), whose.fix());
+    if template.len() > MAX_TEMPLATE_BYTES {
+        return Err(usage!(
+            "{name} is {} bytes, more than the {} a chat template may hold (real ones are a few KB); {fix}",
+            template.len(),
+            logitprobe_backends::human_bytes(MAX_TEMPLATE_BYTES as u64)
+        ));
+    }
+    let env = environment(template).map_err(|e| usage!("{name} does not parse: {e}; {fix}"))?;
+    let tpl = env.get_template("chat").expect("just added");
+    let input: usize = messages
+        .iter()
+        .map(|m| m.role.len() + m.content.len())
+        .sum::<usize>()
+        + bos_token.len()
+        + eos_token.len();
+    let mut out = Bounded {
+        text: Vec::new(),
+        max: input.saturating_mul(4).saturating_add(OUTPUT_SLACK),
+        refused: false,
+    };
+    let rendered = tpl.render_captured_to(
+        context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => bos_token,
+            eos_token => eos_token,
+        },
+        &mut out,
+    );
+    match rendered {
+        Ok(_) => Ok(String::from_utf8(out.text)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())),
+        Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(usage!(
+            "{name} runs past {MAX_TEMPLATE_STEPS} steps, a loop without end; {fix}"
+        )),
+        Err(_) if out.refused => Err(usage!(
+            "{name} writes more than {} bytes for {input} bytes of messages, text that grows without end; {fix}",
+            out.max
+        )),
+        Err(e) => Err(usage!("{name} failed to render: {e}; {fix}")),
+    }
+}
+
+/// The environment chat templates render in, holding `template` as "chat": Hugging Face's
+/// conventions, and at most [`MAX_TEMPLATE_STEPS`] steps a rendering.
+fn environment(template: &str) -> Result<Environment<'_>, Error> {
     let mut env = Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     minijinja_contrib::add_to_environment(&mut env);
     env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))
     });
-    env.add_template("chat", template)
-        .map_err(|e| usage!("the model's chat template does not parse: {e}"))?;
-    let tpl = env.get_template("chat").expect("just added");
-    tpl.render(context! {
-        messages => messages,
-        add_generation_prompt => true,
-        bos_token => bos_token,
-        eos_token => eos_token,
-    })
-    .map_err(|e| usage!("the model's chat template failed to render: {e}"))
+    env.set_fuel(Some(MAX_TEMPLATE_STEPS));
+    env.add_template("chat", template)?;
+    Ok(env)
+}
+
+/// The rendered text, refused past `max` bytes: a write that would pass it fails, which ends
+/// the rendering.
+struct Bounded {
+    text: Vec<u8>,
+    max: usize,
+    refused: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.max {
+            self.refused = true;
+            return Err(std::io::Error::other("the rendering's bound"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A chat template asked for, and the model has none (a base model).
@@ -89,11 +200,21 @@ pub fn render_messages(source: &dyn Vocab, messages: &[Message]) -> anyhow::Resu
             source.info().name
         )
     })?;
-    render_with(source, &template, messages)
+    render_source(Whose::Model, source, &template, messages)
 }
 
-/// Renders a conversation with `template` (Jinja source), the source's BOS and EOS text.
+/// Renders a conversation with `template` (Jinja source given in place of the model's), the
+/// source's BOS and EOS text.
 pub fn render_with(
+    source: &dyn Vocab,
+    template: &str,
+    messages: &[Message],
+) -> anyhow::Result<String> {
+    render_source(Whose::Given, source, template, messages)
+}
+
+fn render_source(
+    whose: Whose,
     source: &dyn Vocab,
     template: &str,
     messages: &[Message],
@@ -104,7 +225,13 @@ pub fn render_with(
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
     };
-    render(template, messages, &piece(info.bos), &piece(info.eos))
+    render_as(
+        whose,
+        template,
+        messages,
+        &piece(info.bos),
+        &piece(info.eos),
+    )
 }
 
 /// Chat templates by the names llama.cpp's `--chat-template` takes, for models whose file
@@ -156,5 +283,102 @@ mod named_template_tests {
             gemma,
             "<bos><start_of_turn>user\nBe brief.\n\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"
         );
+    }
+}
+
+#[cfg(test)]
+mod hostile_template_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// The error rendering `template` ends with, within seconds.
+    fn refused(whose: Whose, template: &str) -> String {
+        let t0 = Instant::now();
+        let e = render_as(whose, template, &messages("hi", None), "<s>", "</s>")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{e} after {:?}",
+            t0.elapsed()
+        );
+        e
+    }
+
+    #[test]
+    fn a_template_that_loops_without_end_runs_out_of_steps() {
+        // 10^10 iterations: hours, before the steps were counted.
+        let e = refused(
+            Whose::Model,
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        );
+        assert_eq!(
+            e,
+            "the model's chat template runs past 20000000 steps, a loop without end; give a chat template of your own, or render the prompt without one"
+        );
+    }
+
+    #[test]
+    fn recursion_stops_at_minijinjas_limit() {
+        let e = refused(
+            Whose::Given,
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+        );
+        assert!(
+            e.starts_with("the chat template given failed to render: ")
+                && e.contains("recursion limit exceeded")
+                && e.ends_with("; fix the template"),
+            "{e}"
+        );
+        let deep = format!("{{{{ {}1{} }}}}", "(".repeat(100_000), ")".repeat(100_000));
+        let e = refused(Whose::Model, &deep);
+        assert!(
+            e.contains("does not parse") && e.contains("recursion"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_template_past_the_size_bound_is_refused_unparsed() {
+        // A 50 MB template took 22 s and 3 GB to parse.
+        let big = "{{ messages[0].content }}".repeat((2 << 20) / 25 + 1);
+        let e = refused(Whose::Model, &big);
+        assert!(
+            e.starts_with(&format!(
+                "the model's chat template is {} bytes, more than the 1 MiB a chat template may hold",
+                big.len()
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn output_that_grows_without_end_is_cut_short() {
+        // A terabyte of text, 10 MB a step, before the output was bounded.
+        let e = refused(
+            Whose::Model,
+            "{% set s = 'x' * 10000000 %}{% for i in range(100000) %}{{ s }}{% endfor %}",
+        );
+        assert!(
+            e.starts_with(
+                "the model's chat template writes more than 16777268 bytes for 13 bytes of messages"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn long_conversations_fit_the_bounds() {
+        let mut msgs = messages("What is 2+2?", Some("Be brief."));
+        for i in 0..20_000 {
+            msgs.push(Message {
+                role: if i % 2 == 0 { "assistant" } else { "user" }.into(),
+                content: format!("turn {i} ").repeat(20),
+            });
+        }
+        for (name, src) in NAMED_TEMPLATES {
+            let text = render_as(Whose::Model, src, &msgs, "<bos>", "<eos>").unwrap();
+            assert!(text.contains("turn 19999"), "{name}");
+        }
     }
 }

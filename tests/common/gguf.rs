@@ -202,3 +202,43 @@ impl Gguf {
         std::fs::write(path, out).unwrap();
     }
 }
+
+/// The start of a GGUF v3 file whose counts say what they are told, true or not, followed by
+/// `body`: for headers built to be refused.
+pub fn raw_header(n_tensors: u64, n_kv: u64, body: &[u8]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(n_tensors.to_le_bytes());
+    b.extend(n_kv.to_le_bytes());
+    b.extend(body);
+    b
+}
+
+/// An array value as it is written after its type (9): the element type, the count it
+/// claims, then `items` (what the file really holds). With [`Val::Raw`]`(9, ..)` it goes into
+/// a [`Gguf`].
+pub fn array_value(et: u32, n: u64, items: &[u8]) -> Vec<u8> {
+    let mut b = et.to_le_bytes().to_vec();
+    b.extend(n.to_le_bytes());
+    b.extend(items);
+    b
+}
+
+/// An array value nested `depth` arrays deep, around one empty array of u32.
+pub fn nested_array_value(depth: usize) -> Vec<u8> {
+    let mut b = Vec::with_capacity(12 * (depth + 1));
+    for _ in 0..depth {
+        b.extend(array_value(9, 1, &[]));
+    }
+    b.extend(array_value(4, 0, &[]));
+    b
+}
+
+/// A metadata entry `key` of GGUF type `ty` whose value is `value` as it is.
+pub fn raw_kv(key: &str, ty: u32, value: &[u8]) -> Vec<u8> {
+    let mut b = (key.len() as u64).to_le_bytes().to_vec();
+    b.extend(key.as_bytes());
+    b.extend(ty.to_le_bytes());
+    b.extend(value);
+    b
+}

@@ -86,8 +86,18 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// The element count; [`GgufHeader::read`] refuses a tensor whose count overflows, so
+    /// the saturation never shows in a header it gives.
     pub fn n_elements(&self) -> u64 {
-        self.dims.iter().product()
+        self.checked_elements().unwrap_or(u64::MAX)
+    }
+
+    /// The element count, `None` when it overflows u64 (dimensions straight from the file).
+    fn checked_elements(&self) -> Option<u64> {
+        if self.dims.contains(&0) {
+            return Some(0);
+        }
+        self.dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d))
     }
 }
 
@@ -303,6 +313,11 @@ pub const LLAMA_CPP_ARCHS: &[&str] = &[
 /// Arrays longer than this keep only their length (token lists run to 150k entries).
 const KEEP_ARRAY: u64 = 64;
 
+/// The fewest bytes a metadata entry takes: key length, value type, a one-byte value.
+const MIN_KV_BYTES: u64 = 8 + 4 + 1;
+/// The fewest bytes a tensor entry takes: name length, dimension count, type, offset.
+const MIN_TENSOR_BYTES: u64 = 8 + 4 + 4 + 8;
+
 struct Reader<R: Read> {
     r: R,
     pos: u64,
@@ -310,21 +325,36 @@ struct Reader<R: Read> {
 }
 
 impl<R: Read> Reader<R> {
-    fn bytes(&mut self, n: u64) -> anyhow::Result<Vec<u8>> {
-        if self.pos + n > self.file_size {
-            anyhow::bail!("truncated header");
+    /// Where `n` more bytes end; an error when the file does not hold them (a length read from
+    /// the file can be anything up to 2^64 - 1, so the sum is checked, not wrapped).
+    fn end_of(&self, n: u64) -> anyhow::Result<u64> {
+        match self.pos.checked_add(n) {
+            Some(end) if end <= self.file_size => Ok(end),
+            _ => anyhow::bail!("truncated header"),
         }
+    }
+    fn bytes(&mut self, n: u64) -> anyhow::Result<Vec<u8>> {
+        let end = self.end_of(n)?;
         let mut buf = vec![0u8; n as usize];
         self.r.read_exact(&mut buf)?;
-        self.pos += n;
+        self.pos = end;
         Ok(buf)
     }
     fn skip(&mut self, n: u64) -> anyhow::Result<()> {
-        if self.pos + n > self.file_size {
-            anyhow::bail!("truncated header");
-        }
+        let end = self.end_of(n)?;
         std::io::copy(&mut (&mut self.r).take(n), &mut std::io::sink())?;
-        self.pos += n;
+        self.pos = end;
+        Ok(())
+    }
+    /// Refuses a count of `n` items of at least `each` bytes that the rest of the file cannot
+    /// hold, before anything is read or allocated for them.
+    fn fits(&self, n: u64, each: u64, what: &str) -> anyhow::Result<()> {
+        let left = self.file_size.saturating_sub(self.pos);
+        if u128::from(n) * u128::from(each) > u128::from(left) {
+            anyhow::bail!(
+                "{what} of {n} elements, more than the {left} bytes left in the file hold"
+            );
+        }
         Ok(())
     }
     fn u32(&mut self) -> anyhow::Result<u32> {
@@ -356,6 +386,8 @@ impl<R: Read> Reader<R> {
             et == 8,
             "tokenizer.ggml.tokens is an array of type {et}, not strings"
         );
+        // Each token is at least its 8-byte length.
+        self.fits(n, 8, "a token list")?;
         let mut list = TokenList::default();
         let mut seen = std::collections::HashMap::new();
         for id in 0..n as usize {
@@ -397,36 +429,44 @@ impl<R: Read> Reader<R> {
             6 => Value::Float(f64::from(f32::from_bits(self.u32()?))),
             7 => Value::Bool(self.bytes(1)?[0] != 0),
             8 => Value::Str(self.string()?),
-            9 => {
-                let et = self.u32()?;
-                let n = self.u64()?;
-                let keep_items = keep && n <= KEEP_ARRAY;
-                let fixed = match et {
-                    0 | 1 | 7 => Some(1),
-                    2 | 3 => Some(2),
-                    4..=6 => Some(4),
-                    10..=12 => Some(8),
-                    _ => None,
-                };
-                let mut items = Vec::new();
-                match (fixed, keep_items) {
-                    (Some(size), false) => self.skip(size * n)?,
-                    _ => {
-                        for _ in 0..n {
-                            let v = self.value(et, keep_items)?;
-                            if keep_items {
-                                items.push(v);
-                            }
-                        }
-                    }
-                }
-                Value::Array { len: n, items }
-            }
+            9 => self.array(keep)?,
             10 => Value::UInt(self.u64()?),
             11 => Value::Int(self.u64()? as i64),
             12 => Value::Float(f64::from_bits(self.u64()?)),
             t => anyhow::bail!("unknown metadata value type {t}"),
         })
+    }
+    /// An array value whose type was just read: its element type, count and elements.
+    fn array(&mut self, keep: bool) -> anyhow::Result<Value> {
+        let et = self.u32()?;
+        let n = self.u64()?;
+        // llama.cpp refuses arrays of arrays; reading them here would recurse once per
+        // nesting level, and a few megabytes of nested headers overflow the stack.
+        anyhow::ensure!(et != 9, "an array of arrays, which llama.cpp does not read");
+        let fixed = match et {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        };
+        // A string is at least its 8-byte length.
+        self.fits(n, fixed.unwrap_or(8), "an array")?;
+        let keep_items = keep && n <= KEEP_ARRAY;
+        let mut items = Vec::new();
+        match (fixed, keep_items) {
+            // `fits` bounds the product by the file's size.
+            (Some(size), false) => self.skip(size * n)?,
+            _ => {
+                for _ in 0..n {
+                    let v = self.value(et, keep_items)?;
+                    if keep_items {
+                        items.push(v);
+                    }
+                }
+            }
+        }
+        Ok(Value::Array { len: n, items })
     }
 }
 
@@ -466,10 +506,17 @@ impl GgufHeader {
         }
         let n_tensors = r.u64().map_err(|e| truncated("tensor count", e))?;
         let n_kv = r.u64().map_err(|e| truncated("metadata count", e))?;
-        if n_tensors > 1 << 24 || n_kv > 1 << 24 {
+        // Each entry takes some bytes of the file: counts the rest of it cannot hold are
+        // refused before anything is read or reserved for them.
+        let left = file_size - r.pos;
+        let needed = u128::from(n_tensors) * u128::from(MIN_TENSOR_BYTES)
+            + u128::from(n_kv) * u128::from(MIN_KV_BYTES);
+        if n_tensors > 1 << 24 || n_kv > 1 << 24 || needed > u128::from(left) {
             return Err(truncated(
                 "counts",
-                anyhow::anyhow!("{n_tensors} tensors, {n_kv} keys"),
+                anyhow::anyhow!(
+                    "{n_tensors} tensors and {n_kv} keys, more than the {left} bytes after them hold"
+                ),
             ));
         }
         let mut metadata = BTreeMap::new();
@@ -490,7 +537,9 @@ impl GgufHeader {
             };
             metadata.insert(key, v);
         }
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        // Grown entry by entry, never sized from the count: each entry is read from the file
+        // before it takes memory.
+        let mut tensors = Vec::new();
         for _ in 0..n_tensors {
             let name = r.name().map_err(|e| truncated("tensor info", e))?;
             let nd = r.u32().map_err(|e| truncated("tensor info", e))?;
@@ -518,7 +567,13 @@ impl GgufHeader {
             .and_then(Value::as_u64)
             .unwrap_or(32)
             .max(1);
-        let data_offset = r.pos.div_ceil(alignment) * alignment;
+        let data_offset = r
+            .pos
+            .div_ceil(alignment)
+            .checked_mul(alignment)
+            .ok_or_else(|| {
+                usage!("{shown} is corrupt: general.alignment {alignment} puts its tensor data past any file; download it again")
+            })?;
         let header = GgufHeader {
             version,
             metadata,
@@ -536,7 +591,19 @@ impl GgufHeader {
                     t.ggml_type
                 )
             })?;
-            end = end.max(data_offset + t.offset + t.n_elements().div_ceil(blck) * size);
+            let t_end = t
+                .checked_elements()
+                .and_then(|n| n.div_ceil(blck).checked_mul(size))
+                .and_then(|bytes| data_offset.checked_add(t.offset)?.checked_add(bytes))
+                .ok_or_else(|| {
+                    usage!(
+                        "{shown} is corrupt: tensor {} (dimensions {:?}, offset {}) ends past any file; download it again",
+                        quoted(&t.name, 80),
+                        t.dims,
+                        t.offset
+                    )
+                })?;
+            end = end.max(t_end);
         }
         if end > file_size {
             return Err(usage!(
@@ -638,9 +705,10 @@ impl GgufHeader {
             let n = t.n_elements();
             let e = by_type.entry(name.to_string()).or_default();
             e.tensors += 1;
-            e.params += n;
-            bits += (n.div_ceil(blck) * size * 8) as f64;
-            params += n;
+            // Tensors may overlap in the file, so their counts can add up past u64.
+            e.params = e.params.saturating_add(n);
+            bits += n.div_ceil(blck) as f64 * (size * 8) as f64;
+            params = params.saturating_add(n);
         }
         TensorTypes {
             by_type,
@@ -678,4 +746,148 @@ pub struct TensorTypes {
     pub by_type: BTreeMap<String, TypeCount>,
     pub params: u64,
     pub bits_per_weight: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF v3 file: the counts, then `body` (metadata and tensor entries, as bytes).
+    fn gguf(n_tensors: u64, n_kv: u64, body: &[u8]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(n_tensors.to_le_bytes());
+        b.extend(n_kv.to_le_bytes());
+        b.extend(body);
+        b
+    }
+
+    /// A metadata entry whose value is an array of `n` elements of type `et`, followed by
+    /// `items` (what the file really holds).
+    fn array_kv(key: &str, et: u32, n: u64, items: &[u8]) -> Vec<u8> {
+        let mut b = (key.len() as u64).to_le_bytes().to_vec();
+        b.extend(key.as_bytes());
+        b.extend(9u32.to_le_bytes());
+        b.extend(et.to_le_bytes());
+        b.extend(n.to_le_bytes());
+        b.extend(items);
+        b
+    }
+
+    /// A tensor entry.
+    fn tensor(name: &str, dims: &[u64], ggml_type: u32, offset: u64) -> Vec<u8> {
+        let mut b = (name.len() as u64).to_le_bytes().to_vec();
+        b.extend(name.as_bytes());
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(ggml_type.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+        b
+    }
+
+    /// `GgufHeader::read`'s error for `bytes`, which must be refused.
+    fn refused(name: &str, bytes: &[u8]) -> String {
+        let path =
+            std::env::temp_dir().join(format!("gguf-bomb-{}-{name}.gguf", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        let r = GgufHeader::read(&path);
+        std::fs::remove_file(&path).unwrap();
+        match r {
+            Ok(h) => panic!("{name} was read: {:?}", h.metadata),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn array_lengths_that_wrap_around_are_refused() {
+        // 4 bytes × 2^62 and 8 bytes × 2^61 are 2^64: a wrapping product skips nothing.
+        for (et, n) in [
+            (4u32, 1u64 << 62),
+            (10, 1 << 61),
+            (6, 1 << 62),
+            (0, 1 << 60),
+        ] {
+            let e = refused(
+                &format!("array-{et}"),
+                &gguf(0, 1, &array_kv("a", et, n, &[])),
+            );
+            assert!(
+                e.contains(&format!("an array of {n} elements")),
+                "type {et}: {e}"
+            );
+        }
+        // A byte count next to 2^64: the end position wraps past the file's size.
+        let e = refused(
+            "array-end",
+            &gguf(0, 1, &array_kv("a", 0, u64::MAX - 3, &[])),
+        );
+        assert!(
+            e.contains("an array of 18446744073709551612 elements"),
+            "{e}"
+        );
+        // A string array's count is bounded by its 8-byte lengths.
+        let e = refused("strings", &gguf(0, 1, &array_kv("a", 8, 1 << 40, &[0; 16])));
+        assert!(e.contains("an array of 1099511627776 elements"), "{e}");
+        let e = refused(
+            "tokens",
+            &gguf(
+                0,
+                1,
+                &array_kv("tokenizer.ggml.tokens", 8, 1 << 40, &[0; 16]),
+            ),
+        );
+        assert!(e.contains("a token list of 1099511627776 elements"), "{e}");
+    }
+
+    #[test]
+    fn counts_the_file_cannot_hold_are_refused_before_reading() {
+        // 2^24 tensors passed the old bound and reserved a gigabyte for their entries.
+        let e = refused("tensors", &gguf(1 << 24, 0, &[]));
+        assert!(
+            e.contains("16777216 tensors and 0 keys, more than the 0 bytes after them hold"),
+            "{e}"
+        );
+        let e = refused("keys", &gguf(0, 1_000_000, &[0; 64]));
+        assert!(
+            e.contains("0 tensors and 1000000 keys, more than the 64 bytes after them hold"),
+            "{e}"
+        );
+        let e = refused("both", &gguf(u64::MAX, u64::MAX, &[]));
+        assert!(e.contains("tensors and"), "{e}");
+    }
+
+    #[test]
+    fn arrays_of_arrays_are_refused_without_recursing() {
+        // Each level is 12 bytes; a million of them overflowed the stack of a recursive read.
+        let mut nested = Vec::new();
+        for _ in 0..1_000_000 {
+            nested.extend(9u32.to_le_bytes());
+            nested.extend(1u64.to_le_bytes());
+        }
+        let e = refused("nested", &gguf(0, 1, &array_kv("a", 9, 1, &nested)));
+        assert!(e.contains("an array of arrays"), "{e}");
+    }
+
+    #[test]
+    fn tensor_sizes_past_any_file_are_refused() {
+        let data_at = |body: &[u8]| (24 + body.len()).div_ceil(32) * 32;
+        for (name, t) in [
+            // 2^32 × 2^32 × 2 elements wrap to 0.
+            ("dims", tensor("w", &[1 << 32, 1 << 32, 2], 0, 0)),
+            // 2^62 F32 elements are 2^64 bytes.
+            ("bytes", tensor("w", &[1 << 62], 0, 0)),
+            // An offset that wraps the end around to the data start.
+            ("offset", tensor("w", &[8], 0, u64::MAX - 7)),
+        ] {
+            let mut b = gguf(1, 0, &t);
+            b.resize(data_at(&t) + 64, 0);
+            let e = refused(name, &b);
+            assert!(
+                e.contains("tensor w (dimensions") && e.contains("ends past any file"),
+                "{name}: {e}"
+            );
+        }
+    }
 }

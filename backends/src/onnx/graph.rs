@@ -15,6 +15,7 @@
 //! - the builder's final norm has no fourth output: the last layer's output is then the sum
 //!   of the two inputs of that node, added up here.
 
+use crate::formats::onnx_model::{check_external_data, external_data_file};
 use crate::formats::protobuf::{self, WireType};
 use crate::inside::FinalNorm;
 use crate::Error;
@@ -122,9 +123,11 @@ enum Data {
     Raw(Range<usize>),
     /// Packed `float_data` at this byte range.
     Floats(Range<usize>),
-    /// In a file beside the model (`external_data`).
+    /// In a file beside the model (`external_data`): its location as the model names it,
+    /// then, once [`Graph::parse`] has checked that it lies inside the model's folder, the
+    /// file's real path.
     External {
-        location: String,
+        file: PathBuf,
         offset: u64,
         length: Option<u64>,
     },
@@ -179,7 +182,7 @@ impl Tensor {
         if !external.is_empty() {
             let get = |k: &str| external.iter().find(|(key, _)| key == k).map(|(_, v)| v);
             t.data = Data::External {
-                location: get("location").cloned().unwrap_or_default(),
+                file: get("location").map(PathBuf::from).unwrap_or_default(),
                 offset: get("offset").and_then(|v| v.parse().ok()).unwrap_or(0),
                 length: get("length").and_then(|v| v.parse().ok()),
             };
@@ -292,8 +295,10 @@ pub(super) struct Graph {
 }
 
 impl Graph {
-    /// Reads the graph of the model `bytes` (the contents of `file`).
-    pub(super) fn parse(bytes: &[u8], file: &Path) -> Result<Graph, Error> {
+    /// Reads the graph of the model `bytes` (the contents of `file`); a model whose tensors
+    /// keep their data outside its folder is refused here, before a session is built from it
+    /// or a weight read.
+    pub(super) fn parse(bytes: &[u8], file: &Path) -> anyhow::Result<Graph> {
         let mut model = Fields::new(bytes, 0..bytes.len());
         let mut graph = None;
         while model.pos < model.end {
@@ -328,7 +333,34 @@ impl Graph {
                 _ => {}
             }
         }
+        // The session reads every tensor's data, subgraphs' too; the lens reads some itself.
+        check_external_data(file)?;
+        g.resolve_external_data()?;
         Ok(g)
+    }
+
+    /// Puts the real path of each initializer's and Constant value's external data in its
+    /// place, refusing a location outside the model's folder (see [`external_data_file`]).
+    fn resolve_external_data(&mut self) -> anyhow::Result<()> {
+        let model = self.file.clone();
+        let resolve = |name: &str, t: &mut Tensor| -> anyhow::Result<()> {
+            if let Data::External { file, .. } = &mut t.data {
+                *file = external_data_file(&model, name, &file.to_string_lossy())?;
+            }
+            Ok(())
+        };
+        for (name, t) in &mut self.initializers {
+            resolve(name, t)?;
+        }
+        for n in self.nodes.iter_mut().filter(|n| n.op == "Constant") {
+            let name = n.outputs.first().cloned().unwrap_or_default();
+            for (_, a) in &mut n.attrs {
+                if let Attr::Tensor(t) = a {
+                    resolve(&name, t)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The model `bytes` with `names` added as float outputs of its graph (appended to the
@@ -388,7 +420,7 @@ impl Graph {
         let bytes = match &t.data {
             Data::Raw(r) | Data::Floats(r) => read_range(&self.file, r.start as u64, r.len())?,
             Data::External {
-                location,
+                file,
                 offset,
                 length,
             } => {
@@ -398,8 +430,7 @@ impl Graph {
                     d => return Err(unreadable(format!("a weight of ONNX type {d}"))),
                 };
                 let len = length.map_or(t.elements() * size, |l| l as usize);
-                let dir = self.file.parent().unwrap_or(Path::new("."));
-                read_range(&dir.join(location), *offset, len)?
+                read_range(file, *offset, len)?
             }
             Data::Empty => return Err(unreadable("a weight without data".into())),
         };
@@ -923,5 +954,57 @@ mod tests {
         let g2 = Graph::parse(&out, Path::new("m.onnx")).unwrap();
         assert_eq!(g2.outputs, vec!["h0".to_string(), "h1".to_string()]);
         assert!(out.ends_with(&[15 << 3 | 2, 5, b'a', b'f', b't', b'e', b'r']));
+    }
+
+    /// A model whose one initializer, `w`, keeps 16 bytes of floats in the file `location`.
+    fn external_model(location: &str) -> Vec<u8> {
+        let mut t = Vec::new();
+        put_varint(&mut t, 1 << 3);
+        put_varint(&mut t, 4);
+        put_varint(&mut t, 2 << 3);
+        put_varint(&mut t, 1);
+        put_bytes(&mut t, 8, b"w");
+        for (k, v) in [("location", location), ("length", "16")] {
+            let mut entry = Vec::new();
+            put_bytes(&mut entry, 1, k.as_bytes());
+            put_bytes(&mut entry, 2, v.as_bytes());
+            put_bytes(&mut t, 13, &entry);
+        }
+        let mut graph = Vec::new();
+        put_bytes(&mut graph, 5, &t);
+        let mut model = Vec::new();
+        put_bytes(&mut model, 7, &graph);
+        model
+    }
+
+    #[test]
+    fn external_data_is_read_only_inside_the_model_folder() {
+        let root = std::env::temp_dir().join(format!("graph-ext-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("model")).unwrap();
+        let values: Vec<u8> = [1f32, 2., 3., 4.]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        std::fs::write(root.join("model/w.bin"), &values).unwrap();
+        std::fs::write(root.join("secret.bin"), &values).unwrap();
+        let file = root.join("model/model.onnx");
+        let parse = |location: &str| {
+            let bytes = external_model(location);
+            std::fs::write(&file, &bytes).unwrap();
+            Graph::parse(&bytes, &file)
+        };
+        let g = parse("w.bin").unwrap();
+        assert_eq!(g.floats(&g.initializers["w"]).unwrap(), [1., 2., 3., 4.]);
+        // The lens read these with `dir.join(location)`, wherever they pointed.
+        for location in ["../secret.bin", root.join("secret.bin").to_str().unwrap()] {
+            let e = parse(location).unwrap_err().to_string();
+            assert!(
+                e.contains("tensor w keeps its data in")
+                    && e.contains("outside the model's folder"),
+                "{location}: {e}"
+            );
+        }
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

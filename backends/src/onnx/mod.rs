@@ -126,6 +126,8 @@ impl OnnxSource {
                 path.display()
             ));
         }
+        // Weights kept outside the model's folder are refused before ONNX Runtime reads them.
+        crate::formats::onnx_model::check_external_data(&model_file)?;
         let folder = HfFolder::open(&dir)?;
 
         let (env, lib) = environment(opts)?;
