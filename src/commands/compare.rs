@@ -1337,11 +1337,11 @@ fn run_against_base(
             firsts: &firsts,
             probe: &setup.probe,
         };
-        pass.run_against_base(
+        pass.run(
             &mut *b.source,
             bi,
             &name,
-            &mut base,
+            &mut ladder::BaseRows::new(&mut base),
             &mut per_chunk,
             &mut timing,
             &|n| {
