@@ -11,7 +11,6 @@ mod onnx_data;
 use common::gguf::{array_value, nested_array_value, raw_header, raw_kv, Gguf, Val};
 use std::fs;
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
@@ -24,19 +23,7 @@ const MEMORY: u64 = 512 << 20;
 fn run_capped(args: &[&str], limit: Duration) -> Output {
     let mut cmd = common::bin();
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
-    unsafe {
-        cmd.pre_exec(|| {
-            let cap = libc::rlimit {
-                rlim_cur: MEMORY,
-                rlim_max: MEMORY,
-            };
-            if libc::setrlimit(libc::RLIMIT_AS, &cap) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    common::cap_address_space(&mut cmd, MEMORY);
     let mut child = cmd.spawn().unwrap();
     let drain = |mut r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {

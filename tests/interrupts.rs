@@ -45,28 +45,11 @@ fn spawn(out: &Path, prompt: &str, tokens: u32, plots: bool) -> std::process::Ch
     if !plots {
         c.arg("--no-plots");
     }
-    default_signals(&mut c);
+    common::default_signals(&mut c);
     c.stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
-}
-
-/// Gives the child SIGINT's and SIGTERM's default actions. A shell starts a background job
-/// with SIGINT ignored, and the ignored disposition passes through exec: a test run from one
-/// (`.ci/run &`) would then see a signal sent before logitprobe installs its handler vanish,
-/// and the run finish as if never signalled.
-fn default_signals(c: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: between fork and exec the closure only calls signal(2), which is
-    // async-signal-safe, on the child's own dispositions.
-    unsafe {
-        c.pre_exec(|| {
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
-            libc::signal(libc::SIGTERM, libc::SIG_DFL);
-            Ok(())
-        });
-    }
 }
 
 fn signal(child: &std::process::Child, sig: i32) {

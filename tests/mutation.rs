@@ -1127,10 +1127,10 @@ fn run_checked(case: &Case, limit: Duration) -> Option<Result<(), String>> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     if case.capped {
-        cap_memory(&mut cmd);
+        common::cap_address_space(&mut cmd, MEMORY_CAP);
     }
     if case.signal.is_some() {
-        default_signals(&mut cmd);
+        common::default_signals(&mut cmd);
     }
     let mut child = cmd.spawn().unwrap();
     if let Some((sig, after)) = case.signal {
@@ -1208,38 +1208,6 @@ fn run_checked(case: &Case, limit: Duration) -> Option<Result<(), String>> {
         }
         Some(c) => fail(format!("exit {c}: {}", tail(&err))),
         None => fail("no exit code".into()),
-    }
-}
-
-/// Starts `cmd` with SIGINT's and SIGTERM's default actions: a test run as a shell's
-/// background job inherits SIGINT ignored, and the signal would then do nothing.
-fn default_signals(cmd: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: signal(2) is async-signal-safe, and the closure touches nothing else.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
-            libc::signal(libc::SIGTERM, libc::SIG_DFL);
-            Ok(())
-        });
-    }
-}
-
-/// Caps the address space of the process `cmd` starts at [`MEMORY_CAP`].
-fn cap_memory(cmd: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
-    unsafe {
-        cmd.pre_exec(|| {
-            let cap = libc::rlimit {
-                rlim_cur: MEMORY_CAP,
-                rlim_max: MEMORY_CAP,
-            };
-            if libc::setrlimit(libc::RLIMIT_AS, &cap) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
 }
 

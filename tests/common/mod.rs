@@ -192,3 +192,39 @@ impl Drop for SmallDisk {
         let _ = Command::new("umount").arg(&self.0).status();
     }
 }
+
+/// Gives the child SIGINT's and SIGTERM's default actions. A shell starts a background job
+/// with SIGINT ignored, and the ignored disposition passes through exec: a test run from one
+/// (`.ci/run &`) would then see a signal sent before logitprobe installs its handler vanish,
+/// and the run finish as if never signalled.
+pub fn default_signals(c: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure only calls signal(2), which is
+    // async-signal-safe, on the child's own dispositions.
+    unsafe {
+        c.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+}
+
+/// Caps the address space of the process `c` starts at `bytes`: a hostile file that makes
+/// it ask for more fails its allocation instead of taking the machine's memory.
+pub fn cap_address_space(c: &mut Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+    unsafe {
+        c.pre_exec(move || {
+            let cap = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &cap) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
