@@ -94,11 +94,14 @@ impl IntoResponse for ApiError {
 /// Parses a request body; a type error names the field it is in.
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    match serde_path_to_error::deserialize::<_, T>(&mut de) {
+    // `end` refuses bytes after the value (`{...} trailing`), as `serde_json::from_slice` does:
+    // without it a body with garbage after its object ran as if it were whole.
+    let parsed = serde_path_to_error::deserialize::<_, T>(&mut de)
+        .map_err(|e| (e.path().to_string(), e.into_inner()))
+        .and_then(|v| de.end().map(|()| v).map_err(|e| (".".to_string(), e)));
+    match parsed {
         Ok(v) => Ok(v),
-        Err(e) => {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
+        Err((path, inner)) => {
             if inner.is_syntax() || inner.is_eof() {
                 return Err(ApiError::bad_request(
                     format!("the request body is not valid JSON: {inner}"),
@@ -403,5 +406,8 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("max_tokens"));
         let e = parse::<CompletionRequest>(b"{\"prompt\": ").unwrap_err();
         assert_eq!(e.code, Some("invalid_json"));
+        let e = parse::<CompletionRequest>(br#"{"prompt": "x"} trailing"#).unwrap_err();
+        assert_eq!(e.code, Some("invalid_json"));
+        assert!(parse::<CompletionRequest>(b"{\"prompt\": \"x\"} \n").is_ok());
     }
 }
