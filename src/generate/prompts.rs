@@ -33,7 +33,7 @@ pub enum PromptsFileError {
     NotAFile { path: PathBuf },
     #[error("prompts file {} is a FIFO that nothing wrote to in {} s; start the program that writes it first, or give a regular file", .path.display(), .waited.as_secs())]
     NoWriter { path: PathBuf, waited: Duration },
-    #[error("standard input is a terminal; pipe the prompts in (`… | logitprobe trace --prompts-file -`) or give a file")]
+    #[error("standard input is a terminal; pipe the prompts in, or give a file")]
     Terminal,
     #[error("prompts stream {} holds more than {} GiB; write the prompts to a file and give its path", .path.display(), STREAM_LIMIT >> 30)]
     StreamTooLarge { path: PathBuf },
