@@ -74,6 +74,15 @@ fn assert_disk_error(o: &Output, disk: &Path, cause: &str, hint: &str) {
     assert!(left.is_empty(), "temporary files left: {left:?}");
 }
 
+fn assert_full_disk(o: &Output, disk: &Path) {
+    assert_disk_error(
+        o,
+        disk,
+        "No space left on device",
+        "free some space on that disk",
+    );
+}
+
 fn prompts(dir: &Path) -> PathBuf {
     let p = dir.join("prompts.txt");
     fs::write(&p, "the river\nthe stone and the light\nquick model\n").unwrap();
@@ -137,12 +146,7 @@ fn trace_on_a_full_disk_fails_at_every_point_and_leaves_nothing_looking_complete
         let disk = SmallDisk::new(&tmp.path().join(format!("disk-{kib}")), kib);
         let out = disk.0.join("out");
         let o = run(&trace_args(m, p, out.to_str().unwrap()));
-        assert_disk_error(
-            &o,
-            &disk.0,
-            "No space left on device",
-            "free some space on that disk",
-        );
+        assert_full_disk(&o, &disk.0);
         assert!(
             !out.join("run.json").exists(),
             "{kib} KiB of {full}: the run's run.json says finished"
@@ -158,12 +162,7 @@ fn trace_on_a_full_disk_fails_at_every_point_and_leaves_nothing_looking_complete
             assert!(out.join("shards/shard-0/run.json").exists());
             continue;
         }
-        assert_disk_error(
-            &o,
-            &disk.0,
-            "No space left on device",
-            "free some space on that disk",
-        );
+        assert_full_disk(&o, &disk.0);
         assert!(
             !out.join("shards/shard-0/run.json").exists(),
             "{kib} KiB of {full}: the shard's run.json says finished"
@@ -214,12 +213,7 @@ fn compare_on_a_full_disk_fails_at_every_point_and_leaves_nothing_looking_comple
         let disk = SmallDisk::new(&tmp.path().join(format!("disk-{kib}")), kib);
         let out = disk.0.join("out");
         let o = run(&compare_args(c, &a, &b, out.to_str().unwrap()));
-        assert_disk_error(
-            &o,
-            &disk.0,
-            "No space left on device",
-            "free some space on that disk",
-        );
+        assert_full_disk(&o, &disk.0);
         // compare.json is the last file written: without it the folder is not a result.
         assert!(
             !out.join("compare.json").exists(),
@@ -267,12 +261,7 @@ fn report_on_a_full_disk_leaves_no_report_html() {
             "--out",
             out.to_str().unwrap(),
         ]);
-        assert_disk_error(
-            &o,
-            &disk.0,
-            "No space left on device",
-            "free some space on that disk",
-        );
+        assert_full_disk(&o, &disk.0);
         // report.html, written last, is what a reader opens: it is not there.
         assert!(!out.join("report.html").exists(), "{kib} KiB of {full}");
     }
@@ -318,12 +307,7 @@ fn merge_on_a_full_disk_leaves_no_run_json() {
             assert_eq!(files(&out).len(), merged.len());
             continue;
         }
-        assert_disk_error(
-            &o,
-            &disk.0,
-            "No space left on device",
-            "free some space on that disk",
-        );
+        assert_full_disk(&o, &disk.0);
         assert!(
             !out.join("run.json").exists(),
             "+{extra} KiB: run.json left"

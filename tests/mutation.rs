@@ -43,6 +43,42 @@ struct Case {
     signal: Option<(i32, Duration)>,
 }
 
+impl Case {
+    fn new(
+        category: &'static str,
+        what: String,
+        args: Vec<String>,
+        out: PathBuf,
+        check: Check,
+    ) -> Case {
+        Case {
+            category,
+            what,
+            args,
+            out,
+            check,
+            capped: false,
+            signal: None,
+        }
+    }
+
+    /// Run under [`MEMORY_CAP`].
+    fn capped(self) -> Case {
+        Case {
+            capped: true,
+            ..self
+        }
+    }
+
+    /// Sent `signal` while it runs.
+    fn signalled(self, signal: (i32, Duration)) -> Case {
+        Case {
+            signal: Some(signal),
+            ..self
+        }
+    }
+}
+
 /// The address space a capped case may take (the tiny models run in 256 MiB).
 const MEMORY_CAP: u64 = 1 << 30;
 
@@ -952,37 +988,31 @@ fn generate(i: usize, seed: u64, root: &Path, seeds: &Seeds) -> Case {
     if r < 34 {
         let (what, p) = gguf_case(&mut rng, &dir);
         if rng.random_bool(0.2) {
-            return Case {
-                category: "gguf",
+            return Case::new(
+                "gguf",
                 what,
-                args: vec!["inspect".into(), "--model".into(), p.display().to_string()],
+                vec!["inspect".into(), "--model".into(), p.display().to_string()],
                 out,
-                check: Check::Inspect,
-                capped: false,
-                signal: None,
-            };
+                Check::Inspect,
+            );
         }
-        return Case {
-            category: "gguf",
+        return Case::new(
+            "gguf",
             what,
-            args: trace_common(p.display().to_string(), "llama"),
+            trace_common(p.display().to_string(), "llama"),
             out,
-            check: Check::Trace,
-            capped: false,
-            signal: None,
-        };
+            Check::Trace,
+        );
     }
     if r < 47 {
         let (what, p) = onnx_case(&mut rng, &dir);
-        return Case {
-            category: "onnx",
+        return Case::new(
+            "onnx",
             what,
-            args: trace_common(p.display().to_string(), "onnx"),
+            trace_common(p.display().to_string(), "onnx"),
             out,
-            check: Check::Trace,
-            capped: false,
-            signal: None,
-        };
+            Check::Trace,
+        );
     }
     if r < 52 {
         let (what, p) = header_bomb_case(&mut rng, &dir);
@@ -992,115 +1022,64 @@ fn generate(i: usize, seed: u64, root: &Path, seeds: &Seeds) -> Case {
         } else {
             (trace_common(p.display().to_string(), "llama"), Check::Trace)
         };
-        return Case {
-            category: "header bomb",
-            what,
-            args,
-            out,
-            check,
-            capped: true,
-            signal: None,
-        };
+        return Case::new("header bomb", what, args, out, check).capped();
     }
     if r < 57 {
         let (what, p) = template_case(&mut rng, &dir);
         let mut args = trace_common(p.display().to_string(), "llama");
         args.push("--use-chat-template".into());
-        return Case {
-            category: "hostile template",
-            what,
-            args,
-            out,
-            check: Check::Trace,
-            capped: true,
-            signal: None,
-        };
+        return Case::new("hostile template", what, args, out, Check::Trace).capped();
     }
     if r < 62 {
         let (what, p) = external_data_case(&mut rng, &dir);
-        return Case {
-            category: "external data",
+        return Case::new(
+            "external data",
             what,
-            args: trace_common(p.display().to_string(), "onnx"),
+            trace_common(p.display().to_string(), "onnx"),
             out,
-            check: Check::Trace,
-            capped: true,
-            signal: None,
-        };
+            Check::Trace,
+        )
+        .capped();
     }
     if r < 77 {
         let compare = r >= 72;
         let (what, p) = report_case(&mut rng, &dir, seeds, compare);
-        return Case {
-            category: if compare {
+        return Case::new(
+            if compare {
                 "compare.json"
             } else {
                 "trace file"
             },
             what,
-            args: vec![
+            vec![
                 "report".into(),
                 p.display().to_string(),
                 "--out".into(),
                 out_s,
             ],
             out,
-            check: Check::Report,
-            capped: false,
-            signal: None,
-        };
+            Check::Report,
+        );
     }
     if r < 82 {
         let (what, mut args) = config_case(&mut rng, &dir);
         args.insert(0, "trace".into());
         args.extend(["--no-plots".into(), "--out".into(), out_s]);
-        return Case {
-            category: "config/prompts",
-            what,
-            args,
-            out,
-            check: Check::Trace,
-            capped: false,
-            signal: None,
-        };
+        return Case::new("config/prompts", what, args, out, Check::Trace);
     }
     if r < 86 {
         let (what, args, signal) = signal_case(&mut rng, &out_s);
-        return Case {
-            category: "signals",
-            what,
-            args,
-            out,
-            check: Check::Trace,
-            capped: false,
-            signal: Some(signal),
-        };
+        return Case::new("signals", what, args, out, Check::Trace).signalled(signal);
     }
     if r < 88 {
         let (what, mut args) = config_stream_case(&mut rng, &dir);
         args.extend(["--no-plots".into(), "--out".into(), out_s]);
-        return Case {
-            category: "config stream",
-            what,
-            args,
-            out,
-            check: Check::Trace,
-            capped: true,
-            signal: None,
-        };
+        return Case::new("config stream", what, args, out, Check::Trace).capped();
     }
     let (what, mut args) = params_case(&mut rng);
     args.insert(0, "trace".into());
     args.extend(["--no-plots".into(), "--out".into(), out_s]);
-    Case {
-        category: "parameters",
-        what,
-        args,
-        out,
-        check: Check::Trace,
-        capped: false,
-        signal: None,
-    }
+    Case::new("parameters", what, args, out, Check::Trace)
 }
 
 /// How a case that passed ended.
