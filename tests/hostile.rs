@@ -8,12 +8,12 @@ mod common;
 #[path = "common/onnx_data.rs"]
 mod onnx_data;
 
-use common::gguf::{array_value, nested_array_value, raw_header, raw_kv, Gguf, Val};
+use common::gguf::{array_value, nested_array_value, raw_header, raw_kv, tensor_entry, Gguf, Val};
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The address space a run may take.
 const MEMORY: u64 = 512 << 20;
@@ -34,18 +34,8 @@ fn run_capped(args: &[&str], limit: Duration) -> Output {
     };
     let out = drain(Box::new(child.stdout.take().unwrap()));
     let err = drain(Box::new(child.stderr.take().unwrap()));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("logitprobe {args:?} still ran after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = common::wait_or_kill(&mut child, limit)
+        .unwrap_or_else(|| panic!("logitprobe {args:?} still ran after {limit:?}"));
     Output {
         status,
         stdout: out.join().unwrap(),
@@ -81,19 +71,6 @@ fn trace(model: &Path, out: &Path, extra: &[&str], needle: &str) {
     args.extend_from_slice(extra);
     refused(&args, needle);
     assert!(!out.join("adaptive_token_trace.json").exists());
-}
-
-/// A tensor entry of a GGUF header.
-fn tensor_entry(name: &str, dims: &[u64], ggml_type: u32, offset: u64) -> Vec<u8> {
-    let mut b = (name.len() as u64).to_le_bytes().to_vec();
-    b.extend(name.as_bytes());
-    b.extend((dims.len() as u32).to_le_bytes());
-    for d in dims {
-        b.extend(d.to_le_bytes());
-    }
-    b.extend(ggml_type.to_le_bytes());
-    b.extend(offset.to_le_bytes());
-    b
 }
 
 #[test]

@@ -1123,17 +1123,8 @@ fn run_checked(case: &Case, limit: Duration) -> Option<Result<(), String>> {
         std::io::Read::read_to_end(&mut { stderr }, &mut s).ok();
         s
     });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            return fail(format!("hung (killed after {limit:?})"));
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let Some(status) = common::wait_or_kill(&mut child, limit) else {
+        return fail(format!("hung (killed after {limit:?})"));
     };
     let err = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
     use std::os::unix::process::ExitStatusExt;

@@ -214,6 +214,19 @@ pub fn raw_header(n_tensors: u64, n_kv: u64, body: &[u8]) -> Vec<u8> {
     b
 }
 
+/// A tensor entry of a GGUF header, as written after the metadata.
+pub fn tensor_entry(name: &str, dims: &[u64], ggml_type: u32, offset: u64) -> Vec<u8> {
+    let mut b = (name.len() as u64).to_le_bytes().to_vec();
+    b.extend(name.as_bytes());
+    b.extend((dims.len() as u32).to_le_bytes());
+    for d in dims {
+        b.extend(d.to_le_bytes());
+    }
+    b.extend(ggml_type.to_le_bytes());
+    b.extend(offset.to_le_bytes());
+    b
+}
+
 /// An array value as it is written after its type (9): the element type, the count it
 /// claims, then `items` (what the file really holds). With [`Val::Raw`]`(9, ..)` it goes into
 /// a [`Gguf`].
