@@ -25,3 +25,9 @@ pub mod util;
 
 pub use logitprobe_backends as backends;
 pub use logitprobe_backends::{LogitSource, ModelInfo, TokenId, Vocab};
+
+// The unit tests run under the allocator the binary installs, so that the memory budget of
+// `util::budget` is tested as it runs.
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: util::budget::BudgetAlloc = util::budget::BudgetAlloc;

@@ -5,6 +5,10 @@ use clap::Parser;
 use cli::{Cli, Command};
 use std::process::ExitCode;
 
+// Bounds the memory a model's chat template may take (logitprobe::util::budget).
+#[global_allocator]
+static ALLOC: logitprobe::util::budget::BudgetAlloc = logitprobe::util::budget::BudgetAlloc;
+
 fn main() -> ExitCode {
     // The documentation test checks that each command it shows parses, and runs none (nor
     // reads the config files they name).

@@ -157,6 +157,17 @@ fn hostile_chat_templates_stop_in_bounded_time_and_memory() {
         &chat,
         "the model's chat template writes more than",
     );
+    // A string doubled 40 times, never written out: a terabyte held.
+    trace(
+        &with_template(
+            tmp.path(),
+            "double.gguf",
+            "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+        ),
+        &out,
+        &chat,
+        "MiB of memory for",
+    );
     // 2 MiB of template, rendered as it came.
     let big = "{{ bos_token }}".repeat((2 << 20) / 15);
     trace(

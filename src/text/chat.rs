@@ -1,6 +1,7 @@
 //! Chat templates: the model's own Jinja template, rendered by one renderer (minijinja) for
 //! every engine, so the same messages give the same prompt text and ids whatever the engine.
 
+use crate::util::budget::{self, RunError};
 use logitprobe_backends::{usage, Vocab};
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::Serialize;
@@ -97,14 +98,75 @@ fn render_as(
             logitprobe_backends::human_bytes(MAX_TEMPLATE_BYTES as u64)
         ));
     }
-    let env = environment(template).map_err(|e| usage!("{name} does not parse: {e}; {fix}"))?;
-    let tpl = env.get_template("chat").expect("just added");
     let input: usize = messages
         .iter()
         .map(|m| m.role.len() + m.content.len())
         .sum::<usize>()
         + bos_token.len()
         + eos_token.len();
+    let limit = input.saturating_mul(16).saturating_add(MEMORY_SLACK);
+    let over = || {
+        usage!(
+            "{name} takes more than {} of memory for {input} bytes of messages, a value that grows without end; {fix}",
+            logitprobe_backends::human_bytes(limit as u64)
+        )
+    };
+    let key = template_key(template);
+    if OVER_BUDGET
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&key)
+    {
+        return Err(over());
+    }
+    let owned = (
+        template.to_string(),
+        messages.to_vec(),
+        bos_token.to_string(),
+        eos_token.to_string(),
+    );
+    let rendered = budget::run(limit, move || {
+        let (template, messages, bos_token, eos_token) = owned;
+        render_here(whose, &template, &messages, &bos_token, &eos_token, input)
+    });
+    match rendered {
+        Ok(text) => text,
+        Err(RunError::OverBudget(_)) => {
+            // Its thread stays parked with what it took: the same template is not run again.
+            OVER_BUDGET
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(key);
+            Err(over())
+        }
+        Err(e) => Err(usage!("{name} failed to render: {e}; {fix}")),
+    }
+}
+
+/// The memory a rendering may hold beyond sixteen times its input: parsing a template of
+/// [`MAX_TEMPLATE_BYTES`] takes some 40 MB, a real one rendered well under 1 MB.
+const MEMORY_SLACK: usize = 256 << 20;
+
+/// Templates whose rendering went over its memory budget in this process.
+static OVER_BUDGET: std::sync::Mutex<Vec<[u8; 32]>> = std::sync::Mutex::new(Vec::new());
+
+fn template_key(template: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(template.as_bytes()).into()
+}
+
+/// Parses and renders, on the budgeted thread.
+fn render_here(
+    whose: Whose,
+    template: &str,
+    messages: &[Message],
+    bos_token: &str,
+    eos_token: &str,
+    input: usize,
+) -> anyhow::Result<String> {
+    let (name, fix) = (whose.name(), whose.fix());
+    let env = environment(template).map_err(|e| usage!("{name} does not parse: {e}; {fix}"))?;
+    let tpl = env.get_template("chat").expect("just added");
     let mut out = Bounded {
         text: Vec::new(),
         max: input.saturating_mul(4).saturating_add(OUTPUT_SLACK),
@@ -350,6 +412,37 @@ mod hostile_template_tests {
             )),
             "{e}"
         );
+    }
+
+    #[test]
+    fn values_that_grow_without_end_are_stopped_within_the_memory_bound() {
+        // Each doubles what it holds, 40 or 60 times, without writing any of it: a terabyte
+        // before the rendering's memory was bounded.
+        for template in [
+            "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+            "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}",
+            "{% set ns = namespace(l=['x' * 1000]) %}{% for i in range(60) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|join|length }}",
+            "{% set ns = namespace(s='xy') %}{% for i in range(40) %}{% set ns.s = ns.s.replace('x', 'xx') %}{% endfor %}{{ ns.s|length }}",
+        ] {
+            let e = refused(Whose::Model, template);
+            assert!(
+                e.starts_with("the model's chat template takes more than 257 MiB of memory for 13 bytes of messages")
+                    && e.ends_with("a value that grows without end; give a chat template of your own, or render the prompt without one"),
+                "{template}: {e}"
+            );
+            // Its second rendering is refused at once, and parks no second thread.
+            let t0 = Instant::now();
+            assert_eq!(refused(Whose::Model, template), e);
+            assert!(t0.elapsed() < Duration::from_millis(100));
+        }
+    }
+
+    #[test]
+    fn a_template_just_under_the_size_bound_renders_within_the_memory_bound() {
+        let n = MAX_TEMPLATE_BYTES / 25;
+        let tpl = "{{ messages[0].content }}".repeat(n);
+        let text = render_as(Whose::Model, &tpl, &messages("hi", None), "", "").unwrap();
+        assert_eq!(text, "hi".repeat(n));
     }
 
     #[test]

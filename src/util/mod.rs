@@ -1,6 +1,8 @@
 //! Files written so that a reader never sees half of one: a temporary sibling, synced, then
 //! renamed over the final name.
 
+pub mod budget;
+
 use anyhow::Context;
 use serde::Serialize;
 use std::fs::{self, File};
