@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_usage_error, bin, run, stderr, tiny};
+use common::{assert_usage_error, bin, run, smollm2, stderr, tiny};
 use serde_json::Value;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -133,10 +133,15 @@ fn job_ids(o: &Output) -> (String, String) {
 
 /// 200 prompts of varied length, as lines.
 fn prompts_file(dir: &Path) -> PathBuf {
+    prompts_file_of(dir, 200)
+}
+
+/// `n` prompts of varied length, as lines.
+fn prompts_file_of(dir: &Path, n: usize) -> PathBuf {
     let words = [
         "the", "river", "stone", "light", "quick", "model", "token", "and", "then", "over",
     ];
-    let lines: Vec<String> = (0..200)
+    let lines: Vec<String> = (0..n)
         .map(|i| {
             (0..3 + i % 7)
                 .map(|j| words[(i * 7 + j * 3) % words.len()])
@@ -598,6 +603,138 @@ fn bad_sharding_is_refused_and_writes_nothing() {
         model.to_str().unwrap(),
     ]);
     assert_usage_error(&o, "splits a --prompts-file");
+}
+
+/// A task whose `--time` runs out: Slurm sends SIGTERM (then SIGKILL after KillWait), the
+/// task writes what it finished and ends as interrupted (TIMEOUT), the merge job does not
+/// run, and the task resubmitted with more time finishes to the bytes of a run that was
+/// never stopped.
+#[test]
+fn a_task_whose_time_limit_runs_out_resumes_to_the_same_bytes() {
+    // Slurm's smallest limit is a minute, checked about every 30 s: the task is SmolLM2 at
+    // one thread, some 25,000 tokens (over 100 s on any machine this runs on), with two
+    // candidates a step to keep the folders small.
+    const PROMPTS: usize = 400;
+    let cluster = Cluster::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts_file_of(tmp.path(), PROMPTS);
+    let model = smollm2();
+    let (model, prompts) = (model.to_str().unwrap(), prompts.to_str().unwrap());
+    let flags = |extra: &[&'static str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--model",
+            model,
+            "--prompts-file",
+            prompts,
+            "--seed",
+            "7",
+            "--max-new-tokens",
+            "64",
+            "--ignore-eos",
+            "--threads",
+            "1",
+            "--parallel",
+            "1",
+            "--min-k",
+            "1",
+            "--max-k",
+            "2",
+            "--no-plots",
+            "--out",
+            "out",
+        ]
+        .map(String::from)
+        .to_vec();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let (whole, timed) = (tmp.path().join("whole"), tmp.path().join("timed"));
+    fs::create_dir_all(&whole).unwrap();
+    fs::create_dir_all(&timed).unwrap();
+    // The run that is never stopped, on the other CPU while the task runs.
+    let mut never_stopped = bin()
+        .arg("trace")
+        .args(flags(&[]))
+        .current_dir(&whole)
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(tmp.path().join("whole.log")).unwrap())
+        .spawn()
+        .unwrap();
+
+    let mut args = vec![
+        "slurm".to_string(),
+        "trace".into(),
+        "--shards".into(),
+        "1".into(),
+        "--time".into(),
+        "1".into(),
+        "--cpus-per-task".into(),
+        "1".into(),
+        "--".into(),
+    ];
+    args.extend(flags(&[]));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = cluster.logitprobe(&args, &timed);
+    assert!(o.status.success(), "slurm trace: {}", stderr(&o));
+    let (array, merge_job) = job_ids(&o);
+    let states = cluster.wait_ended(&array, Duration::from_secs(300));
+    let out = timed.join("out");
+    let finished = || {
+        (0..PROMPTS)
+            .filter(|i| {
+                fs::read(out.join(format!("prompt-{i:03}/run.json")))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                    .is_some_and(|r| r["interrupted"] == false)
+            })
+            .count()
+    };
+    let done_at_timeout = finished();
+    assert_eq!(
+        states,
+        ["TIMEOUT"],
+        "the task was to outlast its minute ({done_at_timeout} of {PROMPTS} prompts done): the test needs a slower task"
+    );
+    assert!(
+        done_at_timeout > 0 && done_at_timeout < PROMPTS,
+        "{done_at_timeout}"
+    );
+    // SIGTERM ended it as Ctrl-C does: the shard's record says interrupted, exit 143.
+    let log = fs::read_to_string(out.join("slurm/logs/trace-0.log")).unwrap_or_default();
+    let record: Value =
+        serde_json::from_slice(&fs::read(out.join("shards/shard-0/run.json")).unwrap())
+            .unwrap_or_else(|e| panic!("shard-0/run.json: {e}; task log:\n{log}"));
+    assert_eq!(record["interrupted"], true, "task log:\n{log}");
+    cluster.wait_ended(&merge_job, Duration::from_secs(60));
+    assert_eq!(cluster.job_state(&merge_job), "CANCELLED");
+    assert!(!out.join("run.json").exists(), "nothing merged");
+
+    // Resubmitted with time enough, the task does only what it had not finished.
+    let o = cluster
+        .cmd("sbatch")
+        .args(["--parsable", "--array=0", "--time=30"])
+        .arg(out.join("slurm/array.sbatch"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let again = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert_eq!(
+        cluster.wait_ended(&again, Duration::from_secs(600)),
+        ["COMPLETED"]
+    );
+    let record: Value =
+        serde_json::from_slice(&fs::read(out.join("shards/shard-0/run.json")).unwrap()).unwrap();
+    assert_eq!(record["shard"]["done_before"], done_at_timeout);
+    let o = cluster.logitprobe(&["merge", "out"], &timed);
+    assert!(o.status.success(), "merge: {}", stderr(&o));
+
+    let ended = never_stopped.wait().unwrap();
+    assert!(
+        ended.success(),
+        "{}",
+        fs::read_to_string(tmp.path().join("whole.log")).unwrap_or_default()
+    );
+    assert_same_prompt_folders(&whole.join("out"), &out, PROMPTS);
 }
 
 /// Shards run by hand, one after another, and resumed: the merge equals one process's run.
