@@ -461,7 +461,7 @@ fn gguf_tensor_fields(b: &[u8]) -> Vec<(Vec<usize>, usize)> {
 /// large, nests too deep to parse, or is a real one.
 fn template_case(rng: &mut ChaCha8Rng, dir: &Path) -> (String, PathBuf) {
     let n = |rng: &mut ChaCha8Rng| [10, 1000, 100_000][rng.random_range(0..3)];
-    let template = match rng.random_range(0..7) {
+    let template = match rng.random_range(0..8) {
         0 => format!(
             "{{% for i in range({}) %}}{{% for j in range({}) %}}{{{{ j }}}}{{% endfor %}}{{% endfor %}}",
             n(rng),
@@ -483,6 +483,11 @@ fn template_case(rng: &mut ChaCha8Rng, dir: &Path) -> (String, PathBuf) {
             let d = n(rng);
             format!("{{{{ {}1{} }}}}", "(".repeat(d), ")".repeat(d))
         }
+        // A value doubled in a loop, never written out.
+        6 => format!(
+            "{{% set ns = namespace(s='x', l=['x']) %}}{{% for i in range({}) %}}{{% set ns.s = ns.s ~ ns.s %}}{{% set ns.l = ns.l + ns.l %}}{{% endfor %}}{{{{ ns.l|join|length }}}}",
+            [4, 20, 40, 64][rng.random_range(0..4)]
+        ),
         _ => "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
             .into(),
     };
