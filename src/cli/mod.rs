@@ -20,7 +20,9 @@ OUTPUT FILES (in --out, or --out/prompt-NNN/ for several prompts):
   generated.txt, run.json, steps.jsonl (streamed), the plots adaptive_heatmap.png (pages
   adaptive_heatmap_2.png ... past 100 steps), entropy.png, selected_probability.png,
   raw_vs_processed.png, and report.html (self-contained; open it in any browser).
-  `logitprobe report FILE` draws the plots and report.html again from a trace file.";
+  `logitprobe report FILE` draws the plots and report.html again from a trace file.
+  With --format parquet: steps.parquet, candidates.parquet and prompts.parquet for all
+  prompts, run.json and summary.csv in --out, no folder per prompt and no plots.";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -312,6 +314,10 @@ pub struct CompareArgs {
     /// Output folder [default: outputs/compare]
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Output format: json writes compare.json and compare.csv; parquet also writes
+    /// positions.parquet (a row per position and B) [default: json]
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: Option<OutputFormat>,
     /// Engine flags for both sides; --ctx-size is also the corpus chunk length [default: 512]
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -524,6 +530,16 @@ impl From<BackendArg> for Backend {
     }
 }
 
+/// `--format` of trace and compare.
+#[derive(Copy, Clone, Debug, Default, ValueEnum, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// JSON (and CSV) files, as Token Heatmap writes them
+    #[default]
+    Json,
+    /// Apache Parquet tables, zstd-compressed
+    Parquet,
+}
+
 #[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
 pub enum FlashAttnArg {
     On,
@@ -729,6 +745,11 @@ pub struct TraceArgs {
     /// Skip each prompt's plots and report.html (`logitprobe report` draws them later)
     #[arg(long)]
     pub no_plots: bool,
+    /// Output format: json, a folder per prompt (trace JSON and CSV, plots, report.html); or
+    /// parquet, three zstd tables for the whole run (steps.parquet, candidates.parquet,
+    /// prompts.parquet) and no plots [default: json]
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: Option<OutputFormat>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]

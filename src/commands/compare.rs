@@ -153,6 +153,8 @@ struct Setup {
     /// A's and B's engine flags.
     engines: [EngineArgs; 2],
     out: PathBuf,
+    /// `--format parquet`: positions.parquet beside compare.json.
+    parquet: bool,
 }
 
 impl Setup {
@@ -215,6 +217,13 @@ impl Setup {
             // A Slurm array task comparing a --prompt of its own is not a shard of anything.
             _ => None,
         };
+        let parquet = args.format == Some(crate::cli::OutputFormat::Parquet);
+        if let (true, Some(s)) = (parquet, &shard) {
+            return Err(usage!(
+                "--format parquet is not written by a sharded compare ({}; merge writes compare.json and compare.csv): drop --format parquet, or run without --shard",
+                s.describe()
+            ));
+        }
         let batched = args.scoring_kernels == ScoringKernels::Batched;
         let engines = [
             EngineArgs {
@@ -240,6 +249,7 @@ impl Setup {
             shard,
             engines,
             out,
+            parquet,
         })
     }
 
@@ -328,17 +338,11 @@ fn prepare(
 ) -> anyhow::Result<Prepared> {
     Ok(match input {
         Input::TextFile { path, text } => {
-            // As llama-perplexity tokenizes its file (`common_tokenize(ctx, text, true)`): with
-            // BOS in front when the model adds one, so the chunks cover the same tokens (a
-            // text without it starts every chunk one token earlier on BOS models: Gemma 3's
-            // PPL differed in the third decimal, SmolLM2's, which adds none, did not).
-            let add_bos = a.info().add_bos;
-            let ids = a.tokenize(&text, add_bos, false)?;
+            // As llama-perplexity tokenizes its file.
+            let (ids, bos) = compare::corpus_tokens(&*a, &text)?;
             if ids.is_empty() {
                 return Err(usage!("--text-file {} holds no tokens", path.display()));
             }
-            let info = a.info();
-            let bos = if info.add_bos { info.bos } else { None };
             let chunks = compare::corpus_chunks(&ids, chunk_len, bos, args.score_all, args.chunks);
             if chunks.is_empty() {
                 return Err(usage!(
@@ -567,7 +571,13 @@ fn finish(
         noise_floor: o.noise_floor,
         positions: o.positions,
     };
-    compare::write_files(&setup.out, &report)?;
+    compare::write_files_with(
+        &setup.out,
+        &report,
+        compare::FileOptions {
+            positions_parquet: setup.parquet,
+        },
+    )?;
 
     print!("{}", compare::summary_table(&report));
     if report.b.len() > 1 {

@@ -6,6 +6,7 @@ use logitprobe::generate::prompts::{self, PromptList, PromptSpec, PromptsFile};
 use logitprobe::generate::{
     self, GenerateConfig, Generation, PromptInput, Sink, StopReason, StopStrings,
 };
+use logitprobe::output::parquet::{ParquetTrace, RowGroupBounds};
 use logitprobe::output::{self, PromptDirs, StepsJsonl, TraceWriter};
 use logitprobe::schema::run::{self as run_record, RunRecord};
 use logitprobe::schema::trace;
@@ -39,6 +40,8 @@ pub struct TracePlan {
     pub inside: logitprobe::lens::InsideConfig,
     /// The step logit_lens.png shows.
     pub lens_step: usize,
+    /// `--format parquet`: the run's tables instead of a folder per prompt.
+    pub parquet: bool,
 }
 
 impl TracePlan {
@@ -189,6 +192,21 @@ impl TracePlan {
                 ));
             }
         }
+        let inside = args.inside.config()?;
+        let parquet = args.format == Some(crate::cli::OutputFormat::Parquet);
+        if parquet {
+            if let Some(s) = &shard {
+                return Err(usage!(
+                    "--format parquet writes one set of tables for the whole run and cannot run as {} (merge joins per-prompt folders): drop --shard (and --shards, or the array task's environment), or use --format json",
+                    s.describe()
+                ));
+            }
+            if !inside.is_off() {
+                return Err(usage!(
+                    "--capture-logit-lens and --capture-attention have no columns in the Parquet tables: use --format json with them, or drop them"
+                ));
+            }
+        }
         Ok(TracePlan {
             backend,
             model,
@@ -196,7 +214,8 @@ impl TracePlan {
             prompts,
             parallel: args.parallel,
             stop: args.stop.clone(),
-            plots: !args.no_plots,
+            // Plots are drawn per prompt folder; Parquet has none.
+            plots: !args.no_plots && !parquet,
             format: prompts::PromptFormat {
                 use_chat_template,
                 chat_template,
@@ -214,7 +233,8 @@ impl TracePlan {
                 prompt_logprobs: false,
                 inside: None,
             },
-            inside: args.inside.config()?,
+            inside,
+            parquet,
             lens_step: args.inside.lens_step.unwrap_or(0),
             seed_given: args.sampling.seed.is_some(),
             out: args.out.clone().unwrap_or_else(|| PathBuf::from("outputs")),
@@ -326,6 +346,71 @@ fn slow_threads_hint(
     Ok(())
 }
 
+/// Where the prompts' outputs go: a folder each (JSON, CSV, plots), or the run's Parquet
+/// tables.
+enum Files {
+    // Boxed: both are large (the run's record, the Arrow builders).
+    Folders(Box<TraceWriter>),
+    Parquet(Box<ParquetTrace>),
+}
+
+impl Files {
+    /// Waits for every file to be written; the writer's first error, if any. When the run
+    /// failed (`ok` false), Parquet tables are dropped rather than made final.
+    fn close(&mut self, ok: bool) -> anyhow::Result<()> {
+        match self {
+            Files::Folders(w) => w.close(),
+            Files::Parquet(w) if ok => w.close(),
+            Files::Parquet(w) => {
+                w.abort();
+                Ok(())
+            }
+        }
+    }
+
+    fn stop_reasons(&self) -> &std::collections::BTreeMap<&'static str, usize> {
+        match self {
+            Files::Folders(w) => &w.stop_reasons,
+            Files::Parquet(w) => &w.stop_reasons,
+        }
+    }
+
+    fn last(&self) -> Option<&run_record::PromptRecord> {
+        match self {
+            Files::Folders(w) => w.last.as_ref(),
+            Files::Parquet(w) => w.last.as_ref(),
+        }
+    }
+}
+
+impl Sink for Files {
+    fn finish(
+        &mut self,
+        source: &dyn Vocab,
+        input: &PromptInput,
+        g: &Generation,
+    ) -> anyhow::Result<()> {
+        match self {
+            Files::Folders(w) => w.finish(source, input, g),
+            Files::Parquet(w) => w.finish(source, input, g),
+        }
+    }
+}
+
+/// The row-group bounds of `--format parquet`: the library's, or with the hidden
+/// LOGITPROBE_PARQUET_ROWS=N (for tests) N step rows, 4 N candidate rows and N prompt rows.
+fn parquet_bounds() -> anyhow::Result<RowGroupBounds> {
+    match std::env::var("LOGITPROBE_PARQUET_ROWS") {
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(RowGroupBounds::from_steps(n)),
+            _ => Err(usage!(
+                "LOGITPROBE_PARQUET_ROWS={v:?} is not a positive number of rows"
+            )),
+        },
+        Err(_) => Ok(RowGroupBounds::default()),
+    }
+}
+
 /// Progress bar on stderr when it is a terminal.
 struct Bar(Option<indicatif::ProgressBar>);
 
@@ -372,36 +457,6 @@ fn no_distribution_error(failed: &[(usize, usize)]) -> anyhow::Error {
     anyhow::anyhow!(
         "prompt {index} stopped at step {step}{others}: its logits row holds no finite value (every entry -inf), so there is no distribution to sample; the model or its export is broken"
     )
-}
-
-/// The default `--parallel`: the number of prompts, at most 8, halved until the KV cache
-/// fits in memory.
-fn open_slots(
-    source: &mut dyn LogitSource,
-    given: Option<usize>,
-    n_prompts: usize,
-) -> anyhow::Result<usize> {
-    if let Some(n) = given {
-        source.begin(n)?;
-        return Ok(n);
-    }
-    let mut n = n_prompts.clamp(1, 8);
-    loop {
-        match source.begin(n) {
-            Ok(()) => return Ok(n),
-            Err(e)
-                if n > 1
-                    && matches!(
-                        e.downcast_ref::<logitprobe_backends::Error>(),
-                        Some(logitprobe_backends::Error::KvCacheTooLarge { .. })
-                            | Some(logitprobe_backends::Error::KvCacheAlloc { .. })
-                    ) =>
-            {
-                n /= 2;
-            }
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 /// How a run ended.
@@ -479,38 +534,13 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         }
     }
     // Without --ctx-size, each slot's context holds what this job needs (up to the model's
-    // trained context), not a fixed 4096 tokens: a KV cache of 4096 tokens per slot for
-    // 16-token answers, or a long prompt refused below what the model was trained on.
-    if opts.ctx_size.is_none() {
-        source.fit_context(longest + plan.gen.max_new_tokens)?;
-    }
-    let n_ctx = source.info().n_ctx;
-    let trained = source
-        .info()
-        .details
-        .get("n_ctx_train")
-        .and_then(|v| v.as_u64());
-    match trained.map(|t| t as usize) {
-        // A prompt past what the model was trained on: a larger context would not help. (A
-        // long answer is not refused: it stops where the context ends, context_full.)
-        Some(t) if opts.ctx_size.is_none() && t > 0 && longest >= t => {
-            return Err(logitprobe_backends::Error::BeyondTrainedContext {
-                what: format!("prompt {longest_index}"),
-                needed: longest + 1,
-                model_ctx: t,
-            }
-            .into())
-        }
-        _ if longest >= n_ctx => {
-            return Err(logitprobe_backends::Error::ContextFull {
-                what: format!("prompt {longest_index}"),
-                needed: longest + 1,
-                n_ctx,
-            }
-            .into())
-        }
-        _ => {}
-    }
+    // trained context), not a fixed 4096 tokens.
+    generate::fit_context(
+        &mut *source,
+        (longest, longest_index),
+        plan.gen.max_new_tokens,
+        opts.ctx_size.is_some(),
+    )?;
     let mut gen = plan.gen.clone();
     if !plan.inside.is_off() {
         gen.inside = Some(Arc::new(logitprobe::lens::Inside::prepare(
@@ -548,7 +578,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         shard_record = Some(resumed.record);
     }
     let n_run = todo.as_ref().map_or(n, |t| t.len());
-    let parallel = open_slots(&mut *source, plan.parallel, n_run)?;
+    let parallel = generate::open_slots(&mut *source, plan.parallel, n_run)?;
 
     let total = (n_run * plan.gen.max_new_tokens) as u64;
     let mut bar = Bar(
@@ -608,29 +638,42 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         Some(s) => s.dir(&plan.out),
         None => plan.out.clone(),
     };
-    let mut jsonl = if plan.shard.is_some() {
-        StepsJsonl::append(&top.join(output::STEPS_JSONL))?
+    // Parquet: the tables hold the steps; no steps.jsonl.
+    let mut jsonl = if plan.parquet {
+        output::clear_previous_run(&top)?;
+        None
+    } else if plan.shard.is_some() {
+        Some(StepsJsonl::append(&top.join(output::STEPS_JSONL))?)
     } else {
         output::clear_previous_run(&top)?;
-        StepsJsonl::create(&top)?
+        Some(StepsJsonl::create(&top)?)
     };
     let mut stops = StopStrings::new(&plan.stop);
-    let mut writer = TraceWriter::new(
-        dirs.clone(),
-        &plan.model,
-        &gen,
-        plan.format.use_chat_template,
-        record.clone(),
-        output::WriterFiles {
-            plots: plan.plots,
-            summary: (!dirs.single).then(|| output::SummaryFile {
-                path: top.join(output::SUMMARY_CSV),
-                append: plan.shard.is_some(),
-            }),
-            interrupt: Some(stop.clone()),
-            lens_step: plan.lens_step,
-        },
-    )?;
+    let summary = (!dirs.single).then(|| output::SummaryFile {
+        path: top.join(output::SUMMARY_CSV),
+        append: plan.shard.is_some(),
+    });
+    let mut writer = if plan.parquet {
+        Files::Parquet(Box::new(ParquetTrace::new(
+            &top,
+            parquet_bounds()?,
+            summary,
+        )?))
+    } else {
+        Files::Folders(Box::new(TraceWriter::new(
+            dirs.clone(),
+            &plan.model,
+            &gen,
+            plan.format.use_chat_template,
+            record.clone(),
+            output::WriterFiles {
+                plots: plan.plots,
+                summary,
+                interrupt: Some(stop.clone()),
+                lens_step: plan.lens_step,
+            },
+        )?))
+    };
     let mut console = Console {
         several: n > 1,
         no_distribution: Vec::new(),
@@ -644,7 +687,10 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         format: plan.format.clone(),
     };
     let result = {
-        let mut sinks: Vec<&mut dyn Sink> = vec![&mut jsonl];
+        let mut sinks: Vec<&mut dyn Sink> = Vec::new();
+        if let Some(j) = &mut jsonl {
+            sinks.push(j);
+        }
         if !plan.stop.is_empty() {
             sinks.push(&mut stops);
         }
@@ -657,21 +703,21 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     if let Some(b) = &bar.0 {
         b.finish_and_clear();
     }
-    let closed = writer.close();
+    let closed = writer.close(result.is_ok());
     let timings = result?;
     closed?;
 
     // A signal after the last step, while plots were drawn, interrupts too: the plots not
     // yet drawn were skipped.
     let interrupted = writer
-        .stop_reasons
+        .stop_reasons()
         .contains_key(StopReason::Interrupted.name())
         || stop.load(std::sync::atomic::Ordering::Relaxed);
     record.interrupted = interrupted;
     record.finished_at = trace::now_rfc3339();
-    record.stop_reasons = Some(writer.stop_reasons.clone());
+    record.stop_reasons = Some(writer.stop_reasons().clone());
     if n == 1 {
-        record.prompts = writer.last.clone().map(|p| vec![p]);
+        record.prompts = writer.last().cloned().map(|p| vec![p]);
     }
     let tokens = timings.generated_tokens;
     let tps = timings.decode_tokens_per_s;
@@ -694,7 +740,11 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
             plan.out.display()
         );
     }
-    if interrupted {
+    if interrupted && plan.parquet {
+        eprintln!(
+            "interrupted: the prompts finished, and those cut short (stop reason interrupted), are in the tables"
+        );
+    } else if interrupted {
         eprintln!(
             "interrupted: what was finished is written; plots and report.html not drawn yet can be drawn with `logitprobe report {}`",
             top.display()

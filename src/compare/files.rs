@@ -1,4 +1,5 @@
-//! The files of a comparison: `compare.json`, `compare.csv`, the plots and `report.html`.
+//! The files of a comparison: `compare.json`, `compare.csv`, the plots and `report.html`, and
+//! on request `positions.parquet`.
 
 use super::CompareReport;
 use crate::util as output;
@@ -6,19 +7,44 @@ use anyhow::Context;
 use std::path::Path;
 
 use super::{COMPARE_CSV, COMPARE_JSON};
+use crate::output::parquet::POSITIONS_PARQUET;
+
+/// What a comparison writes besides compare.json, compare.csv, the plots and the report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FileOptions {
+    /// `positions.parquet`: a row per position and B.
+    pub positions_parquet: bool,
+}
 
 /// Writes every file of `report` into `out`, each through a temporary name, `compare.json`
 /// last: a folder with it is a finished comparison (an earlier run's is removed first, so a
 /// failure on the way, a full disk, leaves none).
 pub fn write_files(out: &Path, report: &CompareReport) -> anyhow::Result<()> {
+    write_files_with(out, report, FileOptions::default())
+}
+
+/// [`write_files`], and what `options` adds. An earlier run's `positions.parquet` is removed
+/// first too, so the folder never holds one that is not this run's.
+pub fn write_files_with(
+    out: &Path,
+    report: &CompareReport,
+    options: FileOptions,
+) -> anyhow::Result<()> {
     let json = out.join(COMPARE_JSON);
-    match std::fs::remove_file(&json) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing {}", json.display()))
+    let parquet = out.join(POSITIONS_PARQUET);
+    for stale in [&json, &parquet] {
+        match std::fs::remove_file(stale) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", stale.display()))
+            }
+            _ => {}
         }
-        _ => {}
     }
     write_csv(&out.join(COMPARE_CSV), report)?;
+    if options.positions_parquet {
+        let labels: Vec<String> = report.b.iter().map(|b| b.label.clone()).collect();
+        crate::output::parquet::write_positions(&parquet, &report.positions, &labels)?;
+    }
     crate::report::write_compare_report(out, report).context("drawing the compare plots")?;
     // Compact: a corpus run holds tens of thousands of candidates.
     output::write_atomic(&json, |w| {

@@ -15,7 +15,7 @@ pub mod side;
 pub mod stats;
 
 pub use crate::schema::compare::*;
-pub use files::{write_csv, write_files};
+pub use files::{write_csv, write_files, write_files_with, FileOptions};
 
 use crate::dist::probe::{Distribution, Probe, ProbeConfig};
 use crate::text::Pieces;
@@ -234,6 +234,17 @@ impl Chunk {
     pub fn scored(&self) -> usize {
         self.ids.len().saturating_sub(1).saturating_sub(self.first)
     }
+}
+
+/// A corpus's token ids as llama-perplexity tokenizes its file (`common_tokenize(ctx, text,
+/// true)`): with BOS in front when the model adds one, so the chunks cover the same tokens (a
+/// text without it starts every chunk one token earlier on BOS models: Gemma 3's PPL differed
+/// in the third decimal, SmolLM2's, which adds none, did not); special-token text is plain
+/// text. Also the BOS each chunk starts with ([`corpus_chunks`]), on models that add one.
+pub fn corpus_tokens(a: &dyn Vocab, text: &str) -> anyhow::Result<(Vec<TokenId>, Option<TokenId>)> {
+    let info = a.info();
+    let ids = a.tokenize(text, info.add_bos, false)?;
+    Ok((ids, if info.add_bos { info.bos } else { None }))
 }
 
 /// Cuts `ids` into `floor(len / ctx)` chunks of `ctx` tokens as llama-perplexity does: with

@@ -923,6 +923,81 @@ fn prompt_lens(
     })
 }
 
+/// Sizes each slot's context for a job whose longest prompt, `longest` = (tokens, index),
+/// is followed by up to `max_new_tokens` tokens: what the job needs (up to the model's trained
+/// context), not a fixed 4096 tokens, which would be a KV cache of 4096 tokens per slot for
+/// 16-token answers, or a long prompt refused below what the model was trained on. With
+/// `fixed` (a context size the user gave) nothing is resized, only checked. Errs where the
+/// longest prompt is past the model's trained context or leaves no room in the context.
+/// Call it before [`LogitSource::begin`].
+pub fn fit_context(
+    source: &mut dyn LogitSource,
+    longest: (usize, usize),
+    max_new_tokens: usize,
+    fixed: bool,
+) -> anyhow::Result<()> {
+    let (longest, longest_index) = longest;
+    if !fixed {
+        source.fit_context(longest + max_new_tokens)?;
+    }
+    let n_ctx = source.info().n_ctx;
+    let trained = source
+        .info()
+        .details
+        .get("n_ctx_train")
+        .and_then(|v| v.as_u64());
+    match trained.map(|t| t as usize) {
+        // A prompt past what the model was trained on: a larger context would not help. (A
+        // long answer is not refused: it stops where the context ends, context_full.)
+        Some(t) if !fixed && t > 0 && longest >= t => {
+            Err(logitprobe_backends::Error::BeyondTrainedContext {
+                what: format!("prompt {longest_index}"),
+                needed: longest + 1,
+                model_ctx: t,
+            }
+            .into())
+        }
+        _ if longest >= n_ctx => Err(logitprobe_backends::Error::ContextFull {
+            what: format!("prompt {longest_index}"),
+            needed: longest + 1,
+            n_ctx,
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// Makes the slots of a run of `n_prompts` prompts ([`LogitSource::begin`]) and says how
+/// many: `given`, or else the number of prompts, at most 8, halved until their KV cache fits
+/// in memory.
+pub fn open_slots(
+    source: &mut dyn LogitSource,
+    given: Option<usize>,
+    n_prompts: usize,
+) -> anyhow::Result<usize> {
+    if let Some(n) = given {
+        source.begin(n)?;
+        return Ok(n);
+    }
+    let mut n = n_prompts.clamp(1, 8);
+    loop {
+        match source.begin(n) {
+            Ok(()) => return Ok(n),
+            Err(e)
+                if n > 1
+                    && matches!(
+                        e.downcast_ref::<logitprobe_backends::Error>(),
+                        Some(logitprobe_backends::Error::KvCacheTooLarge { .. })
+                            | Some(logitprobe_backends::Error::KvCacheAlloc { .. })
+                    ) =>
+            {
+                n /= 2;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Checks that a prompt has tokens and leaves room in the context for one more.
 pub fn check_prompt(input: &PromptInput, n_ctx: usize) -> anyhow::Result<()> {
     if input.ids.is_empty() {

@@ -13,6 +13,9 @@
 //! drawn while the engine decodes the next prompts and memory holds only the prompts in
 //! the slots.
 
+pub mod parquet;
+pub mod tables;
+
 use crate::generate::{Control, GenerateConfig, Generation, PromptInput, Sink};
 use crate::schema::run::{PromptRecord, RunRecord};
 use crate::schema::trace::{self, Step, Trace};
@@ -56,6 +59,9 @@ fn is_trace_output(name: &str) -> bool {
     };
     [
         RUN_JSON,
+        parquet::STEPS_PARQUET,
+        parquet::CANDIDATES_PARQUET,
+        parquet::PROMPTS_PARQUET,
         LOGIT_LENS_PNG,
         SELECTED_RANK_PNG,
         ATTENTION_GRID_PNG,
@@ -308,6 +314,18 @@ pub struct SummaryRow {
 
 impl SummaryRow {
     pub fn new(dirs: &PromptDirs, input: &PromptInput, g: &Generation) -> Self {
+        let dir = dirs.dir(input.index);
+        SummaryRow {
+            folder: dir
+                .strip_prefix(&dirs.root)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            ..Self::from_steps(input, g)
+        }
+    }
+
+    /// The row without a folder (a run whose prompts have none: Parquet tables).
+    pub fn from_steps(input: &PromptInput, g: &Generation) -> Self {
         let n = g.steps.len().max(1) as f64;
         let lowest = g.steps.iter().min_by(|a, b| {
             a.raw
@@ -315,13 +333,9 @@ impl SummaryRow {
                 .total_cmp(&b.raw.selected_prob)
                 .then(a.step.cmp(&b.step))
         });
-        let dir = dirs.dir(input.index);
         SummaryRow {
             index: input.index,
-            folder: dir
-                .strip_prefix(&dirs.root)
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
+            folder: String::new(),
             prompt_tokens: input.ids.len(),
             generated_tokens: g.generated_ids.len(),
             stop_reason: g.stop.name(),
@@ -534,6 +548,21 @@ impl Drop for TraceWriter {
     }
 }
 
+/// The prompt and the output text (up to a stop string), special tokens skipped, as the
+/// Token Heatmap tool writes `generated_text`.
+pub fn generated_text(source: &dyn Vocab, input: &PromptInput, generation: &Generation) -> String {
+    let mut text = Vec::new();
+    for &id in &input.ids {
+        if !source.is_special(id) {
+            if let Some(b) = source.token_bytes(id) {
+                text.extend_from_slice(&b);
+            }
+        }
+    }
+    text.extend_from_slice(&generation.text[..generation.text_len]);
+    String::from_utf8_lossy(&text).into_owned()
+}
+
 /// Builds the schema trace of one prompt. `generated_text` is the prompt and the output
 /// text (up to a stop string), special tokens skipped, as the Token Heatmap tool writes it.
 pub fn build_trace(
@@ -546,15 +575,6 @@ pub fn build_trace(
 ) -> Trace {
     let info: &ModelInfo = source.info();
     let mut pieces = Pieces::default();
-    let mut text = Vec::new();
-    for &id in &input.ids {
-        if !source.is_special(id) {
-            if let Some(b) = source.token_bytes(id) {
-                text.extend_from_slice(&b);
-            }
-        }
-    }
-    text.extend_from_slice(&generation.text[..generation.text_len]);
     Trace {
         schema_version: trace::SCHEMA_VERSION.into(),
         attention_metadata: gen.inside.as_ref().and_then(|i| i.attention_metadata()),
@@ -564,7 +584,7 @@ pub fn build_trace(
             prompt: input.prompt.clone(),
             system_prompt: input.system_prompt.clone(),
             use_chat_template,
-            generated_text: String::from_utf8_lossy(&text).into_owned(),
+            generated_text: generated_text(source, input, generation),
             generated_at: trace::now_rfc3339(),
             device: trace::schema_device(&info.device),
             dtype: Some(info.logits_dtype.clone()),

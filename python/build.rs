@@ -1,0 +1,14 @@
+//! Link options of the extension module.
+
+fn main() {
+    println!("cargo::rerun-if-changed=build.rs");
+    // backends/src/cpu_kernels.rs: llama.cpp's call that makes its CPU backend goes through
+    // logitprobe, which notes the backend to pick its kernels per decode (the batch-invariant
+    // ones: without this the module would run llama.cpp's default kernels, and a token's
+    // numbers would depend on its batch, unlike the command line's).
+    if std::env::var_os("CARGO_FEATURE_LLAMA").is_some()
+        && std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
+    {
+        println!("cargo::rustc-link-arg=-Wl,--wrap=ggml_backend_init_by_type");
+    }
+}
