@@ -52,12 +52,13 @@ pub fn serialized<'py>(py: Python<'py>, v: &impl serde::Serialize) -> PyResult<B
     py.import("json")?.call_method1("loads", (json,))
 }
 
-/// An Arrow IPC stream (one batch) as a `pyarrow.Table`.
-pub fn arrow_table<'py>(py: Python<'py>, ipc: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-    let ipc_module = py.import("pyarrow.ipc")?;
-    ipc_module
-        .call_method1("open_stream", (PyBytes::new(py, ipc),))?
-        .call_method0("read_all")
+/// A Parquet file held in memory as a `pyarrow.Table` (the Arrow types kept in its footer).
+pub fn parquet_table<'py>(py: Python<'py>, file: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let buffer = py
+        .import("pyarrow")?
+        .call_method1("BufferReader", (PyBytes::new(py, file),))?;
+    py.import("pyarrow.parquet")?
+        .call_method1("read_table", (buffer,))
 }
 
 /// `pyarrow.Table.from_pylist(rows)`: a table of dicts, columns in their order.

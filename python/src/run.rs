@@ -12,12 +12,14 @@ use logitprobe::generate::prompts::prepare_prompts;
 use logitprobe::generate::{
     self, Control, GenerateConfig, Generation, PromptInput, Sink, StopStrings, Timings,
 };
-use logitprobe::output::tables::{self, PromptRow, TraceTables};
+use logitprobe::output::parquet::{self, ParquetInMemory, RowGroupBounds};
+use logitprobe::output::tables::{self, PromptRow};
 use logitprobe::schema::trace::{Step, Trace};
 use logitprobe::Vocab;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyList;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -48,12 +50,41 @@ fn prepare(
     Ok((inputs, parallel))
 }
 
-/// Keeps each finished prompt's trace, as the trace writer builds it.
+/// Each finished prompt into the run's Parquet tables, in prompt order (a prompt that ends
+/// early waits for those before it: at most the prompts in the slots), and its trace's
+/// metadata and generation kept without their steps, which the tables hold.
 struct Collect<'a> {
     model: &'a str,
     gen: &'a GenerateConfig,
     use_chat_template: bool,
-    done: Vec<Option<(Trace, PromptRow, Generation)>>,
+    tables: ParquetInMemory,
+    /// Finished, waiting for an earlier prompt: index -> steps and prompt row.
+    waiting: BTreeMap<usize, (Vec<Step>, PromptRow)>,
+    /// The next prompt index the tables take.
+    next: usize,
+    done: Vec<Option<Kept>>,
+}
+
+/// A finished prompt's trace and generation, both without their steps.
+type Kept = (Trace, Generation);
+
+impl Collect<'_> {
+    fn push_ready(&mut self) -> anyhow::Result<()> {
+        while let Some((steps, row)) = self.waiting.remove(&self.next) {
+            self.tables.push(&steps, &row)?;
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// The tables of every prompt finished; those after a prompt never started (Ctrl-C) go in
+    /// their order too.
+    fn finish_tables(mut self) -> anyhow::Result<(ParquetTables, Vec<Option<Kept>>)> {
+        for (steps, row) in std::mem::take(&mut self.waiting).into_values() {
+            self.tables.push(&steps, &row)?;
+        }
+        Ok((self.tables.finish()?, self.done))
+    }
 }
 
 impl Sink for Collect<'_> {
@@ -63,7 +94,7 @@ impl Sink for Collect<'_> {
         input: &PromptInput,
         g: &Generation,
     ) -> anyhow::Result<()> {
-        let trace = logitprobe::output::build_trace(
+        let mut trace = logitprobe::output::build_trace(
             source,
             self.model,
             input,
@@ -82,23 +113,30 @@ impl Sink for Collect<'_> {
             ..Default::default()
         }
         .with_steps(&trace.steps);
+        self.waiting
+            .insert(input.index, (std::mem::take(&mut trace.steps), row));
         let mut kept = g.clone();
         kept.steps = Vec::new();
-        self.done[input.index] = Some((trace, row, kept));
-        Ok(())
+        self.done[input.index] = Some((trace, kept));
+        self.push_ready()
     }
 }
 
+/// The three tables of a run as Parquet files in memory: steps, candidates, prompts.
+type ParquetTables = [Vec<u8>; 3];
+
 /// What a trace produced, made on the engine thread.
 pub struct RunData {
-    traces: Vec<Trace>,
+    /// Each prompt's index and trace without its steps (they are in `tables`).
+    traces: Vec<(usize, Trace)>,
+    steps: usize,
     texts: Vec<String>,
     token_ids: Vec<Vec<u32>>,
     stop_reasons: Vec<&'static str>,
     seed: u64,
     parallel: usize,
     timings: Timings,
-    ipc: [Vec<u8>; 3],
+    tables: ParquetTables,
 }
 
 /// The trace job: every prompt through the library's loop, collected.
@@ -117,6 +155,9 @@ pub fn trace_job(
         model,
         gen: &plan.gen,
         use_chat_template: plan.format.use_chat_template,
+        tables: ParquetInMemory::new(RowGroupBounds::default())?,
+        waiting: BTreeMap::new(),
+        next: 0,
         done: (0..n).map(|_| None).collect(),
     };
     let mut stops = StopStrings::new(&plan.stop);
@@ -129,41 +170,37 @@ pub fn trace_job(
         let mut feed = inputs.into_iter().map(Ok);
         generate::Generator::new(&plan.gen, parallel)?.run(source, &mut feed, &mut sinks, stop)?
     };
-    let mut tables = TraceTables::new();
+    let (tables, done) = collect.finish_tables()?;
     let mut data = RunData {
         traces: Vec::with_capacity(n),
+        steps: 0,
         texts: Vec::with_capacity(n),
         token_ids: Vec::with_capacity(n),
         stop_reasons: Vec::with_capacity(n),
         seed: plan.gen.seed,
         parallel,
         timings,
-        ipc: Default::default(),
+        tables,
     };
-    for (i, done) in collect.done.into_iter().enumerate() {
+    for (i, done) in done.into_iter().enumerate() {
         // Ctrl-C ends every sequence, finished: a prompt left out is one never started.
-        let Some((trace, row, g)) = done else {
+        let Some((trace, g)) = done else {
             anyhow::ensure!(stop.load(Ordering::Relaxed), "prompt {i} was not finished");
             continue;
         };
-        tables.push_steps(i, &trace.steps);
-        tables.push_prompt(&row);
+        data.steps += g.generated_ids.len();
         data.texts.push(g.output_text());
         data.token_ids.push(g.generated_ids);
         data.stop_reasons.push(g.stop.name());
-        data.traces.push(trace);
+        data.traces.push((i, trace));
     }
-    data.ipc = [
-        tables::ipc_stream_bytes(&tables.finish_steps())?,
-        tables::ipc_stream_bytes(&tables.finish_candidates())?,
-        tables::ipc_stream_bytes(&tables.finish_prompts())?,
-    ];
     Ok(data)
 }
 
 /// The result of `Model.trace`: one row per prompt and step in `steps`, per candidate in
-/// `candidates`, per prompt in `prompts` (pyarrow Tables, made when first read), and each
-/// prompt's whole trace as the command line writes it (`traces()`).
+/// `candidates`, per prompt in `prompts` (pyarrow Tables, decoded when first read from the
+/// zstd Parquet the run is kept as), and each prompt's whole trace as the command line writes
+/// it (`traces()`).
 #[pyclass(module = "logitprobe", frozen)]
 pub struct Run {
     data: RunData,
@@ -180,7 +217,7 @@ impl Run {
 
     fn table<'py>(&self, py: Python<'py>, which: usize) -> PyResult<Bound<'py, PyAny>> {
         let t = self.tables[which].get_or_try_init(py, || {
-            convert::arrow_table(py, &self.data.ipc[which]).map(Bound::unbind)
+            convert::parquet_table(py, &self.data.tables[which]).map(Bound::unbind)
         })?;
         Ok(t.bind(py).clone())
     }
@@ -267,9 +304,19 @@ impl Run {
     /// Each prompt's trace as a dict: exactly the `adaptive_token_trace.json` the command
     /// line writes for it (Token Heatmap's schema 2.0.0).
     fn traces<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let [steps, candidates, _] = &self.data.tables;
+        let read = || -> anyhow::Result<_> {
+            Ok(tables::steps_from_batches(
+                &parquet::read_batches(steps)?,
+                &parquet::read_batches(candidates)?,
+            )?)
+        };
+        let mut steps = py.detach(read).map_err(|e| errors::to_py(py, &e))?;
         let list = PyList::empty(py);
-        for t in &self.data.traces {
-            list.append(convert::serialized(py, t)?)?;
+        for (i, t) in &self.data.traces {
+            let mut t = t.clone();
+            t.steps = steps.remove(i).unwrap_or_default();
+            list.append(convert::serialized(py, &t)?)?;
         }
         Ok(list)
     }
@@ -292,7 +339,7 @@ impl Run {
     }
 
     fn __repr__(&self) -> String {
-        let steps: usize = self.data.traces.iter().map(|t| t.steps.len()).sum();
+        let steps = self.data.steps;
         format!(
             "<logitprobe.Run: {} prompt{}, {steps} steps, seed {}>",
             self.data.traces.len(),

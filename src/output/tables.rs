@@ -13,13 +13,15 @@
 //!   generated text and the summary of its steps that `summary.csv` holds.
 //!
 //! [`TraceTables`] accumulates rows in Arrow builders and hands them out as
-//! [`RecordBatch`]es; [`ipc_stream_bytes`] serializes one batch as an Arrow IPC stream.
+//! [`RecordBatch`]es; [`steps_from_batches`] reads the steps back.
 
-use crate::schema::trace::{DistributionOut, Step};
+use crate::schema::trace::{CandidateOut, DistributionOut, SelectedToken, Step};
 use arrow_array::builder::{Float64Builder, StringBuilder, StringDictionaryBuilder, UInt32Builder};
-use arrow_array::types::Int8Type;
-use arrow_array::{ArrayRef, RecordBatch};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int8Type, UInt32Type};
+use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array};
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
 
 /// The two distributions of a step, in the order the candidates table lists them.
@@ -381,24 +383,139 @@ impl TraceTables {
     }
 }
 
-/// Arrow IPC stream bytes of one batch (what Python's pyarrow.ipc reads): the schema message,
-/// the batch, the end-of-stream marker.
-pub fn ipc_stream_bytes(batch: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
-    let mut out = Vec::new();
-    {
-        let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut out, &batch.schema())?;
-        w.write(batch)?;
-        w.finish()?;
+/// The steps of each prompt back from the steps and candidates tables (as
+/// [`TraceTables`] wrote them, in any number of batches): the inverse of
+/// [`TraceTables::push_steps`], value for value. Steps without candidate rows keep empty lists;
+/// `logit_lens` and `attention` have no columns and come back `None`.
+pub fn steps_from_batches(
+    steps: &[RecordBatch],
+    candidates: &[RecordBatch],
+) -> Result<BTreeMap<usize, Vec<Step>>, ArrowError> {
+    let mut prompts: BTreeMap<usize, Vec<Step>> = BTreeMap::new();
+    // Where each (prompt, step) is: its prompt's list and its place in it.
+    let mut at: HashMap<(u32, u32), usize> = HashMap::new();
+    for b in steps {
+        let (prompt, step) = (u32_column(b, "prompt_index")?, u32_column(b, "step")?);
+        let (token_id, token) = (u32_column(b, "token_id")?, str_column(b, "token")?);
+        let raw = DistReader::new(b, "raw")?;
+        let processed = DistReader::new(b, "processed")?;
+        for i in 0..b.num_rows() {
+            let list = prompts.entry(prompt.value(i) as usize).or_default();
+            at.insert((prompt.value(i), step.value(i)), list.len());
+            list.push(Step {
+                step: step.value(i) as usize,
+                selected: SelectedToken {
+                    token_id: token_id.value(i),
+                    token: token.value(i).to_string(),
+                },
+                raw: raw.row(i),
+                processed: processed.row(i),
+                logit_lens: None,
+                attention: None,
+            });
+        }
     }
-    Ok(out)
+    for b in candidates {
+        let (prompt, step) = (u32_column(b, "prompt_index")?, u32_column(b, "step")?);
+        let distribution = b
+            .column_by_name("distribution")
+            .and_then(|c| c.as_dictionary_opt::<Int8Type>())
+            .ok_or_else(|| missing("distribution"))?;
+        let names = distribution
+            .values()
+            .as_string_opt::<i32>()
+            .ok_or_else(|| missing("distribution"))?;
+        let (rank, token_id) = (u32_column(b, "rank")?, u32_column(b, "token_id")?);
+        let token = str_column(b, "token")?;
+        let (prob, logprob) = (f64_column(b, "prob")?, f64_column(b, "logprob")?);
+        for i in 0..b.num_rows() {
+            let key = (prompt.value(i), step.value(i));
+            let place = at.get(&key).copied().ok_or_else(|| {
+                ArrowError::InvalidArgumentError(format!(
+                    "a candidate of prompt {} step {} has no step row",
+                    key.0, key.1
+                ))
+            })?;
+            let s = &mut prompts.get_mut(&(key.0 as usize)).expect("indexed above")[place];
+            let name = names.value(distribution.keys().value(i) as usize);
+            let d = if name == DISTRIBUTIONS[0] {
+                &mut s.raw
+            } else {
+                &mut s.processed
+            };
+            d.candidates.push(CandidateOut {
+                rank: rank.value(i) as usize,
+                token_id: token_id.value(i),
+                token: token.value(i).to_string(),
+                prob: prob.value(i),
+                logprob: logprob.value(i),
+            });
+        }
+    }
+    Ok(prompts)
+}
+
+fn missing(name: &str) -> ArrowError {
+    ArrowError::SchemaError(format!("the table has no column {name:?} of its type"))
+}
+
+fn u32_column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a UInt32Array, ArrowError> {
+    b.column_by_name(name)
+        .and_then(|c| c.as_primitive_opt::<UInt32Type>())
+        .ok_or_else(|| missing(name))
+}
+
+fn f64_column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a Float64Array, ArrowError> {
+    b.column_by_name(name)
+        .and_then(|c| c.as_primitive_opt::<Float64Type>())
+        .ok_or_else(|| missing(name))
+}
+
+fn str_column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a StringArray, ArrowError> {
+    b.column_by_name(name)
+        .and_then(|c| c.as_string_opt::<i32>())
+        .ok_or_else(|| missing(name))
+}
+
+/// The six columns of one distribution in a steps batch.
+struct DistReader<'a> {
+    entropy: &'a Float64Array,
+    k_used: &'a UInt32Array,
+    top_mass_used: &'a Float64Array,
+    selected_prob: &'a Float64Array,
+    selected_logprob: &'a Float64Array,
+    selected_rank: &'a UInt32Array,
+}
+
+impl<'a> DistReader<'a> {
+    fn new(b: &'a RecordBatch, d: &str) -> Result<Self, ArrowError> {
+        Ok(DistReader {
+            entropy: f64_column(b, &format!("{d}_entropy"))?,
+            k_used: u32_column(b, &format!("{d}_k_used"))?,
+            top_mass_used: f64_column(b, &format!("{d}_top_mass_used"))?,
+            selected_prob: f64_column(b, &format!("{d}_selected_prob"))?,
+            selected_logprob: f64_column(b, &format!("{d}_selected_logprob"))?,
+            selected_rank: u32_column(b, &format!("{d}_selected_rank"))?,
+        })
+    }
+
+    /// Row `i`, its candidates still to come.
+    fn row(&self, i: usize) -> DistributionOut {
+        DistributionOut {
+            k_used: self.k_used.value(i) as usize,
+            entropy: self.entropy.value(i),
+            top_mass_used: self.top_mass_used.value(i),
+            selected_prob: self.selected_prob.value(i),
+            selected_logprob: self.selected_logprob.value(i),
+            selected_rank: self.selected_rank.value(i) as usize,
+            candidates: Vec::new(),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::trace::{CandidateOut, SelectedToken};
-    use arrow_array::cast::AsArray;
-    use arrow_array::types::{Float64Type, UInt32Type};
     use arrow_array::Array;
 
     fn dist(seed: f64, n: usize) -> DistributionOut {
@@ -636,18 +753,30 @@ mod tests {
         assert_eq!(t.prompt_rows(), 0);
     }
 
-    /// What ipc_stream_bytes writes reads back as the same batch.
+    /// The steps come back from their tables, value for value, whatever the batches.
     #[test]
-    fn ipc_stream_round_trip() {
+    fn steps_come_back_from_the_tables() {
+        let (a, b) = (steps(5), steps(2));
         let mut t = TraceTables::new();
-        t.push_steps(0, &steps(3));
-        for batch in [t.finish_steps(), t.finish_candidates(), t.finish_prompts()] {
-            let bytes = ipc_stream_bytes(&batch).unwrap();
-            let mut r = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
-                .unwrap();
-            let back = r.next().unwrap().unwrap();
-            assert_eq!(back, batch);
-            assert!(r.next().is_none());
-        }
+        t.push_steps(3, &a);
+        let (s1, c1) = (t.finish_steps(), t.finish_candidates());
+        t.push_steps(9, &b);
+        t.push_steps(11, &[]);
+        let (s2, c2) = (t.finish_steps(), t.finish_candidates());
+        let back = steps_from_batches(&[s1.clone(), s2], &[c1, c2]).unwrap();
+        assert_eq!(back.len(), 2, "a prompt without steps has no rows");
+        assert_eq!(back[&3], a);
+        assert_eq!(back[&9], b);
+        let orphan = steps_from_batches(
+            &[],
+            &[{
+                t.push_steps(1, &a[..1]);
+                t.finish_steps();
+                t.finish_candidates()
+            }],
+        );
+        assert!(orphan.unwrap_err().to_string().contains("has no step row"));
+        let wrong = steps_from_batches(&[s1.project(&[0, 1]).unwrap()], &[]);
+        assert!(wrong.unwrap_err().to_string().contains("token_id"));
     }
 }
