@@ -102,17 +102,7 @@ impl Sink for Collect<'_> {
             self.gen,
             self.use_chat_template,
         );
-        let row = PromptRow {
-            prompt_index: input.index,
-            prompt: input.prompt.clone(),
-            system_prompt: input.system_prompt.clone(),
-            prompt_tokens: input.ids.len(),
-            generated_tokens: g.generated_ids.len(),
-            stop_reason: g.stop.name().to_string(),
-            generated_text: trace.metadata.generated_text.clone(),
-            ..Default::default()
-        }
-        .with_steps(&trace.steps);
+        let row = parquet::prompt_row(source, input, g);
         self.waiting
             .insert(input.index, (std::mem::take(&mut trace.steps), row));
         let mut kept = g.clone();

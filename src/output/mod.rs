@@ -490,17 +490,22 @@ impl TraceWriter {
 
     /// The record of one prompt, as run.json lists it.
     pub fn prompt_record(&self, input: &PromptInput, g: &Generation) -> PromptRecord {
-        PromptRecord {
-            index: input.index,
-            prompt: input.prompt.clone(),
-            system_prompt: input.system_prompt.clone(),
-            rendered_prompt: input.rendered.clone(),
-            prompt_tokens: input.ids.len(),
-            generated_tokens: g.generated_ids.len(),
-            stop_reason: g.stop,
-            degenerate_steps: g.degenerate_steps.clone(),
-            out_dir: self.dirs.dir(input.index).display().to_string(),
-        }
+        prompt_record(input, g, &self.dirs.dir(input.index))
+    }
+}
+
+/// The record of one finished prompt whose files are in `out_dir`, as run.json lists it.
+pub fn prompt_record(input: &PromptInput, g: &Generation, out_dir: &Path) -> PromptRecord {
+    PromptRecord {
+        index: input.index,
+        prompt: input.prompt.clone(),
+        system_prompt: input.system_prompt.clone(),
+        rendered_prompt: input.rendered.clone(),
+        prompt_tokens: input.ids.len(),
+        generated_tokens: g.generated_ids.len(),
+        stop_reason: g.stop,
+        degenerate_steps: g.degenerate_steps.clone(),
+        out_dir: out_dir.display().to_string(),
     }
 }
 

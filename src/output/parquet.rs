@@ -548,17 +548,7 @@ impl Sink for ParquetTrace {
         let row = prompt_row(source, input, g);
         self.push(&g.steps, &row)?;
         *self.stop_reasons.entry(g.stop.name()).or_default() += 1;
-        self.last = Some(PromptRecord {
-            index: input.index,
-            prompt: input.prompt.clone(),
-            system_prompt: input.system_prompt.clone(),
-            rendered_prompt: input.rendered.clone(),
-            prompt_tokens: input.ids.len(),
-            generated_tokens: g.generated_ids.len(),
-            stop_reason: g.stop,
-            degenerate_steps: g.degenerate_steps.clone(),
-            out_dir: self.dir.display().to_string(),
-        });
+        self.last = Some(super::prompt_record(input, g, &self.dir));
         if let Some((path, w)) = &mut self.summary {
             let mut summary = SummaryRow::from_steps(input, g);
             // No folder per prompt: its rows are in the tables.
