@@ -82,19 +82,7 @@ pub fn message(e: &anyhow::Error) -> String {
         msg.push_str("; ");
         msg.push_str(&fix);
     }
-    one_line(&msg)
-}
-
-/// The message on one line, every control character escaped (text from a model file can
-/// hold any byte).
-fn one_line(msg: &str) -> String {
-    msg.chars()
-        .map(|c| match c {
-            '\n' => " ".to_string(),
-            c if c.is_control() => c.escape_unicode().to_string(),
-            c => c.to_string(),
-        })
-        .collect()
+    logitprobe::util::one_line(&msg)
 }
 
 /// What the user can fix: the command line's exit code 2.

@@ -42,7 +42,7 @@ pub fn report(e: &anyhow::Error) -> ExitCode {
         msg.push_str("; ");
         msg.push_str(&fix);
     }
-    eprintln!("error: {}", one_line(&msg));
+    eprintln!("error: {}", logitprobe::util::one_line(&msg));
     ExitCode::from(if usage || full { 2 } else { 1 })
 }
 
@@ -67,19 +67,6 @@ fn io_kind(c: &(dyn StdError + 'static)) -> Option<std::io::ErrorKind> {
         Some(e) => Some(e.kind()),
         None => c.downcast_ref::<serde_json::Error>()?.io_error_kind(),
     }
-}
-
-/// The message on one line, with every control character escaped: text from a model file
-/// (an architecture name, a token) can hold a NUL or an escape sequence that a terminal
-/// would act on.
-fn one_line(msg: &str) -> String {
-    msg.chars()
-        .map(|c| match c {
-            '\n' => " ".to_string(),
-            c if c.is_control() => c.escape_unicode().to_string(),
-            c => c.to_string(),
-        })
-        .collect()
 }
 
 /// What the user can fix: bad flags and inputs, an output folder that holds another sharded

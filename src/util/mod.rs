@@ -85,6 +85,19 @@ pub fn remove_partials(dir: &Path) -> std::io::Result<usize> {
     Ok(removed)
 }
 
+/// An error message on one line, every control character escaped: text from a model file (an
+/// architecture name, a token) can hold a NUL or an escape sequence that a terminal would act
+/// on. Both front ends (the binary, the Python package) print through it.
+pub fn one_line(msg: &str) -> String {
+    msg.chars()
+        .map(|c| match c {
+            '\n' => " ".to_string(),
+            c if c.is_control() => c.escape_unicode().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
