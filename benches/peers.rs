@@ -8,9 +8,12 @@
 //! | scoring | teacher-forced scoring of 512-token chunks (the scored half's logits) | `llama-bench -p 512` |
 //! | (scoring, pp512's work) | the same chunks with the last position's logits only, as `llama-bench` asks: what the scored half's output head costs | `llama-bench -p 512` |
 //! | decode | 128 tokens through `trace`'s loop with the probe on, Q4_1 | `llama-bench -n 128` |
+//! | prefill | a prompt of 512, 2048, 4096 and 8192 tokens of the corpus through `trace`'s loop (its `prefill_s`), Q4_1, F16 KV cache, flash attention on, batches of 512; 8191 tokens for 8192 (the model's trained context, where a prompt needs room for one more) | `llama-bench -p N -n 0 -fa 1 -ctk f16 -ctv f16 -b 512 -ub 512 --no-warmup` |
 //! | probe | a nearly flat 151,936-entry row under top-p 0.95 | the same probe on a language-model-like row |
 //!
-//! `PEERS_ROWS` (e.g. `decode,probe`) runs only those rows.
+//! `PEERS_ROWS` (e.g. `decode,probe`) runs only those rows; `PEERS_PREFILL` (e.g. `512,2048`)
+//! the prefill row's prompt lengths (`PEERS_PREFILL_BATCHED=0` leaves out its batched-kernel
+//! diagnostic, a third of its time).
 //!
 //! `scripts/bench-vs-peers` prepares what it needs (llama.cpp's tools built from the sources
 //! logitprobe vendors, the F16 model) and runs it with `PEERS_LLAMA_BIN` (folder of
@@ -81,6 +84,73 @@ fn llama_bench(bin: &Path, model: &Path, threads: usize, pp: usize, tg: usize) -
     ]));
     let v: serde_json::Value = serde_json::from_str(&json).expect("llama-bench -o json");
     v[0]["avg_ts"].as_f64().expect("avg_ts")
+}
+
+/// llama-bench's tokens/s for a prompt of `n` tokens at the prefill row's settings (F16 KV
+/// cache, flash attention on, batches of 512, no warmup: the prompt is one run either way).
+fn llama_bench_prompt(bin: &Path, model: &Path, threads: usize, n: usize) -> f64 {
+    let json = run(Command::new(bin.join("llama-bench")).args([
+        "-m",
+        model.to_str().unwrap(),
+        "-t",
+        &threads.to_string(),
+        "-p",
+        &n.to_string(),
+        "-n",
+        "0",
+        "-fa",
+        "1",
+        "-ctk",
+        "f16",
+        "-ctv",
+        "f16",
+        "-b",
+        "512",
+        "-ub",
+        "512",
+        "-r",
+        "1",
+        "--no-warmup",
+        "-o",
+        "json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&json).expect("llama-bench -o json");
+    v[0]["avg_ts"].as_f64().expect("avg_ts")
+}
+
+/// Ours for the prefill row: `ids` as one prompt through the loop `trace` runs (in chunks of
+/// the engine's batch, probe on, one token sampled), in tokens/s of its `prefill_s`.
+fn prefill_once(src: &mut dyn LogitSource, ids: &[logitprobe::backends::TokenId]) -> f64 {
+    use logitprobe::generate::{generate, GenerateConfig, PromptInput};
+    let prompts = [PromptInput {
+        index: 0,
+        ids: ids.to_vec(),
+        ..Default::default()
+    }];
+    let cfg = GenerateConfig {
+        sampling: SamplingConfig::default(),
+        probe: ProbeConfig::default(),
+        max_new_tokens: 1,
+        ignore_eos: true,
+        seed: 1,
+        probe_enabled: true,
+        logprobs: None,
+        prompt_logprobs: false,
+        inside: None,
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let timings = generate(src, &prompts, &cfg, &mut [], &stop).unwrap().1;
+    ids.len() as f64 / timings.prefill_s
+}
+
+/// CPU seconds used so far by this process (`libc::RUSAGE_SELF`) or by its finished
+/// children (`libc::RUSAGE_CHILDREN`): steadier than wall time on a shared machine.
+fn cpu_s(who: i32) -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(who, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    t(u.ru_utime) + t(u.ru_stime)
 }
 
 fn opts(threads: usize, ctx: usize) -> EngineOptions {
@@ -312,6 +382,109 @@ fn main() {
             });
             }
 
+            if want("prefill") {
+                // Rows: prompt processing of long prompts, Q4_1 (issue 31).
+                let sizes: Vec<usize> = std::env::var("PEERS_PREFILL")
+                    .ok()
+                    .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+                    .unwrap_or_else(|| vec![512, 2048, 4096, 8192]);
+                let text = std::fs::read_to_string(corpus()).unwrap();
+                for &n in &sizes {
+                    let open_with = |ctx: usize, fast: bool| {
+                        logitprobe::backends::open(
+                            Backend::Llama,
+                            q4.to_str().unwrap(),
+                            &EngineOptions {
+                                flash_attn: logitprobe::backends::FlashAttn::On,
+                                fast_scoring: fast,
+                                ..opts(threads, ctx)
+                            },
+                        )
+                        .expect("Q4_1 model")
+                    };
+                    let open = |ctx: usize| open_with(ctx, false);
+                    let trained = open(512)
+                        .info()
+                        .details
+                        .get("n_ctx_train")
+                        .and_then(|v| v.as_u64())
+                        .unwrap_or(u64::MAX) as usize;
+                    // A prompt leaves room for the token after it.
+                    let ctx = (n + 1).next_multiple_of(256).min(trained);
+                    let mut src = open(ctx);
+                    let ids = src.tokenize(&text, false, false).unwrap();
+                    let ids = &ids[..n.min(ctx - 1)];
+                    // The same prompt through llama.cpp's batched kernels (what llama-bench
+                    // runs; scoring's `fast_scoring`), the last position's logits only: what
+                    // the batch-invariant kernels cost.
+                    // (PEERS_PREFILL_BATCHED=0 skips it, for a shorter run.)
+                    let mut batched_src = (std::env::var("PEERS_PREFILL_BATCHED").as_deref() != Ok("0"))
+                        .then(|| open_with(ctx, true));
+                    let (mut ours, mut batched, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+                    // Tokens per CPU second, ours and llama-bench's (its whole process: with
+                    // loading the model, a few tenths of a second).
+                    let (mut ours_cpu, mut theirs_cpu) = (Vec::new(), Vec::new());
+                    let len = ids.len() as f64;
+                    for r in 0..runs {
+                        let c = cpu_s(libc::RUSAGE_SELF);
+                        ours.push(prefill_once(&mut *src, ids));
+                        ours_cpu.push(len / (cpu_s(libc::RUSAGE_SELF) - c));
+                        if let Some(b) = &mut batched_src {
+                            let t = Instant::now();
+                            std::hint::black_box(b.score_from(ids, ids.len() - 1).unwrap());
+                            batched.push(len / t.elapsed().as_secs_f64());
+                        } else {
+                            batched.push(f64::NAN);
+                        }
+                        let c = cpu_s(libc::RUSAGE_CHILDREN);
+                        theirs.push(llama_bench_prompt(bin, &q4, threads, n));
+                        theirs_cpu.push(n as f64 / (cpu_s(libc::RUSAGE_CHILDREN) - c));
+                        eprintln!(
+                            "prefill {n} round {}: ours {:.1} tok/s ({} tokens; {:.1} per CPU s; \
+                             batched kernels {:.1}), llama-bench pp{n} {:.1} tok/s ({:.1} per CPU s)",
+                            r + 1,
+                            ours[r],
+                            ids.len(),
+                            ours_cpu[r],
+                            batched[r],
+                            theirs[r],
+                            theirs_cpu[r]
+                        );
+                    }
+                    drop(batched_src);
+                    rows.push(Row {
+                        what: format!(
+                            "prompt processing Q4_1, {} tokens vs llama-bench pp{n} (F16 KV, flash attention on)",
+                            ids.len()
+                        ),
+                        ours: median(ours),
+                        theirs: median(theirs),
+                        unit: "tok/s",
+                        goal: "≥ 0.95",
+                    });
+                    rows.push(Row {
+                        what: format!(
+                            "the same {} tokens through the batched kernels (llama-bench's)",
+                            ids.len()
+                        ),
+                        ours: median(batched),
+                        theirs: rows.last().unwrap().theirs,
+                        unit: "tok/s",
+                        goal: "(its kernels)",
+                    });
+                    rows.push(Row {
+                        what: format!(
+                            "prompt processing per CPU second, {} tokens (llama-bench: its process, loading included)",
+                            ids.len()
+                        ),
+                        ours: median(ours_cpu),
+                        theirs: median(theirs_cpu),
+                        unit: "tok/CPU-s",
+                        goal: "≥ 0.95",
+                    });
+                }
+            }
+
             if want("decode") {
             // Row: decode with the probe on.
             let mut src =
@@ -343,7 +516,7 @@ fn main() {
             }
         }
         _ => skipped.push(
-            "compare, scoring, decode: PEERS_LLAMA_BIN and PEERS_F16 not set (run scripts/bench-vs-peers)"
+            "compare, scoring, decode, prefill: PEERS_LLAMA_BIN and PEERS_F16 not set (run scripts/bench-vs-peers)"
                 .into(),
         ),
     }

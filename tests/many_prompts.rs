@@ -574,3 +574,75 @@ fn prompts_stream_from_stdin_a_pipe_and_a_fifo() {
     assert!(t.elapsed() < std::time::Duration::from_secs(30));
     assert!(!out.exists(), "nothing written");
 }
+
+/// A long prompt goes through the loop in chunks of the engine's batch (one call each, while
+/// the other slots decode), which shows prompt progress: its trace is the one of a prompt fed
+/// whole, alone or beside others.
+fn chunked_prompts_keep_their_numbers(model: &Path) {
+    let tmp = tempfile::tempdir().unwrap();
+    let long = |i: usize| {
+        (0..40 + 25 * i)
+            .map(|k| format!("w{}", (k * 7 + i) % 13))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let lines = [
+        long(3),
+        "A short one.".into(),
+        long(1),
+        long(5),
+        "Another.".into(),
+    ];
+    let file = tmp.path().join("prompts.txt");
+    fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let model = model.to_str().unwrap();
+    let mut outs = Vec::new();
+    // Batches of 4096: every prompt whole; of 16 and 64: long prompts in many calls.
+    for (batch, parallel) in [("4096", "1"), ("16", "1"), ("16", "3"), ("64", "5")] {
+        let out = tmp.path().join(format!("b{batch}-p{parallel}"));
+        trace_ok(&[
+            "--backend",
+            "llama",
+            "--model",
+            model,
+            "--prompts-file",
+            file.to_str().unwrap(),
+            "--max-new-tokens",
+            "5",
+            "--seed",
+            "7",
+            "--batch-size",
+            batch,
+            "--parallel",
+            parallel,
+            "--threads",
+            "1",
+            "--no-plots",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        outs.push(out);
+    }
+    for i in 0..lines.len() {
+        let name = format!("prompt-{i:03}");
+        let a = trace_at(&outs[0].join(&name));
+        for out in &outs[1..] {
+            assert_eq!(a, trace_at(&out.join(&name)), "{name} in {out:?}");
+        }
+    }
+}
+
+#[test]
+fn chunked_prompts_keep_their_numbers_llama() {
+    chunked_prompts_keep_their_numbers(&tiny("tiny-f32.gguf"));
+}
+
+#[test]
+fn chunked_prompts_keep_their_numbers_llama_q8_0() {
+    chunked_prompts_keep_their_numbers(&tiny("tiny-q8_0.gguf"));
+}
+
+#[test]
+fn chunked_prompts_keep_their_numbers_smollm2() {
+    chunked_prompts_keep_their_numbers(&smollm2());
+}

@@ -411,21 +411,85 @@ fn parquet_bounds() -> anyhow::Result<RowGroupBounds> {
     }
 }
 
-/// Progress bar on stderr when it is a terminal.
-struct Bar(Option<indicatif::ProgressBar>);
+/// Progress on stderr when it is a terminal: prompt processing (tokens of the prompts) and
+/// generation as two bars, each with the rate and ETA of its own calls, so that a long
+/// prompt shows progress while it is read and does not slow the generation's rate.
+struct Bar(Option<Bars>);
+
+struct Bars {
+    // Holds the two bars' lines together; dropped with them.
+    multi: indicatif::MultiProgress,
+    prompt: indicatif::ProgressBar,
+    decode: indicatif::ProgressBar,
+}
+
+impl Bar {
+    fn new(prompt_tokens: u64, new_tokens: u64) -> Self {
+        Bar(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+                let multi = indicatif::MultiProgress::new();
+                let bar = |len: u64, template: &str| {
+                    let b = multi.add(indicatif::ProgressBar::new(len));
+                    b.set_style(
+                        indicatif::ProgressStyle::with_template(template).expect("valid template"),
+                    );
+                    b
+                };
+                Bars {
+                    prompt: bar(
+                        prompt_tokens,
+                        "{spinner} prompt {bar:40} {pos}/{len} tokens {msg}",
+                    ),
+                    decode: bar(
+                        new_tokens,
+                        "{spinner} decode {bar:40} {pos}/{len} tokens {msg}",
+                    ),
+                    multi,
+                }
+            }),
+        )
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.0 {
+            b.prompt.finish_and_clear();
+            b.decode.finish_and_clear();
+            let _ = b.multi.clear();
+        }
+    }
+}
+
+/// "151.2 tok/s eta 12s" from `done` of `len` units in `secs`; empty before any.
+fn rate_eta(done: usize, len: u64, secs: f64) -> String {
+    if done == 0 || secs <= 0.0 {
+        return String::new();
+    }
+    let rate = done as f64 / secs;
+    let left = len.saturating_sub(done as u64) as f64 / rate;
+    format!(
+        "{rate:.1} tok/s eta {}",
+        indicatif::HumanDuration(std::time::Duration::from_secs_f64(left))
+    )
+}
 
 impl Sink for Bar {
-    fn step(
-        &mut self,
-        _: &dyn Vocab,
-        _: &PromptInput,
-        _: &Generation,
-        _: &logitprobe::schema::trace::Step,
-    ) -> anyhow::Result<generate::Control> {
+    fn progress(&mut self, p: &generate::Progress) -> anyhow::Result<()> {
         if let Some(b) = &self.0 {
-            b.inc(1);
+            b.prompt.set_position(p.prompt_tokens as u64);
+            let len = b.prompt.length().unwrap_or(0);
+            b.prompt
+                .set_message(rate_eta(p.prompt_tokens, len, p.prefill_s));
+            b.decode.set_position(p.generated_tokens as u64);
+            // The rate of the calls that only decoded: prompt processing is the other bar's.
+            let len = b.decode.length().unwrap_or(0);
+            let left = len.saturating_sub(p.generated_tokens as u64);
+            b.decode.set_message(rate_eta(
+                p.decode_tokens,
+                p.decode_tokens as u64 + left,
+                p.decode_s,
+            ));
         }
-        Ok(generate::Control::Continue)
+        Ok(())
     }
 }
 
@@ -522,6 +586,9 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     // shards size their context alike.
     let (mut longest, mut longest_index) = (0, 0);
     let mut indices = Vec::new();
+    // The prompt-processing bar's length: every prompt's tokens (a shard's: (index, tokens),
+    // summed over those it runs once they are known).
+    let (mut prompt_total, mut lengths) = (0usize, Vec::new());
     for spec in plan.prompts.iter()? {
         let input = prompts::prepare(&*source, &spec?, &plan.format)?;
         // Empty prompts now; lengths once the context is fitted.
@@ -531,6 +598,9 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         }
         if plan.shard.is_some() {
             indices.push(input.index);
+            lengths.push((input.index, input.ids.len()));
+        } else {
+            prompt_total += input.ids.len();
         }
     }
     // Without --ctx-size, each slot's context holds what this job needs (up to the model's
@@ -581,18 +651,13 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
     let parallel = generate::open_slots(&mut *source, plan.parallel, n_run)?;
 
     let total = (n_run * plan.gen.max_new_tokens) as u64;
-    let mut bar = Bar(
-        std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
-            let b = indicatif::ProgressBar::new(total);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} {bar:40} {pos}/{len} tokens {per_sec} eta {eta}",
-                )
-                .expect("valid template"),
-            );
-            b
-        }),
-    );
+    prompt_total += lengths
+        .iter()
+        .filter(|(i, _)| todo.as_ref().is_none_or(|t| t.contains(i)))
+        .map(|&(_, n)| n)
+        .sum::<usize>();
+    drop(lengths);
+    let mut bar = Bar::new(prompt_total as u64, total);
 
     let info = source.info().clone();
     let mut record = RunRecord {
@@ -700,9 +765,7 @@ pub fn run(args: &mut TraceArgs, verbose: bool, command: Vec<String>) -> anyhow:
         generate::Generator::new(&gen, parallel)
             .and_then(|g| g.run(&mut *source, &mut inputs, &mut sinks, &stop))
     };
-    if let Some(b) = &bar.0 {
-        b.finish_and_clear();
-    }
+    bar.finish();
     let closed = writer.close(result.is_ok());
     let timings = result?;
     closed?;

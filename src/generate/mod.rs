@@ -188,6 +188,28 @@ pub trait Sink {
     ) -> anyhow::Result<()> {
         Ok(())
     }
+
+    /// After each decode call: how far the run has come, prompt processing and generation
+    /// each on its own clock (a long prompt is fed in chunks, each one call).
+    fn progress(&mut self, _progress: &Progress) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where a run stands after a decode call, for progress displays: prompt processing and
+/// generation counted and clocked apart, so that a rate read from one is not diluted by the
+/// other.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Progress {
+    /// Prompt tokens the engine has processed so far, over every prompt taken.
+    pub prompt_tokens: usize,
+    /// Tokens generated so far.
+    pub generated_tokens: usize,
+    /// Seconds spent in calls that fed prompt tokens.
+    pub prefill_s: f64,
+    /// Seconds spent in calls that fed generated tokens only, and the tokens they gave.
+    pub decode_s: f64,
+    pub decode_tokens: usize,
 }
 
 /// Ends a sequence when its generated text contains one of the stop strings (llama.cpp's
@@ -321,6 +343,10 @@ impl<'a> Generator<'a> {
             let sampled = run.sample(&*source, &active, &decoded)?;
             let stop_all = run.dispatch(&*source, sinks, &active, sampled, &decoded)?;
             run.clock(t_call.elapsed(), decoded.has_prompt);
+            let progress = run.progress();
+            for sink in sinks.iter_mut() {
+                sink.progress(&progress)?;
+            }
             if stop_all {
                 run.finish_all(&*source, sinks, StopReason::Cancelled)?;
                 break;
@@ -345,6 +371,9 @@ struct Decoded {
     logits: ndarray::Array2<f32>,
     /// Per active slot: whether it got a row for each position it fed (its prompt's).
     every: Vec<bool>,
+    /// Per active slot: how many of its pending tokens it fed (fewer than pending while a
+    /// long prompt goes in chunks).
+    fed: Vec<usize>,
     /// Whether some slot fed its prompt (the call counts as prompt processing).
     has_prompt: bool,
     captured: Vec<logitprobe_backends::Captured>,
@@ -354,6 +383,8 @@ struct Decoded {
 enum Sampled {
     /// A step, and the row its last position gave.
     Step(Box<StepProbe>, usize),
+    /// None yet: the slot fed this many tokens of its prompt, and more follow.
+    Prefilling(usize),
     /// None asked: the slot only scores its prompt.
     ScoreOnly,
     /// None possible: the row holds no finite logit, so the sequence ends.
@@ -374,6 +405,10 @@ struct Run<'g> {
     prefill: Duration,
     decode: Duration,
     decode_only_tokens: usize,
+    /// Prompt tokens fed so far.
+    prompt_fed: usize,
+    /// The most prompt tokens a slot feeds in one call (see [`prefill_chunk`]).
+    chunk: usize,
     /// The feed has no more prompts: finish what runs and end.
     draining: bool,
     t_start: Instant,
@@ -394,6 +429,8 @@ impl<'g> Run<'g> {
             prefill: Duration::ZERO,
             decode: Duration::ZERO,
             decode_only_tokens: 0,
+            prompt_fed: 0,
+            chunk: prefill_chunk(vocab),
             draining: false,
             t_start: Instant::now(),
         }
@@ -472,10 +509,29 @@ impl<'g> Run<'g> {
                             .is_some_and(|i| i.config.lens_prompt))
             })
             .collect();
+        // A prompt goes in chunks, one call each, so that progress can be shown and other
+        // slots go on decoding meanwhile; not where every position's row is asked for, nor
+        // with the lens or attention, which read the prompt in one piece.
+        let fed: Vec<usize> = active
+            .iter()
+            .zip(&every)
+            .map(|(&s, &every)| {
+                let a = self.slot(s);
+                let whole = every
+                    || !a.generation.steps.is_empty()
+                    || a.input.settings(cfg).inside.is_some();
+                if whole {
+                    a.pending.len()
+                } else {
+                    a.pending.len().min(self.chunk)
+                }
+            })
+            .collect();
         let logits = {
             let batch: Vec<(usize, &[TokenId])> = active
                 .iter()
-                .map(|&s| (s, self.slot(s).pending.as_slice()))
+                .zip(&fed)
+                .map(|(&s, &n)| (s, &self.slot(s).pending[..n]))
                 .collect();
             source.decode_rows(&batch, &every).context(if has_prompt {
                 "prompt evaluation failed"
@@ -483,6 +539,11 @@ impl<'g> Run<'g> {
                 "decode failed"
             })?
         };
+        for (&s, &n) in active.iter().zip(&fed) {
+            if self.slot(s).generation.steps.is_empty() {
+                self.prompt_fed += n;
+            }
+        }
         let captured = source.take_captured();
         let inside_on = active
             .iter()
@@ -496,6 +557,7 @@ impl<'g> Run<'g> {
         Ok(Decoded {
             logits,
             every,
+            fed,
             has_prompt,
             captured,
         })
@@ -512,9 +574,16 @@ impl<'g> Run<'g> {
         let cfg = self.cfg;
         let mut sampled = Vec::with_capacity(active.len());
         let mut row = 0;
-        for (&s, &every) in active.iter().zip(&d.every) {
+        for ((&s, &every), &fed) in active.iter().zip(&d.every).zip(&d.fed) {
             let a = self.slots[s].as_mut().expect("active");
             let settings = a.input.settings(cfg);
+            if fed < a.pending.len() {
+                // A chunk of a prompt that goes on: its one row (the chunk's last position)
+                // is not a step.
+                row += 1;
+                sampled.push(Sampled::Prefilling(fed));
+                continue;
+            }
             let n_rows = if every { a.pending.len() } else { 1 };
             if let Some(inside) = settings.inside.as_deref() {
                 if every && inside.config.lens_prompt {
@@ -610,6 +679,11 @@ impl<'g> Run<'g> {
             let mut a = self.slots[s].take().expect("active");
             let (sp, last_row) = match sampled {
                 Sampled::Step(sp, row) => (*sp, row),
+                Sampled::Prefilling(fed) => {
+                    a.pending.drain(..fed);
+                    self.slots[s] = Some(a);
+                    continue;
+                }
                 Sampled::ScoreOnly => {
                     finish(vocab, sinks, a, StopReason::MaxNewTokens)?;
                     continue;
@@ -726,6 +800,16 @@ impl<'g> Run<'g> {
         }
     }
 
+    fn progress(&self) -> Progress {
+        Progress {
+            prompt_tokens: self.prompt_fed,
+            generated_tokens: self.timings.generated_tokens,
+            prefill_s: self.prefill.as_secs_f64(),
+            decode_s: self.decode.as_secs_f64(),
+            decode_tokens: self.decode_only_tokens,
+        }
+    }
+
     fn finish_all(
         &mut self,
         vocab: &dyn Vocab,
@@ -756,6 +840,20 @@ impl<'g> Run<'g> {
         };
         self.timings
     }
+}
+
+/// The most prompt tokens a slot feeds in one call: the engine's batch (`n_batch` in its
+/// details), where an engine that splits a prompt itself (llama.cpp) splits it anyway, so
+/// that a prompt fed chunk by chunk gives the same numbers as one fed whole. An engine that
+/// names no batch takes a prompt whole.
+fn prefill_chunk(vocab: &dyn Vocab) -> usize {
+    vocab
+        .info()
+        .details
+        .get("n_batch")
+        .and_then(|v| v.as_u64())
+        .filter(|&n| n > 0)
+        .map_or(usize::MAX, |n| n as usize)
 }
 
 /// The teacher-forced view of a prompt: `rows[i]` predicts `ids[i + 1]`; its logprobs and,
