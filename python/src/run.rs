@@ -145,7 +145,9 @@ pub fn trace_job(
         model,
         gen: &plan.gen,
         use_chat_template: plan.format.use_chat_template,
-        tables: ParquetInMemory::new(RowGroupBounds::default())?,
+        // Row groups of 16,384 steps (65,536 candidates): the rows gathered before encoding stay
+        // a few MiB, next to the model.
+        tables: ParquetInMemory::new(RowGroupBounds::from_steps(16_384))?,
         waiting: BTreeMap::new(),
         next: 0,
         done: (0..n).map(|_| None).collect(),
