@@ -19,12 +19,63 @@ pub const SLICE: Duration = Duration::from_millis(50);
 /// Work for the engine thread.
 type Job = Box<dyn FnOnce(&mut dyn LogitSource) + Send>;
 
-/// A model on its engine thread.
-pub struct Engine {
+/// The channels of one engine thread, shared with [`OPEN`] so that the interpreter's exit can
+/// end the thread.
+struct Channels {
     /// `None` once closed; dropping the sender ends the thread after the jobs queued.
     jobs: Mutex<Option<Sender<Job>>>,
-    /// Told when the thread has dropped the model and ends.
+    /// Told when the thread has dropped the model and ends; `None` once waited for.
     ended: Mutex<Option<Receiver<()>>>,
+}
+
+/// Every engine thread not yet waited for. A model dropped by the garbage collector only lets
+/// its thread end, and a model alive at exit not even that: without [`close_all`] the process
+/// would exit (running C++'s static destructors) while a thread still frees llama.cpp's model.
+static OPEN: Mutex<Vec<Arc<Channels>>> = Mutex::new(Vec::new());
+
+/// Ends every engine thread and waits until each has freed its model: run at the
+/// interpreter's exit (the module registers it with `atexit`).
+#[pyfunction]
+pub fn close_all(py: Python<'_>) {
+    let open = std::mem::take(&mut *OPEN.lock().unwrap_or_else(|e| e.into_inner()));
+    for channels in open {
+        // A Ctrl-C at exit stops the waiting, not the thread.
+        let _ = channels.close(py);
+    }
+}
+
+impl Channels {
+    fn release(&self) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        self.release();
+        let ended = self.ended.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(rx) = ended {
+            // Disconnected: the thread is gone already.
+            match wait(py, rx, None) {
+                Err(e) if e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) => {
+                    return Err(e)
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the thread has ended (or was waited for): nothing left to wait for at exit.
+    fn is_done(&self) -> bool {
+        match &*self.ended.lock().unwrap_or_else(|e| e.into_inner()) {
+            None => true,
+            Some(rx) => !matches!(rx.try_recv(), Err(mpsc::TryRecvError::Empty)),
+        }
+    }
+}
+
+/// A model on its engine thread.
+pub struct Engine {
+    channels: Arc<Channels>,
     pub info: ModelInfo,
 }
 
@@ -75,12 +126,17 @@ impl Engine {
                 )
             })?;
         // Ctrl-C while the model loads: the thread finishes loading, finds no job and ends.
-        let info = wait(py, ready_rx, None)?.map_err(|e| errors::to_py(py, &e))?;
-        Ok(Engine {
+        let channels = Arc::new(Channels {
             jobs: Mutex::new(Some(jobs)),
             ended: Mutex::new(Some(ended)),
-            info,
-        })
+        });
+        {
+            let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+            open.retain(|c| !c.is_done());
+            open.push(channels.clone());
+        }
+        let info = wait(py, ready_rx, None)?.map_err(|e| errors::to_py(py, &e))?;
+        Ok(Engine { channels, info })
     }
 
     /// Runs `f` on the engine thread and waits for its answer, the GIL released. Ctrl-C
@@ -109,7 +165,7 @@ impl Engine {
         py: Python<'_>,
         job: impl FnOnce(&mut dyn LogitSource) + Send + 'static,
     ) -> PyResult<()> {
-        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let jobs = self.channels.jobs.lock().unwrap_or_else(|e| e.into_inner());
         let sent = match jobs.as_ref() {
             Some(tx) => tx.send(Box::new(job)).is_ok(),
             None => {
@@ -130,34 +186,26 @@ impl Engine {
         Ok(())
     }
 
-    /// Lets the engine thread end once the queued jobs are done, without waiting for it (as
-    /// dropping the engine does).
-    fn release(&self) {
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
-    }
-
     /// Ends the engine thread once the queued jobs are done and waits until it has freed the
     /// model (Ctrl-C stops the wait, not the thread).
     pub fn close(&self, py: Python<'_>) -> PyResult<()> {
-        self.release();
-        let ended = self.ended.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(rx) = ended {
-            // Disconnected: the thread is gone already.
-            match wait(py, rx, None) {
-                Err(e) if e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) => {
-                    return Err(e)
-                }
-                _ => {}
-            }
-        }
-        Ok(())
+        self.channels.close(py)
     }
 
     pub fn is_closed(&self) -> bool {
-        self.jobs
+        self.channels
+            .jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_none()
+    }
+}
+
+impl Drop for Engine {
+    /// Lets the engine thread end once the queued jobs are done, without waiting for it (the
+    /// garbage collector must not block; [`close_all`] waits at exit).
+    fn drop(&mut self) {
+        self.channels.release();
     }
 }
 

@@ -36,5 +36,10 @@ fn _logitprobe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<run::Stream>()?;
     m.add_class::<compare::Comparison>()?;
     m.add_function(wrap_pyfunction!(compare::compare, m)?)?;
+    // Engine threads end, their models freed, before the interpreter exits.
+    let close_all = wrap_pyfunction!(engine::close_all, m)?;
+    m.py()
+        .import("atexit")?
+        .call_method1("register", (close_all,))?;
     Ok(())
 }
