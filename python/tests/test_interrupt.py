@@ -15,6 +15,16 @@ LONG = dict(max_new_tokens=500, ignore_eos=True, seed=1)
 PROMPTS = [f"Count from {i}:" for i in range(64)]
 
 
+@pytest.fixture(autouse=True)
+def sigint_raises_keyboard_interrupt():
+    """Python's own SIGINT handler, as an interactive interpreter or a notebook has it. A
+    process started in the background of a script inherits SIGINT ignored, and Python then
+    installs no handler (so Ctrl-C could not reach these tests at all)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def interrupt_after(seconds):
     """SIGINT to this process from another thread, as Ctrl-C in a terminal or a notebook's
     interrupt sends it."""
