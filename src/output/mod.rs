@@ -479,18 +479,28 @@ impl TraceWriter {
 
     /// Waits for every folder to be written; the writer's first error, if any.
     pub fn close(&mut self) -> anyhow::Result<()> {
-        drop(self.tx.take());
-        match self.handle.take() {
-            Some(h) => h
-                .join()
-                .map_err(|_| anyhow::anyhow!("the trace writer thread panicked"))?,
-            None => Ok(()),
-        }
+        end_writer(&mut self.tx, &mut self.handle, "the trace writer")
     }
 
     /// The record of one prompt, as run.json lists it.
     pub fn prompt_record(&self, input: &PromptInput, g: &Generation) -> PromptRecord {
         prompt_record(input, g, &self.dirs.dir(input.index))
+    }
+}
+
+/// Ends a writer thread: its channel closed, so it finishes the jobs queued and stops, then
+/// joined; its first error, if any. Nothing to do once ended.
+fn end_writer<J>(
+    tx: &mut Option<mpsc::SyncSender<J>>,
+    handle: &mut Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    name: &str,
+) -> anyhow::Result<()> {
+    drop(tx.take());
+    match handle.take() {
+        Some(h) => h
+            .join()
+            .map_err(|_| anyhow::anyhow!("{name} thread panicked"))?,
+        None => Ok(()),
     }
 }
 

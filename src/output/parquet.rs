@@ -405,13 +405,7 @@ impl ParquetTrace {
     }
 
     fn join(&mut self) -> anyhow::Result<()> {
-        drop(self.tx.take());
-        match self.handle.take() {
-            Some(h) => h
-                .join()
-                .map_err(|_| anyhow::anyhow!("the Parquet writer thread panicked"))?,
-            None => Ok(()),
-        }
+        super::end_writer(&mut self.tx, &mut self.handle, "the Parquet writer")
     }
 
     /// Writes the rows left, the footers, and gives the files their final names. After an
