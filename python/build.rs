@@ -2,7 +2,7 @@
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    // backends/src/cpu_kernels.rs: llama.cpp's call that makes its CPU backend goes through
+    // backends/src/cpu_kernels: llama.cpp's call that makes its CPU backend goes through
     // logitprobe, which notes the backend to pick its kernels per decode (the batch-invariant
     // ones: without this the module would run llama.cpp's default kernels, and a token's
     // numbers would depend on its batch, unlike the command line's).
@@ -10,5 +10,7 @@ fn main() {
         && std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
     {
         println!("cargo::rustc-link-arg=-Wl,--wrap=ggml_backend_init_by_type");
+        // ...and its matrix products go through logitprobe's batch-invariant tinyBLAS calls.
+        println!("cargo::rustc-link-arg=-Wl,--wrap=ggml_compute_forward_mul_mat_tiled");
     }
 }

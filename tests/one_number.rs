@@ -154,6 +154,13 @@ fn smollm2_q4_1_gives_one_number_per_token() {
     agree(&common::smollm2(), "SmolLM2 Q4_1");
 }
 
+/// F16 weights: generation's lone rows go through logitprobe's one-row copy of tinyBLAS's
+/// sums, prompts and chunks through tinyBLAS itself (backends/src/cpu_kernels/tinyblas.rs).
+#[test]
+fn smollm2_f16_gives_one_number_per_token() {
+    agree(&common::smollm2_f16(), "SmolLM2 F16");
+}
+
 #[test]
 fn tiny_ggufs_give_one_number_per_token() {
     agree(&common::tiny("tiny-f32.gguf"), "tiny F32");

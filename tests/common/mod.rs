@@ -52,6 +52,25 @@ pub fn smollm2() -> PathBuf {
     p
 }
 
+/// SmolLM2's Q4_1 weights dequantized to an F16 GGUF (models/tools/gguf_f16.py), made once
+/// in the cache as `scripts/bench-vs-peers` makes it.
+pub fn smollm2_f16() -> PathBuf {
+    let out = cache_dir().join("SmolLM2-135M-Instruct.F16.gguf");
+    if !out.is_file() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let part = out.with_extension(format!("gguf.{}.part", std::process::id()));
+        let o = Command::new(root.join("models/python"))
+            .arg(root.join("models/tools/gguf_f16.py"))
+            .arg(smollm2())
+            .arg(&part)
+            .output()
+            .expect("run models/tools/gguf_f16.py");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::rename(&part, &out).unwrap();
+    }
+    out
+}
+
 /// Asserts a one-line error with exit code 2 that mentions `needle`.
 pub fn assert_usage_error(o: &Output, needle: &str) {
     let err = stderr(o);

@@ -4,27 +4,33 @@
 //! ggml picks some CPU kernels by the shape of a batch: llamafile's tinyBLAS for matrix
 //! products of two rows or more (F32, F16, BF16, Q8_0, Q4_0, Q5_0 and IQ4_NL weights), a
 //! tiled K-quant product from 8 rows on, a tiled flash attention from 64 queries on, a
-//! KV-split one for a lone query over 512 cells or more. Each sums in another order than the kernel of a single row, so a token's logits
-//! would depend on what else shares its batch: on `--parallel`, on which prompts arrive
-//! together. The CPU backend's `use_ref` switch turns all of them off (ggml's own one-row SIMD
-//! dot products remain) and is read at every graph compute. Generation sets it. Scoring with
-//! `fast_scoring` clears it: its chunks have one shape whatever else runs, and tinyBLAS is
-//! half of an F16 model's prompt speed (what `compare` and `llama-perplexity` spend their
-//! time on); without it scoring gives the same numbers as a prompt's evaluation in `serve`.
-//! (The weights the CPU backend repacks, whose products take 4 rows at a time, are another
-//! such choice, made when the model loads: `LlamaSource::open` repacks only for
-//! `fast_scoring`.)
+//! KV-split one for a lone query over 512 cells or more. Each sums in another order than the
+//! kernel of a single row, so a token's logits would depend on what else shares its batch: on
+//! `--parallel`, on which prompts arrive together. The CPU backend's `use_ref` switch turns
+//! all of them off (ggml's own one-row SIMD dot products remain) and is read at every graph
+//! compute. Generation sets it, and so does scoring by default, so that a token scored in a
+//! chunk gets the numbers it gets as a generation step. Under it, the products of tinyBLAS's
+//! weight types run tinyBLAS again, for every row count ([`tinyblas`]): tinyBLAS's sums do not
+//! depend on the batch, only its being skipped for a single row did, and it is half of an F16
+//! or Q8_0 model's prompt speed. Scoring with `fast_scoring` clears the switch: llama.cpp's own
+//! choices, as `llama-perplexity` runs them. (The weights the CPU backend repacks, whose
+//! products take 4 rows at a time, are another such choice, made when the model loads:
+//! `LlamaSource::open` repacks only for `fast_scoring`.)
 //!
 //! llama.cpp keeps its CPU backend private: it makes it with `ggml_backend_init_by_type`
 //! while it builds a context, a call from libllama into libggml. On Linux the final link
 //! sends that call here (`-Wl,--wrap=ggml_backend_init_by_type`, from the build scripts of
 //! every binary that links llama.cpp), and [`__wrap_ggml_backend_init_by_type`] notes the
 //! backend it makes. Where the link did not (another OS, a doctest), nothing is noted and the
-//! context runs llama.cpp's default, the fastest kernels, for everything.
+//! context runs llama.cpp's default, the fastest kernels, for everything. The matrix products
+//! reach [`tinyblas`] through a second wrap of the same kind.
 
 use std::cell::Cell;
 
 use llama_cpp_sys_2::{ggml_backend, ggml_backend_dev_type, ggml_backend_t};
+
+#[cfg(target_os = "linux")]
+mod tinyblas;
 
 /// The kernels a `llama_decode` runs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

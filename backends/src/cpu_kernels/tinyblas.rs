@@ -1,0 +1,513 @@
+//! Batch-invariant matrix products at tinyBLAS's speed.
+//!
+//! llamafile's tinyBLAS sums every output element the same way whatever the tile it falls in:
+//! one SIMD accumulator per element, fed along K in vector-width steps, reduced once at the
+//! end; threads split the tiles, never K. What makes llama.cpp's products depend on the batch
+//! is only that it runs tinyBLAS from two rows on and ggml's one-row dot products (which sum
+//! in another order) below. Running tinyBLAS for every row count, one included, keeps each
+//! row's logits independent of its batch and gives scoring tinyBLAS's speed.
+//!
+//! ggml's matrix product first offers itself to the tiled K-quant kernel
+//! (`ggml_compute_forward_mul_mat_tiled`, in another object file than its caller). The final
+//! link sends that call here (`-Wl,--wrap=ggml_compute_forward_mul_mat_tiled`, next to the
+//! CPU backend's wrap in [`super`]). With the backend's `use_ref` flag clear (the fastest
+//! kernels) the call goes on to ggml unchanged. With it set (the batch-invariant kernels) the
+//! products of F32, F16 and Q8_0 weights are done here, through ggml's own `llamafile_sgemm`
+//! ([`route`] says which), and every other type goes back to ggml's one-row dot products as
+//! before. K-quants stay there: the tiled K-quant kernel is batch-invariant too, but run for a
+//! single token it decodes at a third of the one-row kernel's speed (llama-bench,
+//! Llama-3.2-1B-shaped Q4_K_M, 1 thread, `GGML_CPU_TILED_MM_FORCE=1`).
+//!
+//! `llamafile_sgemm` declines a single row. A lone F32 or F16 row is summed here by
+//! [`one_row`], element for element as tinyBLAS's tiles sum it: the same lanes, the same FMAs
+//! along K, the same final reduction, so it gets the numbers it gets inside any batch
+//! (`tests/one_number.rs`, `tests/many_prompts.rs`), at the one-row kernel's speed.
+
+use std::os::raw::{c_int, c_void};
+
+use llama_cpp_sys_2::{ggml_tensor, ggml_type};
+
+/// ggml's `struct ggml_compute_params` (ggml-cpu-impl.h of the llama.cpp that llama-cpp-sys-2
+/// builds): what each worker thread gets for one operation.
+#[repr(C)]
+pub struct ComputeParams {
+    ith: c_int,
+    nth: c_int,
+    wsize: usize,
+    wdata: *mut c_void,
+    threadpool: *mut c_void,
+    use_ref: bool,
+}
+
+extern "C" {
+    /// ggml's tiled K-quant product (the symbol the wrap replaces).
+    fn __real_ggml_compute_forward_mul_mat_tiled(
+        params: *const ComputeParams,
+        dst: *mut ggml_tensor,
+    ) -> bool;
+    /// llamafile's entry: `C = A·Bᵀ` for `m` rows of A, `n` of B, `k` elements (blocks for
+    /// quantized types) each; false when it does not take these types or shapes.
+    fn llamafile_sgemm(
+        params: *const ComputeParams,
+        m: i64,
+        n: i64,
+        k: i64,
+        a: *const c_void,
+        lda: i64,
+        b: *const c_void,
+        ldb: i64,
+        c: *mut c_void,
+        ldc: i64,
+        a_type: c_int,
+        b_type: c_int,
+        c_type: c_int,
+    ) -> bool;
+    fn ggml_barrier(threadpool: *mut c_void);
+}
+
+/// ggml's matrix product asks the tiled K-quant kernel first; see the module doc.
+///
+/// # Safety
+/// Called by ggml's CPU backend on each worker thread of one `MUL_MAT`, with its compute
+/// parameters and destination tensor, as `ggml_compute_forward_mul_mat_tiled` is.
+#[no_mangle]
+pub unsafe extern "C" fn __wrap_ggml_compute_forward_mul_mat_tiled(
+    params: *const ComputeParams,
+    dst: *mut ggml_tensor,
+) -> bool {
+    // SAFETY: ggml passes its live parameters.
+    if !unsafe { (*params).use_ref } {
+        // SAFETY: the same call, passed on.
+        return unsafe { __real_ggml_compute_forward_mul_mat_tiled(params, dst) };
+    }
+    // SAFETY: as for this function.
+    unsafe { invariant_product(params, dst) }
+}
+
+/// Who multiplies weights of this type by `rows` activation rows under the batch-invariant
+/// kernels, on x86 (see llamafile/sgemm.cpp).
+#[derive(PartialEq)]
+enum Route {
+    TinyBlas,
+    /// ggml's one-row dot products: every other type, and Q8_0's lone rows, whose AVX2 dot
+    /// product (`ggml_vec_dot_q8_0_q8_0`) makes the same sums as tinyBLAS's Q8_0 kernel: the
+    /// same exact integer block sums, scaled and accumulated by one FMA per block in eight
+    /// lanes, reduced alike. It is also several times faster for one row than tinyBLAS's
+    /// 4-row tiles.
+    Ggml,
+}
+
+fn route(weights: ggml_type, rows: i64) -> Route {
+    use llama_cpp_sys_2::{GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q8_0};
+    if !cfg!(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )) {
+        return Route::Ggml;
+    }
+    match weights {
+        GGML_TYPE_F32 | GGML_TYPE_F16 => Route::TinyBlas,
+        GGML_TYPE_Q8_0 if rows > 1 => Route::TinyBlas,
+        _ => Route::Ggml,
+    }
+}
+
+/// `dst = src0 · src1ᵀ` through tinyBLAS for any row count, as ggml's own product calls it
+/// (ggml-cpu.c, `ggml_compute_forward_mul_mat`); false leaves the product to ggml.
+///
+/// # Safety
+/// As [`__wrap_ggml_compute_forward_mul_mat_tiled`].
+unsafe fn invariant_product(params: *const ComputeParams, dst: *mut ggml_tensor) -> bool {
+    // SAFETY: ggml's tensors for this operation, alive while it runs.
+    let (p, d, w, x) = unsafe { (&*params, &*dst, &*(*dst).src[0], &*(*dst).src[1]) };
+    if route(w.type_, x.ne[1]) != Route::TinyBlas || x.type_ != llama_cpp_sys_2::GGML_TYPE_F32 {
+        return false;
+    }
+    // SAFETY: ggml's type tables, valid for any type.
+    let dot_type = unsafe { (*llama_cpp_sys_2::ggml_get_type_traits_cpu(w.type_)).vec_dot_type };
+    let activations = if dot_type == x.type_ {
+        // SAFETY: a query of a live tensor.
+        if !unsafe { llama_cpp_sys_2::ggml_is_contiguous(x) } {
+            return false;
+        }
+        Activations {
+            data: x.data as *const u8,
+            row: x.nb[1],
+            plane: x.nb[2],
+            volume: x.nb[3],
+        }
+    } else {
+        // SAFETY: as for this function.
+        match unsafe { convert(p, x, dot_type) } {
+            Some(converted) => converted,
+            None => return false,
+        }
+    };
+    // SAFETY: plain queries of ggml's type tables.
+    let (w_size, w_block, dot_size) = unsafe {
+        (
+            llama_cpp_sys_2::ggml_type_size(w.type_),
+            llama_cpp_sys_2::ggml_blck_size(w.type_),
+            llama_cpp_sys_2::ggml_type_size(dot_type),
+        )
+    };
+    let (n, r2, r3) = (x.ne[1], x.ne[2] / w.ne[2], x.ne[3] / w.ne[3]);
+    if n == 1 {
+        // SAFETY: as for this function; the activations are converted.
+        return unsafe { one_row::product(p, d, w, &activations, dot_type, r2, r3) };
+    }
+    for i3 in 0..x.ne[3] {
+        for i2 in 0..x.ne[2] {
+            // SAFETY: offsets inside src0 (broadcast as ggml does), the activations and dst.
+            let done = unsafe {
+                llamafile_sgemm(
+                    params,
+                    w.ne[1],
+                    n,
+                    w.ne[0] / w_block,
+                    (w.data as *const u8)
+                        .add((i2 / r2) as usize * w.nb[2] + (i3 / r3) as usize * w.nb[3])
+                        as *const c_void,
+                    (w.nb[1] / w_size) as i64,
+                    activations
+                        .data
+                        .add(i2 as usize * activations.plane + i3 as usize * activations.volume)
+                        as *const c_void,
+                    (activations.row / dot_size) as i64,
+                    (d.data as *mut u8).add(i2 as usize * d.nb[2] + i3 as usize * d.nb[3])
+                        as *mut c_void,
+                    (d.nb[1] / 4) as i64,
+                    w.type_ as c_int,
+                    dot_type as c_int,
+                    d.type_ as c_int,
+                )
+            };
+            if !done {
+                // The same answer on every thread (it depends on the shapes only), before
+                // any work: ggml then runs its one-row products.
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Where the activations are, in the weights' dot-product type, with their strides in bytes.
+struct Activations {
+    data: *const u8,
+    row: usize,
+    plane: usize,
+    volume: usize,
+}
+
+/// The activations converted to `dot_type` in ggml's work buffer, each thread a slice of
+/// every row (as ggml does, so the same blocks are quantized alike), then a barrier.
+///
+/// # Safety
+/// As [`__wrap_ggml_compute_forward_mul_mat_tiled`], for a product whose src1 is `x`.
+unsafe fn convert(p: &ComputeParams, x: &ggml_tensor, dot_type: ggml_type) -> Option<Activations> {
+    // SAFETY: ggml's type tables and plain queries of them.
+    let (from_float, block, size, row) = unsafe {
+        (
+            (*llama_cpp_sys_2::ggml_get_type_traits_cpu(dot_type)).from_float?,
+            llama_cpp_sys_2::ggml_blck_size(dot_type),
+            llama_cpp_sys_2::ggml_type_size(dot_type),
+            llama_cpp_sys_2::ggml_row_size(dot_type, x.ne[0]),
+        )
+    };
+    let wdata = p.wdata as *mut u8;
+    if (x.ne[1] * x.ne[2] * x.ne[3]) as usize * row > p.wsize {
+        return None;
+    }
+    let (ith, nth) = (p.ith as i64, p.nth as i64);
+    let blocks = x.ne[0] / block;
+    let (start, end) = (ith * blocks / nth, (ith + 1) * blocks / nth);
+    for i3 in 0..x.ne[3] {
+        for i2 in 0..x.ne[2] {
+            for i1 in 0..x.ne[1] {
+                let at = ((i3 * x.ne[2] + i2) * x.ne[1] + i1) as usize * row;
+                // SAFETY: ggml planned `wsize` for src1 in `dot_type` (checked above); the
+                // source offsets are src1's own strides.
+                unsafe {
+                    let src = (x.data as *const u8).add(
+                        i3 as usize * x.nb[3]
+                            + i2 as usize * x.nb[2]
+                            + i1 as usize * x.nb[1]
+                            + (start * block) as usize * x.nb[0],
+                    );
+                    from_float(
+                        src as *const f32,
+                        wdata.add(at + start as usize * size) as *mut c_void,
+                        (end - start) * block,
+                    );
+                }
+            }
+        }
+    }
+    // SAFETY: every worker thread of this operation reaches this barrier.
+    unsafe { ggml_barrier(p.threadpool) };
+    Some(Activations {
+        data: wdata,
+        row,
+        plane: row * x.ne[1] as usize,
+        volume: row * (x.ne[1] * x.ne[2]) as usize,
+    })
+}
+
+/// tinyBLAS's float product for a single activation row (`llamafile_sgemm` declines one),
+/// each output element summed exactly as tinyBLAS's `gemm_bloc` sums it in a tile: one
+/// accumulator of its vector width, an FMA per step along K, a zero-padded last step (its
+/// masked load), then its reduction (`hsum`).
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+mod one_row {
+    use std::os::raw::c_void;
+
+    #[cfg(target_arch = "x86_64")]
+    use std::arch::x86_64::*;
+
+    use llama_cpp_sys_2::{ggml_tensor, ggml_type, GGML_TYPE_F16, GGML_TYPE_F32};
+
+    use super::{Activations, ComputeParams};
+
+    /// `dst = src0 · x` for one row of `x` per plane, this thread's share of src0's rows;
+    /// false (on every thread alike) where tinyBLAS would decline the shape.
+    ///
+    /// # Safety
+    /// As `invariant_product`, with `x` in `dot_type` at `activations`.
+    pub(super) unsafe fn product(
+        p: &ComputeParams,
+        d: &ggml_tensor,
+        w: &ggml_tensor,
+        activations: &Activations,
+        dot_type: ggml_type,
+        r2: i64,
+        r3: i64,
+    ) -> bool {
+        let (m, k) = (w.ne[1], w.ne[0] as usize);
+        // tinyBLAS's float kernel takes m in tiles of 4 rows or declines (sgemm.cpp's
+        // `tinyBLAS::matmul`), and ggml then runs its own products for every row count.
+        if m % 4 != 0
+            || !matches!(
+                (w.type_, dot_type),
+                (GGML_TYPE_F16, GGML_TYPE_F16) | (GGML_TYPE_F32, GGML_TYPE_F32)
+            )
+        {
+            return false;
+        }
+        let (ith, nth) = (p.ith as i64, p.nth as i64);
+        let (first, end) = (ith * m / nth, (ith + 1) * m / nth);
+        for i3 in 0..d.ne[3] {
+            for i2 in 0..d.ne[2] {
+                // SAFETY: offsets inside src0 (broadcast as ggml does), the activations and
+                // dst, as for tinyBLAS in `invariant_product`.
+                unsafe {
+                    let rows = (w.data as *const u8)
+                        .add((i2 / r2) as usize * w.nb[2] + (i3 / r3) as usize * w.nb[3]);
+                    let x = activations
+                        .data
+                        .add(i2 as usize * activations.plane + i3 as usize * activations.volume);
+                    let out = (d.data as *mut u8).add(i2 as usize * d.nb[2] + i3 as usize * d.nb[3])
+                        as *mut f32;
+                    // Four rows at a time, as tinyBLAS's tiles: four independent FMA chains.
+                    let mut i = first;
+                    while i < end {
+                        let group = (end - i).min(4) as usize;
+                        let row = |r: usize| rows.add((i as usize + r) * w.nb[1]) as *const c_void;
+                        let sums = if w.type_ == GGML_TYPE_F16 {
+                            dot4::<u16>(
+                                std::array::from_fn(|r| row(r.min(group - 1)) as *const u16),
+                                x as *const u16,
+                                k,
+                            )
+                        } else {
+                            dot4::<f32>(
+                                std::array::from_fn(|r| row(r.min(group - 1)) as *const f32),
+                                x as *const f32,
+                                k,
+                            )
+                        };
+                        for (r, sum) in sums.iter().take(group).enumerate() {
+                            *out.add(i as usize + r) = *sum;
+                        }
+                        i += group as i64;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// An element type tinyBLAS loads into its f32 vectors.
+    pub trait Element: Copy + Default {
+        /// # Safety
+        /// `p` points at a vector's width of readable elements.
+        unsafe fn load(p: *const Self) -> Vector;
+    }
+
+    #[cfg(target_feature = "avx512f")]
+    type Vector = __m512;
+    #[cfg(not(target_feature = "avx512f"))]
+    type Vector = __m256;
+
+    /// tinyBLAS's KN for float products: the f32 lanes of one vector.
+    const LANES: usize = std::mem::size_of::<Vector>() / 4;
+
+    impl Element for u16 {
+        #[inline(always)]
+        unsafe fn load(p: *const u16) -> Vector {
+            // SAFETY: the caller's; F16C (or AVX-512F) is on wherever this module is built.
+            unsafe {
+                #[cfg(target_feature = "avx512f")]
+                return _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+                #[cfg(not(target_feature = "avx512f"))]
+                return _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            }
+        }
+    }
+
+    impl Element for f32 {
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Vector {
+            // SAFETY: the caller's.
+            unsafe {
+                #[cfg(target_feature = "avx512f")]
+                return _mm512_loadu_ps(p);
+                #[cfg(not(target_feature = "avx512f"))]
+                return _mm256_loadu_ps(p);
+            }
+        }
+    }
+
+    /// Four output elements: `a[r] · x` over `k` elements each (a row may repeat).
+    ///
+    /// # Safety
+    /// Each `a[r]` and `x` point at `k` readable elements.
+    #[inline(always)]
+    unsafe fn dot4<T: Element>(a: [*const T; 4], x: *const T, k: usize) -> [f32; 4] {
+        // SAFETY: every load is inside the `k` elements, or from the zero-padded copy of
+        // the last ones (what tinyBLAS's masked load gives).
+        unsafe {
+            let [a0, a1, a2, a3] = a;
+            let (mut c0, mut c1, mut c2, mut c3) = (zero(), zero(), zero(), zero());
+            let mut l = 0;
+            // Each row's chain in its own order (K ascending); the rows take turns four
+            // vectors at a time, so each reads whole cache lines in a burst.
+            while l + 4 * LANES <= k {
+                let xv = [
+                    T::load(x.add(l)),
+                    T::load(x.add(l + LANES)),
+                    T::load(x.add(l + 2 * LANES)),
+                    T::load(x.add(l + 3 * LANES)),
+                ];
+                for (j, xv) in xv.into_iter().enumerate() {
+                    c0 = fma(T::load(a0.add(l + j * LANES)), xv, c0);
+                }
+                for (j, xv) in xv.into_iter().enumerate() {
+                    c1 = fma(T::load(a1.add(l + j * LANES)), xv, c1);
+                }
+                for (j, xv) in xv.into_iter().enumerate() {
+                    c2 = fma(T::load(a2.add(l + j * LANES)), xv, c2);
+                }
+                for (j, xv) in xv.into_iter().enumerate() {
+                    c3 = fma(T::load(a3.add(l + j * LANES)), xv, c3);
+                }
+                l += 4 * LANES;
+            }
+            while l + LANES <= k {
+                let xv = T::load(x.add(l));
+                c0 = fma(T::load(a0.add(l)), xv, c0);
+                c1 = fma(T::load(a1.add(l)), xv, c1);
+                c2 = fma(T::load(a2.add(l)), xv, c2);
+                c3 = fma(T::load(a3.add(l)), xv, c3);
+                l += LANES;
+            }
+            if l < k {
+                let tail = |p: *const T| {
+                    let mut t = [T::default(); LANES];
+                    std::ptr::copy_nonoverlapping(p.add(l), t.as_mut_ptr(), k - l);
+                    T::load(t.as_ptr())
+                };
+                let xv = tail(x);
+                c0 = fma(tail(a0), xv, c0);
+                c1 = fma(tail(a1), xv, c1);
+                c2 = fma(tail(a2), xv, c2);
+                c3 = fma(tail(a3), xv, c3);
+            }
+            let acc = [c0, c1, c2, c3];
+            acc.map(hsum)
+        }
+    }
+
+    #[inline(always)]
+    fn zero() -> Vector {
+        // SAFETY: plain register operations of features this module is built with.
+        unsafe {
+            #[cfg(target_feature = "avx512f")]
+            return _mm512_setzero_ps();
+            #[cfg(not(target_feature = "avx512f"))]
+            return _mm256_setzero_ps();
+        }
+    }
+
+    #[inline(always)]
+    fn fma(a: Vector, b: Vector, c: Vector) -> Vector {
+        // SAFETY: as `zero`.
+        unsafe {
+            #[cfg(target_feature = "avx512f")]
+            return _mm512_fmadd_ps(a, b, c);
+            #[cfg(not(target_feature = "avx512f"))]
+            return _mm256_fmadd_ps(a, b, c);
+        }
+    }
+
+    /// tinyBLAS's `hsum`: for 16 lanes `_mm512_reduce_add_ps` (the upper 256 bits added to
+    /// the lower, then 128 to 128, then lanes 2,3 to 0,1, then 1 to 0, as GCC and Clang
+    /// both reduce); for 8 lanes the same from the 128-bit step on.
+    #[inline(always)]
+    fn hsum(v: Vector) -> f32 {
+        // SAFETY: as `zero`.
+        unsafe {
+            #[cfg(target_feature = "avx512f")]
+            let v = _mm256_add_ps(
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+                _mm512_castps512_ps256(v),
+            );
+            let q = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
+            let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            let q = _mm_add_ss(q, _mm_movehdup_ps(q));
+            _mm_cvtss_f32(q)
+        }
+    }
+}
+
+/// Without AVX2, FMA and F16C nothing is routed to tinyBLAS ([`route`]).
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+)))]
+mod one_row {
+    use llama_cpp_sys_2::{ggml_tensor, ggml_type};
+
+    use super::{Activations, ComputeParams};
+
+    pub(super) unsafe fn product(
+        _: &ComputeParams,
+        _: &ggml_tensor,
+        _: &ggml_tensor,
+        _: &Activations,
+        _: ggml_type,
+        _: i64,
+        _: i64,
+    ) -> bool {
+        false
+    }
+}
