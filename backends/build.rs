@@ -8,7 +8,8 @@ fn main() {
         && std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
     {
         println!("cargo::rustc-link-arg=-Wl,--wrap=ggml_backend_init_by_type");
-        // ...and its matrix products go through logitprobe's batch-invariant tinyBLAS calls.
+        // ...and its matrix products and attention go through logitprobe's batch-invariant kernels.
         println!("cargo::rustc-link-arg=-Wl,--wrap=ggml_compute_forward_mul_mat_tiled");
+        println!("cargo::rustc-link-arg=-Wl,--wrap=ggml_compute_forward_flash_attn_ext");
     }
 }

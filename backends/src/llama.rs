@@ -1411,10 +1411,12 @@ fn read_lens_head(path: &Path) -> anyhow::Result<LensHead> {
 
 /// An output head as llama.cpp keeps it: its rows in the GGUF's own type, multiplied as
 /// llama.cpp's CPU kernels do (the input row quantized to the type's `vec_dot_type`, then
-/// `vec_dot` per vocabulary row). A quantized head thus gives the lens the engine's own
+/// `vec_dot` per vocabulary row, or tinyBLAS's sums where the batch-invariant kernels run
+/// tinyBLAS: [`crate::cpu_kernels::head_rows`]). A quantized head thus gives the lens the engine's own
 /// activation quantization, and the last layer's lens equals its logits.
 #[derive(Debug)]
 struct GgmlRows {
+    ty: llama_cpp_sys_2::ggml_type,
     n_vocab: usize,
     n_embd: usize,
     row_bytes: usize,
@@ -1480,6 +1482,7 @@ impl GgmlRows {
         file.read_exact(&mut data)
             .map_err(|e| unreadable(format!("{name} cannot be read: {e}")))?;
         Ok(Some(GgmlRows {
+            ty,
             n_vocab,
             n_embd,
             row_bytes,
@@ -1525,6 +1528,23 @@ impl crate::inside::HeadMatrix for GgmlRows {
             for b0 in range.clone().step_by(BLOCK) {
                 let b1 = (b0 + BLOCK).min(range.end);
                 for (q, mut yr) in q.iter().zip(part.outer_iter_mut()) {
+                    let block = &self.data[b0 * self.row_bytes..b1 * self.row_bytes];
+                    let sums = yr
+                        .as_slice_mut()
+                        .map(|y| &mut y[b0 - range.start..b1 - range.start]);
+                    if let Some(sums) = sums {
+                        if crate::cpu_kernels::head_rows(
+                            self.ty,
+                            self.n_vocab,
+                            block,
+                            self.row_bytes,
+                            q,
+                            self.n_embd,
+                            sums,
+                        ) {
+                            continue;
+                        }
+                    }
                     for v in b0..b1 {
                         let row = &self.data[v * self.row_bytes..(v + 1) * self.row_bytes];
                         let y = &mut yr[v - range.start];

@@ -30,7 +30,30 @@ use std::cell::Cell;
 use llama_cpp_sys_2::{ggml_backend, ggml_backend_dev_type, ggml_backend_t};
 
 #[cfg(target_os = "linux")]
+mod attention;
+#[cfg(target_os = "linux")]
 mod tinyblas;
+
+/// `out[r] = rows[r] · x` for rows of an output head of type `weights`, summed as a scoring
+/// chunk's matrix product sums them (so a replayed head gives the engine's logits bit for bit);
+/// `false` where ggml's one-row `vec_dot` is that product. See `tinyblas::head_rows`.
+pub fn head_rows(
+    weights: llama_cpp_sys_2::ggml_type,
+    m: usize,
+    rows: &[u8],
+    row_bytes: usize,
+    x: &[u8],
+    k: usize,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_os = "linux")]
+    return tinyblas::head_rows(weights, m, rows, row_bytes, x, k, out);
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (weights, m, rows, row_bytes, x, k, out);
+        false
+    }
+}
 
 /// The kernels a `llama_decode` runs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
