@@ -114,8 +114,25 @@ const MAX_WIDTH: usize = 512;
     target_feature = "f16c"
 ))]
 thread_local! {
-    /// Each worker thread's scores for one query, one per KV cell.
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Each worker thread's scratch for one query: its visible cells and their scores.
+    static SCRATCH: RefCell<Visible> = const {
+        RefCell::new(Visible {
+            cells: Vec::new(),
+            scores: Vec::new(),
+        })
+    };
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx512f",
+    target_feature = "f16c"
+))]
+/// The cells a query sees (the mask does not hide), in ascending order, and their scores
+/// (then their softmax weights), padded with −∞ to whole vectors.
+struct Visible {
+    cells: Vec<u32>,
+    scores: Vec<f32>,
 }
 
 #[cfg(all(
@@ -143,9 +160,8 @@ unsafe fn attend(p: &ComputeParams, dst: &ggml_tensor) {
     let rows = nq1 * nq2 * nq3;
     let (ith, nth) = (p.ith as i64, p.nth as i64);
     let (first, end) = (ith * rows / nth, (ith + 1) * rows / nth);
-    SCORES.with(|scores| {
-        let mut scores = scores.borrow_mut();
-        scores.resize(n_kv.next_multiple_of(16), f32::NEG_INFINITY);
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
         for ir in first..end {
             let iq3 = ir / (nq2 * nq1);
             let iq2 = (ir - iq3 * nq2 * nq1) / nq1;
@@ -195,7 +211,7 @@ unsafe fn attend(p: &ComputeParams, dst: &ggml_tensor) {
                         softcap,
                         sink,
                     },
-                    &mut scores,
+                    &mut scratch,
                     out,
                 );
             }
@@ -233,9 +249,35 @@ struct Query {
 /// softmax(scale·K·q + mask)·V for one query, written to `out` (DV values).
 ///
 /// # Safety
-/// The pointers of `query` cover its widths and `n_kv` cells; `out` holds DV floats;
-/// `scores` holds `n_kv` rounded up to 16.
-unsafe fn one_query(query: Query, scores: &mut [f32], out: *mut f32) {
+/// The pointers of `query` cover its widths and `n_kv` cells; `out` holds DV floats.
+unsafe fn one_query(query: Query, scratch: &mut Visible, out: *mut f32) {
+    // The usual head widths get accumulators that stay in registers.
+    // SAFETY: the caller's.
+    unsafe {
+        match (query.dk, query.dv) {
+            (64, 64) => attend_one::<4, 4>(query, scratch, out),
+            (128, 128) => attend_one::<8, 8>(query, scratch, out),
+            (256, 256) => attend_one::<16, 16>(query, scratch, out),
+            _ => attend_one::<{ MAX_WIDTH / 16 }, { MAX_WIDTH / 16 }>(query, scratch, out),
+        }
+    }
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx512f",
+    target_feature = "f16c"
+))]
+/// [`one_query`] for heads of at most `KV`·16 (K) and `VV`·16 (V) values.
+///
+/// # Safety
+/// As [`one_query`].
+#[inline(always)]
+unsafe fn attend_one<const KV: usize, const VV: usize>(
+    query: Query,
+    scratch: &mut Visible,
+    out: *mut f32,
+) {
     let Query {
         q,
         k,
@@ -250,42 +292,44 @@ unsafe fn one_query(query: Query, scores: &mut [f32], out: *mut f32) {
         softcap,
         sink,
     } = query;
+    let (kn, vn) = (dk / 16, dv / 16);
+    let Visible { cells, scores } = scratch;
+    cells.clear();
+    scores.clear();
     // SAFETY: the caller's bounds.
     unsafe {
-        // The query in registers: DK/16 vectors.
-        let mut qv = [_mm512_setzero_ps(); MAX_WIDTH / 16];
-        for (i, lane) in qv.iter_mut().enumerate().take(dk / 16) {
+        let mut qv = [_mm512_setzero_ps(); KV];
+        for (i, lane) in qv.iter_mut().enumerate().take(kn) {
             *lane = _mm512_loadu_ps(q.add(16 * i));
         }
-        // Scores, one per visible cell; hidden cells stay −∞ and are skipped below.
+        // The visible cells' scores, in ascending cell order.
         let mut max = f32::NEG_INFINITY;
-        for (c, score) in scores.iter_mut().enumerate().take(n_kv) {
+        for c in 0..n_kv {
             let m = if mask.is_null() {
                 0.0
             } else {
                 f16_to_f32(*mask.add(c))
             };
             if m == f32::NEG_INFINITY {
-                *score = f32::NEG_INFINITY;
                 continue;
             }
             let kc = k.add(c * k_row) as *const u16;
             let mut acc = _mm512_setzero_ps();
-            for (i, lane) in qv.iter().enumerate().take(dk / 16) {
+            for (i, lane) in qv.iter().enumerate().take(kn) {
                 let kv = _mm512_cvtph_ps(_mm256_loadu_si256(kc.add(16 * i) as *const __m256i));
                 acc = _mm512_fmadd_ps(kv, *lane, acc);
             }
-            let mut s = _mm512_reduce_add_ps(acc) * scale;
+            let mut s = hsum(acc) * scale;
             if softcap != 0.0 {
                 s = softcap * s.tanh();
             }
             s += m;
-            *score = s;
+            cells.push(c as u32);
+            scores.push(s);
             max = max.max(s);
         }
-        for s in scores[n_kv..].iter_mut() {
-            *s = f32::NEG_INFINITY;
-        }
+        let n = cells.len();
+        scores.resize(n.next_multiple_of(16), f32::NEG_INFINITY);
         if let Some(sink) = sink {
             max = max.max(sink);
         }
@@ -298,30 +342,45 @@ unsafe fn one_query(query: Query, scores: &mut [f32], out: *mut f32) {
                 _mm512_storeu_ps(chunk.as_mut_ptr(), e);
                 sum = _mm512_add_ps(sum, e);
             }
-        } else {
-            scores.fill(0.0);
         }
-        let mut total = _mm512_reduce_add_ps(sum);
+        let mut total = hsum(sum);
         if let Some(sink) = sink {
             total += (sink - max).exp();
         }
-        // V's weighted sum over the visible cells, in f32, cells in ascending order.
-        let mut o = [_mm512_setzero_ps(); MAX_WIDTH / 16];
-        for (c, &w) in scores[..n_kv].iter().enumerate() {
-            if w == 0.0 {
-                continue;
-            }
+        // V's weighted sum over the visible cells, in f32, in ascending cell order.
+        let mut o = [_mm512_setzero_ps(); VV];
+        for (&c, &w) in cells.iter().zip(scores.iter()) {
             let wv = _mm512_set1_ps(w);
-            let vc = v.add(c * v_row) as *const u16;
-            for (i, lane) in o.iter_mut().enumerate().take(dv / 16) {
+            let vc = v.add(c as usize * v_row) as *const u16;
+            for (i, lane) in o.iter_mut().enumerate().take(vn) {
                 let vv = _mm512_cvtph_ps(_mm256_loadu_si256(vc.add(16 * i) as *const __m256i));
                 *lane = _mm512_fmadd_ps(vv, wv, *lane);
             }
         }
         let inv = _mm512_set1_ps(if total == 0.0 { 0.0 } else { 1.0 / total });
-        for (i, lane) in o.iter().enumerate().take(dv / 16) {
+        for (i, lane) in o.iter().enumerate().take(vn) {
             _mm512_storeu_ps(out.add(16 * i), _mm512_mul_ps(*lane, inv));
         }
+    }
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx512f",
+    target_feature = "f16c"
+))]
+/// The sixteen lanes' sum: upper 256 bits onto the lower, 128 onto 128, then pairs.
+#[inline(always)]
+fn hsum(v: __m512) -> f32 {
+    // SAFETY: register operations of the features this module is built with.
+    unsafe {
+        let h = _mm256_add_ps(
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+            _mm512_castps512_ps256(v),
+        );
+        let q = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)))
     }
 }
 
