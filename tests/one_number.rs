@@ -161,6 +161,19 @@ fn smollm2_f16_gives_one_number_per_token() {
     agree(&common::smollm2_f16(), "SmolLM2 F16");
 }
 
+/// K-quants (Q4_K, Q6_K): prompts and chunks of 8 rows or more run ggml's tiled kernel,
+/// fewer rows logitprobe's copy of its sums (backends/src/cpu_kernels/kquants.rs).
+#[test]
+fn gemma3_q4_k_m_gives_one_number_per_token() {
+    let gemma = common::cache_dir().join("gemma-3-270m-q4_k_m.gguf");
+    assert!(
+        gemma.is_file(),
+        "{} is missing: run models/fetch gemma3",
+        gemma.display()
+    );
+    agree(&gemma, "Gemma 3 Q4_K_M");
+}
+
 #[test]
 fn tiny_ggufs_give_one_number_per_token() {
     agree(&common::tiny("tiny-f32.gguf"), "tiny F32");

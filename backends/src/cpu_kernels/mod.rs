@@ -32,6 +32,8 @@ use llama_cpp_sys_2::{ggml_backend, ggml_backend_dev_type, ggml_backend_t};
 #[cfg(target_os = "linux")]
 mod attention;
 #[cfg(target_os = "linux")]
+mod kquants;
+#[cfg(target_os = "linux")]
 mod tinyblas;
 
 /// `out[r] = rows[r] · x` for rows of an output head of type `weights`, summed as a scoring

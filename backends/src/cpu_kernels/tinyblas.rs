@@ -30,6 +30,7 @@ use llama_cpp_sys_2::{ggml_tensor, ggml_type};
 /// ggml's `struct ggml_compute_params` (ggml-cpu-impl.h of the llama.cpp that llama-cpp-sys-2
 /// builds): what each worker thread gets for one operation.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct ComputeParams {
     pub(super) ith: c_int,
     pub(super) nth: c_int,
@@ -89,6 +90,9 @@ pub unsafe extern "C" fn __wrap_ggml_compute_forward_mul_mat_tiled(
 #[derive(PartialEq)]
 enum Route {
     TinyBlas,
+    /// ggml's tiled K-quant kernel from 8 rows (where llama.cpp runs it), and below that
+    /// [`super::kquants`]' copy of its sums.
+    Tiled,
     /// ggml's one-row dot products: every other type, and Q8_0's lone rows, whose AVX2 dot
     /// product (`ggml_vec_dot_q8_0_q8_0`) makes the same sums as tinyBLAS's Q8_0 kernel: the
     /// same exact integer block sums, scaled and accumulated by one FMA per block in eight
@@ -110,8 +114,24 @@ fn route(weights: ggml_type, rows: i64) -> Route {
     match weights {
         GGML_TYPE_F32 | GGML_TYPE_F16 => Route::TinyBlas,
         GGML_TYPE_Q8_0 if rows > 1 => Route::TinyBlas,
+        _ if super::kquants::takes(weights) && tiled_on() => Route::Tiled,
         _ => Route::Ggml,
     }
+}
+
+/// Whether ggml runs its tiled K-quant kernel: built with AVX-512 VNNI (whose microkernel
+/// [`super::kquants`] follows) and not turned off by `GGML_CPU_TILED_MM=0`, which ggml reads.
+fn tiled_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    cfg!(all(
+        target_feature = "avx512vnni",
+        target_feature = "avx512vl",
+        target_feature = "avx512dq"
+    )) && *ON.get_or_init(|| {
+        std::env::var("GGML_CPU_TILED_MM")
+            .map(|v| v.trim().parse::<i64>().unwrap_or(0) != 0)
+            .unwrap_or(true)
+    })
 }
 
 /// `dst = src0 · src1ᵀ` through tinyBLAS for any row count, as ggml's own product calls it
@@ -122,9 +142,22 @@ fn route(weights: ggml_type, rows: i64) -> Route {
 unsafe fn invariant_product(params: *const ComputeParams, dst: *mut ggml_tensor) -> bool {
     // SAFETY: ggml's tensors for this operation, alive while it runs.
     let (p, d, w, x) = unsafe { (&*params, &*dst, &*(*dst).src[0], &*(*dst).src[1]) };
-    if route(w.type_, x.ne[1]) != Route::TinyBlas || x.type_ != llama_cpp_sys_2::GGML_TYPE_F32 {
+    if x.type_ != llama_cpp_sys_2::GGML_TYPE_F32 {
         return false;
     }
+    let tiled = match route(w.type_, x.ne[1]) {
+        Route::Ggml => return false,
+        Route::Tiled if x.ne[1] >= 8 => {
+            let fastest = ComputeParams {
+                use_ref: false,
+                ..*p
+            };
+            // SAFETY: ggml's own call, with the backend's flag for its fastest kernels.
+            return unsafe { __real_ggml_compute_forward_mul_mat_tiled(&fastest, dst) };
+        }
+        Route::Tiled => true,
+        Route::TinyBlas => false,
+    };
     // SAFETY: ggml's type tables, valid for any type.
     let dot_type = unsafe { (*llama_cpp_sys_2::ggml_get_type_traits_cpu(w.type_)).vec_dot_type };
     let activations = if dot_type == x.type_ {
@@ -154,6 +187,11 @@ unsafe fn invariant_product(params: *const ComputeParams, dst: *mut ggml_tensor)
         )
     };
     let (n, r2, r3) = (x.ne[1], x.ne[2] / w.ne[2], x.ne[3] / w.ne[3]);
+    if tiled {
+        // SAFETY: as for this function; the activations are in Q8_K.
+        unsafe { super::kquants::product(p, d, w, &activations, r2, r3) };
+        return true;
+    }
     if n == 1 {
         // SAFETY: as for this function; the activations are converted.
         return unsafe { one_row::product(p, d, w, &activations, dot_type, r2, r3) };
@@ -195,11 +233,11 @@ unsafe fn invariant_product(params: *const ComputeParams, dst: *mut ggml_tensor)
 }
 
 /// Where the activations are, in the weights' dot-product type, with their strides in bytes.
-struct Activations {
-    data: *const u8,
-    row: usize,
-    plane: usize,
-    volume: usize,
+pub(super) struct Activations {
+    pub(super) data: *const u8,
+    pub(super) row: usize,
+    pub(super) plane: usize,
+    pub(super) volume: usize,
 }
 
 /// The activations converted to `dot_type` in ggml's work buffer, each thread a slice of
