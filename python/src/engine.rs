@@ -26,6 +26,9 @@ struct Channels {
     jobs: Mutex<Option<Sender<Job>>>,
     /// Told when the thread has dropped the model and ends; `None` once waited for.
     ended: Mutex<Option<Receiver<()>>>,
+    /// The thread itself, joined once it has said it ended (so that none is left running
+    /// when the interpreter goes on to exit); `None` once joined.
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// Every engine thread not yet waited for. A model dropped by the garbage collector only lets
@@ -61,6 +64,11 @@ impl Channels {
                 _ => {}
             }
         }
+        // The model is freed; what is left of the thread is its return.
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = py.detach(move || t.join());
+        }
         Ok(())
     }
 
@@ -90,7 +98,7 @@ impl Engine {
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
         let (ended_tx, ended) = mpsc::channel();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("logitprobe-engine".into())
             .spawn(move || {
                 let opened = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -129,6 +137,7 @@ impl Engine {
         let channels = Arc::new(Channels {
             jobs: Mutex::new(Some(jobs)),
             ended: Mutex::new(Some(ended)),
+            thread: Mutex::new(Some(thread)),
         });
         {
             let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
