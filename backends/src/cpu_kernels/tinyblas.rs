@@ -93,16 +93,16 @@ enum Route {
     /// ggml's tiled K-quant kernel from 8 rows (where llama.cpp runs it), and below that
     /// [`super::kquants`]' copy of its sums.
     Tiled,
-    /// ggml's one-row dot products: every other type, and Q8_0's lone rows, whose AVX2 dot
-    /// product (`ggml_vec_dot_q8_0_q8_0`) makes the same sums as tinyBLAS's Q8_0 kernel: the
-    /// same exact integer block sums, scaled and accumulated by one FMA per block in eight
-    /// lanes, reduced alike. It is also several times faster for one row than tinyBLAS's
-    /// 4-row tiles.
+    /// ggml's one-row dot products: every other type, and Q8_0's and Q5_0's lone rows, whose
+    /// AVX2 dot products (`ggml_vec_dot_q8_0_q8_0`, `ggml_vec_dot_q5_0_q8_0`) make the same
+    /// sums as tinyBLAS's kernel for those types: the same exact integer block sums, scaled
+    /// and accumulated by one FMA per block in eight lanes, reduced alike. They are also
+    /// several times faster for one row than tinyBLAS's 4-row tiles.
     Ggml,
 }
 
 fn route(weights: ggml_type, rows: i64) -> Route {
-    use llama_cpp_sys_2::{GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q8_0};
+    use llama_cpp_sys_2::{GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q5_0, GGML_TYPE_Q8_0};
     if !cfg!(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -113,7 +113,7 @@ fn route(weights: ggml_type, rows: i64) -> Route {
     }
     match weights {
         GGML_TYPE_F32 | GGML_TYPE_F16 => Route::TinyBlas,
-        GGML_TYPE_Q8_0 if rows > 1 => Route::TinyBlas,
+        GGML_TYPE_Q8_0 | GGML_TYPE_Q5_0 if rows > 1 => Route::TinyBlas,
         _ if super::kquants::takes(weights) && tiled_on() => Route::Tiled,
         _ => Route::Ggml,
     }
@@ -617,7 +617,7 @@ mod one_row {
 
 /// `out[r] = rows[r] · x` for `out.len()` rows of a head of `weights`' type (`row_bytes` each,
 /// `x` already in the type's dot-product type, `k` values wide), each summed as ggml's matrix
-/// product sums it for a scoring chunk: in tinyBLAS's order for F32 and F16 rows (Q8_0 rows'
+/// product sums it for a scoring chunk: in tinyBLAS's order for F32 and F16 rows (Q8_0 and Q5_0 rows'
 /// one-row dot product makes the same sums); `false` where ggml's own one-row dot product is
 /// the one to use. `m` is the number of rows of the whole head (tinyBLAS takes heads of a
 /// multiple of 4 rows only).
@@ -631,8 +631,7 @@ pub fn head_rows(
     out: &mut [f32],
 ) -> bool {
     if !m.is_multiple_of(4)
-        || route(weights, 2) != Route::TinyBlas
-        || weights == llama_cpp_sys_2::GGML_TYPE_Q8_0
+        || route(weights, 1) != Route::TinyBlas
         || rows.len() < out.len() * row_bytes
     {
         return false;
