@@ -582,14 +582,16 @@ fn a_full_queue_answers_503() {
         "--model",
         "300:0:-100",
         "--ctx-size",
-        "200000",
+        "2000000",
         "--parallel",
         "1",
         "--max-queue",
         "1",
     ]);
     let a = server.addr.clone();
-    let body = r#"{"prompt": "x", "max_tokens": 150000}"#;
+    // Long enough that the first request cannot end before the second is queued on a loaded
+    // machine (150,000 tokens once did, in a CI run).
+    let body = r#"{"prompt": "x", "max_tokens": 1500000}"#;
     let mut waiting = Vec::new();
     for (metric_name, want) in [("slots_busy", 1), ("queue_length", 1)] {
         let a2 = a.clone();
