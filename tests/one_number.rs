@@ -35,8 +35,10 @@ fn agree(model: &Path, name: &str) {
         "The capital of France is",
         "--temperature",
         "0",
+        // Enough tokens that scoring them in one batch crosses ggml's 64-query tile (its
+        // tiled flash attention) while trace decodes them one query at a time.
         "--max-new-tokens",
-        "32",
+        "96",
         "--ignore-eos",
         "--no-plots",
         "-o",

@@ -125,6 +125,18 @@ fn the_ladder_equals_the_sides_compared_together() {
         );
         assert!(worst <= 1e-6 && top == 0, "{name}: {worst} {top}");
         same_summaries(&ladder, &together);
+        // A's logits kept for the B's (where the rows are head inputs) are the replay's bits.
+        if rows == "head-input" {
+            assert!(
+                ladder["reference"]["a_logits_kept"].as_u64().unwrap() > 0,
+                "{name}"
+            );
+            args.pop();
+            args.extend(["--a-logits-spill-gb", "0"]);
+            let replayed = compare(&tmp.path().join(format!("{name}-replayed")), &args);
+            assert_eq!(replayed["reference"]["a_logits_kept"], 0, "{name}");
+            assert_eq!(differences(&ladder, &replayed), (0.0, 0), "{name}");
+        }
         // B = A: the reference gives A's own logits back, bit for bit.
         if bs.last() == Some(&a) {
             let last = bs.len() - 1;

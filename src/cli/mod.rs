@@ -254,6 +254,11 @@ pub struct CompareArgs {
     /// the same A, input and settings [default: OUT/reference]
     #[arg(long, value_name = "DIR")]
     pub reference: Option<PathBuf>,
+    /// Keep A's logits of this run, up to this many GB, in an unnamed temporary file beside
+    /// the reference, so that each B reads them instead of replaying A's output head (it is
+    /// never the reference, and never more than half the disk's free space); 0 replays
+    #[arg(long, value_name = "GB", default_value_t = 32.0)]
+    pub a_logits_spill_gb: f64,
     /// Load A and every B at once and score each chunk on all of them, without a reference
     /// (what --lens does; the numbers are the same)
     #[arg(long)]

@@ -8,6 +8,7 @@ use anyhow::Context;
 use logitprobe::cluster::shard::Shard;
 use logitprobe::compare::kld_base::KldBase;
 use logitprobe::compare::ladder::{self, BPass};
+use logitprobe::compare::logits_spill::LogitsSpill;
 use logitprobe::compare::reference::{self, ReferenceReader};
 use logitprobe::compare::side::SideSpec;
 use logitprobe::compare::{self, Chunk, CompareReport, InputInfo, SideInfo, Timing};
@@ -177,6 +178,12 @@ impl Setup {
         if bs.is_empty() && (args.reference.is_none() || args.sides_together || args.lens) {
             return Err(usage!(
                 "no B to compare with A: pass --b BACKEND:MODEL (repeat it for a ladder)"
+            ));
+        }
+        if !(args.a_logits_spill_gb.is_finite() && args.a_logits_spill_gb >= 0.0) {
+            return Err(usage!(
+                "--a-logits-spill-gb {} is not a size: give GB as a number ≥ 0 (0 replays A's head for each B)",
+                args.a_logits_spill_gb
             ));
         }
         if args.noise_floor {
@@ -889,6 +896,7 @@ fn ready_reference(
             .collect();
         let reused = mine(chunks.len()).len() - missing.len();
         let mut head = None;
+        let mut spill = None;
         if !missing.is_empty() {
             let Some(a_spec) = setup.a.clone() else {
                 return Err(reference::ReferenceError::Incomplete {
@@ -912,13 +920,29 @@ fn ready_reference(
                 ));
             }
             head = h;
+            spill = logits_spill(args, dir, &chunks, &mine(chunks.len()), m.vocab.n_vocab)
+                .filter(|_| m.rows == compare::ReferenceRows::HeadInput);
             for &c in &missing {
                 let scored = reference::score_chunk(&mut *a.source, &chunks[c], m.rows, timing)?;
                 reference::write_chunk(dir, c, &scored.rows)?;
+                if let Some(s) = &mut spill {
+                    s.put(c, &scored.logits);
+                }
             }
         }
         let input = m.input.clone();
-        let reader = ReferenceReader::new(dir, m, head)?;
+        // With A not run, the first reader replays A's head and keeps what it gets: worth it
+        // where another reads the rows after it.
+        let readers = setup.bs.len() + usize::from(args.noise_floor);
+        let spill = spill.or_else(|| {
+            (m.rows == compare::ReferenceRows::HeadInput && readers > 1)
+                .then(|| logits_spill(args, dir, &chunks, &mine(chunks.len()), m.vocab.n_vocab))
+                .flatten()
+        });
+        let mut reader = ReferenceReader::new(dir, m, head)?;
+        if let Some(s) = spill {
+            reader.keep_logits(s);
+        }
         return Ok(ReferenceReady {
             reader,
             chunks,
@@ -959,10 +983,16 @@ fn ready_reference(
             let _ = a
                 .source
                 .set_capture(&logitprobe_backends::CaptureSpec::default());
-            first_scored = Some((c, scored.logits));
+            first_scored = Some((
+                c,
+                reference::Scored {
+                    rows: scored.logits,
+                    logits: Default::default(),
+                },
+            ));
         } else {
             width = scored.rows.ncols();
-            first_scored = Some((c, scored.rows));
+            first_scored = Some((c, scored));
         }
     }
     if rows == compare::ReferenceRows::Logits {
@@ -988,23 +1018,49 @@ fn ready_reference(
     };
     reference::write_vocab(dir, &reference::vocab_pieces(&*a.source))?;
     reference::write_manifest(dir, &manifest)?;
+    let mut spill = (rows == compare::ReferenceRows::HeadInput)
+        .then(|| logits_spill(args, dir, &prepared.chunks, &todo, a.info.n_vocab))
+        .flatten();
     for &c in &todo {
-        let kept = match first_scored.take() {
-            Some((fc, kept)) if fc == c => kept,
-            _ => reference::score_chunk(&mut *a.source, &prepared.chunks[c], rows, timing)?.rows,
+        let scored = match first_scored.take() {
+            Some((fc, scored)) if fc == c => scored,
+            _ => reference::score_chunk(&mut *a.source, &prepared.chunks[c], rows, timing)?,
         };
-        reference::write_chunk(dir, c, &kept)?;
+        reference::write_chunk(dir, c, &scored.rows)?;
+        if let Some(s) = &mut spill {
+            s.put(c, &scored.logits);
+        }
     }
     let head = head.filter(|_| rows == compare::ReferenceRows::HeadInput);
     drop(a);
+    let mut reader = ReferenceReader::new(dir, manifest, head)?;
+    if let Some(s) = spill {
+        reader.keep_logits(s);
+    }
     Ok(ReferenceReady {
-        reader: ReferenceReader::new(dir, manifest, head)?,
+        reader,
         chunks: prepared.chunks,
         input: prepared.info,
         b_text: prepared.b_text,
         scored: todo.len(),
         reused: 0,
     })
+}
+
+/// A spill for A's logits of the chunks `mine` of `chunks`, as --a-logits-spill-gb allows and
+/// the disk beside the reference `dir` has room for.
+fn logits_spill(
+    args: &CompareArgs,
+    dir: &Path,
+    chunks: &[Chunk],
+    mine: &[usize],
+    n_vocab: usize,
+) -> Option<LogitsSpill> {
+    let bytes = mine
+        .iter()
+        .map(|&c| (chunks[c].scored() * n_vocab * 4) as u64)
+        .sum();
+    LogitsSpill::new(dir, bytes, (args.a_logits_spill_gb * 1e9) as u64)
 }
 
 /// A's reference first, then each B alone against it: one model in memory at a time. A
@@ -1183,7 +1239,11 @@ fn one_at_a_time(
         dir: dir.display().to_string(),
         rows: reader.manifest.rows,
         width: reader.manifest.width,
-        bytes: reader.bytes_read / setup.bs.len().max(1) as u64,
+        bytes: numbered
+            .iter()
+            .map(|(_, c)| reference::chunk_file_bytes(c.scored(), reader.manifest.width))
+            .sum(),
+        a_logits_kept: reader.logits_kept(),
         chunks_scored: scored,
         chunks_reused: reused,
     };

@@ -10,6 +10,7 @@
 mod files;
 pub mod kld_base;
 pub mod ladder;
+pub mod logits_spill;
 pub mod reference;
 pub mod side;
 pub mod stats;

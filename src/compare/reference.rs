@@ -16,6 +16,7 @@
 //! shape and the sha256 of its rows, and is written under a temporary name then renamed:
 //! a file that is there is whole, and a damaged one is refused when read.
 
+use super::logits_spill::LogitsSpill;
 use super::{Chunk, Timing};
 use crate::schema::compare::{
     HeadSource, ReferenceChunk, ReferenceManifest, ReferenceRows, VocabDigest,
@@ -212,11 +213,15 @@ pub fn write_chunk(dir: &Path, c: usize, rows: &Array2<f32>) -> anyhow::Result<u
     Ok((HEADER_BYTES + payload.len()) as u64)
 }
 
+/// The size of a chunk file of `rows` rows of `width` values.
+pub fn chunk_file_bytes(rows: usize, width: usize) -> u64 {
+    (HEADER_BYTES + rows * width * 4) as u64
+}
+
 /// Whether chunk `c`'s file is there with the size `rows` × `width` gives (its rows are
 /// checked against their sha256 when read).
 pub fn chunk_present(dir: &Path, c: usize, rows: usize, width: usize) -> bool {
-    std::fs::metadata(chunk_path(dir, c))
-        .is_ok_and(|m| m.len() == (HEADER_BYTES + rows * width * 4) as u64)
+    std::fs::metadata(chunk_path(dir, c)).is_ok_and(|m| m.len() == chunk_file_bytes(rows, width))
 }
 
 /// Chunk `c`'s rows, refused unless they are `[rows, width]` and match their sha256.
@@ -338,8 +343,8 @@ pub struct ReferenceReader {
     pub dir: PathBuf,
     pub manifest: ReferenceManifest,
     head: Option<Arc<LensHead>>,
-    /// Bytes of chunk files read so far.
-    pub bytes_read: u64,
+    /// A's logits already computed in this run, where they are kept (head-input rows only).
+    spill: Option<LogitsSpill>,
 }
 
 impl ReferenceReader {
@@ -369,8 +374,21 @@ impl ReferenceReader {
             dir: dir.to_path_buf(),
             manifest,
             head,
-            bytes_read: 0,
+            spill: None,
         })
+    }
+
+    /// Keeps A's logits in `spill` once computed, and reads them from it from then on:
+    /// each chunk's head is replayed once in the run, not once per B.
+    pub fn keep_logits(&mut self, spill: LogitsSpill) {
+        if self.head.is_some() {
+            self.spill = Some(spill);
+        }
+    }
+
+    /// Bytes of A's logits kept for the B's.
+    pub fn logits_kept(&self) -> u64 {
+        self.spill.as_ref().map_or(0, LogitsSpill::bytes)
     }
 
     /// A's logits of chunk `c`'s scored rows (`[scored, n_vocab]`).
@@ -381,12 +399,18 @@ impl ReferenceReader {
             .len()
             .saturating_sub(1)
             .saturating_sub(chunk.first);
+        if let Some(kept) = self.spill.as_mut().and_then(|s| s.get(c)) {
+            return Ok(kept);
+        }
         let rows = read_chunk(&self.dir, c, scored, self.manifest.width)?;
-        self.bytes_read += (HEADER_BYTES + rows.len() * 4) as u64;
-        Ok(match &self.head {
-            Some(head) => head.head_logits(rows.view()),
-            None => rows,
-        })
+        let Some(head) = &self.head else {
+            return Ok(rows);
+        };
+        let logits = head.head_logits(rows.view());
+        if let Some(spill) = &mut self.spill {
+            spill.put(c, &logits);
+        }
+        Ok(logits)
     }
 }
 

@@ -443,8 +443,13 @@ pub struct ReferenceUse {
     pub dir: String,
     pub rows: ReferenceRows,
     pub width: usize,
-    /// Bytes of the chunk files this comparison read.
+    /// Bytes of the chunk files this comparison compares against (the reference's size for
+    /// its chunks).
     pub bytes: u64,
+    /// Bytes of A's logits kept in a temporary file for the B's while the run lasted (0 when
+    /// A's output head was replayed for each B, or the rows are logits).
+    #[serde(default)]
+    pub a_logits_kept: u64,
     /// Chunks scored by A in this run, and chunks found already there.
     pub chunks_scored: usize,
     pub chunks_reused: usize,

@@ -1,35 +1,29 @@
-//! A batch-invariant flash attention with vector exponentials.
+//! Flash attention under the batch-invariant kernels: ggml's tiled kernel, and a copy of its
+//! sums for fewer queries than its tile.
 //!
-//! Under the batch-invariant kernels ggml runs its one-row flash attention for every query: an
-//! online softmax over the KV cells, one libm `expf` per query and cell, V accumulated in F16.
-//! It gives a query the same numbers whatever else is in its batch, but it is a fifth of an F16
-//! model's scoring time at 512 tokens and most of a long prompt's. This kernel gives each query
-//! the same guarantee and does less work: its scores, softmax and weighted sum of V depend only
-//! on that query's row of Q, the cache and the mask, each summed in one fixed order (K·Q along
-//! the head's width in vector lanes, then one reduction; the softmax's sum and V's weighted sum
-//! over the cells in ascending order), with the exponentials sixteen at a time and V summed in
-//! f32. Threads split the queries, never a query's cells.
+//! ggml runs a tiled flash attention from 64 queries on (ops.cpp,
+//! `ggml_compute_forward_flash_attn_ext_tiled`), a KV-split one for a lone query over 512 cells
+//! or more, and its one-row kernel otherwise: three orders of summation, so a token's attention
+//! would depend on how many queries share its batch. The tiled kernel itself gives each query
+//! numbers that depend on that query alone: its K·Q sums run along the head's width for each
+//! cell (a fused multiply-add chain from zero), the softmax goes over fixed 64-cell tiles of
+//! the cache from cell 0 (a tile's maximum, `expf` of the old maximum's distance, ggml's vector
+//! exponential, each 16 lanes' tree sum added in f64), and V's weighted sum runs over each
+//! tile's cells in order. No other query's row enters any of these. So under the
+//! batch-invariant kernels, batches of 64 queries or more run ggml's tiled kernel (the fastest
+//! kernels' flag set for that call), and smaller ones, down to a lone query, run this module's
+//! copy of the same float steps, which takes the queries that share a KV head a few at a time
+//! (a decode step's grouped-query heads) so that each tile of K is converted and transposed
+//! once for all of them.
 //!
 //! ggml's CPU backend calls `ggml_compute_forward_flash_attn_ext` from another object file; the
 //! final link sends the call here (`-Wl,--wrap=ggml_compute_forward_flash_attn_ext`, as for
 //! [`super::tinyblas`]). With `use_ref` clear (the fastest kernels) it goes on to ggml. With it
-//! set, F16 caches with F32 queries and no ALiBi run here; anything else (a quantized cache,
-//! ALiBi's slopes) goes back to ggml's one-row kernel.
+//! set, F16 caches with F32 queries and no ALiBi, soft cap or sinks run as above; anything else
+//! (a quantized cache, ALiBi's slopes, Gemma 2's soft cap, attention sinks) goes to ggml's
+//! one-row kernel for every query count.
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "f16c"
-))]
-use std::arch::x86_64::*;
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "f16c"
-))]
-use std::cell::RefCell;
-
-use llama_cpp_sys_2::{ggml_tensor, GGML_TYPE_F16, GGML_TYPE_F32};
+use llama_cpp_sys_2::ggml_tensor;
 
 use super::tinyblas::ComputeParams;
 
@@ -51,16 +45,28 @@ pub unsafe extern "C" fn __wrap_ggml_compute_forward_flash_attn_ext(
     params: *const ComputeParams,
     dst: *mut ggml_tensor,
 ) {
-    // SAFETY: ggml passes its live parameters and tensors.
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx512f",
+        target_feature = "avx512dq",
         target_feature = "f16c"
     ))]
-    if unsafe { (*params).use_ref && takes(&*dst) } {
-        // SAFETY: as for this function; `takes` checked the types and shapes.
-        unsafe { attend(&*params, &*dst) };
-        return;
+    {
+        // SAFETY: ggml passes its live parameters and tensors.
+        let (p, node) = unsafe { (&*params, &*dst) };
+        // SAFETY: `node` is a live FLASH_ATTN_EXT node.
+        if p.use_ref && unsafe { imp::takes(node) } {
+            // SAFETY: the node's queries, alive while it runs.
+            if unsafe { (*node.src[0]).ne[1] } >= imp::TILE_Q {
+                // SAFETY: ggml's own call, with the flag of its fastest kernels, which for
+                // this many queries is its tiled kernel.
+                unsafe { __real_ggml_compute_forward_flash_attn_ext(&p.fastest(), dst) };
+            } else {
+                // SAFETY: as for this function; `takes` checked the types and shapes.
+                unsafe { imp::attend(p, node) };
+            }
+            return;
+        }
     }
     // SAFETY: the same call, passed on.
     unsafe { __real_ggml_compute_forward_flash_attn_ext(params, dst) }
@@ -69,369 +75,635 @@ pub unsafe extern "C" fn __wrap_ggml_compute_forward_flash_attn_ext(
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx512f",
+    target_feature = "avx512dq",
     target_feature = "f16c"
 ))]
-/// Whether this kernel computes `dst`: F32 queries, an F16 cache, an F16 mask (or none), no
-/// ALiBi, rows of Q, K and V contiguous, a width of whole vectors.
-///
-/// # Safety
-/// `dst` is a live `FLASH_ATTN_EXT` node.
-unsafe fn takes(dst: &ggml_tensor) -> bool {
-    // SAFETY: the node's sources, alive while it runs.
-    let (q, k, v) = unsafe { (&*dst.src[0], &*dst.src[1], &*dst.src[2]) };
-    let mask = dst.src[3];
-    let sinks = dst.src[4];
-    let max_bias = f32::from_bits(dst.op_params[1] as u32);
-    q.type_ == GGML_TYPE_F32
-        && k.type_ == GGML_TYPE_F16
-        && v.type_ == GGML_TYPE_F16
-        && q.nb[0] == 4
-        && k.nb[0] == 2
-        && v.nb[0] == 2
-        && k.ne[0] % 16 == 0
-        && v.ne[0] % 16 == 0
-        && k.ne[0] <= MAX_WIDTH as i64
-        && v.ne[0] <= MAX_WIDTH as i64
-        && dst.type_ == GGML_TYPE_F32
-        && dst.nb[0] == 4
-        && max_bias == 0.0
-        // SAFETY: the mask and sinks, when present, are live sources of the node.
-        && (mask.is_null() || unsafe { (*mask).type_ } == GGML_TYPE_F16)
-        && (sinks.is_null() || unsafe { (*sinks).type_ } == GGML_TYPE_F32)
-}
+mod imp {
+    use std::arch::x86_64::*;
+    use std::cell::RefCell;
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "f16c"
-))]
-/// The widest head this kernel holds in registers' worth of stack (DK and DV).
-const MAX_WIDTH: usize = 512;
+    use llama_cpp_sys_2::{ggml_tensor, GGML_TYPE_F16, GGML_TYPE_F32};
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "f16c"
-))]
-thread_local! {
-    /// Each worker thread's scratch for one query: its visible cells and their scores.
-    static SCRATCH: RefCell<Visible> = const {
-        RefCell::new(Visible {
-            cells: Vec::new(),
-            scores: Vec::new(),
-        })
-    };
-}
+    use super::super::tinyblas::ComputeParams;
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "f16c"
-))]
-/// The cells a query sees (the mask does not hide), in ascending order, and their scores
-/// (then their softmax weights), padded with −∞ to whole vectors.
-struct Visible {
-    cells: Vec<u32>,
-    scores: Vec<f32>,
-}
+    /// ggml's `GGML_FA_TILE_Q`: from this many queries its tiled kernel runs.
+    pub(super) const TILE_Q: i64 = 64;
+    /// ggml's `GGML_FA_TILE_KV`: the cells of one softmax tile.
+    const TILE_KV: usize = 64;
+    /// Queries (sharing a KV head) this copy takes together.
+    const ROWS: usize = 16;
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "f16c"
-))]
-/// This thread's share of the queries (rows of Q, one per query and head), in order.
-///
-/// # Safety
-/// As [`__wrap_ggml_compute_forward_flash_attn_ext`], for a node [`takes`] accepted.
-unsafe fn attend(p: &ComputeParams, dst: &ggml_tensor) {
-    // SAFETY: the node's sources, alive while it runs.
-    let (q, k, v) = unsafe { (&*dst.src[0], &*dst.src[1], &*dst.src[2]) };
-    let (mask, sinks) = (
-        dst.src[3] as *const ggml_tensor,
-        dst.src[4] as *const ggml_tensor,
-    );
-    let softcap = f32::from_bits(dst.op_params[2] as u32);
-    // As ggml: with a soft cap the scale folds in 1/cap, and the cap multiplies tanh.
-    let scale =
-        f32::from_bits(dst.op_params[0] as u32) / if softcap != 0.0 { softcap } else { 1.0 };
-    let (dk, dv, n_kv) = (k.ne[0] as usize, v.ne[0] as usize, k.ne[1] as usize);
-    let (nq1, nq2, nq3) = (q.ne[1], q.ne[2], q.ne[3]);
-    let rows = nq1 * nq2 * nq3;
-    let (ith, nth) = (p.ith as i64, p.nth as i64);
-    let (first, end) = (ith * rows / nth, (ith + 1) * rows / nth);
-    SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        for ir in first..end {
+    /// Whether this module computes `dst` (with ggml's tiled kernel, or its copy): F32
+    /// queries, an F16 cache, an F16 mask (or none), no ALiBi, soft cap or sinks, rows
+    /// contiguous, widths of whole vectors.
+    ///
+    /// # Safety
+    /// `dst` is a live `FLASH_ATTN_EXT` node.
+    pub(super) unsafe fn takes(dst: &ggml_tensor) -> bool {
+        // SAFETY: the node's sources, alive while it runs.
+        let (q, k, v) = unsafe { (&*dst.src[0], &*dst.src[1], &*dst.src[2]) };
+        let mask = dst.src[3];
+        let max_bias = f32::from_bits(dst.op_params[1] as u32);
+        let softcap = f32::from_bits(dst.op_params[2] as u32);
+        q.type_ == GGML_TYPE_F32
+            && k.type_ == GGML_TYPE_F16
+            && v.type_ == GGML_TYPE_F16
+            && q.nb[0] == 4
+            && k.nb[0] == 2
+            && v.nb[0] == 2
+            && k.ne[0] % 16 == 0
+            && v.ne[0] % 16 == 0
+            && dst.type_ == GGML_TYPE_F32
+            && dst.nb[0] == 4
+            && max_bias == 0.0
+            && softcap == 0.0
+            && dst.src[4].is_null()
+            // SAFETY: the mask, when present, is a live source of the node.
+            && (mask.is_null() || unsafe { (*mask).type_ } == GGML_TYPE_F16)
+    }
+
+    /// Each worker thread's scratch: one tile of K (transposed) and V in f32, and the rows'
+    /// scores, mask and running sums of V.
+    #[derive(Default)]
+    struct Scratch {
+        kt: Vec<f32>,
+        v32: Vec<f32>,
+        kq: Vec<f32>,
+        mask: Vec<f32>,
+        vkq: Vec<f32>,
+    }
+
+    thread_local! {
+        static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    }
+
+    /// One KV head's cache, as the queries of a tile read it.
+    struct Cache {
+        k: *const u8,
+        k_row: usize,
+        v: *const u8,
+        v_row: usize,
+        n_kv: usize,
+        dk: usize,
+        dv: usize,
+        scale: f32,
+    }
+
+    /// One query: its row of Q, its row of the mask (F16, or null) and where its output goes.
+    #[derive(Clone, Copy)]
+    struct Row {
+        q: *const f32,
+        mask: *const u16,
+        out: *mut f32,
+    }
+
+    /// This thread's share of the queries (rows of Q, one per query and head), in order,
+    /// taken [`ROWS`] at a time where consecutive rows share a KV head.
+    ///
+    /// # Safety
+    /// As `__wrap_ggml_compute_forward_flash_attn_ext`, for a node [`takes`] accepted.
+    pub(super) unsafe fn attend(p: &ComputeParams, dst: &ggml_tensor) {
+        let (ith, nth) = (p.ith as i64, p.nth as i64);
+        // SAFETY: the node's queries, alive while it runs.
+        let q = unsafe { &*dst.src[0] };
+        let rows = q.ne[1] * q.ne[2] * q.ne[3];
+        // SAFETY: the caller's.
+        unsafe { attend_rows(dst, ith * rows / nth, (ith + 1) * rows / nth, ROWS) };
+    }
+
+    /// Rows `first..end` of `dst`, at most `together` at a time.
+    ///
+    /// # Safety
+    /// As [`attend`]; `first..end` are rows of the node.
+    pub(super) unsafe fn attend_rows(dst: &ggml_tensor, first: i64, end: i64, together: usize) {
+        // SAFETY: the node's sources, alive while it runs.
+        let (q, k, v) = unsafe { (&*dst.src[0], &*dst.src[1], &*dst.src[2]) };
+        let mask = dst.src[3] as *const ggml_tensor;
+        let (nq1, nq2, nq3) = (q.ne[1], q.ne[2], q.ne[3]);
+        // Row `ir`'s query, head and batch, and its KV head.
+        let locate = |ir: i64| {
             let iq3 = ir / (nq2 * nq1);
             let iq2 = (ir - iq3 * nq2 * nq1) / nq1;
             let iq1 = ir - iq3 * nq2 * nq1 - iq2 * nq1;
-            let (ik2, ik3) = (iq2 / (nq2 / k.ne[2]), iq3 / (nq3 / k.ne[3]));
-            let (iv2, iv3) = (iq2 / (nq2 / v.ne[2]), iq3 / (nq3 / v.ne[3]));
-            // SAFETY: offsets inside the node's tensors by their own strides, as ggml's
-            // one-row kernel takes them (ops.cpp).
-            unsafe {
-                let qrow = (q.data as *const u8)
-                    .add(iq1 as usize * q.nb[1] + iq2 as usize * q.nb[2] + iq3 as usize * q.nb[3])
-                    as *const f32;
-                let kbase =
-                    (k.data as *const u8).add(ik2 as usize * k.nb[2] + ik3 as usize * k.nb[3]);
-                let vbase =
-                    (v.data as *const u8).add(iv2 as usize * v.nb[2] + iv3 as usize * v.nb[3]);
-                let mrow = if mask.is_null() {
-                    std::ptr::null()
-                } else {
-                    let m = &*mask;
-                    (m.data as *const u8).add(
-                        iq1 as usize * m.nb[1]
-                            + (iq2 % m.ne[2]) as usize * m.nb[2]
-                            + (iq3 % m.ne[3]) as usize * m.nb[3],
-                    ) as *const u16
-                };
-                let sink = if sinks.is_null() {
-                    None
-                } else {
-                    Some(*((*sinks).data as *const f32).add(iq2 as usize))
-                };
-                let out = (dst.data as *mut u8).add(
-                    ((iq3 * dst.ne[2] * dst.ne[1] + iq2 + iq1 * dst.ne[1]) as usize) * dst.nb[1],
-                ) as *mut f32;
-                one_query(
-                    Query {
-                        q: qrow,
-                        k: kbase,
-                        k_row: k.nb[1],
-                        v: vbase,
-                        v_row: v.nb[1],
-                        mask: mrow,
-                        n_kv,
-                        dk,
-                        dv,
-                        scale,
-                        softcap,
-                        sink,
-                    },
-                    &mut scratch,
-                    out,
-                );
-            }
-        }
-    });
-}
-
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "f16c"
-))]
-/// One query's row and where its cache and mask are.
-struct Query {
-    q: *const f32,
-    k: *const u8,
-    k_row: usize,
-    v: *const u8,
-    v_row: usize,
-    /// The mask's row for this query (F16; −∞ hides a cell), or null.
-    mask: *const u16,
-    n_kv: usize,
-    dk: usize,
-    dv: usize,
-    scale: f32,
-    softcap: f32,
-    sink: Option<f32>,
-}
-
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "f16c"
-))]
-/// softmax(scale·K·q + mask)·V for one query, written to `out` (DV values).
-///
-/// # Safety
-/// The pointers of `query` cover its widths and `n_kv` cells; `out` holds DV floats.
-unsafe fn one_query(query: Query, scratch: &mut Visible, out: *mut f32) {
-    // The usual head widths get accumulators that stay in registers.
-    // SAFETY: the caller's.
-    unsafe {
-        match (query.dk, query.dv) {
-            (64, 64) => attend_one::<4, 4>(query, scratch, out),
-            (128, 128) => attend_one::<8, 8>(query, scratch, out),
-            (256, 256) => attend_one::<16, 16>(query, scratch, out),
-            _ => attend_one::<{ MAX_WIDTH / 16 }, { MAX_WIDTH / 16 }>(query, scratch, out),
-        }
-    }
-}
-
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "f16c"
-))]
-/// [`one_query`] for heads of at most `KV`·16 (K) and `VV`·16 (V) values.
-///
-/// # Safety
-/// As [`one_query`].
-#[inline(always)]
-unsafe fn attend_one<const KV: usize, const VV: usize>(
-    query: Query,
-    scratch: &mut Visible,
-    out: *mut f32,
-) {
-    let Query {
-        q,
-        k,
-        k_row,
-        v,
-        v_row,
-        mask,
-        n_kv,
-        dk,
-        dv,
-        scale,
-        softcap,
-        sink,
-    } = query;
-    let (kn, vn) = (dk / 16, dv / 16);
-    let Visible { cells, scores } = scratch;
-    cells.clear();
-    scores.clear();
-    // SAFETY: the caller's bounds.
-    unsafe {
-        let mut qv = [_mm512_setzero_ps(); KV];
-        for (i, lane) in qv.iter_mut().enumerate().take(kn) {
-            *lane = _mm512_loadu_ps(q.add(16 * i));
-        }
-        // The visible cells' scores, in ascending cell order.
-        let mut max = f32::NEG_INFINITY;
-        for c in 0..n_kv {
-            let m = if mask.is_null() {
-                0.0
+            let kv = (
+                iq2 / (nq2 / k.ne[2]),
+                iq3 / (nq3 / k.ne[3]),
+                iq2 / (nq2 / v.ne[2]),
+                iq3 / (nq3 / v.ne[3]),
+            );
+            (iq1, iq2, iq3, kv)
+        };
+        // SAFETY (for the closure's body): offsets inside the node's tensors by their own
+        // strides, as ggml's tiled kernel takes them (ops.cpp).
+        let row = |ir: i64| unsafe {
+            let (iq1, iq2, iq3, _) = locate(ir);
+            let mrow = if mask.is_null() {
+                std::ptr::null()
             } else {
-                f16_to_f32(*mask.add(c))
+                let m = &*mask;
+                (m.data as *const u8).add(
+                    iq1 as usize * m.nb[1]
+                        + (iq2 % m.ne[2]) as usize * m.nb[2]
+                        + (iq3 % m.ne[3]) as usize * m.nb[3],
+                ) as *const u16
             };
-            if m == f32::NEG_INFINITY {
+            Row {
+                q: (q.data as *const u8)
+                    .add(iq1 as usize * q.nb[1] + iq2 as usize * q.nb[2] + iq3 as usize * q.nb[3])
+                    as *const f32,
+                mask: mrow,
+                out: (dst.data as *mut u8).add(
+                    ((iq3 * dst.ne[2] * dst.ne[1] + iq2 + iq1 * dst.ne[1]) as usize) * dst.nb[1],
+                ) as *mut f32,
+            }
+        };
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut ir = first;
+            while ir < end {
+                let (_, _, _, kv) = locate(ir);
+                let mut tile = [row(ir); ROWS];
+                let mut n = 1;
+                while n < together.min(ROWS)
+                    && ir + (n as i64) < end
+                    && locate(ir + n as i64).3 == kv
+                {
+                    tile[n] = row(ir + n as i64);
+                    n += 1;
+                }
+                let (ik2, ik3, iv2, iv3) = kv;
+                let cache = Cache {
+                    // SAFETY: the KV head's planes, inside K and V by their strides.
+                    k: unsafe {
+                        (k.data as *const u8).add(ik2 as usize * k.nb[2] + ik3 as usize * k.nb[3])
+                    },
+                    k_row: k.nb[1],
+                    // SAFETY: as for `k`.
+                    v: unsafe {
+                        (v.data as *const u8).add(iv2 as usize * v.nb[2] + iv3 as usize * v.nb[3])
+                    },
+                    v_row: v.nb[1],
+                    n_kv: k.ne[1] as usize,
+                    dk: k.ne[0] as usize,
+                    dv: v.ne[0] as usize,
+                    scale: f32::from_bits(dst.op_params[0] as u32),
+                };
+                // SAFETY: the rows and cache point into the node's tensors.
+                unsafe { attend_tile(&cache, &tile[..n], !mask.is_null(), &mut scratch) };
+                ir += n as i64;
+            }
+        });
+    }
+
+    /// softmax(scale·K·q + mask)·V for each of `rows`, summed as ggml's tiled kernel sums one
+    /// row of its tile.
+    ///
+    /// # Safety
+    /// The cache covers `n_kv` cells of widths DK and DV; each row's Q covers DK floats, its
+    /// mask `n_kv` values (when `masked`), its output DV floats.
+    unsafe fn attend_tile(cache: &Cache, rows: &[Row], masked: bool, s: &mut Scratch) {
+        let (dk, dv, n) = (cache.dk, cache.dv, rows.len());
+        s.kt.resize(dk * TILE_KV, 0.0);
+        s.v32.resize(TILE_KV * dv, 0.0);
+        s.kq.resize(ROWS * TILE_KV, 0.0);
+        s.mask.resize(ROWS * TILE_KV, 0.0);
+        s.vkq.clear();
+        s.vkq.resize(ROWS * dv, 0.0);
+        let mut max = [f32::NEG_INFINITY; ROWS];
+        let mut sum = [0.0f32; ROWS];
+        let mut live = [false; ROWS];
+        for c0 in (0..cache.n_kv).step_by(TILE_KV) {
+            let cells = TILE_KV.min(cache.n_kv - c0);
+            // The mask's tile (−∞ past the cache's end); a tile no row sees is skipped, as
+            // ggml skips it.
+            let mut seen = !masked;
+            if masked {
+                for (j, r) in rows.iter().enumerate() {
+                    let m = &mut s.mask[j * TILE_KV..(j + 1) * TILE_KV];
+                    for (t, x) in m.iter_mut().enumerate().take(cells) {
+                        // SAFETY: the row's mask covers the cache's cells.
+                        *x = f16_to_f32(unsafe { *r.mask.add(c0 + t) });
+                        seen |= *x != f32::NEG_INFINITY;
+                    }
+                    m[cells..].fill(f32::NEG_INFINITY);
+                }
+            }
+            if !seen {
                 continue;
             }
-            let kc = k.add(c * k_row) as *const u16;
-            let mut acc = _mm512_setzero_ps();
-            for (i, lane) in qv.iter().enumerate().take(kn) {
-                let kv = _mm512_cvtph_ps(_mm256_loadu_si256(kc.add(16 * i) as *const __m256i));
-                acc = _mm512_fmadd_ps(kv, *lane, acc);
+            // SAFETY: `cells` cells from `c0` lie in the cache.
+            unsafe { pack_k(cache, c0, cells, &mut s.kt) };
+            for (j, r) in rows.iter().enumerate() {
+                let kq = &mut s.kq[j * TILE_KV..(j + 1) * TILE_KV];
+                // SAFETY: the row's Q covers DK floats.
+                unsafe { scores(r.q, &s.kt, dk, cache.scale, kq) };
+                kq[cells..].fill(f32::NEG_INFINITY);
+                if masked {
+                    for (x, m) in kq.iter_mut().zip(&s.mask[j * TILE_KV..(j + 1) * TILE_KV]) {
+                        *x += *m;
+                    }
+                }
+                let tile_max = kq.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                live[j] = tile_max != f32::NEG_INFINITY;
+                if !live[j] {
+                    continue;
+                }
+                let new = max[j].max(tile_max);
+                if new > max[j] {
+                    let ms = (max[j] - new).exp();
+                    for x in &mut s.vkq[j * dv..(j + 1) * dv] {
+                        *x *= ms;
+                    }
+                    sum[j] *= ms;
+                }
+                max[j] = new;
+                // SAFETY: `kq` holds a whole tile.
+                sum[j] = (sum[j] as f64 + unsafe { soft_max(kq, new) }) as f32;
             }
-            let mut s = hsum(acc) * scale;
-            if softcap != 0.0 {
-                s = softcap * s.tanh();
+            if !live[..n].iter().any(|&l| l) {
+                continue;
             }
-            s += m;
-            cells.push(c as u32);
-            scores.push(s);
-            max = max.max(s);
+            // SAFETY: as for `pack_k`.
+            unsafe { pack_v(cache, c0, cells, &mut s.v32) };
+            for j in (0..n).filter(|&j| live[j]) {
+                // SAFETY: the scratch holds a tile of weights and of V, and a row of sums.
+                unsafe {
+                    weighted_v(
+                        &s.kq[j * TILE_KV..(j + 1) * TILE_KV],
+                        &s.v32,
+                        &mut s.vkq[j * dv..(j + 1) * dv],
+                    )
+                };
+            }
         }
-        let n = cells.len();
-        scores.resize(n.next_multiple_of(16), f32::NEG_INFINITY);
-        if let Some(sink) = sink {
-            max = max.max(sink);
+        for (j, r) in rows.iter().enumerate() {
+            let inv = if sum[j] == 0.0 { 0.0 } else { 1.0 / sum[j] };
+            for (d, x) in s.vkq[j * dv..(j + 1) * dv].iter().enumerate() {
+                // SAFETY: the row's output holds DV floats.
+                unsafe { *r.out.add(d) = *x * inv };
+            }
         }
-        // Weights e^(s − max), sixteen at a time, and their sum in lanes.
-        let mut sum = _mm512_setzero_ps();
-        if max != f32::NEG_INFINITY {
+    }
+
+    /// The tile's K, `cells` cells from `c0`, as f32 with the cells along rows:
+    /// `kt[d·64 + t]` (ggml's `K_f32`); the columns past `cells` are zero.
+    ///
+    /// # Safety
+    /// `cells` cells from `c0` lie in the cache.
+    unsafe fn pack_k(cache: &Cache, c0: usize, cells: usize, kt: &mut [f32]) {
+        // SAFETY: the caller's bounds; conversions and shuffles of AVX-512F.
+        unsafe {
+            for t0 in (0..TILE_KV).step_by(16) {
+                for d0 in (0..cache.dk).step_by(16) {
+                    let mut block = [_mm512_setzero_ps(); 16];
+                    for (i, b) in block.iter_mut().enumerate() {
+                        if t0 + i < cells {
+                            let src = cache.k.add((c0 + t0 + i) * cache.k_row) as *const u16;
+                            *b = _mm512_cvtph_ps(_mm256_loadu_si256(src.add(d0) as *const __m256i));
+                        }
+                    }
+                    transpose16(&mut block);
+                    for (i, b) in block.iter().enumerate() {
+                        _mm512_storeu_ps(kt.as_mut_ptr().add((d0 + i) * TILE_KV + t0), *b);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The tile's V, `cells` cells from `c0`, as f32 rows (`v32[t·DV + d]`, ggml's `V32`);
+    /// the rows past `cells` are zero.
+    ///
+    /// # Safety
+    /// As [`pack_k`].
+    unsafe fn pack_v(cache: &Cache, c0: usize, cells: usize, v32: &mut [f32]) {
+        let dv = cache.dv;
+        // SAFETY: the caller's bounds; F16C conversions.
+        unsafe {
+            for t in 0..cells {
+                let src = cache.v.add((c0 + t) * cache.v_row) as *const u16;
+                for d in (0..dv).step_by(16) {
+                    let x = _mm512_cvtph_ps(_mm256_loadu_si256(src.add(d) as *const __m256i));
+                    _mm512_storeu_ps(v32.as_mut_ptr().add(t * dv + d), x);
+                }
+            }
+        }
+        v32[cells * dv..TILE_KV * dv].fill(0.0);
+    }
+
+    /// A row's 64 scores of the tile: K·q as ggml's `simd_gemm` sums it (a fused
+    /// multiply-add chain along the head's width, from zero), times `scale`.
+    ///
+    /// # Safety
+    /// `q` covers DK floats; `kt` holds the transposed tile.
+    #[inline(always)]
+    unsafe fn scores(q: *const f32, kt: &[f32], dk: usize, scale: f32, kq: &mut [f32]) {
+        // SAFETY: the caller's bounds.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); TILE_KV / 16];
+            let kt = kt.as_ptr();
+            for d in 0..dk {
+                let qd = _mm512_set1_ps(*q.add(d));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(kt.add(d * TILE_KV + 16 * i)), qd, *a);
+                }
+            }
+            let sv = _mm512_set1_ps(scale);
+            for (i, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(kq.as_mut_ptr().add(16 * i), _mm512_mul_ps(*a, sv));
+            }
+        }
+    }
+
+    /// `kq ← e^(kq − max)` and their sum, as `ggml_vec_soft_max_f32` makes them: sixteen at a
+    /// time with ggml's vector exponential, each sixteen's tree sum added in f64.
+    ///
+    /// # Safety
+    /// `kq` holds a whole tile.
+    unsafe fn soft_max(kq: &mut [f32], max: f32) -> f64 {
+        let mut sum = 0.0f64;
+        // SAFETY: the caller's bounds.
+        unsafe {
             let mv = _mm512_set1_ps(max);
-            for chunk in scores.chunks_exact_mut(16) {
-                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(chunk.as_ptr()), mv));
-                _mm512_storeu_ps(chunk.as_mut_ptr(), e);
-                sum = _mm512_add_ps(sum, e);
+            for c in kq.chunks_exact_mut(16) {
+                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), mv));
+                _mm512_storeu_ps(c.as_mut_ptr(), e);
+                sum += reduce_add(e) as f64;
             }
         }
-        let mut total = hsum(sum);
-        if let Some(sink) = sink {
-            total += (sink - max).exp();
-        }
-        // V's weighted sum over the visible cells, in f32, in ascending cell order.
-        let mut o = [_mm512_setzero_ps(); VV];
-        for (&c, &w) in cells.iter().zip(scores.iter()) {
-            let wv = _mm512_set1_ps(w);
-            let vc = v.add(c as usize * v_row) as *const u16;
-            for (i, lane) in o.iter_mut().enumerate().take(vn) {
-                let vv = _mm512_cvtph_ps(_mm256_loadu_si256(vc.add(16 * i) as *const __m256i));
-                *lane = _mm512_fmadd_ps(vv, wv, *lane);
+        sum
+    }
+
+    /// `vkq += Σ_t w[t]·V[t]` in ggml's `simd_gemm` order: for each sixteen of the width, a
+    /// fused multiply-add chain over the tile's cells in order.
+    ///
+    /// # Safety
+    /// `w` holds a tile of weights, `v32` a tile of V rows of `vkq.len()` values.
+    #[inline(always)]
+    unsafe fn weighted_v(w: &[f32], v32: &[f32], vkq: &mut [f32]) {
+        let dv = vkq.len();
+        // SAFETY: the caller's bounds.
+        unsafe {
+            let out = vkq.as_mut_ptr();
+            let v = v32.as_ptr();
+            for d in (0..dv).step_by(64.min(dv)) {
+                // Four sixteens at a time where the width allows, for the four chains' latency.
+                let lanes = ((dv - d) / 16).min(4);
+                let mut acc = [_mm512_setzero_ps(); 4];
+                for (i, a) in acc.iter_mut().enumerate().take(lanes) {
+                    *a = _mm512_loadu_ps(out.add(d + 16 * i));
+                }
+                for (t, &wt) in w.iter().enumerate() {
+                    let wv = _mm512_set1_ps(wt);
+                    for (i, a) in acc.iter_mut().enumerate().take(lanes) {
+                        *a = _mm512_fmadd_ps(_mm512_loadu_ps(v.add(t * dv + d + 16 * i)), wv, *a);
+                    }
+                }
+                for (i, a) in acc.iter().enumerate().take(lanes) {
+                    _mm512_storeu_ps(out.add(d + 16 * i), *a);
+                }
             }
         }
-        let inv = _mm512_set1_ps(if total == 0.0 { 0.0 } else { 1.0 / total });
-        for (i, lane) in o.iter().enumerate().take(vn) {
-            _mm512_storeu_ps(out.add(16 * i), _mm512_mul_ps(*lane, inv));
+    }
+
+    /// A 16×16 block transposed in registers.
+    #[inline(always)]
+    fn transpose16(r: &mut [__m512; 16]) {
+        // SAFETY: register shuffles of AVX-512F.
+        unsafe {
+            let mut t = [_mm512_setzero_ps(); 16];
+            for i in 0..8 {
+                t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+                t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+            }
+            let mut u = [_mm512_setzero_ps(); 16];
+            for i in 0..4 {
+                u[4 * i] = _mm512_shuffle_ps::<0x44>(t[4 * i], t[4 * i + 2]);
+                u[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(t[4 * i], t[4 * i + 2]);
+                u[4 * i + 2] = _mm512_shuffle_ps::<0x44>(t[4 * i + 1], t[4 * i + 3]);
+                u[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(t[4 * i + 1], t[4 * i + 3]);
+            }
+            // u[4i + j] holds, in each 128-bit lane L, rows 4i..4i+4 of column 4L + j.
+            let mut w = [_mm512_setzero_ps(); 16];
+            for h in 0..2 {
+                for j in 0..4 {
+                    w[8 * h + j] = _mm512_shuffle_f32x4::<0x88>(u[8 * h + j], u[8 * h + 4 + j]);
+                    w[8 * h + 4 + j] = _mm512_shuffle_f32x4::<0xDD>(u[8 * h + j], u[8 * h + 4 + j]);
+                }
+            }
+            for j in 0..8 {
+                r[j] = _mm512_shuffle_f32x4::<0x88>(w[j], w[8 + j]);
+                r[8 + j] = _mm512_shuffle_f32x4::<0xDD>(w[j], w[8 + j]);
+            }
         }
     }
-}
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "f16c"
-))]
-/// The sixteen lanes' sum: upper 256 bits onto the lower, 128 onto 128, then pairs.
-#[inline(always)]
-fn hsum(v: __m512) -> f32 {
-    // SAFETY: register operations of the features this module is built with.
-    unsafe {
-        let h = _mm256_add_ps(
-            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
-            _mm512_castps512_ps256(v),
-        );
-        let q = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
-        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)))
-    }
-}
-
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "f16c"
-))]
-/// An F16 value as f32.
-#[inline(always)]
-fn f16_to_f32(h: u16) -> f32 {
-    // SAFETY: F16C is on wherever this module is built.
-    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32))) }
-}
-
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "f16c"
-))]
-/// e^x for sixteen lanes of x ≤ 0 (−∞ gives 0): 2^n · p(r) with x = n·ln 2 + r, |r| ≤ ln 2 / 2,
-/// p the degree-7 Taylor polynomial (its error below one f32 rounding).
-#[inline(always)]
-unsafe fn exp16(x: __m512) -> __m512 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // SAFETY: register operations of AVX-512F.
-    unsafe {
-        let x_in = x;
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
-        );
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-        // Taylor coefficients 1/k!, evaluated by Horner's rule.
-        let mut p = _mm512_set1_ps(1.0 / 5040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    /// `_mm512_reduce_add_ps` as GCC expands it: the upper 256 bits onto the lower, 128 onto
+    /// 128, lanes 2,3 onto 0,1, then 1 onto 0.
+    #[inline(always)]
+    fn reduce_add(v: __m512) -> f32 {
+        // SAFETY: register operations of AVX-512F.
+        unsafe {
+            let h = _mm256_add_ps(
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+                _mm512_castps512_ps256(v),
+            );
+            let q = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
+            let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)))
         }
-        // 2^n by scaling (exact); a hidden cell's −∞ gives exactly 0.
-        let hidden = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(x_in, _mm512_set1_ps(f32::NEG_INFINITY));
-        _mm512_maskz_mov_ps(!hidden, _mm512_scalef_ps(p, n))
+    }
+
+    /// An F16 value as f32.
+    #[inline(always)]
+    fn f16_to_f32(h: u16) -> f32 {
+        // SAFETY: F16C is on wherever this module is built.
+        unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32))) }
+    }
+
+    /// ggml's `ggml_v_expf` for AVX-512 (vec.h), step for step: e^x as 2^n·p(b) with its
+    /// coefficients, and 0 or +∞ where |n| > 192.
+    #[inline(always)]
+    unsafe fn exp16(x: __m512) -> __m512 {
+        // SAFETY: register operations of AVX-512F.
+        unsafe {
+            let r = _mm512_set1_ps(f32::from_bits(0x4b40_0000)); // 0x1.8p23
+            let z = _mm512_fmadd_ps(x, _mm512_set1_ps(f32::from_bits(0x3fb8_aa3b)), r);
+            let n = _mm512_sub_ps(z, r);
+            let b = _mm512_fnmadd_ps(
+                n,
+                _mm512_set1_ps(f32::from_bits(0x35bf_be8e)),
+                _mm512_fnmadd_ps(n, _mm512_set1_ps(f32::from_bits(0x3f31_7200)), x),
+            );
+            let d = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), _mm512_set1_ps(192.0));
+            let u = _mm512_mul_ps(b, b);
+            let j = _mm512_fmadd_ps(
+                _mm512_fmadd_ps(
+                    _mm512_fmadd_ps(
+                        _mm512_set1_ps(f32::from_bits(0x3c07_2010)),
+                        b,
+                        _mm512_set1_ps(f32::from_bits(0x3d2b_9f17)),
+                    ),
+                    u,
+                    _mm512_fmadd_ps(
+                        _mm512_set1_ps(f32::from_bits(0x3e2a_af33)),
+                        b,
+                        _mm512_set1_ps(f32::from_bits(0x3eff_fedb)),
+                    ),
+                ),
+                u,
+                _mm512_fmadd_ps(
+                    _mm512_set1_ps(f32::from_bits(0x3f7f_fff6)),
+                    b,
+                    _mm512_set1_ps(1.0),
+                ),
+            );
+            let res = _mm512_scalef_ps(j, n);
+            if _mm512_kortestz(d, d) != 0 {
+                return res;
+            }
+            let zero = _mm512_setzero_ps();
+            let alt = _mm512_mask_blend_ps(
+                _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, zero),
+                _mm512_set1_ps(f32::INFINITY),
+                zero,
+            );
+            _mm512_mask_blend_ps(d, res, alt)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_block_transposes() {
+            let mut r = [unsafe { _mm512_setzero_ps() }; 16];
+            for (i, v) in r.iter_mut().enumerate() {
+                let row: Vec<f32> = (0..16).map(|j| (16 * i + j) as f32).collect();
+                // SAFETY: 16 floats.
+                *v = unsafe { _mm512_loadu_ps(row.as_ptr()) };
+            }
+            transpose16(&mut r);
+            for (i, v) in r.iter().enumerate() {
+                let mut out = [0f32; 16];
+                // SAFETY: 16 floats.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr(), *v) };
+                for (j, x) in out.iter().enumerate() {
+                    assert_eq!(*x, (16 * j + i) as f32, "row {i}, column {j}");
+                }
+            }
+        }
+
+        #[test]
+        fn the_exponential_is_ggmls_constants() {
+            // The hex constants of ggml_v_expf, as f32 bit patterns above.
+            let cases = [
+                (0x3fb8_aa3bu32, "1.715476p+0"),
+                (0x3f31_7200, "1.62e4p-1"),
+                (0x35bf_be8e, "1.7f7d1cp-20"),
+                (0x3c07_2010, "1.0e4020p-7"),
+                (0x3d2b_9f17, "1.573e2ep-5"),
+                (0x3e2a_af33, "1.555e66p-3"),
+                (0x3eff_fedb, "1.fffdb6p-2"),
+                (0x3f7f_fff6, "1.ffffecp-1"),
+                (0x4b40_0000, "1.8p23"),
+            ];
+            for (bits, hex) in cases {
+                assert_eq!(f32::from_bits(bits), hexf(hex), "{hex}");
+            }
+        }
+
+        /// ggml's tiled kernel over 64 queries (its fastest kernels: what a scoring chunk
+        /// runs) against this copy run for each query alone and in groups: bit for bit.
+        #[test]
+        fn lone_queries_get_the_tiled_kernels_numbers() {
+            use llama_cpp_sys_2 as sys;
+            const DK: usize = 64;
+            const N: usize = 64;
+            const H: usize = 6;
+            const HKV: usize = 2;
+            const NKV: usize = 200;
+            let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+            let mut rand = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            };
+            // SAFETY: a ggml context of its own, tensors made in it, freed at the end.
+            unsafe {
+                sys::ggml_cpu_init();
+                let ctx = sys::ggml_init(sys::ggml_init_params {
+                    mem_size: 64 << 20,
+                    mem_buffer: std::ptr::null_mut(),
+                    no_alloc: false,
+                });
+                let q =
+                    sys::ggml_new_tensor_3d(ctx, sys::GGML_TYPE_F32, DK as i64, N as i64, H as i64);
+                let k = sys::ggml_new_tensor_3d(
+                    ctx,
+                    sys::GGML_TYPE_F16,
+                    DK as i64,
+                    NKV as i64,
+                    HKV as i64,
+                );
+                let v = sys::ggml_new_tensor_3d(
+                    ctx,
+                    sys::GGML_TYPE_F16,
+                    DK as i64,
+                    NKV as i64,
+                    HKV as i64,
+                );
+                let mask = sys::ggml_new_tensor_2d(ctx, sys::GGML_TYPE_F16, NKV as i64, N as i64);
+                for i in 0..DK * N * H {
+                    *((*q).data as *mut f32).add(i) = 4.0 * rand();
+                }
+                for t in [k, v] {
+                    for i in 0..DK * NKV * HKV {
+                        *((*t).data as *mut u16).add(i) = sys::ggml_fp32_to_fp16(2.0 * rand());
+                    }
+                }
+                // Causal over the last N cells, with a hole of hidden cells in the first
+                // tile (one query then sees only its second tile on).
+                for i in 0..N {
+                    for c in 0..NKV {
+                        let hidden = c > NKV - N + i || (20..30).contains(&c) || (i == 5 && c < 64);
+                        *((*mask).data as *mut u16).add(i * NKV + c) =
+                            sys::ggml_fp32_to_fp16(if hidden { f32::NEG_INFINITY } else { 0.0 });
+                    }
+                }
+                let out = sys::ggml_flash_attn_ext(ctx, q, k, v, mask, 0.125, 0.0, 0.0);
+                let graph = sys::ggml_new_graph(ctx);
+                sys::ggml_build_forward_expand(graph, out);
+                sys::ggml_graph_compute_with_ctx(ctx, graph, 1);
+                let tiled = std::slice::from_raw_parts((*out).data as *const f32, DK * N * H);
+                for together in [1, 3, ROWS] {
+                    let mut ours = vec![f32::NAN; DK * N * H];
+                    let mut node = std::ptr::read(out);
+                    node.data = ours.as_mut_ptr().cast();
+                    attend_rows(&node, 0, (N * H) as i64, together);
+                    for (i, (a, b)) in ours.iter().zip(tiled).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{together} together, value {i}: {a} vs {b}"
+                        );
+                    }
+                }
+                sys::ggml_free(ctx);
+            }
+        }
+
+        /// A C99 hex float such as `1.62e4p-1`.
+        fn hexf(s: &str) -> f32 {
+            let (mant, exp) = s.split_once('p').unwrap();
+            let (int, frac) = mant.split_once('.').unwrap();
+            let mut v = u64::from_str_radix(int, 16).unwrap() as f64;
+            for (i, c) in frac.chars().enumerate() {
+                v += c.to_digit(16).unwrap() as f64 / 16f64.powi(i as i32 + 1);
+            }
+            (v * 2f64.powi(exp.parse().unwrap())) as f32
+        }
     }
 }

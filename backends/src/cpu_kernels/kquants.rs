@@ -1,11 +1,11 @@
-//! Q4_K and Q6_K products of fewer than 8 rows, summed as ggml's tiled K-quant kernel sums
+//! Q2_K, Q3_K, Q4_K and Q6_K products of fewer than 8 rows, summed as ggml's tiled K-quant kernel sums
 //! them, so that those weights can run the tiled kernel (from 8 rows, where llama.cpp takes
 //! it) under the batch-invariant kernels.
 //!
 //! The tiled kernel (ggml-cpu/tiled, its AVX-512 VNNI microkernel) makes, per weight row,
 //! activation row and 256-value super-block, two exact integer sums: `s1`, the sub-blocks'
 //! dot products times their scales (the codes' bias taken out through the activation's
-//! per-16 sums), and `s2`, the mins times those sums. It then rounds
+//! per-16 sums), and `s2`, the mins times those sums (Q2_K and Q4_K have mins). It then rounds
 //! `r = fnmadd(dmin, s2, s1·d)` in f32 and accumulates `acc + r·d_act` over the super-blocks
 //! in order. Integer sums are exact in any order, so this module computes them as ggml's
 //! one-row dot products do (AVX2 multiply-adds) and repeats the float steps exactly: a single
@@ -13,7 +13,7 @@
 //! tiled kernel itself, run for one row, decodes at a third of it.
 //!
 //! Built where the tiled kernel is the VNNI one (AVX-512 VNNI, VL and DQ); elsewhere, and for
-//! the other K-quants, the batch-invariant kernels keep ggml's one-row products for every
+//! the other K-quants (Q5_K and the i-quants), the batch-invariant kernels keep ggml's one-row products for every
 //! row count.
 
 #[cfg(all(
@@ -37,7 +37,9 @@ pub(super) use other::{product, takes};
 mod imp {
     use std::arch::x86_64::*;
 
-    use llama_cpp_sys_2::{ggml_tensor, ggml_type, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K};
+    use llama_cpp_sys_2::{
+        ggml_tensor, ggml_type, GGML_TYPE_Q2_K, GGML_TYPE_Q3_K, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K,
+    };
 
     use super::super::tinyblas::{Activations, ComputeParams};
 
@@ -50,6 +52,22 @@ mod imp {
         dmin: u16,
         scales: [u8; 12],
         qs: [u8; QK / 2],
+    }
+
+    #[repr(C)]
+    struct BlockQ2K {
+        scales: [u8; QK / 16],
+        qs: [u8; QK / 4],
+        d: u16,
+        dmin: u16,
+    }
+
+    #[repr(C)]
+    struct BlockQ3K {
+        hmask: [u8; QK / 8],
+        qs: [u8; QK / 4],
+        scales: [u8; 12],
+        d: u16,
     }
 
     #[repr(C)]
@@ -68,13 +86,18 @@ mod imp {
         bsums: [i16; QK / 16],
     }
 
+    const _: () = assert!(std::mem::size_of::<BlockQ2K>() == 84);
+    const _: () = assert!(std::mem::size_of::<BlockQ3K>() == 110);
     const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
     const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
     const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292);
 
     /// Whether this module multiplies weights of this type.
     pub(in super::super) fn takes(weights: ggml_type) -> bool {
-        matches!(weights, GGML_TYPE_Q4_K | GGML_TYPE_Q6_K)
+        matches!(
+            weights,
+            GGML_TYPE_Q2_K | GGML_TYPE_Q3_K | GGML_TYPE_Q4_K | GGML_TYPE_Q6_K
+        )
     }
 
     /// `dst = src0 · x` for each of the (fewer than 8) activation rows, this thread's share of
@@ -112,10 +135,11 @@ mod imp {
                         ) as *mut f32;
                         for i in first..end {
                             let x = rows.add(i as usize * w.nb[1]);
-                            *out.add(i as usize) = if w.type_ == GGML_TYPE_Q4_K {
-                                dot_q4_k(x as *const BlockQ4K, y, blocks)
-                            } else {
-                                dot_q6_k(x as *const BlockQ6K, y, blocks)
+                            *out.add(i as usize) = match w.type_ {
+                                GGML_TYPE_Q2_K => dot_q2_k(x as *const BlockQ2K, y, blocks),
+                                GGML_TYPE_Q3_K => dot_q3_k(x as *const BlockQ3K, y, blocks),
+                                GGML_TYPE_Q4_K => dot_q4_k(x as *const BlockQ4K, y, blocks),
+                                _ => dot_q6_k(x as *const BlockQ6K, y, blocks),
                             };
                         }
                     }
@@ -129,6 +153,195 @@ mod imp {
     fn accumulate(acc: f32, s1: i32, s2: i32, d: f32, dmin: f32, d_act: f32) -> f32 {
         let r = (-dmin).mul_add(s2 as f32, s1 as f32 * d);
         r.mul_add(d_act, acc)
+    }
+
+    /// `pshufb` masks that spread the i16 scales of sub-blocks 2g (low lane) and 2g + 1 (high
+    /// lane) over a 32-value group's 16-bit products, for groups g = 0..4 of a half block whose
+    /// eight scales sit in both lanes.
+    #[inline(always)]
+    fn group_scales(half: __m256i) -> [__m256i; 4] {
+        // SAFETY: AVX2 register operations.
+        unsafe {
+            let pick = |g: i8| {
+                let (lo, hi) = (4 * g, 4 * g + 2);
+                _mm256_set_epi8(
+                    hi + 1,
+                    hi,
+                    hi + 1,
+                    hi,
+                    hi + 1,
+                    hi,
+                    hi + 1,
+                    hi,
+                    hi + 1,
+                    hi,
+                    hi + 1,
+                    hi,
+                    hi + 1,
+                    hi,
+                    hi + 1,
+                    hi,
+                    lo + 1,
+                    lo,
+                    lo + 1,
+                    lo,
+                    lo + 1,
+                    lo,
+                    lo + 1,
+                    lo,
+                    lo + 1,
+                    lo,
+                    lo + 1,
+                    lo,
+                    lo + 1,
+                    lo,
+                    lo + 1,
+                    lo,
+                )
+            };
+            [
+                _mm256_shuffle_epi8(half, pick(0)),
+                _mm256_shuffle_epi8(half, pick(1)),
+                _mm256_shuffle_epi8(half, pick(2)),
+                _mm256_shuffle_epi8(half, pick(3)),
+            ]
+        }
+    }
+
+    /// Sixteen i8 sub-block scales as i16, each half block's eight in both lanes.
+    #[inline(always)]
+    fn halves(scales: __m128i) -> [__m256i; 2] {
+        // SAFETY: AVX2 register operations.
+        unsafe {
+            let all = _mm256_cvtepi8_epi16(scales);
+            let (lo, hi) = (
+                _mm256_castsi256_si128(all),
+                _mm256_extracti128_si256::<1>(all),
+            );
+            [_mm256_set_m128i(lo, lo), _mm256_set_m128i(hi, hi)]
+        }
+    }
+
+    /// One Q2_K row times one Q8_K row.
+    ///
+    /// # Safety
+    /// `x` and `y` hold `blocks` super-blocks each.
+    unsafe fn dot_q2_k(x: *const BlockQ2K, y: *const BlockQ8K, blocks: usize) -> f32 {
+        let mut acc = 0.0f32;
+        // SAFETY: the caller's bounds; AVX2 is on wherever this module is built.
+        unsafe {
+            let (m3, m4) = (_mm256_set1_epi8(3), _mm_set1_epi8(0x0F));
+            for b in 0..blocks {
+                let (xb, yb) = (&*x.add(b), &*y.add(b));
+                // One byte per 16-value sub-block: its scale in the low nibble, its min in the
+                // high one.
+                let packed = _mm_loadu_si128(xb.scales.as_ptr() as *const __m128i);
+                let mins = _mm256_cvtepi8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(packed), m4));
+                let bsums = _mm256_loadu_si256(yb.bsums.as_ptr() as *const __m256i);
+                let min_sums = _mm256_madd_epi16(mins, bsums);
+                let scales = halves(_mm_and_si128(packed, m4));
+                let mut sums = _mm256_setzero_si256();
+                for (h, half) in scales.into_iter().enumerate() {
+                    let q = _mm256_loadu_si256(xb.qs.as_ptr().add(32 * h) as *const __m256i);
+                    let codes = [
+                        _mm256_and_si256(q, m3),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(q), m3),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(q), m3),
+                        _mm256_and_si256(_mm256_srli_epi16::<6>(q), m3),
+                    ];
+                    for (g, (u, scale)) in codes.into_iter().zip(group_scales(half)).enumerate() {
+                        let yv = _mm256_loadu_si256(
+                            yb.qs.as_ptr().add(128 * h + 32 * g) as *const __m256i
+                        );
+                        sums = _mm256_add_epi32(
+                            sums,
+                            _mm256_madd_epi16(scale, _mm256_maddubs_epi16(u, yv)),
+                        );
+                    }
+                }
+                let (s1, s2) = hsum2_i32(sums, min_sums);
+                acc = accumulate(acc, s1, s2, f16(xb.d), f16(xb.dmin), yb.d);
+            }
+        }
+        acc
+    }
+
+    /// One Q3_K row times one Q8_K row.
+    ///
+    /// # Safety
+    /// `x` and `y` hold `blocks` super-blocks each.
+    unsafe fn dot_q3_k(x: *const BlockQ3K, y: *const BlockQ8K, blocks: usize) -> f32 {
+        const LOW4: u32 = 0x0f0f_0f0f;
+        const LOW2: u32 = 0x0303_0303;
+        let mut acc = 0.0f32;
+        // SAFETY: the caller's bounds; AVX2 is on wherever this module is built.
+        unsafe {
+            let (m3, four, zero) = (
+                _mm256_set1_epi8(3),
+                _mm256_set1_epi8(4),
+                _mm256_setzero_si256(),
+            );
+            for b in 0..blocks {
+                let (xb, yb) = (&*x.add(b), &*y.add(b));
+                // Sixteen 6-bit scales, stored with a bias of 32 (ggml's packing).
+                let word =
+                    |i: usize| u32::from_le_bytes(xb.scales[4 * i..4 * i + 4].try_into().unwrap());
+                let (a0, a1, a2) = (word(0), word(1), word(2));
+                let packed = _mm_sub_epi8(
+                    _mm_set_epi32(
+                        (((a1 >> 4) & LOW4) | (((a2 >> 6) & LOW2) << 4)) as i32,
+                        (((a0 >> 4) & LOW4) | (((a2 >> 4) & LOW2) << 4)) as i32,
+                        ((a1 & LOW4) | ((a2 >> 2) & LOW2) << 4) as i32,
+                        ((a0 & LOW4) | (a2 & LOW2) << 4) as i32,
+                    ),
+                    _mm_set1_epi8(32),
+                );
+                let hbits = _mm256_loadu_si256(xb.hmask.as_ptr() as *const __m256i);
+                let scales = halves(packed);
+                let mut sums = _mm256_setzero_si256();
+                for (h, half) in scales.into_iter().enumerate() {
+                    let q = _mm256_loadu_si256(xb.qs.as_ptr().add(32 * h) as *const __m256i);
+                    // The codes as the tiled kernel holds them, 0..8: two low bits, and 4 where
+                    // the high bit is set (the value is that code minus 4).
+                    let high = |bit: i32| {
+                        let mask = _mm256_set1_epi8(1 << bit);
+                        let set = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, mask), zero);
+                        _mm256_andnot_si256(set, four)
+                    };
+                    let codes = [
+                        _mm256_or_si256(_mm256_and_si256(q, m3), high(4 * h as i32)),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<2>(q), m3),
+                            high(4 * h as i32 + 1),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(q), m3),
+                            high(4 * h as i32 + 2),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<6>(q), m3),
+                            high(4 * h as i32 + 3),
+                        ),
+                    ];
+                    for (g, (u, scale)) in codes.into_iter().zip(group_scales(half)).enumerate() {
+                        let yv = _mm256_loadu_si256(
+                            yb.qs.as_ptr().add(128 * h + 32 * g) as *const __m256i
+                        );
+                        sums = _mm256_add_epi32(
+                            sums,
+                            _mm256_madd_epi16(scale, _mm256_maddubs_epi16(u, yv)),
+                        );
+                    }
+                }
+                // Take the codes' bias out: 4 × each sub-block's scaled sum of activations.
+                let bsums = _mm256_loadu_si256(yb.bsums.as_ptr() as *const __m256i);
+                let bias =
+                    _mm256_slli_epi32::<2>(_mm256_madd_epi16(_mm256_cvtepi8_epi16(packed), bsums));
+                let s1 = hsum_i32(_mm256_sub_epi32(sums, bias));
+                acc = accumulate(acc, s1, 0, f16(xb.d), 0.0, yb.d);
+            }
+        }
+        acc
     }
 
     /// One Q4_K row times one Q8_K row.
@@ -265,6 +478,21 @@ mod imp {
         }
     }
 
+    /// The lane sums of two vectors.
+    #[inline(always)]
+    fn hsum2_i32(a: __m256i, b: __m256i) -> (i32, i32) {
+        // SAFETY: AVX2 register operations.
+        unsafe {
+            let pairs = _mm256_hadd_epi32(a, b);
+            let q = _mm_add_epi32(
+                _mm256_castsi256_si128(pairs),
+                _mm256_extracti128_si256::<1>(pairs),
+            );
+            let q = _mm_hadd_epi32(q, q);
+            (_mm_cvtsi128_si32(q), _mm_extract_epi32::<1>(q))
+        }
+    }
+
     #[inline(always)]
     fn hsum_i32(v: __m256i) -> i32 {
         // SAFETY: AVX2 register operations.
@@ -281,6 +509,20 @@ mod imp {
     pub(super) unsafe fn dot_q4_k_for_test(x: *const u8, y: *const u8, blocks: usize) -> f32 {
         // SAFETY: the caller's.
         unsafe { dot_q4_k(x.cast(), y.cast(), blocks) }
+    }
+
+    /// [`dot_q2_k`] on bytes, for the tests.
+    #[cfg(test)]
+    pub(super) unsafe fn dot_q2_k_for_test(x: *const u8, y: *const u8, blocks: usize) -> f32 {
+        // SAFETY: the caller's.
+        unsafe { dot_q2_k(x.cast(), y.cast(), blocks) }
+    }
+
+    /// [`dot_q3_k`] on bytes, for the tests.
+    #[cfg(test)]
+    pub(super) unsafe fn dot_q3_k_for_test(x: *const u8, y: *const u8, blocks: usize) -> f32 {
+        // SAFETY: the caller's.
+        unsafe { dot_q3_k(x.cast(), y.cast(), blocks) }
     }
 
     /// [`dot_q6_k`] on bytes, for the tests.
@@ -337,7 +579,7 @@ mod other {
 mod tests {
     use llama_cpp_sys_2 as sys;
 
-    use super::imp::{dot_q4_k_for_test, dot_q6_k_for_test};
+    use super::imp::{dot_q2_k_for_test, dot_q3_k_for_test, dot_q4_k_for_test, dot_q6_k_for_test};
 
     /// ggml's own product of 8 rows (its tiled kernel, the fastest kernels being on) against
     /// this module's sums of each row alone: bit for bit.
@@ -400,6 +642,16 @@ mod tests {
             }
             sys::ggml_free(ctx);
         }
+    }
+
+    #[test]
+    fn q2_k_rows_are_summed_as_the_tiled_kernel_sums_them() {
+        tiled_equals_one_row(sys::GGML_TYPE_Q2_K, dot_q2_k_for_test);
+    }
+
+    #[test]
+    fn q3_k_rows_are_summed_as_the_tiled_kernel_sums_them() {
+        tiled_equals_one_row(sys::GGML_TYPE_Q3_K, dot_q3_k_for_test);
     }
 
     #[test]

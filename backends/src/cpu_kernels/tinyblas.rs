@@ -40,6 +40,16 @@ pub struct ComputeParams {
     pub(super) use_ref: bool,
 }
 
+impl ComputeParams {
+    /// The same call with ggml's fastest kernels (`use_ref` clear).
+    pub(super) fn fastest(&self) -> ComputeParams {
+        ComputeParams {
+            use_ref: false,
+            ..*self
+        }
+    }
+}
+
 extern "C" {
     /// ggml's tiled K-quant product (the symbol the wrap replaces).
     fn __real_ggml_compute_forward_mul_mat_tiled(
@@ -148,12 +158,8 @@ unsafe fn invariant_product(params: *const ComputeParams, dst: *mut ggml_tensor)
     let tiled = match route(w.type_, x.ne[1]) {
         Route::Ggml => return false,
         Route::Tiled if x.ne[1] >= 8 => {
-            let fastest = ComputeParams {
-                use_ref: false,
-                ..*p
-            };
             // SAFETY: ggml's own call, with the backend's flag for its fastest kernels.
-            return unsafe { __real_ggml_compute_forward_mul_mat_tiled(&fastest, dst) };
+            return unsafe { __real_ggml_compute_forward_mul_mat_tiled(&p.fastest(), dst) };
         }
         Route::Tiled => true,
         Route::TinyBlas => false,
