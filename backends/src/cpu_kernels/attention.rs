@@ -272,6 +272,8 @@ mod imp {
         let mut max = [f32::NEG_INFINITY; ROWS];
         let mut sum = [0.0f32; ROWS];
         let mut live = [false; ROWS];
+        // SAFETY: prefetches of rows inside the cache.
+        unsafe { prefetch_tile(cache, 0) };
         for c0 in (0..cache.n_kv).step_by(TILE_KV) {
             let cells = TILE_KV.min(cache.n_kv - c0);
             // The mask's tile (−∞ past the cache's end); a tile no row sees is skipped, as
@@ -280,16 +282,18 @@ mod imp {
             if masked {
                 for (j, r) in rows.iter().enumerate() {
                     let m = &mut s.mask[j * TILE_KV..(j + 1) * TILE_KV];
-                    for (t, x) in m.iter_mut().enumerate().take(cells) {
-                        // SAFETY: the row's mask covers the cache's cells.
-                        *x = f16_to_f32(unsafe { *r.mask.add(c0 + t) });
-                        seen |= *x != f32::NEG_INFINITY;
-                    }
-                    m[cells..].fill(f32::NEG_INFINITY);
+                    // SAFETY: the row's mask covers the cache's cells.
+                    seen |= unsafe { mask_tile(r.mask.add(c0), cells, m) };
                 }
             }
             if !seen {
                 continue;
+            }
+            // A decode step reads each layer's cache from memory (the weights read since its
+            // last step have evicted it): ask for the next tile's rows while this one runs.
+            if c0 + TILE_KV < cache.n_kv {
+                // SAFETY: prefetches of rows inside the cache.
+                unsafe { prefetch_tile(cache, c0 + TILE_KV) };
             }
             // SAFETY: `cells` cells from `c0` lie in the cache.
             unsafe { pack_k(cache, c0, cells, &mut s.kt) };
@@ -341,6 +345,58 @@ mod imp {
             for (d, x) in s.vkq[j * dv..(j + 1) * dv].iter().enumerate() {
                 // SAFETY: the row's output holds DV floats.
                 unsafe { *r.out.add(d) = *x * inv };
+            }
+        }
+    }
+
+    /// A row's mask over the tile's `cells` cells as f32 (−∞ past them); whether any is
+    /// not −∞.
+    ///
+    /// # Safety
+    /// `mask` covers `cells` F16 values; `out` holds a tile.
+    #[inline(always)]
+    unsafe fn mask_tile(mask: *const u16, cells: usize, out: &mut [f32]) -> bool {
+        let mut seen = 0u16;
+        // SAFETY: the caller's bounds; F16C conversions and AVX-512F compares.
+        unsafe {
+            let hidden = _mm512_set1_ps(f32::NEG_INFINITY);
+            for t in (0..TILE_KV).step_by(16) {
+                let x = if t + 16 <= cells {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(mask.add(t) as *const __m256i))
+                } else {
+                    let mut part = [f32::NEG_INFINITY; 16];
+                    for (i, p) in part.iter_mut().enumerate().take(cells.saturating_sub(t)) {
+                        *p = f16_to_f32(*mask.add(t + i));
+                    }
+                    _mm512_loadu_ps(part.as_ptr())
+                };
+                _mm512_storeu_ps(out.as_mut_ptr().add(t), x);
+                seen |= _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(x, hidden);
+            }
+        }
+        seen != 0
+    }
+
+    /// Asks for the K and V rows of the tile from cell `c0` (what of it lies in the cache).
+    ///
+    /// # Safety
+    /// `c0` is a cell of the cache.
+    #[inline(always)]
+    unsafe fn prefetch_tile(cache: &Cache, c0: usize) {
+        let end = (c0 + TILE_KV).min(cache.n_kv);
+        // SAFETY: addresses of cells inside the cache; prefetches do not fault.
+        unsafe {
+            for c in c0..end {
+                let (k, v) = (
+                    cache.k.add(c * cache.k_row) as *const i8,
+                    cache.v.add(c * cache.v_row) as *const i8,
+                );
+                for line in (0..cache.dk * 2).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(k.add(line));
+                }
+                for line in (0..cache.dv * 2).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(v.add(line));
+                }
             }
         }
     }
@@ -673,22 +729,25 @@ mod imp {
                             sys::ggml_fp32_to_fp16(if hidden { f32::NEG_INFINITY } else { 0.0 });
                     }
                 }
-                let out = sys::ggml_flash_attn_ext(ctx, q, k, v, mask, 0.125, 0.0, 0.0);
-                let graph = sys::ggml_new_graph(ctx);
-                sys::ggml_build_forward_expand(graph, out);
-                sys::ggml_graph_compute_with_ctx(ctx, graph, 1);
-                let tiled = std::slice::from_raw_parts((*out).data as *const f32, DK * N * H);
-                for together in [1, 3, ROWS] {
-                    let mut ours = vec![f32::NAN; DK * N * H];
-                    let mut node = std::ptr::read(out);
-                    node.data = ours.as_mut_ptr().cast();
-                    attend_rows(&node, 0, (N * H) as i64, together);
-                    for (i, (a, b)) in ours.iter().zip(tiled).enumerate() {
-                        assert_eq!(
-                            a.to_bits(),
-                            b.to_bits(),
-                            "{together} together, value {i}: {a} vs {b}"
-                        );
+                for mask in [mask, std::ptr::null_mut()] {
+                    let out = sys::ggml_flash_attn_ext(ctx, q, k, v, mask, 0.125, 0.0, 0.0);
+                    let graph = sys::ggml_new_graph(ctx);
+                    sys::ggml_build_forward_expand(graph, out);
+                    sys::ggml_graph_compute_with_ctx(ctx, graph, 1);
+                    let tiled = std::slice::from_raw_parts((*out).data as *const f32, DK * N * H);
+                    for together in [1, 3, ROWS] {
+                        let mut ours = vec![f32::NAN; DK * N * H];
+                        let mut node = std::ptr::read(out);
+                        node.data = ours.as_mut_ptr().cast();
+                        attend_rows(&node, 0, (N * H) as i64, together);
+                        for (i, (a, b)) in ours.iter().zip(tiled).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "mask {}, {together} together, value {i}: {a} vs {b}",
+                                !mask.is_null()
+                            );
+                        }
                     }
                 }
                 sys::ggml_free(ctx);
