@@ -485,18 +485,11 @@ pub fn resolve(
     ))
 }
 
-/// sha256 of a model file (or of `model.onnx` in a model folder).
+/// sha256 of a model file (or of `model.onnx` in a model folder); a large file's is
+/// remembered in logitprobe's cache until its size or modification time changes
+/// ([`crate::util::file_sha256`]).
 pub fn sha256_file(path: &Path) -> Option<String> {
-    use sha2::Digest;
-    let file = if path.is_dir() {
-        path.join("model.onnx")
-    } else {
-        path.to_path_buf()
-    };
-    let mut f = std::fs::File::open(file).ok()?;
-    let mut h = sha2::Sha256::new();
-    std::io::copy(&mut f, &mut h).ok()?;
-    Some(format!("{:x}", h.finalize()))
+    crate::util::file_sha256::sha256_file_in(path, &logitprobe_cache())
 }
 
 /// The engine a model path is for, unless `--backend` says.

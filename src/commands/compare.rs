@@ -627,8 +627,16 @@ fn finish(
         t.wall_s
     );
     if let Some(r) = &report.reference {
+        let kept = if r.a_logits_kept > 0 {
+            format!(
+                " (A's logits kept for the B's while the run lasted: {})",
+                logitprobe_backends::human_bytes(r.a_logits_kept)
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "reference {}: {} rows of {} values, {} read; {} chunks scored by A now, {} reused",
+            "reference {}: {} rows of {} values, {}{kept}; {} chunks scored by A now, {} reused",
             r.dir,
             match r.rows {
                 compare::ReferenceRows::HeadInput => "head-input",

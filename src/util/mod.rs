@@ -2,6 +2,7 @@
 //! renamed over the final name.
 
 pub mod budget;
+pub mod file_sha256;
 
 use anyhow::Context;
 use serde::Serialize;
