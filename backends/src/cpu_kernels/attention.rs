@@ -680,13 +680,7 @@ mod imp {
             const H: usize = 6;
             const HKV: usize = 2;
             const NKV: usize = 200;
-            let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-            let mut rand = move || {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            };
+            let mut rand = super::super::super::tests::uniform(0x9e37_79b9_7f4a_7c15);
             // SAFETY: a ggml context of its own, tensors made in it, freed at the end.
             unsafe {
                 sys::ggml_cpu_init();

@@ -157,54 +157,31 @@ mod imp {
 
     /// `pshufb` masks that spread the i16 scales of sub-blocks 2g (low lane) and 2g + 1 (high
     /// lane) over a 32-value group's 16-bit products, for groups g = 0..4 of a half block whose
-    /// eight scales sit in both lanes.
+    /// eight scales sit in both lanes: bytes 4g, 4g + 1 repeated in the low lane, 4g + 2,
+    /// 4g + 3 in the high one.
+    const GROUP_SCALES: [[u8; 32]; 4] = {
+        let mut masks = [[0u8; 32]; 4];
+        let mut g = 0;
+        while g < 4 {
+            let mut i = 0;
+            while i < 32 {
+                let first = if i < 16 { 4 * g } else { 4 * g + 2 };
+                masks[g][i] = (first + (i & 1)) as u8;
+                i += 1;
+            }
+            g += 1;
+        }
+        masks
+    };
+
+    /// The four groups' scale vectors of a half block (see [`GROUP_SCALES`]).
     #[inline(always)]
     fn group_scales(half: __m256i) -> [__m256i; 4] {
-        // SAFETY: AVX2 register operations.
+        // SAFETY: AVX2 register operations; each mask is 32 bytes.
         unsafe {
-            let pick = |g: i8| {
-                let (lo, hi) = (4 * g, 4 * g + 2);
-                _mm256_set_epi8(
-                    hi + 1,
-                    hi,
-                    hi + 1,
-                    hi,
-                    hi + 1,
-                    hi,
-                    hi + 1,
-                    hi,
-                    hi + 1,
-                    hi,
-                    hi + 1,
-                    hi,
-                    hi + 1,
-                    hi,
-                    hi + 1,
-                    hi,
-                    lo + 1,
-                    lo,
-                    lo + 1,
-                    lo,
-                    lo + 1,
-                    lo,
-                    lo + 1,
-                    lo,
-                    lo + 1,
-                    lo,
-                    lo + 1,
-                    lo,
-                    lo + 1,
-                    lo,
-                    lo + 1,
-                    lo,
-                )
-            };
-            [
-                _mm256_shuffle_epi8(half, pick(0)),
-                _mm256_shuffle_epi8(half, pick(1)),
-                _mm256_shuffle_epi8(half, pick(2)),
-                _mm256_shuffle_epi8(half, pick(3)),
-            ]
+            GROUP_SCALES.map(|m| {
+                _mm256_shuffle_epi8(half, _mm256_loadu_si256(m.as_ptr() as *const __m256i))
+            })
         }
     }
 
@@ -590,13 +567,7 @@ mod tests {
         const K: usize = 512;
         const M: usize = 32;
         const N: usize = 8;
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut rand = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
+        let mut rand = super::super::tests::uniform(0x2545_f491_4f6c_dd1d);
         let weights: Vec<f32> = (0..K * M).map(|_| rand()).collect();
         let acts: Vec<f32> = (0..K * N).map(|_| 3.0 * rand()).collect();
         // SAFETY: a ggml context of its own, tensors made in it, freed at the end.

@@ -141,3 +141,16 @@ impl CpuBackend {
         self.current = Some(kernels);
     }
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    /// Values uniform in [−0.5, 0.5) from an xorshift of `seed`: the kernel tests' data.
+    pub(super) fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        }
+    }
+}
