@@ -482,28 +482,48 @@ mod imp {
     }
 
     /// [`dot_q4_k`] on bytes, for the tests.
-    #[cfg(test)]
+    #[cfg(all(
+        test,
+        target_feature = "avx512vnni",
+        target_feature = "avx512vl",
+        target_feature = "avx512dq"
+    ))]
     pub(super) unsafe fn dot_q4_k_for_test(x: *const u8, y: *const u8, blocks: usize) -> f32 {
         // SAFETY: the caller's.
         unsafe { dot_q4_k(x.cast(), y.cast(), blocks) }
     }
 
     /// [`dot_q2_k`] on bytes, for the tests.
-    #[cfg(test)]
+    #[cfg(all(
+        test,
+        target_feature = "avx512vnni",
+        target_feature = "avx512vl",
+        target_feature = "avx512dq"
+    ))]
     pub(super) unsafe fn dot_q2_k_for_test(x: *const u8, y: *const u8, blocks: usize) -> f32 {
         // SAFETY: the caller's.
         unsafe { dot_q2_k(x.cast(), y.cast(), blocks) }
     }
 
     /// [`dot_q3_k`] on bytes, for the tests.
-    #[cfg(test)]
+    #[cfg(all(
+        test,
+        target_feature = "avx512vnni",
+        target_feature = "avx512vl",
+        target_feature = "avx512dq"
+    ))]
     pub(super) unsafe fn dot_q3_k_for_test(x: *const u8, y: *const u8, blocks: usize) -> f32 {
         // SAFETY: the caller's.
         unsafe { dot_q3_k(x.cast(), y.cast(), blocks) }
     }
 
     /// [`dot_q6_k`] on bytes, for the tests.
-    #[cfg(test)]
+    #[cfg(all(
+        test,
+        target_feature = "avx512vnni",
+        target_feature = "avx512vl",
+        target_feature = "avx512dq"
+    ))]
     pub(super) unsafe fn dot_q6_k_for_test(x: *const u8, y: *const u8, blocks: usize) -> f32 {
         // SAFETY: the caller's.
         unsafe { dot_q6_k(x.cast(), y.cast(), blocks) }

@@ -142,7 +142,15 @@ impl CpuBackend {
     }
 }
 
-#[cfg(all(test, target_os = "linux"))]
+// The kernel tests exist where the copies they check are built (AVX2, FMA and F16C).
+#[cfg(all(
+    test,
+    target_os = "linux",
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
 mod tests {
     /// Values uniform in [−0.5, 0.5) from an xorshift of `seed`: the kernel tests' data.
     pub(super) fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
