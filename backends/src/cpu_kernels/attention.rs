@@ -8,7 +8,7 @@
 //! numbers that depend on that query alone: its K·Q sums run along the head's width for each
 //! cell (a fused multiply-add chain from zero), the softmax goes over fixed 64-cell tiles of
 //! the cache from cell 0 (a tile's maximum, `expf` of the old maximum's distance, ggml's vector
-//! exponential, each 16 lanes' tree sum added in f64), and V's weighted sum runs over each
+//! exponential, each vector's tree sum added in f64), and V's weighted sum runs over each
 //! tile's cells in order. No other query's row enters any of these. So under the
 //! batch-invariant kernels, batches of 64 queries or more run ggml's tiled kernel (the fastest
 //! kernels' flag set for that call), and smaller ones, down to a lone query, run this module's
