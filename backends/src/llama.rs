@@ -1412,7 +1412,7 @@ fn read_lens_head(path: &Path) -> anyhow::Result<LensHead> {
 /// An output head as llama.cpp keeps it: its rows in the GGUF's own type, multiplied as
 /// llama.cpp's CPU kernels do (the input row quantized to the type's `vec_dot_type`, then
 /// `vec_dot` per vocabulary row, or tinyBLAS's sums where the batch-invariant kernels run
-/// tinyBLAS: [`crate::cpu_kernels::head_rows`]). A quantized head thus gives the lens the engine's own
+/// tinyBLAS: [`crate::cpu_kernels::head_block`]). A quantized head thus gives the lens the engine's own
 /// activation quantization, and the last layer's lens equals its logits.
 #[derive(Debug)]
 struct GgmlRows {
@@ -1522,29 +1522,34 @@ impl crate::inside::HeadMatrix for GgmlRows {
         let mut out = Array2::zeros((x.nrows(), self.n_vocab));
         // A block of head rows stays in cache while every input row goes past it: the head
         // (525 MB on a 128k vocabulary) is read from memory once per call, not once per input
-        // row. Each logit is still one vec_dot, so the numbers do not change.
+        // row. Each logit is still one vec_dot (or one tinyBLAS chain), so the numbers do not
+        // change.
         const BLOCK: usize = 32;
+        let inputs: Vec<&[u8]> = q.iter().map(Vec::as_slice).collect();
         crate::inside::split_vocab(self.n_vocab, &mut out, |range, mut part| {
             for b0 in range.clone().step_by(BLOCK) {
                 let b1 = (b0 + BLOCK).min(range.end);
+                let block = &self.data[b0 * self.row_bytes..b1 * self.row_bytes];
+                let (lo, hi) = (b0 - range.start, b1 - range.start);
+                let mut sums: Vec<&mut [f32]> = part
+                    .outer_iter_mut()
+                    .filter_map(|yr| yr.into_slice().map(|y| &mut y[lo..hi]))
+                    .collect();
+                if sums.len() == inputs.len()
+                    && crate::cpu_kernels::head_block(
+                        self.ty,
+                        self.n_vocab,
+                        block,
+                        self.row_bytes,
+                        &inputs,
+                        self.n_embd,
+                        &mut sums,
+                    )
+                {
+                    continue;
+                }
+                drop(sums);
                 for (q, mut yr) in q.iter().zip(part.outer_iter_mut()) {
-                    let block = &self.data[b0 * self.row_bytes..b1 * self.row_bytes];
-                    let sums = yr
-                        .as_slice_mut()
-                        .map(|y| &mut y[b0 - range.start..b1 - range.start]);
-                    if let Some(sums) = sums {
-                        if crate::cpu_kernels::head_rows(
-                            self.ty,
-                            self.n_vocab,
-                            block,
-                            self.row_bytes,
-                            q,
-                            self.n_embd,
-                            sums,
-                        ) {
-                            continue;
-                        }
-                    }
                     for v in b0..b1 {
                         let row = &self.data[v * self.row_bytes..(v + 1) * self.row_bytes];
                         let y = &mut yr[v - range.start];

@@ -36,23 +36,24 @@ mod kquants;
 #[cfg(target_os = "linux")]
 mod tinyblas;
 
-/// `out[r] = rows[r] · x` for rows of an output head of type `weights`, summed as a scoring
-/// chunk's matrix product sums them (so a replayed head gives the engine's logits bit for bit);
-/// `false` where ggml's one-row `vec_dot` is that product. See `tinyblas::head_rows`.
-pub fn head_rows(
+/// `out[j][r] = rows[r] · xs[j]` for a block of rows of an output head of type `weights` and
+/// every input row, summed as a scoring chunk's matrix product sums them (so a replayed head
+/// gives the engine's logits bit for bit); `false` where ggml's one-row `vec_dot` is that
+/// product. See `tinyblas::head_block`.
+pub fn head_block(
     weights: llama_cpp_sys_2::ggml_type,
     m: usize,
     rows: &[u8],
     row_bytes: usize,
-    x: &[u8],
+    xs: &[&[u8]],
     k: usize,
-    out: &mut [f32],
+    out: &mut [&mut [f32]],
 ) -> bool {
     #[cfg(target_os = "linux")]
-    return tinyblas::head_rows(weights, m, rows, row_bytes, x, k, out);
+    return tinyblas::head_block(weights, m, rows, row_bytes, xs, k, out);
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = (weights, m, rows, row_bytes, x, k, out);
+        let _ = (weights, m, rows, row_bytes, xs, k, out);
         false
     }
 }

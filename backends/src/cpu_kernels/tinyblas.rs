@@ -390,49 +390,132 @@ mod one_row {
         true
     }
 
-    /// `out[r] = rows[r] · x` for whole rows of F32 or F16 weights; false for other types.
-    pub(super) fn rows(
+    /// `out[j][r] = rows[r] · xs[j]` for a block of whole rows of F32 or F16 weights and every
+    /// input row `xs[j]`; false for other types or short slices.
+    ///
+    /// In tiles of 4 rows × 3 inputs, as tinyBLAS's float kernel takes a product: each element
+    /// is still its own chain (the sums of [`dot4`], and of the engine's product), but a
+    /// weight vector, loaded once, feeds three inputs' FMAs. One input at a time, the loads
+    /// bound the replayed head at half of tinyBLAS's speed.
+    pub(super) fn block(
         weights: ggml_type,
         rows: &[u8],
         row_bytes: usize,
-        x: &[u8],
+        xs: &[&[u8]],
         k: usize,
-        out: &mut [f32],
+        out: &mut [&mut [f32]],
     ) -> bool {
         let width = match weights {
             GGML_TYPE_F16 => 2,
             GGML_TYPE_F32 => 4,
             _ => return false,
         };
-        if row_bytes < k * width || x.len() < k * width {
+        let n_rows = out.first().map_or(0, |o| o.len());
+        if row_bytes < k * width
+            || rows.len() < n_rows * row_bytes
+            || xs.len() != out.len()
+            || xs.iter().any(|x| x.len() < k * width)
+            || out.iter().any(|o| o.len() != n_rows)
+        {
             return false;
         }
-        let row = |r: usize| rows[r * row_bytes..].as_ptr();
-        for (group, sums) in out.chunks_mut(4).enumerate() {
-            let first = 4 * group;
-            let at: [*const u8; 4] = std::array::from_fn(|r| row(first + r.min(sums.len() - 1)));
-            // SAFETY: each pointer starts a row of `k` values inside `rows` (checked above
-            // with `head_rows`' length check), and `x` holds `k` values.
-            let dots = unsafe {
-                if width == 2 {
-                    dot4::<u16>(
-                        at.map(|p| p as *const u16),
-                        x.as_ptr() as *const u16,
-                        k,
-                        4 * row_bytes,
-                    )
-                } else {
-                    dot4::<f32>(
-                        at.map(|p| p as *const f32),
-                        x.as_ptr() as *const f32,
-                        k,
-                        4 * row_bytes,
-                    )
-                }
-            };
-            sums.copy_from_slice(&dots[..sums.len()]);
+        // SAFETY: every row and input holds `k` values of the type `width` says (checked).
+        unsafe {
+            if width == 2 {
+                tiles::<u16>(rows, row_bytes, xs, k, out);
+            } else {
+                tiles::<f32>(rows, row_bytes, xs, k, out);
+            }
         }
         true
+    }
+
+    /// [`block`]'s loop over 4-row groups and 3-input tiles (a short last group repeats its
+    /// last row, as [`dot4`] does; the last inputs go in a tile of two or one).
+    ///
+    /// # Safety
+    /// `rows` holds `out[0].len()` rows of `k` values of `T`, `row_bytes` apart, and each
+    /// `xs[j]` `k` values of `T`.
+    #[inline(always)]
+    unsafe fn tiles<T: Element>(
+        rows: &[u8],
+        row_bytes: usize,
+        xs: &[&[u8]],
+        k: usize,
+        out: &mut [&mut [f32]],
+    ) {
+        let n_rows = out.first().map_or(0, |o| o.len());
+        let x = |j: usize| xs[j].as_ptr() as *const T;
+        for first in (0..n_rows).step_by(4) {
+            let group = (n_rows - first).min(4);
+            let a: [*const T; 4] = std::array::from_fn(|r| {
+                rows[(first + r.min(group - 1)) * row_bytes..].as_ptr() as *const T
+            });
+            let mut j = 0;
+            let mut put = |j: usize, sums: &[[f32; 4]]| {
+                for (o, s) in out[j..].iter_mut().zip(sums) {
+                    o[first..first + group].copy_from_slice(&s[..group]);
+                }
+            };
+            // SAFETY: the caller's, for every row and input named.
+            unsafe {
+                while j + 3 <= xs.len() {
+                    put(j, &tile::<T, 3>(a, [x(j), x(j + 1), x(j + 2)], k));
+                    j += 3;
+                }
+                match xs.len() - j {
+                    2 => put(j, &tile::<T, 2>(a, [x(j), x(j + 1)], k)),
+                    1 => put(j, &tile::<T, 1>(a, [x(j)], k)),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// One tile of tinyBLAS's `gemm_bloc`: `a[i] · b[j]` for 4 rows and `RN` inputs, each
+    /// element one accumulator fed along K, the zero-padded last step, then `hsum`.
+    ///
+    /// # Safety
+    /// Each `a[i]` and `b[j]` points at `k` readable elements.
+    #[inline(always)]
+    unsafe fn tile<T: Element, const RN: usize>(
+        a: [*const T; 4],
+        b: [*const T; RN],
+        k: usize,
+    ) -> [[f32; 4]; RN] {
+        // SAFETY: every load is inside the `k` elements, or from the zero-padded copy of
+        // the last ones (what tinyBLAS's masked load gives).
+        unsafe {
+            let mut c = [[zero(); 4]; RN];
+            let mut l = 0;
+            // tinyBLAS's order for RM > RN: the inputs' vectors first, then a row at a time
+            // (4 × 3 accumulators, 3 inputs and a row fill the 16 registers of AVX2).
+            while l + LANES <= k {
+                let bv: [Vector; RN] = std::array::from_fn(|j| T::load(b[j].add(l)));
+                for (i, row) in a.iter().enumerate() {
+                    let av = T::load(row.add(l));
+                    for j in 0..RN {
+                        c[j][i] = fma(av, bv[j], c[j][i]);
+                    }
+                }
+                l += LANES;
+            }
+            if l < k {
+                let tail = |p: *const T| {
+                    let mut t = [T::default(); LANES];
+                    std::ptr::copy_nonoverlapping(p.add(l), t.as_mut_ptr(), k - l);
+                    T::load(t.as_ptr())
+                };
+                let bv: [Vector; RN] = std::array::from_fn(|j| tail(b[j]));
+                for (i, row) in a.iter().enumerate() {
+                    let av = tail(*row);
+                    for j in 0..RN {
+                        c[j][i] = fma(av, bv[j], c[j][i]);
+                    }
+                }
+            }
+            c.map(|cj| cj.map(hsum))
+        }
     }
 
     /// An element type tinyBLAS loads into its f32 vectors.
@@ -609,38 +692,120 @@ mod one_row {
         false
     }
 
-    pub(super) fn rows(
+    pub(super) fn block(
         _: ggml_type,
         _: &[u8],
         _: usize,
-        _: &[u8],
+        _: &[&[u8]],
         _: usize,
-        _: &mut [f32],
+        _: &mut [&mut [f32]],
     ) -> bool {
         false
     }
 }
 
-/// `out[r] = rows[r] · x` for `out.len()` rows of a head of `weights`' type (`row_bytes` each,
-/// `x` already in the type's dot-product type, `k` values wide), each summed as ggml's matrix
-/// product sums it for a scoring chunk: in tinyBLAS's order for F32 and F16 rows (Q8_0 and Q5_0 rows'
-/// one-row dot product makes the same sums); `false` where ggml's own one-row dot product is
-/// the one to use. `m` is the number of rows of the whole head (tinyBLAS takes heads of a
-/// multiple of 4 rows only).
-pub fn head_rows(
+/// `out[j][r] = rows[r] · xs[j]` for a block of rows of a head of `weights`' type
+/// (`row_bytes` each, `out[j].len()` of them) and input rows `xs` (already in the type's
+/// dot-product type, `k` values wide), each summed as ggml's matrix product sums it for a
+/// scoring chunk: in tinyBLAS's order for F32 and F16 rows; `false` where ggml's own one-row
+/// dot product is the one to use (Q8_0 and Q5_0 rows' makes tinyBLAS's sums). `m` is the
+/// number of rows of the whole head (tinyBLAS takes heads of a multiple of 4 rows only).
+pub fn head_block(
     weights: ggml_type,
     m: usize,
     rows: &[u8],
     row_bytes: usize,
-    x: &[u8],
+    xs: &[&[u8]],
     k: usize,
-    out: &mut [f32],
+    out: &mut [&mut [f32]],
 ) -> bool {
-    if !m.is_multiple_of(4)
-        || route(weights, 1) != Route::TinyBlas
-        || rows.len() < out.len() * row_bytes
-    {
+    if !m.is_multiple_of(4) || route(weights, 1) != Route::TinyBlas {
         return false;
     }
-    one_row::rows(weights, rows, row_bytes, x, k, out)
+    one_row::block(weights, rows, row_bytes, xs, k, out)
+}
+
+#[cfg(all(
+    test,
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+mod tests {
+    use llama_cpp_sys_2 as sys;
+
+    /// ggml's own product of an F16 head and 7 input rows (tinyBLAS: what a scoring chunk
+    /// runs) against `head_block` over blocks of the head's rows, a short group of rows and
+    /// a last tile of one input included: bit for bit.
+    #[test]
+    fn a_replayed_head_block_gets_tinyblas_numbers() {
+        // K with a part-vector tail at 8 and at 16 lanes; M a multiple of 4 (tinyBLAS's).
+        const K: usize = 76;
+        const M: usize = 12;
+        const N: usize = 7;
+        let mut rand = super::super::tests::uniform(0x2545_f491_4f6c_dd1d);
+        // SAFETY: a ggml context of its own, tensors made in it, freed at the end.
+        unsafe {
+            sys::ggml_cpu_init();
+            let ctx = sys::ggml_init(sys::ggml_init_params {
+                mem_size: 16 << 20,
+                mem_buffer: std::ptr::null_mut(),
+                no_alloc: false,
+            });
+            let w = sys::ggml_new_tensor_2d(ctx, sys::GGML_TYPE_F16, K as i64, M as i64);
+            let x = sys::ggml_new_tensor_2d(ctx, sys::GGML_TYPE_F32, K as i64, N as i64);
+            // Magnitudes over a few octaves, so that the order of the sums shows in their
+            // rounding (products of f16 values alike in size add up exactly).
+            let mut spread = move || rand() * (16.0 * rand()).exp2();
+            for i in 0..K * M {
+                *((*w).data as *mut u16).add(i) = sys::ggml_fp32_to_fp16(spread());
+            }
+            for i in 0..K * N {
+                *((*x).data as *mut f32).add(i) = spread();
+            }
+            let out = sys::ggml_mul_mat(ctx, w, x);
+            let graph = sys::ggml_new_graph(ctx);
+            sys::ggml_build_forward_expand(graph, out);
+            sys::ggml_graph_compute_with_ctx(ctx, graph, 1);
+            let engine = std::slice::from_raw_parts((*out).data as *const f32, M * N);
+
+            let rows = std::slice::from_raw_parts((*w).data as *const u8, K * M * 2);
+            let inputs: Vec<Vec<u8>> = (0..N)
+                .map(|j| {
+                    (0..K)
+                        .flat_map(|i| {
+                            let v = *((*x).data as *const f32).add(j * K + i);
+                            sys::ggml_fp32_to_fp16(v).to_le_bytes()
+                        })
+                        .collect()
+                })
+                .collect();
+            let xs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
+            for split in [M, 5] {
+                let mut ours = vec![f32::NAN; M * N];
+                for (b0, b1) in [(0, split), (split, M)] {
+                    let mut sums: Vec<&mut [f32]> =
+                        ours.chunks_mut(M).map(|row| &mut row[b0..b1]).collect();
+                    assert!(super::head_block(
+                        sys::GGML_TYPE_F16,
+                        M,
+                        &rows[b0 * K * 2..],
+                        K * 2,
+                        &xs,
+                        K,
+                        &mut sums
+                    ));
+                }
+                for (i, (a, b)) in ours.iter().zip(engine).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "split {split}, value {i}: {a} vs {b}"
+                    );
+                }
+            }
+            sys::ggml_free(ctx);
+        }
+    }
 }
