@@ -159,12 +159,7 @@ fn main() -> anyhow::Result<()> {
             for r in 0..rows {
                 let (x, y) = (la.row(r), lb.row(r));
                 let (x, y) = (x.as_slice().unwrap(), y.as_slice().unwrap());
-                klds.push(stats::kl_divergence(
-                    x,
-                    y,
-                    stats::log_sum_exp(x),
-                    stats::log_sum_exp(y),
-                ));
+                klds.push(stats::kl_divergence(x, y));
                 let argmax = |v: &[f32]| {
                     v.iter()
                         .enumerate()

@@ -485,10 +485,9 @@ pub fn add_b(
             .describe(xb, 1.0, next)
             .map_err(|e| anyhow::anyhow!("{b_label} at chunk {c} position {j}: {e}"))?;
         let top1_a = positions[r].a.candidates.first().map_or(0, |c| c.token_id);
-        let (lse_a, lse_b) = (stats::log_sum_exp(xa), stats::log_sum_exp(xb));
         Ok(RowB {
             logprob: dist.selected_logprob,
-            kld: stats::kl_divergence(xa, xb, lse_a, lse_b),
+            kld: stats::kl_divergence(xa, xb),
             rank_of_a_top1: 1 + crate::dist::kernels::count_greater(xb, xb[top1_a as usize]),
             dist,
         })
@@ -691,8 +690,7 @@ fn lens_rows(
                                     ra.to_slice().expect("standard layout"),
                                     rb.to_slice().expect("standard layout"),
                                 );
-                                let (la, lb) = (stats::log_sum_exp(ra), stats::log_sum_exp(rb));
-                                kld.push(stats::kl_divergence(ra, rb, la, lb));
+                                kld.push(stats::kl_divergence(ra, rb));
                                 same.push(argmax(ra) == argmax(rb));
                             }
                             Ok((kld, same))

@@ -67,18 +67,63 @@ fn sum_exp(x: &[f32], max: f64) -> f64 {
 
 /// KL(A‖B) = Σ p_A (ln p_A − ln p_B) in nats, with p = softmax(logits), all in f64.
 ///
-/// `lse_a`, `lse_b` are [`log_sum_exp`] of each row. Tokens with p_A = 0 add nothing; a token
-/// B gives −∞ where A does not makes the divergence +∞ (as it is).
-pub fn kl_divergence(a: &[f32], b: &[f32], lse_a: f64, lse_b: f64) -> f64 {
+/// Tokens with p_A = 0 add nothing; a token B gives −∞ where A does not makes the divergence
+/// +∞ (as it is). Two passes over the rows, not three: with Z = Σ e^(a−max_A),
+/// KL = Σ e^(a−max_A)·(a − b) / Z − (lse_A − lse_B), so A's exponentials give its log-sum-exp
+/// and the divergence at once (lse_A bit for bit as [`log_sum_exp`] makes it, so equal rows
+/// give 0 exactly). The shift between the rows' logits cancels between the two terms, to
+/// ~1e-15 nats.
+pub fn kl_divergence(a: &[f32], b: &[f32]) -> f64 {
     debug_assert_eq!(a.len(), b.len());
-    let kl = kl_sum(a, b, lse_a, lse_b);
+    let lse_b = log_sum_exp(b);
+    let max = a
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    if !max.is_finite() {
+        // No distribution, or one with an infinite logit: left to the per-token form.
+        return kl_sum(a, b, log_sum_exp(a), lse_b).max(0.0);
+    }
+    let max = f64::from(max);
+    let (z, s) = exp_sums(a, b, max);
+    let lse_a = max + z.ln();
     // Rounding can leave −1e-17 for equal rows; KL is never negative.
-    kl.max(0.0)
+    (s / z - (lse_a - lse_b)).max(0.0)
 }
 
+/// Σ e^(a−max) (summed as [`sum_exp`] sums it) and Σ e^(a−max)·(a − b) over the tokens A
+/// gives a probability.
 #[multiversion(targets("x86_64+avx2+fma", "x86_64+avx", "x86_64+sse4.1", "aarch64+neon"))]
+fn exp_sums(a: &[f32], b: &[f32], max: f64) -> (f64, f64) {
+    let mut z = [0f64; LANES];
+    let mut s = [0f64; LANES];
+    let term = |x: f32, y: f32| -> (f64, f64) {
+        let e = exp_nonpos(f64::from(x) - max);
+        if x == f32::NEG_INFINITY {
+            (e, 0.0)
+        } else {
+            (e, e * (f64::from(x) - f64::from(y)))
+        }
+    };
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for j in 0..LANES {
+            let (e, t) = term(x[j], y[j]);
+            z[j] += e;
+            s[j] += t;
+        }
+    }
+    let (mut z_sum, mut s_sum): (f64, f64) = (z.iter().sum(), s.iter().sum());
+    for (&x, &y) in ca.remainder().iter().zip(cb.remainder()) {
+        let (e, t) = term(x, y);
+        z_sum += e;
+        s_sum += t;
+    }
+    (z_sum, s_sum)
+}
+
+/// Σ p_A (ln p_A − ln p_B) token by token, from both rows' log-sum-exp.
 fn kl_sum(a: &[f32], b: &[f32], lse_a: f64, lse_b: f64) -> f64 {
-    let mut acc = [0f64; LANES];
     let term = |x: f32, y: f32| -> f64 {
         let la = f64::from(x) - lse_a;
         if la == f64::NEG_INFINITY {
@@ -87,18 +132,7 @@ fn kl_sum(a: &[f32], b: &[f32], lse_a: f64, lse_b: f64) -> f64 {
         let lb = f64::from(y) - lse_b;
         exp_nonpos(la.min(0.0)) * (la - lb)
     };
-    let mut ca = a.chunks_exact(LANES);
-    let mut cb = b.chunks_exact(LANES);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for j in 0..LANES {
-            acc[j] += term(x[j], y[j]);
-        }
-    }
-    let mut s: f64 = acc.iter().sum();
-    for (&x, &y) in ca.remainder().iter().zip(cb.remainder()) {
-        s += term(x, y);
-    }
-    s
+    a.iter().zip(b).map(|(&x, &y)| term(x, y)).sum()
 }
 
 /// Mean and its standard error (sample standard deviation / √n).
