@@ -501,11 +501,7 @@ mod one_row {
                 l += LANES;
             }
             if l < k {
-                let tail = |p: *const T| {
-                    let mut t = [T::default(); LANES];
-                    std::ptr::copy_nonoverlapping(p.add(l), t.as_mut_ptr(), k - l);
-                    T::load(t.as_ptr())
-                };
+                let tail = |p: *const T| load_tail(p, l, k);
                 let bv: [Vector; RN] = std::array::from_fn(|j| tail(b[j]));
                 for (i, row) in a.iter().enumerate() {
                     let av = tail(*row);
@@ -610,11 +606,7 @@ mod one_row {
                 l += LANES;
             }
             if l < k {
-                let tail = |p: *const T| {
-                    let mut t = [T::default(); LANES];
-                    std::ptr::copy_nonoverlapping(p.add(l), t.as_mut_ptr(), k - l);
-                    T::load(t.as_ptr())
-                };
+                let tail = |p: *const T| load_tail(p, l, k);
                 let xv = tail(x);
                 c0 = fma(tail(a0), xv, c0);
                 c1 = fma(tail(a1), xv, c1);
@@ -623,6 +615,21 @@ mod one_row {
             }
             let acc = [c0, c1, c2, c3];
             acc.map(hsum)
+        }
+    }
+
+    /// Elements `l..k` of a row (fewer than a vector's width), zero-padded to a vector: what
+    /// tinyBLAS's masked load of the last step gives.
+    ///
+    /// # Safety
+    /// `p` points at `k` readable elements and `k - l < LANES`.
+    #[inline(always)]
+    unsafe fn load_tail<T: Element>(p: *const T, l: usize, k: usize) -> Vector {
+        let mut t = [T::default(); LANES];
+        // SAFETY: the caller's: `k - l` elements from `l` on are readable, and fit `t`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(p.add(l), t.as_mut_ptr(), k - l);
+            T::load(t.as_ptr())
         }
     }
 
