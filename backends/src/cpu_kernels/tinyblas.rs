@@ -303,7 +303,8 @@ unsafe fn convert(p: &ComputeParams, x: &ggml_tensor, dot_type: ggml_type) -> Op
 /// tinyBLAS's float product for a single activation row (`llamafile_sgemm` declines one),
 /// each output element summed exactly as tinyBLAS's `gemm_bloc` sums it in a tile: one
 /// accumulator of its vector width, an FMA per step along K, a zero-padded last step (its
-/// masked load), then its reduction (`hsum`).
+/// masked load), then its reduction (`hsum`). The replayed output head ([`head_block`]) is
+/// summed here too, in tinyBLAS's own tiles.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
